@@ -1,0 +1,360 @@
+//! The market events tickvault carries, their natural keys, and how they are stored.
+//!
+//! An event is stored as one log record of kind [`EVENT_KIND`] whose payload is the
+//! postcard encoding of [`Event`] (format frozen: see `tickvault_wal::payload`).
+
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use tickvault_wal::{payload, Lane, RecordKind};
+
+/// Record kind of a market event (payload: postcard [`Event`]).
+pub const EVENT_KIND: RecordKind = RecordKind(1);
+/// Record kind of the synthetic records `wal load` writes (payload: see `cli::load`).
+pub const SYNTHETIC_KIND: RecordKind = RecordKind(200);
+
+/// The market a feed serves (Polygon's WebSocket cluster).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Feed {
+    Forex,
+    Crypto,
+    Stocks,
+}
+
+impl Feed {
+    pub const ALL: [Feed; 3] = [Feed::Forex, Feed::Crypto, Feed::Stocks];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Feed::Forex => "forex",
+            Feed::Crypto => "crypto",
+            Feed::Stocks => "stocks",
+        }
+    }
+}
+
+impl fmt::Display for Feed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// The unit of a bar's timeframe.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TimeUnit {
+    Second,
+    Minute,
+    Hour,
+    Day,
+}
+
+impl TimeUnit {
+    pub fn millis(self) -> i64 {
+        match self {
+            TimeUnit::Second => 1_000,
+            TimeUnit::Minute => 60_000,
+            TimeUnit::Hour => 3_600_000,
+            TimeUnit::Day => 86_400_000,
+        }
+    }
+}
+
+/// A bar's timeframe: `multiplier` units, written `1m`, `5m`, `1h`, `1d`, `1s`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Timeframe {
+    pub multiplier: u32,
+    pub unit: TimeUnit,
+}
+
+impl Timeframe {
+    pub const SECOND: Timeframe = Timeframe {
+        multiplier: 1,
+        unit: TimeUnit::Second,
+    };
+    pub const MINUTE: Timeframe = Timeframe {
+        multiplier: 1,
+        unit: TimeUnit::Minute,
+    };
+
+    pub fn millis(self) -> i64 {
+        i64::from(self.multiplier) * self.unit.millis()
+    }
+}
+
+impl fmt::Display for Timeframe {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let unit = match self.unit {
+            TimeUnit::Second => "s",
+            TimeUnit::Minute => "m",
+            TimeUnit::Hour => "h",
+            TimeUnit::Day => "d",
+        };
+        write!(f, "{}{}", self.multiplier, unit)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("bad timeframe {0:?}: expected a count and a unit, like 1s, 1m, 5m, 1h, 1d")]
+pub struct BadTimeframe(String);
+
+impl FromStr for Timeframe {
+    type Err = BadTimeframe;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || BadTimeframe(s.to_owned());
+        let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+        let multiplier: u32 = s[..split].parse().map_err(|_| bad())?;
+        let unit = match &s[split..] {
+            "s" => TimeUnit::Second,
+            "m" => TimeUnit::Minute,
+            "h" => TimeUnit::Hour,
+            "d" => TimeUnit::Day,
+            _ => return Err(bad()),
+        };
+        if multiplier == 0 {
+            return Err(bad());
+        }
+        Ok(Timeframe { multiplier, unit })
+    }
+}
+
+/// A best bid and offer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Quote {
+    pub symbol: String,
+    /// Exchange timestamp, Unix milliseconds.
+    pub ts_ms: i64,
+    /// Position among this symbol's quotes with the same timestamp (0 for the first).
+    pub ordinal: u32,
+    pub bid: f64,
+    pub ask: f64,
+    pub bid_size: Option<f64>,
+    pub ask_size: Option<f64>,
+    pub exchange: Option<i32>,
+}
+
+/// A trade print.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Trade {
+    pub symbol: String,
+    pub ts_ms: i64,
+    pub ordinal: u32,
+    pub price: f64,
+    pub size: f64,
+    pub exchange: Option<i32>,
+    pub trade_id: Option<String>,
+    pub conditions: Vec<i32>,
+}
+
+/// An OHLCV bar, identified by the start of its window.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Bar {
+    pub symbol: String,
+    pub timeframe: Timeframe,
+    /// Window start, Unix milliseconds.
+    pub start_ms: i64,
+    pub open: f64,
+    pub high: f64,
+    pub low: f64,
+    pub close: f64,
+    pub volume: f64,
+    pub vwap: Option<f64>,
+    pub trades: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum Body {
+    Quote(Quote),
+    Trade(Trade),
+    Bar(Bar),
+}
+
+/// Where and when an event was captured.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Capture {
+    pub feed: Feed,
+    pub lane: Lane,
+    /// When the appliance received it, Unix nanoseconds.
+    pub captured_at_ns: i64,
+}
+
+/// One captured market event: what the log stores and the sinks receive.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub capture: Capture,
+    pub body: Body,
+}
+
+/// The kind of an event, as it appears in natural keys and table names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EventKind {
+    Quote,
+    Trade,
+    Bar,
+}
+
+impl EventKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            EventKind::Quote => "quote",
+            EventKind::Trade => "trade",
+            EventKind::Bar => "bar",
+        }
+    }
+}
+
+/// The identity of an event: the same market fact always has the same key, whichever
+/// appliance captured it and however often it was replayed. Sinks deduplicate on it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct NaturalKey {
+    pub feed: Feed,
+    pub symbol: String,
+    pub kind: EventKind,
+    /// `tick` for quotes and trades; the bar's timeframe otherwise.
+    pub timeframe: String,
+    pub ts_ms: i64,
+    pub ordinal: u32,
+}
+
+impl fmt::Display for NaturalKey {
+    /// The key as one string, e.g. `forex:EUR/USD:bar:1m:1700000000000:0`: used as
+    /// JetStream's `Nats-Msg-Id`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}:{}:{}:{}",
+            self.feed,
+            self.symbol,
+            self.kind.name(),
+            self.timeframe,
+            self.ts_ms,
+            self.ordinal
+        )
+    }
+}
+
+impl Event {
+    pub fn kind(&self) -> EventKind {
+        match self.body {
+            Body::Quote(_) => EventKind::Quote,
+            Body::Trade(_) => EventKind::Trade,
+            Body::Bar(_) => EventKind::Bar,
+        }
+    }
+
+    pub fn symbol(&self) -> &str {
+        match &self.body {
+            Body::Quote(q) => &q.symbol,
+            Body::Trade(t) => &t.symbol,
+            Body::Bar(b) => &b.symbol,
+        }
+    }
+
+    /// The event's market timestamp (a bar's window start), Unix milliseconds.
+    pub fn ts_ms(&self) -> i64 {
+        match &self.body {
+            Body::Quote(q) => q.ts_ms,
+            Body::Trade(t) => t.ts_ms,
+            Body::Bar(b) => b.start_ms,
+        }
+    }
+
+    pub fn natural_key(&self) -> NaturalKey {
+        let (timeframe, ordinal) = match &self.body {
+            Body::Quote(q) => ("tick".to_owned(), q.ordinal),
+            Body::Trade(t) => ("tick".to_owned(), t.ordinal),
+            // One bar per symbol, timeframe and window: the ordinal is always 0.
+            Body::Bar(b) => (b.timeframe.to_string(), 0),
+        };
+        NaturalKey {
+            feed: self.capture.feed,
+            symbol: self.symbol().to_owned(),
+            kind: self.kind(),
+            timeframe,
+            ts_ms: self.ts_ms(),
+            ordinal,
+        }
+    }
+
+    pub fn to_payload(&self) -> Result<Vec<u8>, payload::PayloadError> {
+        payload::to_bytes(self)
+    }
+
+    pub fn from_payload(bytes: &[u8]) -> Result<Event, payload::PayloadError> {
+        payload::from_bytes(bytes)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sample() -> Event {
+        Event {
+            capture: Capture {
+                feed: Feed::Forex,
+                lane: Lane::Live,
+                captured_at_ns: 1_700_000_000_123_456_789,
+            },
+            body: Body::Quote(Quote {
+                symbol: "EUR/USD".into(),
+                ts_ms: 1_700_000_000_123,
+                ordinal: 2,
+                bid: 1.0842,
+                ask: 1.0843,
+                bid_size: None,
+                ask_size: None,
+                exchange: Some(48),
+            }),
+        }
+    }
+
+    #[test]
+    fn an_event_round_trips_through_its_payload() {
+        let event = sample();
+        assert_eq!(Event::from_payload(&event.to_payload().unwrap()).unwrap(), event);
+    }
+
+    #[test]
+    fn the_natural_key_ignores_capture_time_and_lane() {
+        let a = sample();
+        let mut b = sample();
+        b.capture.captured_at_ns += 5_000_000_000;
+        b.capture.lane = Lane::Backfill;
+        assert_eq!(a.natural_key(), b.natural_key());
+        assert_eq!(a.natural_key().to_string(), "forex:EUR/USD:quote:tick:1700000000123:2");
+    }
+
+    #[test]
+    fn timeframes_parse_and_print_alike() {
+        for s in ["1s", "1m", "5m", "15m", "1h", "1d"] {
+            assert_eq!(s.parse::<Timeframe>().unwrap().to_string(), s);
+        }
+        for bad in ["", "m", "0m", "1w", "1.5m", "-1m"] {
+            assert!(bad.parse::<Timeframe>().is_err(), "{bad}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn decoding_any_payload_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = Event::from_payload(&bytes);
+        }
+
+        #[test]
+        fn bars_round_trip(symbol in "[A-Z]{3}/[A-Z]{3}", start in any::<i64>(), o in any::<f64>(), v in any::<f64>(), n in any::<Option<u64>>()) {
+            let event = Event {
+                capture: Capture { feed: Feed::Forex, lane: Lane::Backfill, captured_at_ns: 1 },
+                body: Body::Bar(Bar { symbol, timeframe: Timeframe::MINUTE, start_ms: start, open: o, high: o, low: o, close: o, volume: v, vwap: None, trades: n }),
+            };
+            let back = Event::from_payload(&event.to_payload().unwrap()).unwrap();
+            // Compare bit patterns: NaN != NaN.
+            prop_assert_eq!(format!("{back:?}"), format!("{event:?}"));
+        }
+    }
+}

@@ -1,0 +1,229 @@
+//! The RocksDB layout: column families, keys, and opening a directory as a log.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rocksdb::{ColumnFamilyDescriptor, DBCompressionType, Options, DB};
+
+use crate::error::OpenError;
+use crate::record::FORMAT_VERSION;
+use crate::Lane;
+
+pub(crate) const CF_CURSORS: &str = "cursors";
+pub(crate) const CF_META: &str = "meta";
+pub(crate) const CF_TIME_INDEX: &str = "time_index";
+pub(crate) const CF_QUARANTINE: &str = "quarantine";
+
+/// Key-value spaces the daemon keeps beside the lanes, written through the same
+/// group commit (so a state change is as durable as the records it describes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Space {
+    /// Per symbol and timeframe, which minutes are captured.
+    Coverage,
+    /// Small daemon state: the backfill period tracker, suspected gaps, source holes.
+    State,
+}
+
+impl Space {
+    pub(crate) const fn cf(self) -> &'static str {
+        match self {
+            Space::Coverage => "coverage",
+            Space::State => "state",
+        }
+    }
+}
+
+const ALL_CFS: [&str; 9] = [
+    "live",
+    "backfill",
+    "derived",
+    CF_CURSORS,
+    CF_META,
+    CF_TIME_INDEX,
+    CF_QUARANTINE,
+    "coverage",
+    "state",
+];
+
+pub(crate) const META_MAGIC: &[u8] = b"magic";
+pub(crate) const MAGIC: &[u8] = b"tickvault-wal";
+pub(crate) const META_FORMAT: &[u8] = b"format_version";
+
+pub(crate) fn meta_low_key(lane: Lane) -> Vec<u8> {
+    format!("low/{}", lane.name()).into_bytes()
+}
+
+pub(crate) fn seq_key(seq: u64) -> [u8; 8] {
+    seq.to_be_bytes()
+}
+
+pub(crate) fn parse_seq_key(key: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(key.try_into().ok()?))
+}
+
+pub(crate) fn cursor_key(lane: Lane, sink: &str) -> Vec<u8> {
+    let mut key = Vec::with_capacity(1 + sink.len());
+    key.push(lane.tag());
+    key.extend_from_slice(sink.as_bytes());
+    key
+}
+
+pub(crate) fn parse_cursor_key(key: &[u8]) -> Option<(Lane, String)> {
+    let (tag, sink) = key.split_first()?;
+    Some((Lane::from_tag(*tag)?, String::from_utf8(sink.to_vec()).ok()?))
+}
+
+/// Time index key: lane, then the second (big-endian) in which records were committed.
+/// The value is the highest sequence committed in that second, so "every record up to
+/// V was written before the end of second S".
+pub(crate) fn time_key(lane: Lane, second: u64) -> [u8; 9] {
+    let mut key = [0u8; 9];
+    key[0] = lane.tag();
+    key[1..].copy_from_slice(&second.to_be_bytes());
+    key
+}
+
+pub(crate) fn parse_time_key(key: &[u8]) -> Option<(Lane, u64)> {
+    let (tag, second) = key.split_first()?;
+    Some((Lane::from_tag(*tag)?, u64::from_be_bytes(second.try_into().ok()?)))
+}
+
+pub(crate) fn parse_lane_seq_key(key: &[u8]) -> Option<(Lane, u64)> {
+    parse_time_key(key)
+}
+
+pub(crate) fn quarantine_key(lane: Lane, seq: u64) -> [u8; 9] {
+    let mut key = [0u8; 9];
+    key[0] = lane.tag();
+    key[1..].copy_from_slice(&seq.to_be_bytes());
+    key
+}
+
+pub(crate) fn u64_value(bytes: &[u8]) -> Option<u64> {
+    Some(u64::from_le_bytes(bytes.try_into().ok()?))
+}
+
+fn cf_options(name: &str) -> Options {
+    let mut opts = Options::default();
+    opts.set_compression_type(DBCompressionType::Lz4);
+    if Lane::ALL.iter().any(|lane| lane.name() == name) {
+        // Lanes take appends at up to millions of records a second: big memtables mean
+        // fewer flushes and fewer level-0 files for replay to merge.
+        opts.set_write_buffer_size(128 << 20);
+        opts.set_max_write_buffer_number(4);
+        opts.set_target_file_size_base(128 << 20);
+    }
+    opts
+}
+
+fn db_options() -> Options {
+    let mut opts = Options::default();
+    opts.create_if_missing(true);
+    opts.create_missing_column_families(true);
+    opts.increase_parallelism(2);
+    opts.set_max_background_jobs(2);
+    opts.set_bytes_per_sync(1 << 20);
+    opts
+}
+
+fn descriptors() -> Vec<ColumnFamilyDescriptor> {
+    ALL_CFS
+        .iter()
+        .map(|name| ColumnFamilyDescriptor::new(*name, cf_options(name)))
+        .collect()
+}
+
+/// How to open a directory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// The one writer: creates the log if the directory is missing or empty.
+    Write,
+    /// Inspection beside a running daemon: RocksDB's read-only mode takes no lock and
+    /// sees the log as of the moment it was opened.
+    ReadOnly,
+}
+
+pub(crate) fn open(path: &Path, mode: Mode) -> Result<Arc<DB>, OpenError> {
+    let io = |source| OpenError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let rocks = |source| OpenError::Rocks {
+        path: path.to_owned(),
+        source,
+    };
+    let not_a_log = |reason: &str| OpenError::NotALog {
+        path: path.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let exists = path.try_exists().map_err(io)?;
+    if exists && !path.is_dir() {
+        return Err(not_a_log("it is a file, not a directory"));
+    }
+    let empty = !exists || std::fs::read_dir(path).map_err(io)?.next().is_none();
+    if empty {
+        if mode == Mode::ReadOnly {
+            return Err(OpenError::NotFound {
+                path: path.to_owned(),
+            });
+        }
+        std::fs::create_dir_all(path).map_err(io)?;
+    } else {
+        if !path.join("CURRENT").exists() {
+            return Err(not_a_log("the directory holds other files and no RocksDB database"));
+        }
+        let existing = DB::list_cf(&Options::default(), path).map_err(rocks)?;
+        if !existing.iter().any(|cf| cf == CF_META) {
+            return Err(not_a_log("a RocksDB database without tickvault's metadata"));
+        }
+    }
+
+    let db = match mode {
+        Mode::Write => DB::open_cf_descriptors(&db_options(), path, descriptors()),
+        Mode::ReadOnly => DB::open_cf_descriptors_read_only(&db_options(), path, descriptors(), false),
+    }
+    .map_err(rocks)?;
+
+    let meta = db.cf_handle(CF_META).ok_or_else(|| not_a_log("meta column family missing"))?;
+    match db.get_cf(&meta, META_MAGIC).map_err(rocks)? {
+        Some(magic) if magic == MAGIC => {}
+        Some(_) => return Err(not_a_log("wrong magic in metadata")),
+        None if empty => {
+            // A new log: stamp it, synced, before anything else is written.
+            let mut batch = rocksdb::WriteBatch::default();
+            batch.put_cf(&meta, META_MAGIC, MAGIC);
+            batch.put_cf(&meta, META_FORMAT, [FORMAT_VERSION]);
+            let mut wo = rocksdb::WriteOptions::default();
+            wo.set_sync(true);
+            db.write_opt(batch, &wo).map_err(rocks)?;
+        }
+        None => return Err(not_a_log("metadata has no tickvault magic")),
+    }
+    match db.get_cf(&meta, META_FORMAT).map_err(rocks)?.as_deref() {
+        Some([version]) if *version <= FORMAT_VERSION => {}
+        Some([version]) => {
+            return Err(OpenError::NewerFormat {
+                path: path.to_owned(),
+                found: *version,
+                supported: FORMAT_VERSION,
+            })
+        }
+        _ => return Err(not_a_log("metadata has no valid format version")),
+    }
+    Ok(Arc::new(db))
+}
+
+/// Sets the stored format version; for tests of the newer-format refusal.
+#[cfg(feature = "failpoints")]
+pub fn stamp_format_version_for_test(path: &Path, version: u8) -> Result<(), OpenError> {
+    let db = open(path, Mode::Write)?;
+    let meta = db.cf_handle(CF_META).ok_or_else(|| OpenError::NotALog {
+        path: path.to_owned(),
+        reason: "meta column family missing".into(),
+    })?;
+    db.put_cf(&meta, META_FORMAT, [version])
+        .map_err(|source| OpenError::Rocks {
+            path: path.to_owned(),
+            source,
+        })
+}

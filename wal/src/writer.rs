@@ -1,0 +1,599 @@
+//! The one writer: a thread that owns every write to the database and commits in groups.
+//!
+//! Producers send commands over a bounded channel and wait on a one-shot reply. The
+//! thread takes the first command, drains whatever else is already queued (up to a
+//! limit), applies all of it to one `WriteBatch`, writes that batch with `sync = true`,
+//! and only then replies. So a reply of `Ok` means "on disk", and one fsync serves every
+//! producer in the group. If the write fails, every command in the group gets the error
+//! and the log is poisoned: later writes are refused, because after a failed fsync the
+//! kernel may have dropped dirty pages and nothing can say what reached the disk.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rocksdb::{Direction, IteratorMode, WriteBatch, WriteOptions, DB};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::error::WriteError;
+use crate::store::{self, Space, CF_CURSORS, CF_META, CF_QUARANTINE, CF_TIME_INDEX};
+use crate::{Clock, Lane};
+
+/// Records encoded by the producer (so CRCs are computed on the producers' threads),
+/// stored back to back in one buffer.
+#[derive(Debug, Default, Clone)]
+pub struct Batch {
+    pub(crate) buf: Vec<u8>,
+    pub(crate) ends: Vec<usize>,
+}
+
+impl Batch {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn with_capacity(records: usize, bytes: usize) -> Self {
+        Batch {
+            buf: Vec::with_capacity(bytes),
+            ends: Vec::with_capacity(records),
+        }
+    }
+
+    /// Encodes one record into the batch.
+    pub fn push(&mut self, kind: crate::RecordKind, payload: &[u8]) -> Result<(), crate::EncodeError> {
+        crate::record::encode_into(kind, payload, &mut self.buf)?;
+        self.ends.push(self.buf.len());
+        Ok(())
+    }
+
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.buf.len()
+    }
+
+    fn records(&self) -> impl Iterator<Item = &[u8]> {
+        let starts = std::iter::once(0).chain(self.ends.iter().copied());
+        starts.zip(self.ends.iter().copied()).map(|(s, e)| &self.buf[s..e])
+    }
+
+    /// Test hook: pushes bytes as they are, valid envelope or not.
+    #[cfg(feature = "failpoints")]
+    pub fn push_raw_for_test(&mut self, raw: &[u8]) {
+        self.buf.extend_from_slice(raw);
+        self.ends.push(self.buf.len());
+    }
+}
+
+/// What an append achieved.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AppendOutcome {
+    pub lane: Lane,
+    /// Sequences given to this append's records, `first..=last` (both 0 for an empty batch).
+    pub first_seq: u64,
+    pub last_seq: u64,
+    /// The lane's durable head after the group commit that carried this append: every
+    /// sequence up to it is on disk.
+    pub durable_head: u64,
+    /// Records committed by the whole group (this and other producers' appends).
+    pub group_records: usize,
+}
+
+/// What a truncation removed from one lane.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct LaneTruncation {
+    pub lane: Lane,
+    pub removed: u64,
+    /// The first sequence still retained.
+    pub first_retained: u64,
+}
+
+pub(crate) type Reply<T> = oneshot::Sender<Result<T, WriteError>>;
+
+pub(crate) enum Command {
+    Append {
+        lane: Lane,
+        batch: Batch,
+        low_priority: bool,
+        reply: Reply<AppendOutcome>,
+    },
+    MoveCursor {
+        sink: String,
+        lane: Lane,
+        seq: u64,
+        reply: Reply<()>,
+    },
+    DeleteCursor {
+        sink: String,
+        lane: Lane,
+        reply: Reply<()>,
+    },
+    Truncate {
+        retention: Duration,
+        reply: Reply<Vec<LaneTruncation>>,
+    },
+    PutState {
+        space: Space,
+        key: Vec<u8>,
+        value: Option<Vec<u8>>,
+        reply: Reply<()>,
+    },
+    Quarantine {
+        lane: Lane,
+        seq: u64,
+        raw: Vec<u8>,
+    },
+    Shutdown {
+        reply: Reply<()>,
+    },
+}
+
+impl Command {
+    fn weight(&self) -> usize {
+        match self {
+            Command::Append { batch, .. } => batch.len().max(1),
+            _ => 1,
+        }
+    }
+}
+
+/// State shared with the handles: heads for readers, the poison flag, counters.
+pub(crate) struct Shared {
+    pub(crate) poisoned: Mutex<Option<WriteError>>,
+    pub(crate) is_poisoned: AtomicBool,
+    pub(crate) quarantined: AtomicU64,
+    pub(crate) group_commits: AtomicU64,
+    pub(crate) heads: [watch::Sender<u64>; 3],
+}
+
+/// The writer's view of the log, kept in memory and changed only after a commit.
+#[derive(Clone)]
+struct State {
+    head: [u64; 3],
+    /// First retained sequence per lane (everything below was truncated).
+    low: [u64; 3],
+    cursors: BTreeMap<(Lane, String), u64>,
+    /// Last second written to the time index, per lane.
+    indexed_second: [u64; 3],
+}
+
+pub(crate) struct Writer {
+    db: Arc<DB>,
+    shared: Arc<Shared>,
+    state: State,
+    clock: Clock,
+    max_group: usize,
+}
+
+fn rocks_cause(e: &rocksdb::Error) -> String {
+    e.to_string()
+}
+
+fn classify(cause: String) -> WriteError {
+    let lower = cause.to_ascii_lowercase();
+    if lower.contains("no space left") || lower.contains("enospc") || lower.contains("disk quota") {
+        WriteError::DiskFull { cause }
+    } else {
+        WriteError::Failed { cause }
+    }
+}
+
+impl Writer {
+    pub(crate) fn load(db: Arc<DB>, clock: Clock, max_group: usize) -> Result<(Self, Arc<Shared>), rocksdb::Error> {
+        let (state, quarantined) = Self::load_state(&db)?;
+        let shared = Arc::new(Shared {
+            poisoned: Mutex::new(None),
+            is_poisoned: AtomicBool::new(false),
+            quarantined: AtomicU64::new(quarantined),
+            group_commits: AtomicU64::new(0),
+            heads: Lane::ALL.map(|lane| watch::Sender::new(state.head[lane.index()])),
+        });
+        Ok((
+            Writer {
+                db,
+                shared: shared.clone(),
+                state,
+                clock,
+                max_group: max_group.max(1),
+            },
+            shared,
+        ))
+    }
+
+    fn load_state(db: &DB) -> Result<(State, u64), rocksdb::Error> {
+        let meta = cf(db, CF_META);
+        let mut state = State {
+            head: [0; 3],
+            low: [1; 3],
+            cursors: BTreeMap::new(),
+            indexed_second: [0; 3],
+        };
+        for lane in Lane::ALL {
+            let i = lane.index();
+            if let Some(low) = db.get_cf(meta, store::meta_low_key(lane))? {
+                state.low[i] = store::u64_value(&low).unwrap_or(1).max(1);
+            }
+            let lane_cf = cf(db, lane.name());
+            let mut iter = db.raw_iterator_cf(lane_cf);
+            iter.seek_to_last();
+            let last = iter.key().and_then(store::parse_seq_key).unwrap_or(0);
+            iter.status()?;
+            state.head[i] = last.max(state.low[i] - 1);
+        }
+        let cursors_cf = cf(db, CF_CURSORS);
+        for item in db.iterator_cf(cursors_cf, IteratorMode::Start) {
+            let (key, value) = item?;
+            if let (Some(k), Some(v)) = (store::parse_cursor_key(&key), store::u64_value(&value)) {
+                state.cursors.insert(k, v);
+            }
+        }
+        let time_cf = cf(db, CF_TIME_INDEX);
+        for lane in Lane::ALL {
+            let mut iter = db.raw_iterator_cf(time_cf);
+            iter.seek_for_prev(store::time_key(lane, u64::MAX));
+            if let Some((l, second)) = iter.key().and_then(store::parse_time_key) {
+                if l == lane {
+                    state.indexed_second[lane.index()] = second;
+                }
+            }
+            iter.status()?;
+        }
+        let quarantined = db.iterator_cf(cf(db, CF_QUARANTINE), IteratorMode::Start).count() as u64;
+        Ok((state, quarantined))
+    }
+
+    /// The thread's body: runs until every sender is dropped or `Shutdown` arrives.
+    pub(crate) fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        let mut group: Vec<Command> = Vec::new();
+        while let Some(first) = rx.blocking_recv() {
+            let mut weight = first.weight();
+            group.push(first);
+            while weight < self.max_group {
+                match rx.try_recv() {
+                    Ok(cmd) => {
+                        weight += cmd.weight();
+                        group.push(cmd);
+                    }
+                    Err(_) => break,
+                }
+            }
+            if self.commit_group(&mut group) {
+                break;
+            }
+        }
+        // Senders gone or shutdown asked: make sure the RocksDB WAL is on disk.
+        if let Err(e) = self.db.flush_wal(true) {
+            tracing::error!(error = %e, "final log sync failed");
+        }
+        tracing::debug!("log writer stopped");
+    }
+
+    fn poison(&self, error: &WriteError) {
+        let mut slot = self.shared.poisoned.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            tracing::error!(%error, "log poisoned: refusing further writes");
+            *slot = Some(WriteError::Poisoned {
+                cause: error.to_string(),
+            });
+            self.shared.is_poisoned.store(true, Ordering::SeqCst);
+        }
+    }
+
+    fn poisoned(&self) -> Option<WriteError> {
+        if !self.shared.is_poisoned.load(Ordering::SeqCst) {
+            return None;
+        }
+        self.shared.poisoned.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Commits one group; returns true when the writer should stop.
+    fn commit_group(&mut self, group: &mut Vec<Command>) -> bool {
+        let mut stop = false;
+        if let Some(err) = self.poisoned() {
+            for cmd in group.drain(..) {
+                stop |= matches!(cmd, Command::Shutdown { .. });
+                reply_err(cmd, err.clone());
+            }
+            return stop;
+        }
+        let mut next = self.state.clone();
+        let mut batch = WriteBatch::default();
+        let mut done: Vec<Done> = Vec::with_capacity(group.len());
+        let mut low_priority = true;
+        let mut appended = [false; 3];
+        let mut group_records = 0usize;
+        let mut touches_cursor = false;
+
+        for cmd in group.drain(..) {
+            match cmd {
+                Command::Append {
+                    lane,
+                    batch: records,
+                    low_priority: low,
+                    reply,
+                } => {
+                    low_priority &= low;
+                    let i = lane.index();
+                    let first = next.head[i] + 1;
+                    let lane_cf = cf(&self.db, lane.name());
+                    for record in records.records() {
+                        next.head[i] += 1;
+                        batch.put_cf(lane_cf, store::seq_key(next.head[i]), record);
+                    }
+                    let n = records.len();
+                    group_records += n;
+                    appended[i] |= n > 0;
+                    let (first_seq, last_seq) = if n == 0 { (0, 0) } else { (first, next.head[i]) };
+                    done.push(Done::Append {
+                        reply,
+                        lane,
+                        first_seq,
+                        last_seq,
+                    });
+                }
+                Command::MoveCursor { sink, lane, seq, reply } => {
+                    if let Err(e) = check_sink(&sink) {
+                        let _ = reply.send(Err(e));
+                        continue;
+                    }
+                    let head = next.head[lane.index()];
+                    if seq > head {
+                        let _ = reply.send(Err(WriteError::CursorBeyondHead { sink, lane, seq, head }));
+                        continue;
+                    }
+                    touches_cursor = true;
+                    batch.put_cf(cf(&self.db, CF_CURSORS), store::cursor_key(lane, &sink), seq.to_le_bytes());
+                    next.cursors.insert((lane, sink), seq);
+                    done.push(Done::Unit(reply));
+                }
+                Command::DeleteCursor { sink, lane, reply } => {
+                    touches_cursor = true;
+                    batch.delete_cf(cf(&self.db, CF_CURSORS), store::cursor_key(lane, &sink));
+                    next.cursors.remove(&(lane, sink));
+                    done.push(Done::Unit(reply));
+                }
+                Command::Truncate { retention, reply } => match self.plan_truncation(&mut next, &mut batch, retention) {
+                    Ok(outcome) => done.push(Done::Truncate(reply, outcome)),
+                    Err(e) => {
+                        let _ = reply.send(Err(classify(rocks_cause(&e))));
+                    }
+                },
+                Command::PutState { space, key, value, reply } => {
+                    let space_cf = cf(&self.db, space.cf());
+                    match value {
+                        Some(value) => batch.put_cf(space_cf, key, value),
+                        None => batch.delete_cf(space_cf, key),
+                    }
+                    done.push(Done::Unit(reply));
+                }
+                Command::Quarantine { lane, seq, raw } => {
+                    let q_cf = cf(&self.db, CF_QUARANTINE);
+                    let key = store::quarantine_key(lane, seq);
+                    if matches!(self.db.get_pinned_cf(q_cf, key), Ok(None)) {
+                        batch.put_cf(q_cf, key, raw);
+                        self.shared.quarantined.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                Command::Shutdown { reply } => {
+                    stop = true;
+                    done.push(Done::Unit(reply));
+                }
+            }
+        }
+
+        // Time index: per lane appended to, the highest sequence written in this second.
+        let second = self.clock.now_ms() / 1000;
+        let time_cf = cf(&self.db, CF_TIME_INDEX);
+        for lane in Lane::ALL {
+            let i = lane.index();
+            if appended[i] {
+                batch.put_cf(time_cf, store::time_key(lane, second), next.head[i].to_le_bytes());
+                next.indexed_second[i] = next.indexed_second[i].max(second);
+            }
+        }
+
+        let result = self.write(batch, low_priority, touches_cursor);
+        match result {
+            Ok(()) => {
+                self.state = next;
+                self.shared.group_commits.fetch_add(1, Ordering::Relaxed);
+                for lane in Lane::ALL {
+                    let head = self.state.head[lane.index()];
+                    self.shared.heads[lane.index()].send_if_modified(|h| {
+                        let changed = *h != head;
+                        *h = head;
+                        changed
+                    });
+                }
+                for d in done {
+                    d.succeed(&self.state, group_records);
+                }
+            }
+            Err(err) => {
+                self.poison(&err);
+                for d in done {
+                    d.fail(err.clone());
+                }
+            }
+        }
+        stop
+    }
+
+    fn write(&self, batch: WriteBatch, low_priority: bool, touches_cursor: bool) -> Result<(), WriteError> {
+        fail::fail_point!("wal::sync", |_| Err(classify("injected fsync failure (wal::sync)".into())));
+        fail::fail_point!("wal::disk_full", |_| Err(classify("IO error: No space left on device (injected)".into())));
+        if touches_cursor {
+            fail::fail_point!("wal::cursor_write", |_| Err(classify("injected cursor write failure".into())));
+        }
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let mut opts = WriteOptions::default();
+        opts.set_sync(true);
+        // Backfill-only groups yield to live writes when RocksDB is under compaction pressure.
+        opts.set_low_pri(low_priority);
+        self.db.write_opt(batch, &opts).map_err(|e| classify(rocks_cause(&e)))
+    }
+
+    /// Adds the deletes of a truncation to the batch and updates `next`.
+    ///
+    /// Removes, per lane, the records that every cursor on the lane has passed *and* that
+    /// were written more than `retention` ago. A lane with no cursor is governed by the
+    /// retention alone.
+    fn plan_truncation(
+        &self,
+        next: &mut State,
+        batch: &mut WriteBatch,
+        retention: Duration,
+    ) -> Result<Vec<LaneTruncation>, rocksdb::Error> {
+        fail::fail_point!("wal::truncate", |_| Ok(Vec::new()));
+        let now_ms = self.clock.now_ms();
+        let cutoff_ms = now_ms.saturating_sub(u64::try_from(retention.as_millis()).unwrap_or(u64::MAX));
+        let time_cf = cf(&self.db, CF_TIME_INDEX);
+        let meta = cf(&self.db, CF_META);
+        let mut out = Vec::new();
+        for lane in Lane::ALL {
+            let i = lane.index();
+            let passed = next
+                .cursors
+                .iter()
+                .filter(|((l, _), _)| *l == lane)
+                .map(|(_, seq)| *seq)
+                .min()
+                .unwrap_or(next.head[i]);
+            // The newest second that ended at or before the cutoff tells the highest
+            // sequence that is certainly older than the retention.
+            let mut old_enough = 0u64;
+            let mut index_keys = Vec::new();
+            let start = store::time_key(lane, 0);
+            for item in self.db.iterator_cf(time_cf, IteratorMode::From(&start, Direction::Forward)) {
+                let (key, value) = item?;
+                let Some((l, second)) = store::parse_time_key(&key) else { break };
+                if l != lane || (second + 1) * 1000 > cutoff_ms {
+                    break;
+                }
+                old_enough = store::u64_value(&value).unwrap_or(0);
+                index_keys.push(key);
+            }
+            let upto = passed.min(old_enough).min(next.head[i]); // last sequence to remove
+            let low = next.low[i];
+            if upto < low {
+                out.push(LaneTruncation {
+                    lane,
+                    removed: 0,
+                    first_retained: low,
+                });
+                continue;
+            }
+            let lane_cf = cf(&self.db, lane.name());
+            batch.delete_range_cf(lane_cf, store::seq_key(low), store::seq_key(upto + 1));
+            // Index entries entirely below the new low are no longer needed.
+            for key in index_keys {
+                if let Some(v) = self.db.get_cf(time_cf, &key)?.as_deref().and_then(store::u64_value) {
+                    if v <= upto {
+                        batch.delete_cf(time_cf, &key);
+                    }
+                }
+            }
+            batch.put_cf(meta, store::meta_low_key(lane), (upto + 1).to_le_bytes());
+            next.low[i] = upto + 1;
+            out.push(LaneTruncation {
+                lane,
+                removed: upto + 1 - low,
+                first_retained: upto + 1,
+            });
+        }
+        Ok(out)
+    }
+}
+
+fn check_sink(sink: &str) -> Result<(), WriteError> {
+    if sink.is_empty() || sink.len() > 128 || sink.contains('\0') {
+        return Err(WriteError::BadSinkName(sink.to_owned()));
+    }
+    Ok(())
+}
+
+fn cf<'a>(db: &'a DB, name: &str) -> &'a rocksdb::ColumnFamily {
+    match db.cf_handle(name) {
+        Some(cf) => cf,
+        None => unreachable!("column family {name} is created at open"),
+    }
+}
+
+enum Done {
+    Append {
+        reply: Reply<AppendOutcome>,
+        lane: Lane,
+        first_seq: u64,
+        last_seq: u64,
+    },
+    Unit(Reply<()>),
+    Truncate(Reply<Vec<LaneTruncation>>, Vec<LaneTruncation>),
+}
+
+impl Done {
+    fn succeed(self, state: &State, group_records: usize) {
+        match self {
+            Done::Append {
+                reply,
+                lane,
+                first_seq,
+                last_seq,
+            } => {
+                let _ = reply.send(Ok(AppendOutcome {
+                    lane,
+                    first_seq,
+                    last_seq,
+                    durable_head: state.head[lane.index()],
+                    group_records,
+                }));
+            }
+            Done::Unit(reply) => {
+                let _ = reply.send(Ok(()));
+            }
+            Done::Truncate(reply, outcome) => {
+                let _ = reply.send(Ok(outcome));
+            }
+        }
+    }
+
+    fn fail(self, err: WriteError) {
+        match self {
+            Done::Append { reply, .. } => {
+                let _ = reply.send(Err(err));
+            }
+            Done::Unit(reply) => {
+                let _ = reply.send(Err(err));
+            }
+            Done::Truncate(reply, _) => {
+                let _ = reply.send(Err(err));
+            }
+        }
+    }
+}
+
+fn reply_err(cmd: Command, err: WriteError) {
+    match cmd {
+        Command::Append { reply, .. } => {
+            let _ = reply.send(Err(err));
+        }
+        Command::MoveCursor { reply, .. } | Command::DeleteCursor { reply, .. } | Command::PutState { reply, .. } => {
+            let _ = reply.send(Err(err));
+        }
+        Command::Truncate { reply, .. } => {
+            let _ = reply.send(Err(err));
+        }
+        Command::Shutdown { reply } => {
+            let _ = reply.send(Ok(()));
+        }
+        Command::Quarantine { .. } => {}
+    }
+}

@@ -1,0 +1,308 @@
+//! Behaviour of the log through its public API: cursors, truncation, corruption, poison,
+//! opening, tailing.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tickvault_wal::{Batch, Clock, Lane, OpenError, RecordKind, Wal, WalOptions, WriteError};
+
+fn batch(n: usize, tag: &str) -> Batch {
+    let mut b = Batch::new();
+    for i in 0..n {
+        b.push(RecordKind(1), format!("{tag}-{i}").as_bytes()).unwrap();
+    }
+    b
+}
+
+fn manual_clock() -> (Arc<AtomicU64>, WalOptions) {
+    let now = Arc::new(AtomicU64::new(1_700_000_000_000));
+    let options = WalOptions {
+        clock: Clock::Manual(now.clone()),
+        ..WalOptions::default()
+    };
+    (now, options)
+}
+
+#[tokio::test]
+async fn appends_get_dense_sequences_per_lane_starting_at_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(dir.path()).unwrap();
+    let a = wal.append(Lane::Live, batch(3, "a")).await.unwrap();
+    let b = wal.append(Lane::Backfill, batch(2, "b")).await.unwrap();
+    let c = wal.append(Lane::Live, batch(2, "c")).await.unwrap();
+    assert_eq!((a.first_seq, a.last_seq), (1, 3));
+    assert_eq!((b.first_seq, b.last_seq), (1, 2));
+    assert_eq!((c.first_seq, c.last_seq), (4, 5));
+    assert_eq!(wal.head(Lane::Live), 5);
+    wal.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn truncation_never_removes_a_record_a_sink_has_not_passed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (now, options) = manual_clock();
+    let wal = Wal::open_with(dir.path(), options).unwrap();
+    wal.append(Lane::Live, batch(100, "r")).await.unwrap();
+    wal.move_cursor("clickhouse", Lane::Live, 80).await.unwrap();
+    wal.move_cursor("postgres", Lane::Live, 30).await.unwrap();
+    now.fetch_add(3_600_000, Ordering::SeqCst);
+    let out = wal.truncate(Duration::from_secs(60)).await.unwrap();
+    let live = out.iter().find(|t| t.lane == Lane::Live).unwrap();
+    assert_eq!(live.removed, 30, "only what the slowest sink passed");
+    assert_eq!(live.first_retained, 31);
+    let read = wal.reader().read(Lane::Live, 0, usize::MAX).unwrap();
+    assert_eq!(read.records.first().unwrap().seq, 31);
+    assert_eq!(read.records.len(), 70);
+    wal.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_record_older_than_retention_but_not_passed_by_every_sink_stays() {
+    let dir = tempfile::tempdir().unwrap();
+    let (now, options) = manual_clock();
+    let wal = Wal::open_with(dir.path(), options).unwrap();
+    wal.append(Lane::Backfill, batch(10, "old")).await.unwrap();
+    wal.move_cursor("nats", Lane::Backfill, 10).await.unwrap();
+    wal.move_cursor("postgres", Lane::Backfill, 0).await.unwrap();
+    now.fetch_add(30 * 86_400_000, Ordering::SeqCst);
+    let out = wal.truncate(Duration::from_secs(86_400)).await.unwrap();
+    assert!(out.iter().all(|t| t.removed == 0));
+    assert_eq!(wal.reader().read(Lane::Backfill, 0, usize::MAX).unwrap().records.len(), 10);
+    wal.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_record_every_sink_passed_stays_until_it_is_older_than_retention() {
+    let dir = tempfile::tempdir().unwrap();
+    let (now, options) = manual_clock();
+    let wal = Wal::open_with(dir.path(), options).unwrap();
+    wal.append(Lane::Live, batch(5, "first")).await.unwrap();
+    now.fetch_add(10_000, Ordering::SeqCst);
+    wal.append(Lane::Live, batch(5, "second")).await.unwrap();
+    wal.move_cursor("clickhouse", Lane::Live, 10).await.unwrap();
+    now.fetch_add(5_000, Ordering::SeqCst);
+    // Retention 8 s: the first five (15 s old) go, the second five (5 s old) stay.
+    let out = wal.truncate(Duration::from_secs(8)).await.unwrap();
+    assert_eq!(out.iter().find(|t| t.lane == Lane::Live).unwrap().removed, 5);
+    let left: Vec<u64> = wal.reader().read(Lane::Live, 0, usize::MAX).unwrap().records.iter().map(|r| r.seq).collect();
+    assert_eq!(left, vec![6, 7, 8, 9, 10]);
+    wal.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn sequences_continue_after_everything_was_truncated_and_the_log_reopened() {
+    let dir = tempfile::tempdir().unwrap();
+    let (now, options) = manual_clock();
+    let wal = Wal::open_with(dir.path(), options.clone()).unwrap();
+    wal.append(Lane::Live, batch(7, "x")).await.unwrap();
+    wal.move_cursor("s", Lane::Live, 7).await.unwrap();
+    now.fetch_add(10_000, Ordering::SeqCst);
+    wal.truncate(Duration::ZERO).await.unwrap();
+    assert!(wal.reader().read(Lane::Live, 0, 10).unwrap().records.is_empty());
+    wal.shutdown().await.unwrap();
+    drop(wal);
+    let wal = Wal::open_with(dir.path(), options).unwrap();
+    assert_eq!(wal.head(Lane::Live), 7);
+    let next = wal.append(Lane::Live, batch(1, "y")).await.unwrap();
+    assert_eq!(next.first_seq, 8);
+    wal.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_cursor_cannot_move_past_the_head() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(dir.path()).unwrap();
+    wal.append(Lane::Live, batch(3, "a")).await.unwrap();
+    let err = wal.move_cursor("pg", Lane::Live, 4).await.unwrap_err();
+    assert!(matches!(err, WriteError::CursorBeyondHead { seq: 4, head: 3, .. }), "{err}");
+    assert_eq!(wal.reader().cursor("pg", Lane::Live).unwrap(), 0);
+    wal.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_corrupt_record_is_quarantined_counted_and_reading_continues_past_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(dir.path()).unwrap();
+    wal.append(Lane::Live, batch(2, "good")).await.unwrap();
+    let mut raw = tickvault_wal::record::encode(RecordKind(1), b"will be corrupted").unwrap();
+    raw[12] ^= 0x40;
+    let bad = wal.append_raw_for_test(Lane::Live, &raw).await.unwrap();
+    assert_eq!(bad.first_seq, 3);
+    wal.append(Lane::Live, batch(2, "after")).await.unwrap();
+
+    let mut tail = wal.tail(Lane::Live, 0);
+    let read = tail.next_batch(100).await.unwrap().unwrap();
+    assert_eq!(read.records.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![1, 2, 4, 5]);
+    assert_eq!(read.corrupt.len(), 1);
+    assert_eq!((read.corrupt[0].lane, read.corrupt[0].seq), (Lane::Live, 3));
+    assert_eq!(tail.position(), 5);
+
+    // The quarantine copy is written through the writer; a synced write after it
+    // guarantees it has been applied.
+    wal.move_cursor("probe", Lane::Live, 0).await.unwrap();
+    assert_eq!(wal.quarantined(), 1);
+    let q = wal.reader().quarantined().unwrap();
+    assert_eq!(q, vec![(Lane::Live, 3, raw.clone())]);
+    // Reading it again does not count it twice.
+    wal.reader().read(Lane::Live, 0, 100).unwrap();
+    wal.move_cursor("probe", Lane::Live, 0).await.unwrap();
+    assert_eq!(wal.quarantined(), 1);
+
+    let report = wal.reader().check().unwrap();
+    assert_eq!(report.good, 4);
+    assert_eq!(report.corrupt.len(), 1);
+    assert_eq!(report.corrupt[0].seq, 3);
+    // Ingest goes on.
+    assert_eq!(wal.append(Lane::Live, batch(1, "more")).await.unwrap().first_seq, 6);
+    wal.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_tail_reader_wakes_on_new_appends() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(dir.path()).unwrap();
+    let mut tail = wal.tail(Lane::Live, 0);
+    let waiter = tokio::spawn(async move { tail.next_batch(10).await.unwrap().unwrap() });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!waiter.is_finished(), "the tail returned before anything was appended");
+    wal.append(Lane::Live, batch(3, "t")).await.unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(10), waiter).await.unwrap().unwrap();
+    assert_eq!(got.records.len(), 3);
+    wal.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_tail_ends_after_the_log_shuts_down_and_it_has_read_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(dir.path()).unwrap();
+    wal.append(Lane::Derived, batch(2, "d")).await.unwrap();
+    let mut tail = wal.tail(Lane::Derived, 0);
+    wal.shutdown().await.unwrap();
+    drop(wal);
+    assert_eq!(tail.next_batch(10).await.unwrap().unwrap().records.len(), 2);
+    assert!(tail.next_batch(10).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn a_read_only_open_sees_the_log_while_the_writer_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(dir.path()).unwrap();
+    wal.append(Lane::Live, batch(4, "ro")).await.unwrap();
+    wal.move_cursor("pg", Lane::Live, 2).await.unwrap();
+    let ro = Wal::open_read_only(dir.path()).unwrap();
+    let summary = ro.summary().unwrap();
+    let live = summary.lanes.iter().find(|l| l.lane == Lane::Live).unwrap();
+    assert_eq!((live.first_seq, live.last_seq, live.records), (Some(1), Some(4), 4));
+    assert_eq!(summary.cursors.len(), 1);
+    assert_eq!(summary.cursors[0].seq, 2);
+    wal.append(Lane::Live, batch(1, "more")).await.unwrap();
+    wal.shutdown().await.unwrap();
+}
+
+#[test]
+fn a_directory_that_is_not_a_log_is_refused_and_left_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("notes.txt"), "precious").unwrap();
+    let err = Wal::open(dir.path()).err().unwrap();
+    assert!(matches!(err, OpenError::NotALog { .. }), "{err}");
+    assert!(err.to_string().contains("not a tickvault log"), "{err}");
+    assert_eq!(std::fs::read_to_string(dir.path().join("notes.txt")).unwrap(), "precious");
+}
+
+#[test]
+fn a_missing_directory_is_not_found_for_read_only_inspection() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = Wal::open_read_only(dir.path().join("nope")).err().unwrap();
+    assert!(matches!(err, OpenError::NotFound { .. }), "{err}");
+}
+
+#[tokio::test]
+async fn a_log_written_by_a_newer_format_is_refused_with_both_versions_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(dir.path()).unwrap();
+    wal.append(Lane::Live, batch(1, "v1")).await.unwrap();
+    wal.shutdown().await.unwrap();
+    drop(wal);
+    tickvault_wal::stamp_format_version_for_test(dir.path(), 9).unwrap();
+    let err = Wal::open(dir.path()).err().unwrap();
+    assert!(matches!(err, OpenError::NewerFormat { found: 9, supported: 1, .. }), "{err}");
+    let err = Wal::open_read_only(dir.path()).err().unwrap();
+    assert!(err.to_string().contains("newer tickvault"), "{err}");
+}
+
+mod failpoints {
+    use super::*;
+
+    // Fail points are process-global: these run one at a time under a scenario.
+    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    #[tokio::test]
+    async fn a_failed_sync_poisons_the_log_and_nothing_after_it_is_acknowledged() {
+        let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+        let scenario = fail::FailScenario::setup();
+        let dir = tempfile::tempdir().unwrap();
+        let wal = Wal::open(dir.path()).unwrap();
+        wal.append(Lane::Live, batch(3, "before")).await.unwrap();
+        fail::cfg("wal::sync", "return").unwrap();
+        let err = wal.append(Lane::Live, batch(2, "lost")).await.unwrap_err();
+        assert!(matches!(err, WriteError::Failed { .. }), "{err}");
+        fail::remove("wal::sync");
+        // Even with the fault gone, the log refuses writes: it cannot know what is on disk.
+        let err = wal.append(Lane::Live, batch(1, "refused")).await.unwrap_err();
+        assert!(matches!(err, WriteError::Poisoned { .. }), "{err}");
+        assert!(wal.poisoned().is_some());
+        assert!(wal.move_cursor("pg", Lane::Live, 1).await.is_err());
+        // What was acknowledged is still there and readable.
+        assert_eq!(wal.reader().read(Lane::Live, 0, 100).unwrap().records.len(), 3);
+        wal.shutdown().await.unwrap();
+        drop(wal);
+        // A restart recovers, and the unacknowledged batch never appeared.
+        let wal = Wal::open(dir.path()).unwrap();
+        assert_eq!(wal.head(Lane::Live), 3);
+        assert_eq!(wal.append(Lane::Live, batch(1, "after")).await.unwrap().first_seq, 4);
+        wal.shutdown().await.unwrap();
+        scenario.teardown();
+    }
+
+    #[tokio::test]
+    async fn a_full_disk_is_named_as_such_and_refuses_further_writes() {
+        let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+        let scenario = fail::FailScenario::setup();
+        let dir = tempfile::tempdir().unwrap();
+        let wal = Wal::open(dir.path()).unwrap();
+        wal.append(Lane::Backfill, batch(5, "kept")).await.unwrap();
+        fail::cfg("wal::disk_full", "return").unwrap();
+        let err = wal.append(Lane::Backfill, batch(5, "nospace")).await.unwrap_err();
+        assert!(matches!(err, WriteError::DiskFull { .. }), "{err}");
+        assert!(err.to_string().contains("disk full"), "{err}");
+        fail::remove("wal::disk_full");
+        assert!(matches!(
+            wal.append(Lane::Live, batch(1, "x")).await.unwrap_err(),
+            WriteError::Poisoned { .. }
+        ));
+        assert_eq!(wal.reader().read(Lane::Backfill, 0, 100).unwrap().records.len(), 5);
+        wal.shutdown().await.unwrap();
+        scenario.teardown();
+    }
+
+    #[tokio::test]
+    async fn a_failed_cursor_write_leaves_the_cursor_where_it_was() {
+        let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+        let scenario = fail::FailScenario::setup();
+        let dir = tempfile::tempdir().unwrap();
+        let wal = Wal::open(dir.path()).unwrap();
+        wal.append(Lane::Live, batch(10, "c")).await.unwrap();
+        wal.move_cursor("pg", Lane::Live, 4).await.unwrap();
+        fail::cfg("wal::cursor_write", "return").unwrap();
+        assert!(wal.move_cursor("pg", Lane::Live, 9).await.is_err());
+        fail::remove("wal::cursor_write");
+        assert_eq!(wal.reader().cursor("pg", Lane::Live).unwrap(), 4);
+        wal.shutdown().await.unwrap();
+        drop(wal);
+        let wal = Wal::open(dir.path()).unwrap();
+        assert_eq!(wal.reader().cursor("pg", Lane::Live).unwrap(), 4);
+        wal.shutdown().await.unwrap();
+        scenario.teardown();
+    }
+}
