@@ -165,7 +165,7 @@ pub struct Bar {
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "lowercase")]
+#[serde(rename_all = "lowercase")]
 pub enum Body {
     Quote(Quote),
     Trade(Trade),

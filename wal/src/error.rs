@@ -15,21 +15,11 @@ pub enum OpenError {
     #[error("{path}: not a tickvault log ({reason})")]
     NotALog { path: PathBuf, reason: String },
     #[error("{path}: written by a newer tickvault (log format {found}, this build reads up to {supported}); upgrade tickvault to read it")]
-    NewerFormat {
-        path: PathBuf,
-        found: u8,
-        supported: u8,
-    },
+    NewerFormat { path: PathBuf, found: u8, supported: u8 },
     #[error("{path}: {source}")]
-    Io {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Io { path: PathBuf, source: std::io::Error },
     #[error("{path}: rocksdb: {source}")]
-    Rocks {
-        path: PathBuf,
-        source: rocksdb::Error,
-    },
+    Rocks { path: PathBuf, source: rocksdb::Error },
 }
 
 /// Why a write to the log failed. `Poisoned` and `DiskFull` are permanent for this

@@ -60,10 +60,10 @@
 //! - No transactions across lanes: each append is atomic within one lane.
 
 pub mod error;
+mod lane;
 pub mod payload;
 pub mod reader;
 pub mod record;
-mod lane;
 mod store;
 mod writer;
 
@@ -147,11 +147,9 @@ impl Wal {
         let path = path.as_ref();
         let db = store::open(path, Mode::Write)?;
         let (writer, shared) =
-            Writer::load(db.clone(), options.clock, options.max_group_records).map_err(|source| {
-                OpenError::Rocks {
-                    path: path.to_owned(),
-                    source,
-                }
+            Writer::load(db.clone(), options.clock, options.max_group_records).map_err(|source| OpenError::Rocks {
+                path: path.to_owned(),
+                source,
             })?;
         let (tx, rx) = mpsc::channel(options.channel_capacity.max(1));
         let handle = std::thread::Builder::new()
@@ -164,7 +162,10 @@ impl Wal {
         Ok(Wal {
             tx: tx.clone(),
             shared,
-            reader: LogReader { db, quarantine: Some(tx) },
+            reader: LogReader {
+                db,
+                quarantine: Some(tx),
+            },
             writer: Arc::new(std::sync::Mutex::new(Some(handle))),
         })
     }
@@ -232,7 +233,13 @@ impl Wal {
 
     /// Writes (or with `None` deletes) one key of a state space, durably.
     pub async fn put_state(&self, space: Space, key: Vec<u8>, value: Option<Vec<u8>>) -> Result<(), WriteError> {
-        self.call(|reply| Command::PutState { space, key, value, reply }).await
+        self.call(|reply| Command::PutState {
+            space,
+            key,
+            value,
+            reply,
+        })
+        .await
     }
 
     /// A reader following `lane` from just after `after`, woken by every append.

@@ -31,6 +31,9 @@ pub struct ReadBatch {
     pub last_seq: u64,
 }
 
+/// A key and its value, from a state space.
+pub type KeyValue = (Vec<u8>, Vec<u8>);
+
 /// One cursor: how far a sink has acknowledged a lane.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct CursorInfo {
@@ -232,7 +235,7 @@ impl LogReader {
     }
 
     /// Every key and value of a state space whose key starts with `prefix`, in key order.
-    pub fn scan_state(&self, space: Space, prefix: &[u8]) -> Result<Vec<(Vec<u8>, Vec<u8>)>, ReadError> {
+    pub fn scan_state(&self, space: Space, prefix: &[u8]) -> Result<Vec<KeyValue>, ReadError> {
         let cf = self.cf(space.cf());
         let mut out = Vec::new();
         for item in self.db.iterator_cf(cf, IteratorMode::From(prefix, Direction::Forward)) {
@@ -376,4 +379,3 @@ impl Tail {
         Ok(batch)
     }
 }
-

@@ -190,7 +190,9 @@ mod tests {
         bytes[0] = FORMAT_VERSION + 1;
         assert_eq!(
             decode(&bytes),
-            Err(DecodeError::UnsupportedVersion { found: FORMAT_VERSION + 1 })
+            Err(DecodeError::UnsupportedVersion {
+                found: FORMAT_VERSION + 1
+            })
         );
     }
 }

@@ -163,9 +163,7 @@ pub(crate) fn open(path: &Path, mode: Mode) -> Result<Arc<DB>, OpenError> {
     let empty = !exists || std::fs::read_dir(path).map_err(io)?.next().is_none();
     if empty {
         if mode == Mode::ReadOnly {
-            return Err(OpenError::NotFound {
-                path: path.to_owned(),
-            });
+            return Err(OpenError::NotFound { path: path.to_owned() });
         }
         std::fs::create_dir_all(path).map_err(io)?;
     } else {
@@ -184,7 +182,9 @@ pub(crate) fn open(path: &Path, mode: Mode) -> Result<Arc<DB>, OpenError> {
     }
     .map_err(rocks)?;
 
-    let meta = db.cf_handle(CF_META).ok_or_else(|| not_a_log("meta column family missing"))?;
+    let meta = db
+        .cf_handle(CF_META)
+        .ok_or_else(|| not_a_log("meta column family missing"))?;
     match db.get_cf(&meta, META_MAGIC).map_err(rocks)? {
         Some(magic) if magic == MAGIC => {}
         Some(_) => return Err(not_a_log("wrong magic in metadata")),

@@ -349,7 +349,11 @@ impl Writer {
                         continue;
                     }
                     touches_cursor = true;
-                    batch.put_cf(cf(&self.db, CF_CURSORS), store::cursor_key(lane, &sink), seq.to_le_bytes());
+                    batch.put_cf(
+                        cf(&self.db, CF_CURSORS),
+                        store::cursor_key(lane, &sink),
+                        seq.to_le_bytes(),
+                    );
                     next.cursors.insert((lane, sink), seq);
                     done.push(Done::Unit(reply));
                 }
@@ -359,13 +363,20 @@ impl Writer {
                     next.cursors.remove(&(lane, sink));
                     done.push(Done::Unit(reply));
                 }
-                Command::Truncate { retention, reply } => match self.plan_truncation(&mut next, &mut batch, retention) {
-                    Ok(outcome) => done.push(Done::Truncate(reply, outcome)),
-                    Err(e) => {
-                        let _ = reply.send(Err(classify(rocks_cause(&e))));
+                Command::Truncate { retention, reply } => {
+                    match self.plan_truncation(&mut next, &mut batch, retention) {
+                        Ok(outcome) => done.push(Done::Truncate(reply, outcome)),
+                        Err(e) => {
+                            let _ = reply.send(Err(classify(rocks_cause(&e))));
+                        }
                     }
-                },
-                Command::PutState { space, key, value, reply } => {
+                }
+                Command::PutState {
+                    space,
+                    key,
+                    value,
+                    reply,
+                } => {
                     let space_cf = cf(&self.db, space.cf());
                     match value {
                         Some(value) => batch.put_cf(space_cf, key, value),
@@ -427,10 +438,16 @@ impl Writer {
     }
 
     fn write(&self, batch: WriteBatch, low_priority: bool, touches_cursor: bool) -> Result<(), WriteError> {
-        fail::fail_point!("wal::sync", |_| Err(classify("injected fsync failure (wal::sync)".into())));
-        fail::fail_point!("wal::disk_full", |_| Err(classify("IO error: No space left on device (injected)".into())));
+        fail::fail_point!("wal::sync", |_| Err(classify(
+            "injected fsync failure (wal::sync)".into()
+        )));
+        fail::fail_point!("wal::disk_full", |_| Err(classify(
+            "IO error: No space left on device (injected)".into()
+        )));
         if touches_cursor {
-            fail::fail_point!("wal::cursor_write", |_| Err(classify("injected cursor write failure".into())));
+            fail::fail_point!("wal::cursor_write", |_| Err(classify(
+                "injected cursor write failure".into()
+            )));
         }
         if batch.is_empty() {
             return Ok(());
@@ -473,9 +490,14 @@ impl Writer {
             let mut old_enough = 0u64;
             let mut index_keys = Vec::new();
             let start = store::time_key(lane, 0);
-            for item in self.db.iterator_cf(time_cf, IteratorMode::From(&start, Direction::Forward)) {
+            for item in self
+                .db
+                .iterator_cf(time_cf, IteratorMode::From(&start, Direction::Forward))
+            {
                 let (key, value) = item?;
-                let Some((l, second)) = store::parse_time_key(&key) else { break };
+                let Some((l, second)) = store::parse_time_key(&key) else {
+                    break;
+                };
                 if l != lane || (second + 1) * 1000 > cutoff_ms {
                     break;
                 }

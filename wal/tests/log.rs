@@ -68,7 +68,10 @@ async fn a_record_older_than_retention_but_not_passed_by_every_sink_stays() {
     now.fetch_add(30 * 86_400_000, Ordering::SeqCst);
     let out = wal.truncate(Duration::from_secs(86_400)).await.unwrap();
     assert!(out.iter().all(|t| t.removed == 0));
-    assert_eq!(wal.reader().read(Lane::Backfill, 0, usize::MAX).unwrap().records.len(), 10);
+    assert_eq!(
+        wal.reader().read(Lane::Backfill, 0, usize::MAX).unwrap().records.len(),
+        10
+    );
     wal.shutdown().await.unwrap();
 }
 
@@ -85,7 +88,14 @@ async fn a_record_every_sink_passed_stays_until_it_is_older_than_retention() {
     // Retention 8 s: the first five (15 s old) go, the second five (5 s old) stay.
     let out = wal.truncate(Duration::from_secs(8)).await.unwrap();
     assert_eq!(out.iter().find(|t| t.lane == Lane::Live).unwrap().removed, 5);
-    let left: Vec<u64> = wal.reader().read(Lane::Live, 0, usize::MAX).unwrap().records.iter().map(|r| r.seq).collect();
+    let left: Vec<u64> = wal
+        .reader()
+        .read(Lane::Live, 0, usize::MAX)
+        .unwrap()
+        .records
+        .iter()
+        .map(|r| r.seq)
+        .collect();
     assert_eq!(left, vec![6, 7, 8, 9, 10]);
     wal.shutdown().await.unwrap();
 }
@@ -115,7 +125,10 @@ async fn a_cursor_cannot_move_past_the_head() {
     let wal = Wal::open(dir.path()).unwrap();
     wal.append(Lane::Live, batch(3, "a")).await.unwrap();
     let err = wal.move_cursor("pg", Lane::Live, 4).await.unwrap_err();
-    assert!(matches!(err, WriteError::CursorBeyondHead { seq: 4, head: 3, .. }), "{err}");
+    assert!(
+        matches!(err, WriteError::CursorBeyondHead { seq: 4, head: 3, .. }),
+        "{err}"
+    );
     assert_eq!(wal.reader().cursor("pg", Lane::Live).unwrap(), 0);
     wal.shutdown().await.unwrap();
 }
@@ -167,7 +180,10 @@ async fn the_tail_reader_wakes_on_new_appends() {
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert!(!waiter.is_finished(), "the tail returned before anything was appended");
     wal.append(Lane::Live, batch(3, "t")).await.unwrap();
-    let got = tokio::time::timeout(Duration::from_secs(10), waiter).await.unwrap().unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(10), waiter)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(got.records.len(), 3);
     wal.shutdown().await.unwrap();
 }
@@ -207,7 +223,10 @@ fn a_directory_that_is_not_a_log_is_refused_and_left_alone() {
     let err = Wal::open(dir.path()).err().unwrap();
     assert!(matches!(err, OpenError::NotALog { .. }), "{err}");
     assert!(err.to_string().contains("not a tickvault log"), "{err}");
-    assert_eq!(std::fs::read_to_string(dir.path().join("notes.txt")).unwrap(), "precious");
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("notes.txt")).unwrap(),
+        "precious"
+    );
 }
 
 #[test]
@@ -226,7 +245,17 @@ async fn a_log_written_by_a_newer_format_is_refused_with_both_versions_named() {
     drop(wal);
     tickvault_wal::stamp_format_version_for_test(dir.path(), 9).unwrap();
     let err = Wal::open(dir.path()).err().unwrap();
-    assert!(matches!(err, OpenError::NewerFormat { found: 9, supported: 1, .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            OpenError::NewerFormat {
+                found: 9,
+                supported: 1,
+                ..
+            }
+        ),
+        "{err}"
+    );
     let err = Wal::open_read_only(dir.path()).err().unwrap();
     assert!(err.to_string().contains("newer tickvault"), "{err}");
 }

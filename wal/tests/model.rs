@@ -147,7 +147,11 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 let outcome = wal.append(lane, batch).await.unwrap();
                 prop_assert_eq!(outcome.durable_head, model.head(lane));
             }
-            Op::MoveCursor { sink, lane, percent_of_head } => {
+            Op::MoveCursor {
+                sink,
+                lane,
+                percent_of_head,
+            } => {
                 let seq = model.head(lane) * percent_of_head / 100;
                 let sink = format!("sink{sink}");
                 wal.move_cursor(&sink, lane, seq).await.unwrap();

@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Installs the Debian packages tickvault's build needs, if they are missing.
+# RocksDB's Rust bindings are generated with bindgen, which needs libclang.
+set -euo pipefail
+
+need=()
+for pkg in libclang-dev g++ pkg-config; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
+done
+if [ ${#need[@]} -gt 0 ]; then
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    echo "installing: ${need[*]}" >&2
+    $sudo apt-get update -q >/dev/null
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q "${need[@]}" >/dev/null
+fi
+command -v cargo >/dev/null || { echo "cargo not found: install Rust (rustup) first" >&2; exit 1; }

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The test command (README): installs what is needed, then runs every check and test.
+# Everything runs on the release profile, so RocksDB's C++ is compiled once (~12 min on
+# two cores from a clean checkout) and reused by the tests, the demo and the benchmarks.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/install-deps.sh
+
+echo "== cargo fmt --check" >&2
+cargo fmt --all -- --check
+echo "== cargo clippy" >&2
+cargo clippy --release --workspace --all-targets -- -D warnings
+echo "== cargo test" >&2
+cargo test --release --workspace

@@ -1,0 +1,93 @@
+//! The binary's edge: parse the command line, run, turn errors into exit codes.
+//!
+//! Exit codes: 0 success; 1 a check found a problem or the operation failed; 2 bad
+//! input (command line, config, a directory that is not a log, a newer log format).
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use super::args::{BenchCommand, Cli, Command, WalCommand};
+use crate::config::ConfigError;
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    match run(cli) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            if is_bad_input(&err) {
+                ExitCode::from(2)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+fn is_bad_input(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| {
+        cause.is::<ConfigError>()
+            || matches!(
+                cause.downcast_ref::<tickvault_wal::OpenError>(),
+                Some(
+                    tickvault_wal::OpenError::NotALog { .. }
+                        | tickvault_wal::OpenError::NotFound { .. }
+                        | tickvault_wal::OpenError::NewerFormat { .. }
+                )
+            )
+    })
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("TICKVAULT_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}
+
+fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Validate { config } => super::validate::run(&config),
+        Command::Wal { command } => match command {
+            WalCommand::Summary { data_dir, json } => super::wal::summary(&data_dir, json),
+            WalCommand::Dump {
+                data_dir,
+                lane,
+                from,
+                to,
+            } => super::wal::dump(&data_dir, lane, from, to),
+            WalCommand::Check { data_dir } => super::wal::check(&data_dir),
+            WalCommand::Load {
+                data_dir,
+                lane,
+                records,
+                payload_bytes,
+                producers,
+                batch,
+            } => runtime()?.block_on(super::load::run(super::load::LoadSpec {
+                data_dir,
+                lane,
+                records,
+                payload_bytes,
+                producers,
+                batch,
+            })),
+        },
+        Command::Bench { command } => match command {
+            BenchCommand::Wal {
+                dir,
+                records,
+                payload_bytes,
+                naive_records,
+            } => runtime()?.block_on(super::bench::wal(&dir, records, payload_bytes, naive_records)),
+        },
+    }
+}

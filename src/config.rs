@@ -1,0 +1,225 @@
+//! The daemon's configuration: TOML, unknown fields refused, every field documented with
+//! its default, environment overrides for paths and secrets, and errors that name the
+//! offending field.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// A configuration that could not be used. Always names the field (or the file).
+#[derive(Debug, thiserror::Error)]
+#[error("config {file}: {location}: {message}")]
+pub struct ConfigError {
+    pub file: String,
+    /// `field `a.b`` or `line N` (syntax errors) or `file` (unreadable).
+    pub location: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    fn field(file: &str, field: &str, message: impl Into<String>) -> Self {
+        ConfigError {
+            file: file.to_owned(),
+            location: format!("field `{field}`"),
+            message: message.into(),
+        }
+    }
+}
+
+/// The whole configuration (`config/tickvault.toml` is the documented production file).
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+/// `[log]`: the durable write-ahead log.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    /// Directory of the log. Default `/var/lib/tickvault/log`.
+    /// Overridden by the environment variable `TICKVAULT_DATA_DIR` and by `--data-dir`.
+    pub data_dir: PathBuf,
+    /// How long a record is kept after it was written, even once every sink has passed
+    /// it, so that the log can be replayed offline. Default `7d`.
+    #[serde(with = "humantime_serde")]
+    pub retention: Duration,
+    /// How often truncation runs. Default `1m`.
+    #[serde(with = "humantime_serde")]
+    pub truncate_every: Duration,
+    /// Append requests that may queue for the writer before producers wait. Default 1024.
+    pub channel_capacity: usize,
+    /// Records one group commit (one fsync) takes at most. Default 131072.
+    pub max_group_records: usize,
+    /// The backfill downloader waits while the backfill lane's backlog (head minus the
+    /// slowest cursor) is above this many records. Live capture never waits. Default 5000000.
+    pub backfill_high_water: u64,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            data_dir: PathBuf::from("/var/lib/tickvault/log"),
+            retention: Duration::from_secs(7 * 86_400),
+            truncate_every: Duration::from_secs(60),
+            channel_capacity: 1024,
+            max_group_records: 131_072,
+            backfill_high_water: 5_000_000,
+        }
+    }
+}
+
+impl Config {
+    /// Reads, parses, applies environment overrides and validates a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: file.clone(),
+            location: "file".into(),
+            message: format!("cannot read: {e}"),
+        })?;
+        let mut config = Self::parse(&file, &text)?;
+        config.apply_env(&file, |name| std::env::var(name).ok())?;
+        config.validate(&file)?;
+        Ok(config)
+    }
+
+    /// Parses TOML text; `file` only names the source in errors.
+    pub fn parse(file: &str, text: &str) -> Result<Config, ConfigError> {
+        let de = toml::Deserializer::parse(text).map_err(|e| syntax_error(file, text, &e))?;
+        serde_path_to_error::deserialize(de).map_err(|e| {
+            // serde_path_to_error's path already ends in an unknown field's own name.
+            let field = e.path().to_string();
+            let message = e.into_inner().message().to_owned();
+            ConfigError::field(file, &field, message)
+        })
+    }
+
+    /// Environment overrides, applied after the file and before validation.
+    pub fn apply_env(&mut self, file: &str, var: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        if let Some(dir) = var("TICKVAULT_DATA_DIR") {
+            if dir.is_empty() {
+                return Err(ConfigError::field(
+                    file,
+                    "log.data_dir",
+                    "TICKVAULT_DATA_DIR is set but empty",
+                ));
+            }
+            self.log.data_dir = PathBuf::from(dir);
+        }
+        Ok(())
+    }
+
+    /// Checks what types alone cannot.
+    pub fn validate(&self, file: &str) -> Result<(), ConfigError> {
+        let log = &self.log;
+        if log.data_dir.as_os_str().is_empty() {
+            return Err(ConfigError::field(file, "log.data_dir", "must not be empty"));
+        }
+        if log.channel_capacity == 0 {
+            return Err(ConfigError::field(file, "log.channel_capacity", "must be at least 1"));
+        }
+        if log.max_group_records == 0 {
+            return Err(ConfigError::field(file, "log.max_group_records", "must be at least 1"));
+        }
+        if log.truncate_every < Duration::from_secs(1) {
+            return Err(ConfigError::field(file, "log.truncate_every", "must be at least 1s"));
+        }
+        if log.backfill_high_water < 1_000 {
+            return Err(ConfigError::field(
+                file,
+                "log.backfill_high_water",
+                "must be at least 1000 records (smaller stalls backfill on every batch)",
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn wal_options(&self) -> tickvault_wal::WalOptions {
+        tickvault_wal::WalOptions {
+            channel_capacity: self.log.channel_capacity,
+            max_group_records: self.log.max_group_records,
+            ..Default::default()
+        }
+    }
+}
+
+fn syntax_error(file: &str, text: &str, e: &toml::de::Error) -> ConfigError {
+    let location = match e.span() {
+        Some(span) => format!("line {}", text[..span.start.min(text.len())].lines().count().max(1)),
+        None => "syntax".into(),
+    };
+    ConfigError {
+        file: file.to_owned(),
+        location,
+        message: e.message().to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_file_gives_the_documented_defaults() {
+        assert_eq!(Config::parse("t", "").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn the_shipped_configs_are_valid() {
+        for file in ["config/tickvault.toml", "config/demo.toml"] {
+            let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
+            let text = std::fs::read_to_string(&path).unwrap();
+            let config = Config::parse(file, &text).unwrap();
+            config.validate(file).unwrap();
+        }
+    }
+
+    #[test]
+    fn the_production_config_spells_out_every_default() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/tickvault.toml");
+        let config = Config::parse("p", &std::fs::read_to_string(path).unwrap()).unwrap();
+        assert_eq!(config, Config::default());
+    }
+
+    #[test]
+    fn an_unknown_field_is_refused_and_named() {
+        let err = Config::parse("t", "[log]\nretension = \"1d\"\n").unwrap_err();
+        assert_eq!(err.location, "field `log.retension`", "{err}");
+        let err = Config::parse("t", "[logs]\n").unwrap_err();
+        assert_eq!(err.location, "field `logs`", "{err}");
+    }
+
+    #[test]
+    fn a_bad_value_names_its_field() {
+        let err = Config::parse("t", "[log]\nretention = \"seven days\"\n").unwrap_err();
+        assert_eq!(err.location, "field `log.retention`", "{err}");
+        let err = Config::parse("t", "[log]\nchannel_capacity = -1\n").unwrap_err();
+        assert_eq!(err.location, "field `log.channel_capacity`", "{err}");
+    }
+
+    #[test]
+    fn a_value_out_of_range_names_its_field() {
+        let config = Config::parse("t", "[log]\nmax_group_records = 0\n").unwrap();
+        let err = config.validate("t").unwrap_err();
+        assert_eq!(err.location, "field `log.max_group_records`");
+    }
+
+    #[test]
+    fn a_syntax_error_names_the_line() {
+        let err = Config::parse("t", "[log]\n\ndata_dir = \n").unwrap_err();
+        assert_eq!(err.location, "line 3", "{err}");
+    }
+
+    #[test]
+    fn the_environment_overrides_the_data_dir() {
+        let mut config = Config::default();
+        config
+            .apply_env("t", |name| (name == "TICKVAULT_DATA_DIR").then(|| "/tmp/x".to_owned()))
+            .unwrap();
+        assert_eq!(config.log.data_dir, PathBuf::from("/tmp/x"));
+        assert!(config.apply_env("t", |_| Some(String::new())).is_err());
+    }
+}

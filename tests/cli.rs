@@ -1,0 +1,208 @@
+//! The command-line shapes other work relies on, run as a user runs them.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use tickvault_wal::{Lane, RecordKind, Wal};
+
+fn tickvault(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tickvault"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn load(dir: &Path, lane: &str, records: u64) -> Output {
+    tickvault(&[
+        "wal",
+        "load",
+        "--data-dir",
+        dir.to_str().unwrap(),
+        "--lane",
+        lane,
+        "--records",
+        &records.to_string(),
+        "--batch",
+        "100",
+    ])
+}
+
+#[test]
+fn validate_accepts_the_shipped_configs() {
+    for file in ["config/tickvault.toml", "config/demo.toml"] {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
+        let out = tickvault(&["validate", "--config", path.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(0), "{file}: {}", text(&out.stderr));
+    }
+}
+
+#[test]
+fn validate_names_the_bad_field_and_exits_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        ("[log]\nretension = \"1d\"\n", "log.retension"),
+        ("[log]\nretention = \"soon\"\n", "log.retention"),
+        ("[log]\nmax_group_records = 0\n", "log.max_group_records"),
+        ("[sinks]\n", "sinks"),
+    ];
+    for (body, field) in cases {
+        let path = dir.path().join("bad.toml");
+        std::fs::write(&path, body).unwrap();
+        let out = tickvault(&["validate", "--config", path.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(2), "{body}");
+        let err = text(&out.stderr);
+        assert!(err.contains(&format!("`{field}`")), "{body}: {err}");
+    }
+    let out = tickvault(&[
+        "validate",
+        "--config",
+        dir.path().join("missing.toml").to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("cannot read"));
+}
+
+#[test]
+fn load_acknowledges_batches_and_summary_reports_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let out = load(&log, "backfill", 1000);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let stdout = text(&out.stdout);
+    let acks: Vec<u64> = stdout
+        .lines()
+        .filter_map(|l| l.strip_prefix("acked backfill "))
+        .map(|s| s.parse().unwrap())
+        .collect();
+    assert_eq!(acks.len(), 10, "{stdout}");
+    assert_eq!(acks.iter().max(), Some(&1000));
+    let last = stdout.lines().last().unwrap();
+    assert!(last.contains("records/s") && last.contains("MB/s"), "{last}");
+
+    let out = tickvault(&["wal", "summary", "--data-dir", log.to_str().unwrap(), "--json"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let backfill = summary["lanes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["lane"] == "backfill")
+        .unwrap();
+    assert_eq!(backfill["first_seq"], 1);
+    assert_eq!(backfill["last_seq"], 1000);
+    assert_eq!(backfill["records"], 1000);
+    assert!(backfill["bytes"].as_u64().unwrap() > 0);
+    assert_eq!(summary["quarantined"], 0);
+    assert!(summary["cursors"].as_array().unwrap().is_empty());
+
+    let out = tickvault(&["wal", "summary", "--data-dir", log.to_str().unwrap()]);
+    assert!(text(&out.stdout).contains("backfill"));
+}
+
+#[test]
+fn dump_prints_one_json_object_per_record_within_the_range() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    assert!(load(&log, "live", 50).status.success());
+    let out = tickvault(&[
+        "wal",
+        "dump",
+        "--data-dir",
+        log.to_str().unwrap(),
+        "--lane",
+        "live",
+        "--from",
+        "5",
+        "--to",
+        "9",
+    ]);
+    assert_eq!(out.status.code(), Some(0));
+    let lines: Vec<serde_json::Value> = text(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(
+        lines.iter().map(|l| l["seq"].as_u64().unwrap()).collect::<Vec<_>>(),
+        vec![5, 6, 7, 8, 9]
+    );
+    assert!(lines
+        .iter()
+        .all(|l| l["lane"] == "live" && l["synthetic"]["producer"] == 0));
+}
+
+#[tokio::test]
+async fn check_lists_each_corrupt_record_and_exits_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let out = tickvault(&["wal", "check", "--data-dir", log.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "no log yet: {}", text(&out.stderr));
+    assert!(load(&log, "live", 10).status.success());
+    let out = tickvault(&["wal", "check", "--data-dir", log.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stdout));
+
+    let wal = Wal::open(&log).unwrap();
+    let mut raw = tickvault_wal::record::encode(RecordKind(200), &[7u8; 40]).unwrap();
+    raw[20] ^= 0xff;
+    wal.append_raw_for_test(Lane::Live, &raw).await.unwrap();
+    wal.append_raw_for_test(Lane::Live, &raw[..5]).await.unwrap();
+    wal.shutdown().await.unwrap();
+    drop(wal);
+
+    let out = tickvault(&["wal", "check", "--data-dir", log.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = text(&out.stdout);
+    assert!(stdout.contains("corrupt live 11: crc mismatch"), "{stdout}");
+    assert!(stdout.contains("corrupt live 12: record is 5 bytes"), "{stdout}");
+    let out = tickvault(&[
+        "wal",
+        "dump",
+        "--data-dir",
+        log.to_str().unwrap(),
+        "--lane",
+        "live",
+        "--from",
+        "11",
+    ]);
+    assert!(text(&out.stdout).contains("\"corrupt\""));
+}
+
+#[test]
+fn a_directory_that_is_not_a_log_gets_a_clear_error_and_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("data.csv"), "a,b\n").unwrap();
+    for args in [
+        vec!["wal", "summary", "--data-dir"],
+        vec!["wal", "check", "--data-dir"],
+        vec!["wal", "load", "--lane", "live", "--records", "1", "--data-dir"],
+    ] {
+        let mut args = args.clone();
+        args.push(dir.path().to_str().unwrap());
+        let out = tickvault(&args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        assert!(
+            text(&out.stderr).contains("not a tickvault log"),
+            "{args:?}: {}",
+            text(&out.stderr)
+        );
+    }
+    assert_eq!(std::fs::read_to_string(dir.path().join("data.csv")).unwrap(), "a,b\n");
+}
+
+#[test]
+fn a_log_from_a_newer_tickvault_is_refused_with_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    assert!(load(&log, "live", 5).status.success());
+    tickvault_wal::stamp_format_version_for_test(&log, 2).unwrap();
+    for sub in ["summary", "check"] {
+        let out = tickvault(&["wal", sub, "--data-dir", log.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(2));
+        assert!(text(&out.stderr).contains("newer tickvault"), "{}", text(&out.stderr));
+    }
+    let out = load(&log, "live", 5);
+    assert_eq!(out.status.code(), Some(2));
+}
