@@ -7,6 +7,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::event::Feed;
+
 /// A configuration that could not be used. Always names the field (or the file).
 #[derive(Debug, thiserror::Error)]
 #[error("config {file}: {location}: {message}")]
@@ -33,6 +35,152 @@ impl ConfigError {
 pub struct Config {
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default)]
+    pub polygon: PolygonConfig,
+    #[serde(default)]
+    pub live: LiveConfig,
+    #[serde(default)]
+    pub backfill: BackfillConfig,
+}
+
+/// `[polygon]`: where Polygon is and how to authenticate.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PolygonConfig {
+    /// WebSocket base URL; the market path (`/forex`, `/crypto`, `/stocks`) is appended.
+    /// Default `wss://socket.polygon.io`. Environment: `TICKVAULT_POLYGON_WS_URL`.
+    pub ws_url: String,
+    /// REST base URL. Default `https://api.polygon.io`. Environment: `TICKVAULT_POLYGON_REST_URL`.
+    pub rest_url: String,
+    /// A file holding the API key (first line). Default: none. The environment variable
+    /// `TICKVAULT_POLYGON_API_KEY` takes precedence. The key is never logged.
+    pub api_key_file: Option<PathBuf>,
+    /// The plan's REST quota in requests per minute; the downloader paces itself to it.
+    /// 0 means no quota (the downloader then stays under 100 requests/s). Default 0.
+    pub requests_per_minute: u32,
+    /// The API key, from the environment or `api_key_file`; never in the config file.
+    #[serde(skip)]
+    pub api_key: Option<Secret>,
+}
+
+impl Default for PolygonConfig {
+    fn default() -> Self {
+        PolygonConfig {
+            ws_url: "wss://socket.polygon.io".into(),
+            rest_url: "https://api.polygon.io".into(),
+            api_key_file: None,
+            requests_per_minute: 0,
+            api_key: None,
+        }
+    }
+}
+
+/// A secret that never shows in logs or debug output.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// `[live]`: the WebSocket collector.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct LiveConfig {
+    /// Default true.
+    pub enabled: bool,
+    /// A connection that delivers nothing (not even a status) for this long is stale and
+    /// is reconnected. Default `30s`.
+    #[serde(with = "humantime_serde")]
+    pub stale_after: Duration,
+    /// First reconnect delay; it doubles per failed attempt, with full jitter. Default `500ms`.
+    #[serde(with = "humantime_serde")]
+    pub reconnect_min: Duration,
+    /// Longest reconnect delay. Default `30s`.
+    #[serde(with = "humantime_serde")]
+    pub reconnect_max: Duration,
+    /// `[live.forex]`, `[live.crypto]`, `[live.stocks]`: what to subscribe to. Default: none.
+    pub forex: Option<LiveMarket>,
+    pub crypto: Option<LiveMarket>,
+    pub stocks: Option<LiveMarket>,
+}
+
+impl Default for LiveConfig {
+    fn default() -> Self {
+        LiveConfig {
+            enabled: true,
+            stale_after: Duration::from_secs(30),
+            reconnect_min: Duration::from_millis(500),
+            reconnect_max: Duration::from_secs(30),
+            forex: None,
+            crypto: None,
+            stocks: None,
+        }
+    }
+}
+
+/// The subscriptions of one market: every channel for every symbol.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct LiveMarket {
+    /// Symbols in any of Polygon's forms (`EUR/USD`, `C:EUR-USD`, `BTC-USD`, `AAPL`).
+    pub symbols: Vec<String>,
+    /// Channel prefixes: forex `C`, `CA`, `CAS`; crypto `XQ`, `XT`, `XA`, `XAS`; stocks
+    /// `Q`, `T`, `AM`, `A`.
+    pub channels: Vec<String>,
+}
+
+/// `[backfill]`: the historical downloader (minute bars from the aggregates endpoint).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackfillConfig {
+    /// Default true.
+    pub enabled: bool,
+    /// Symbols per market, in any of Polygon's forms. Default: none.
+    pub forex: Vec<String>,
+    pub crypto: Vec<String>,
+    pub stocks: Vec<String>,
+    /// How far back to fetch, from now. Default `90d`.
+    #[serde(with = "humantime_serde")]
+    pub lookback: Duration,
+    /// The span one period of the tracker covers (and one request chain fetches).
+    /// Default `90d` (about three months).
+    #[serde(with = "humantime_serde")]
+    pub chunk: Duration,
+    /// `limit` per request (Polygon's maximum is 50000). Default 50000.
+    pub page_limit: u32,
+    /// Attempts per request before the period is left for the next pass. Default 8.
+    pub max_attempts: u32,
+    /// Requests to Polygon running at once. Default 2.
+    pub concurrency: usize,
+}
+
+impl Default for BackfillConfig {
+    fn default() -> Self {
+        BackfillConfig {
+            enabled: true,
+            forex: Vec::new(),
+            crypto: Vec::new(),
+            stocks: Vec::new(),
+            lookback: Duration::from_secs(90 * 86_400),
+            chunk: Duration::from_secs(90 * 86_400),
+            page_limit: 50_000,
+            max_attempts: 8,
+            concurrency: 2,
+        }
+    }
 }
 
 /// `[log]`: the durable write-ahead log.
@@ -132,6 +280,109 @@ impl Config {
                 file,
                 "log.backfill_high_water",
                 "must be at least 1000 records (smaller stalls backfill on every batch)",
+            ));
+        }
+        for (field, url, schemes) in [
+            ("polygon.ws_url", &self.polygon.ws_url, ["ws://", "wss://"]),
+            ("polygon.rest_url", &self.polygon.rest_url, ["http://", "https://"]),
+        ] {
+            if !schemes.iter().any(|s| url.starts_with(s)) || url.len() <= schemes[0].len() + 1 {
+                return Err(ConfigError::field(
+                    file,
+                    field,
+                    format!("{url:?} must start with {} or {}", schemes[0], schemes[1]),
+                ));
+            }
+        }
+        let live = &self.live;
+        if live.stale_after < Duration::from_secs(1) {
+            return Err(ConfigError::field(file, "live.stale_after", "must be at least 1s"));
+        }
+        if live.reconnect_min.is_zero() || live.reconnect_max < live.reconnect_min {
+            return Err(ConfigError::field(
+                file,
+                "live.reconnect_max",
+                "reconnect_min must be above 0 and not above reconnect_max",
+            ));
+        }
+        for (feed, market) in [
+            (Feed::Forex, &live.forex),
+            (Feed::Crypto, &live.crypto),
+            (Feed::Stocks, &live.stocks),
+        ] {
+            let Some(market) = market else { continue };
+            let name = feed.name();
+            if market.symbols.is_empty() {
+                return Err(ConfigError::field(
+                    file,
+                    &format!("live.{name}.symbols"),
+                    "must list at least one symbol",
+                ));
+            }
+            for (i, s) in market.symbols.iter().enumerate() {
+                if crate::polygon::symbol::canonical(feed, s).is_none() {
+                    return Err(ConfigError::field(
+                        file,
+                        &format!("live.{name}.symbols[{i}]"),
+                        format!("{s:?} is not a {name} symbol"),
+                    ));
+                }
+            }
+            if market.channels.is_empty() {
+                return Err(ConfigError::field(
+                    file,
+                    &format!("live.{name}.channels"),
+                    "must list at least one channel",
+                ));
+            }
+            for (i, c) in market.channels.iter().enumerate() {
+                if !crate::polygon::channels(feed).contains(&c.as_str()) {
+                    return Err(ConfigError::field(
+                        file,
+                        &format!("live.{name}.channels[{i}]"),
+                        format!(
+                            "{c:?} is not a {name} channel (one of {})",
+                            crate::polygon::channels(feed).join(", ")
+                        ),
+                    ));
+                }
+            }
+        }
+        let backfill = &self.backfill;
+        for (feed, symbols) in [
+            (Feed::Forex, &backfill.forex),
+            (Feed::Crypto, &backfill.crypto),
+            (Feed::Stocks, &backfill.stocks),
+        ] {
+            for (i, s) in symbols.iter().enumerate() {
+                if crate::polygon::symbol::canonical(feed, s).is_none() {
+                    let name = feed.name();
+                    return Err(ConfigError::field(
+                        file,
+                        &format!("backfill.{name}[{i}]"),
+                        format!("{s:?} is not a {name} symbol"),
+                    ));
+                }
+            }
+        }
+        if backfill.chunk < Duration::from_secs(3600) {
+            return Err(ConfigError::field(file, "backfill.chunk", "must be at least 1h"));
+        }
+        if !(1..=50_000).contains(&backfill.page_limit) {
+            return Err(ConfigError::field(
+                file,
+                "backfill.page_limit",
+                "must be between 1 and 50000",
+            ));
+        }
+        if backfill.max_attempts == 0 {
+            return Err(ConfigError::field(file, "backfill.max_attempts", "must be at least 1"));
+        }
+        if !(1..=16).contains(&backfill.concurrency) {
+            return Err(ConfigError::field(
+                file,
+                "backfill.concurrency",
+                "must be between 1 and 16",
             ));
         }
         Ok(())

@@ -7,4 +7,8 @@
 pub mod cli;
 pub mod config;
 pub mod event;
+pub mod gaps;
+pub mod polygon;
+pub mod sim;
+pub mod source;
 pub mod synthetic;

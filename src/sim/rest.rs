@@ -1,0 +1,255 @@
+//! The simulator's REST aggregates endpoint, as ../shared/polygon-protocol.md describes:
+//! `GET /v2/aggs/ticker/{ticker}/range/{multiplier}/{timespan}/{from}/{to}`.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::extract::{Path, Query, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use base64::Engine;
+use serde::Serialize;
+use serde_json::json;
+
+use super::market::MINUTE_MS;
+use super::server::Sim;
+use crate::event::Feed;
+use crate::polygon::symbol;
+
+/// The largest `limit` Polygon accepts.
+pub const MAX_LIMIT: usize = 50_000;
+const DEFAULT_LIMIT: usize = 5_000;
+
+#[derive(Serialize)]
+struct BarJson {
+    v: u64,
+    vw: f64,
+    o: f64,
+    c: f64,
+    h: f64,
+    l: f64,
+    t: i64,
+    n: u64,
+}
+
+fn error(status: StatusCode, key: &str, text: &str, request_id: &str) -> Response {
+    let status_text = if status == StatusCode::FORBIDDEN {
+        "NOT_AUTHORIZED"
+    } else {
+        "ERROR"
+    };
+    (
+        status,
+        axum::Json(json!({ "status": status_text, "request_id": request_id, key: text })),
+    )
+        .into_response()
+}
+
+fn parse_time(s: &str, end_of_day: bool) -> Option<i64> {
+    if let Ok(ms) = s.parse::<i64>() {
+        return Some(ms);
+    }
+    let date: jiff::civil::Date = s.parse().ok()?;
+    let start = date
+        .to_zoned_datetime(jiff::tz::TimeZone::UTC)
+        .ok()?
+        .timestamp()
+        .as_millisecond();
+    Some(if end_of_day { start + 86_400_000 - 1 } else { start })
+}
+
+fn bucket_ms(multiplier: u32, timespan: &str) -> Option<i64> {
+    let unit = match timespan {
+        "minute" => MINUTE_MS,
+        "hour" => 60 * MINUTE_MS,
+        "day" => 1440 * MINUTE_MS,
+        _ => return None,
+    };
+    (multiplier >= 1).then(|| unit * i64::from(multiplier))
+}
+
+pub(crate) async fn aggregates(
+    State(sim): State<Arc<Sim>>,
+    Path((ticker, multiplier, timespan, from, to)): Path<(String, u32, String, String, String)>,
+    Query(query): Query<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Response {
+    let n = sim.requests.fetch_add(1, Ordering::Relaxed) + 1;
+    let request_id = format!("sim-{:x}-{n}", sim.options.seed);
+    if let Some(delay) = sim.options.faults.slow {
+        tokio::time::sleep(delay).await;
+    }
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    let key = query.get("apiKey").map(String::as_str).or(bearer).unwrap_or("");
+    if key.is_empty() {
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "error",
+            "API Key was not provided",
+            &request_id,
+        );
+    }
+    if !sim.accepts_key(key) {
+        return error(StatusCode::UNAUTHORIZED, "error", "Unknown API Key", &request_id);
+    }
+    if let Some(retry_after) = sim.rate_limited(key) {
+        let mut response = error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "error",
+            "You've exceeded the maximum requests per minute, please wait or upgrade your subscription to continue. https://polygon.io/pricing",
+            &request_id,
+        );
+        if let Ok(value) = retry_after.to_string().parse() {
+            response.headers_mut().insert(header::RETRY_AFTER, value);
+        }
+        return response;
+    }
+    let every = sim.options.faults.error_5xx_every;
+    if every > 0 && n.is_multiple_of(u64::from(every)) {
+        return error(
+            StatusCode::BAD_GATEWAY,
+            "error",
+            "simulated upstream failure",
+            &request_id,
+        );
+    }
+
+    let Some((feed, symbol)) = symbol::parse_rest_ticker(&ticker) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "error",
+            "Could not parse the ticker.",
+            &request_id,
+        );
+    };
+    let Some(bucket) = bucket_ms(multiplier, &timespan) else {
+        return error(StatusCode::BAD_REQUEST, "error", "Unsupported timespan.", &request_id);
+    };
+    let (Some(from_ms), Some(to_ms)) = (parse_time(&from, false), parse_time(&to, true)) else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "error",
+            "Could not parse the from/to dates.",
+            &request_id,
+        );
+    };
+    let limit = match query.get("limit").map(|l| l.parse::<usize>()) {
+        None => DEFAULT_LIMIT,
+        Some(Ok(l)) if (1..=MAX_LIMIT).contains(&l) => l,
+        Some(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "error",
+                "limit must be between 1 and 50000",
+                &request_id,
+            )
+        }
+    };
+    let descending = query.get("sort").map(String::as_str) == Some("desc");
+    let adjusted = query.get("adjusted").map(String::as_str) != Some("false");
+
+    // Widen outward to whole buckets (both ends inclusive).
+    let first = from_ms.div_euclid(bucket) * bucket;
+    let last = to_ms.div_euclid(bucket) * bucket;
+    let (results, next) = collect(&sim, feed, &symbol, bucket, first, last, limit, descending);
+
+    let mut body = serde_json::Map::new();
+    body.insert("ticker".into(), json!(ticker));
+    body.insert("queryCount".into(), json!(results.len()));
+    body.insert("resultsCount".into(), json!(results.len()));
+    body.insert("adjusted".into(), json!(adjusted));
+    if !results.is_empty() {
+        body.insert("results".into(), json!(results));
+    }
+    body.insert("status".into(), json!("OK"));
+    body.insert("request_id".into(), json!(request_id));
+    body.insert("count".into(), json!(results.len()));
+    if let Some(next_from) = next {
+        let host = headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .unwrap_or("127.0.0.1");
+        let cursor = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!(
+            "limit={limit}&sort={}",
+            if descending { "desc" } else { "asc" }
+        ));
+        // The key is deliberately not in next_url: clients re-attach it.
+        let (path_from, path_to) = if descending {
+            (from.clone(), next_from.to_string())
+        } else {
+            (next_from.to_string(), to.clone())
+        };
+        body.insert(
+            "next_url".into(),
+            json!(format!(
+                "http://{host}/v2/aggs/ticker/{ticker}/range/{multiplier}/{timespan}/{path_from}/{path_to}?cursor={cursor}&adjusted={adjusted}&sort={}&limit={limit}",
+                if descending { "desc" } else { "asc" }
+            )),
+        );
+    }
+    axum::Json(serde_json::Value::Object(body)).into_response()
+}
+
+/// Bars of `bucket` width between `first` and `last` bucket starts, reading at most
+/// `limit` base (minute) bars; returns the bars and, when the limit cut the range, the
+/// start of the next bucket to read.
+#[allow(clippy::too_many_arguments)]
+fn collect(
+    sim: &Sim,
+    feed: Feed,
+    symbol: &str,
+    bucket: i64,
+    first: i64,
+    last: i64,
+    limit: usize,
+    descending: bool,
+) -> (Vec<BarJson>, Option<i64>) {
+    let mut results = Vec::new();
+    let mut base_read = 0usize;
+    let mut start = if descending { last } else { first };
+    while (first..=last).contains(&start) {
+        let minutes = (bucket / MINUTE_MS).max(1);
+        let mut bar: Option<BarJson> = None;
+        let mut weighted = 0.0;
+        for i in 0..minutes {
+            let Some(b) = sim.market.bar(feed, symbol, start + i * MINUTE_MS) else {
+                continue;
+            };
+            base_read += 1;
+            weighted += b.vwap * b.count as f64;
+            bar = Some(match bar {
+                None => BarJson {
+                    v: b.count,
+                    vw: 0.0,
+                    o: b.open,
+                    c: b.close,
+                    h: b.high,
+                    l: b.low,
+                    t: start,
+                    n: b.count,
+                },
+                Some(acc) => BarJson {
+                    v: acc.v + b.count,
+                    c: b.close,
+                    h: acc.h.max(b.high),
+                    l: acc.l.min(b.low),
+                    n: acc.n + b.count,
+                    ..acc
+                },
+            });
+        }
+        if let Some(mut bar) = bar {
+            bar.vw = (weighted / bar.v as f64 * 1e5).round() / 1e5;
+            results.push(bar);
+        }
+        start = if descending { start - bucket } else { start + bucket };
+        if base_read >= limit && (first..=last).contains(&start) {
+            return (results, Some(start));
+        }
+    }
+    (results, None)
+}

@@ -1,0 +1,324 @@
+//! The simulator's WebSocket clusters (`/forex`, `/crypto`, `/stocks`): auth, subscribe,
+//! batched JSON arrays in real time, one connection per key and cluster, slow consumers
+//! cut off, and injected disconnects.
+
+use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::sync::{mpsc, oneshot};
+
+use super::market::{Market, SimQuote, MINUTE_MS};
+use super::server::{now_ms, Sim};
+use crate::event::Feed;
+use crate::polygon::symbol;
+
+/// What `PREFIX.*` covers in the simulator.
+pub const WILDCARD_SYMBOLS: &[(Feed, &[&str])] = &[
+    (Feed::Forex, &["EUR/USD", "GBP/USD", "USD/JPY", "AUD/USD", "USD/CHF"]),
+    (Feed::Crypto, &["BTC-USD", "ETH-USD", "SOL-USD"]),
+    (Feed::Stocks, &["AAPL", "MSFT", "NVDA"]),
+];
+
+use crate::polygon::channels as prefixes;
+
+fn status(status: &str, message: &str) -> Message {
+    Message::Text(
+        json!([{ "ev": "status", "status": status, "message": message }])
+            .to_string()
+            .into(),
+    )
+}
+
+pub(crate) async fn upgrade(State(sim): State<Arc<Sim>>, Path(market): Path<String>, ws: WebSocketUpgrade) -> Response {
+    let feed = match market.as_str() {
+        "forex" => Feed::Forex,
+        "crypto" => Feed::Crypto,
+        "stocks" => Feed::Stocks,
+        _ => return (StatusCode::NOT_FOUND, "unknown market").into_response(),
+    };
+    ws.on_upgrade(move |socket| connection(sim, feed, socket))
+}
+
+struct Subscriptions {
+    items: BTreeSet<(String, String)>,
+}
+
+impl Subscriptions {
+    fn symbols(&self, feed: Feed, prefix: &str) -> Vec<String> {
+        let mut out = BTreeSet::new();
+        for (p, s) in &self.items {
+            if p != prefix {
+                continue;
+            }
+            if s == "*" {
+                let all = WILDCARD_SYMBOLS
+                    .iter()
+                    .find(|(f, _)| *f == feed)
+                    .map_or(&[][..], |(_, s)| *s);
+                out.extend(all.iter().map(|s| s.to_string()));
+            } else {
+                out.insert(s.clone());
+            }
+        }
+        out.into_iter().collect()
+    }
+}
+
+async fn connection(sim: Arc<Sim>, feed: Feed, socket: WebSocket) {
+    let id = sim.next_connection.fetch_add(1, Ordering::Relaxed);
+    let (mut sink, mut stream) = socket.split();
+    let (tx, mut rx) = mpsc::channel::<Message>(sim.options.max_queued_frames.max(1));
+    let writer = tokio::spawn(async move {
+        while let Some(message) = rx.recv().await {
+            let closing = matches!(message, Message::Close(_));
+            if sink.send(message).await.is_err() || closing {
+                break;
+            }
+        }
+    });
+    let _ = tx.send(status("connected", "Connected Successfully")).await;
+
+    let mut key: Option<String> = None;
+    let mut subs = Subscriptions { items: BTreeSet::new() };
+    let mut evicted: Option<oneshot::Receiver<()>> = None;
+    let mut tick = tokio::time::interval(sim.options.batch_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut last_emit = now_ms();
+    let disconnect = sim.options.faults.disconnect_every;
+    let deadline = tokio::time::sleep(disconnect.unwrap_or(std::time::Duration::from_secs(86_400 * 365)));
+    tokio::pin!(deadline);
+    let mut shutdown = sim.shutdown.clone();
+    let mut graceful = true;
+    let mut frames_sent = 0u64;
+
+    loop {
+        tokio::select! {
+            incoming = stream.next() => {
+                let text = match incoming {
+                    Some(Ok(Message::Text(text))) => text,
+                    Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                    Some(Ok(_)) => continue,
+                };
+                let Ok(request) = serde_json::from_str::<Value>(&text) else {
+                    let _ = tx.send(status("error", "could not parse message")).await;
+                    continue;
+                };
+                let action = request["action"].as_str().unwrap_or("");
+                let params = request["params"].as_str().unwrap_or("");
+                match action {
+                    "auth" => {
+                        if !sim.accepts_key(params) {
+                            let _ = tx.send(status("auth_failed", "authentication failed")).await;
+                            let _ = tx.send(Message::Close(Some(CloseFrame { code: 1008, reason: Utf8Bytes::from_static("authentication failed") }))).await;
+                            break;
+                        }
+                        let (evict_tx, evict_rx) = oneshot::channel();
+                        let previous = sim
+                            .clusters
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .insert((params.to_owned(), feed), (id, evict_tx));
+                        if let Some((_, old)) = previous {
+                            let _ = old.send(());
+                        }
+                        evicted = Some(evict_rx);
+                        key = Some(params.to_owned());
+                        let _ = tx.send(status("auth_success", "authenticated")).await;
+                    }
+                    "subscribe" | "unsubscribe" => {
+                        if key.is_none() {
+                            let _ = tx.send(status("auth_required", "Please authenticate first")).await;
+                            continue;
+                        }
+                        for item in params.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+                            let parsed = item.split_once('.').and_then(|(prefix, sym)| {
+                                if !prefixes(feed).contains(&prefix) {
+                                    return None;
+                                }
+                                let sym = if sym == "*" { Some("*".to_owned()) } else { symbol::canonical(feed, sym) };
+                                sym.map(|s| (prefix.to_owned(), s))
+                            });
+                            let Some(entry) = parsed else {
+                                let _ = tx.send(status("error", &format!("invalid subscription: {item}"))).await;
+                                continue;
+                            };
+                            let verb = if action == "subscribe" {
+                                subs.items.insert(entry);
+                                "subscribed to"
+                            } else {
+                                subs.items.remove(&entry);
+                                "unsubscribed to"
+                            };
+                            let _ = tx.send(status("success", &format!("{verb}: {item}"))).await;
+                        }
+                    }
+                    _ => {
+                        let _ = tx.send(status("error", "unknown action")).await;
+                    }
+                }
+            }
+            _ = async { evicted.as_mut().expect("guarded").await }, if evicted.is_some() => {
+                let _ = tx.try_send(Message::Text(json!([{ "ev": "status", "status": "max_connections", "message": "Maximum number of connections exceeded." }]).to_string().into()));
+                let _ = tx.try_send(Message::Close(Some(CloseFrame { code: 1008, reason: Utf8Bytes::from_static("max connections") })));
+                // The newer connection owns the cluster entry now.
+                key = None;
+                break;
+            }
+            _ = tick.tick() => {
+                let now = now_ms();
+                if key.is_some() && !subs.items.is_empty() {
+                    let events = gather(&sim.market, feed, &subs, last_emit, now);
+                    if !events.is_empty() {
+                        frames_sent += 1;
+                        let every = sim.options.faults.malformed_every;
+                        if every > 0 && frames_sent % u64::from(every) == 0 {
+                            let _ = tx.try_send(Message::Text(r#"[{"ev":"C","p":"EUR/USD","b":"not-a-price"},{"no_ev":1}] trailing"#.into()));
+                            let _ = tx.try_send(Message::Text(r#"[{"ev":"C","p":42,"t":1}]"#.into()));
+                        }
+                        let frame = Message::Text(Value::Array(events).to_string().into());
+                        if tx.try_send(frame).is_err() {
+                            tracing::info!(connection = id, "simulator: slow consumer, disconnecting");
+                            graceful = false;
+                            break;
+                        }
+                    }
+                }
+                last_emit = now;
+            }
+            _ = &mut deadline, if disconnect.is_some() => {
+                tracing::info!(connection = id, "simulator: injected disconnect");
+                graceful = false;
+                break;
+            }
+            _ = shutdown.changed() => break,
+        }
+    }
+    if let Some(k) = key {
+        let mut clusters = sim.clusters.lock().unwrap_or_else(|p| p.into_inner());
+        if clusters.get(&(k.clone(), feed)).is_some_and(|(owner, _)| *owner == id) {
+            clusters.remove(&(k, feed));
+        }
+    }
+    drop(tx);
+    if graceful {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(1), writer).await;
+    } else {
+        // An abrupt cut: no close frame, the TCP connection just ends.
+        writer.abort();
+    }
+}
+
+fn size(ts: i64) -> f64 {
+    1.0 + (ts.rem_euclid(7)) as f64
+}
+
+fn quote_json(feed: Feed, symbol: &str, prefix: &str, q: &SimQuote) -> Value {
+    match prefix {
+        "C" => json!({ "ev": "C", "p": symbol, "x": 48, "a": q.ask, "b": q.bid, "t": q.ts_ms }),
+        "XQ" => {
+            json!({ "ev": "XQ", "pair": symbol, "bp": q.bid, "bs": size(q.ts_ms), "ap": q.ask, "as": size(q.ts_ms + 1), "t": q.ts_ms, "x": 1, "r": q.ts_ms + 1 })
+        }
+        "XT" => {
+            json!({ "ev": "XT", "pair": symbol, "p": q.bid, "s": size(q.ts_ms) / 10.0, "t": q.ts_ms, "c": [1], "i": format!("{}", q.ts_ms), "x": 1, "r": q.ts_ms + 1 })
+        }
+        "Q" => {
+            json!({ "ev": "Q", "sym": symbol, "bx": 4, "bp": q.bid, "bs": size(q.ts_ms), "ax": 7, "ap": q.ask, "as": size(q.ts_ms + 1), "c": 0, "i": [], "t": q.ts_ms, "q": q.ts_ms, "z": 3 })
+        }
+        "T" => {
+            json!({ "ev": "T", "sym": symbol, "x": 4, "i": format!("{}", q.ts_ms), "z": 3, "p": q.bid, "s": 100.0 * size(q.ts_ms), "c": [], "t": q.ts_ms, "q": q.ts_ms })
+        }
+        _ => unreachable!("quote prefix {prefix} for {feed}"),
+    }
+}
+
+struct Window {
+    start: i64,
+    end: i64,
+    open: f64,
+    high: f64,
+    low: f64,
+    close: f64,
+    count: u64,
+}
+
+fn window_json(feed: Feed, symbol: &str, prefix: &str, w: &Window) -> Value {
+    let vw = ((w.open + w.high + w.low + w.close) / 4.0 * 1e5).round() / 1e5;
+    match feed {
+        Feed::Forex => {
+            json!({ "ev": prefix, "pair": symbol, "v": w.count, "o": w.open, "c": w.close, "h": w.high, "l": w.low, "s": w.start, "e": w.end })
+        }
+        Feed::Crypto => {
+            json!({ "ev": prefix, "pair": symbol, "v": w.count as f64, "vw": vw, "z": 1, "o": w.open, "c": w.close, "h": w.high, "l": w.low, "s": w.start, "e": w.end })
+        }
+        Feed::Stocks => {
+            json!({ "ev": prefix, "sym": symbol, "v": w.count, "vw": vw, "o": w.open, "c": w.close, "h": w.high, "l": w.low, "z": 100, "s": w.start, "e": w.end })
+        }
+    }
+}
+
+fn fold(quotes: &[SimQuote], start: i64, end: i64) -> Option<Window> {
+    let inside: Vec<&SimQuote> = quotes.iter().filter(|q| q.ts_ms >= start && q.ts_ms < end).collect();
+    let (first, last) = (inside.first()?, inside.last()?);
+    Some(Window {
+        start,
+        end,
+        open: first.bid,
+        close: last.bid,
+        high: inside.iter().map(|q| q.bid).fold(f64::MIN, f64::max),
+        low: inside.iter().map(|q| q.bid).fold(f64::MAX, f64::min),
+        count: inside.len() as u64,
+    })
+}
+
+/// Every event of the subscriptions that happened in `(after, upto]`, in time order;
+/// bars are sent when their window has closed.
+fn gather(market: &Market, feed: Feed, subs: &Subscriptions, after: i64, upto: i64) -> Vec<Value> {
+    let mut events: Vec<(i64, Value)> = Vec::new();
+    let first_minute = after.div_euclid(MINUTE_MS) * MINUTE_MS - MINUTE_MS;
+    for &prefix in prefixes(feed) {
+        for symbol in subs.symbols(feed, prefix) {
+            let mut minute = first_minute;
+            while minute <= upto {
+                let quotes = market.quotes(feed, &symbol, minute);
+                match prefix {
+                    "C" | "XQ" | "XT" | "Q" | "T" => {
+                        for q in quotes.iter().filter(|q| q.ts_ms > after && q.ts_ms <= upto) {
+                            events.push((q.ts_ms, quote_json(feed, &symbol, prefix, q)));
+                        }
+                    }
+                    "CA" | "XA" | "AM" => {
+                        let end = minute + MINUTE_MS;
+                        if end > after && end <= upto {
+                            if let Some(w) = fold(&quotes, minute, end) {
+                                events.push((end, window_json(feed, &symbol, prefix, &w)));
+                            }
+                        }
+                    }
+                    _ => {
+                        // Second bars: each second of the minute that closed in the window.
+                        let mut second = minute;
+                        while second < minute + MINUTE_MS {
+                            let end = second + 1000;
+                            if end > after && end <= upto {
+                                if let Some(w) = fold(&quotes, second, end) {
+                                    events.push((end, window_json(feed, &symbol, prefix, &w)));
+                                }
+                            }
+                            second = end;
+                        }
+                    }
+                }
+                minute += MINUTE_MS;
+            }
+        }
+    }
+    events.sort_by_key(|(t, _)| *t);
+    events.into_iter().map(|(_, v)| v).collect()
+}

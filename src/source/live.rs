@@ -1,0 +1,349 @@
+//! The live collector: one WebSocket connection per market, speaking Polygon's protocol.
+//!
+//! The socket task only reads, parses and hands events to the appender (Polygon cuts
+//! off slow readers); the appender drains whatever has queued into one log append, so
+//! the group commit takes everything that arrived while the previous one was syncing.
+//! A dropped or stale connection is reconnected with exponential backoff and full
+//! jitter, re-authenticated and re-subscribed, and the interval it was down is recorded
+//! as a suspected gap.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use futures_util::{SinkExt, StreamExt};
+use tickvault_wal::{Batch, Lane, Wal};
+use tokio::sync::{mpsc, watch};
+use tokio_tungstenite::tungstenite::Message;
+
+use super::backoff::Backoff;
+use crate::config::Secret;
+use crate::event::{Body, Capture, Event, EventKind, Feed, EVENT_KIND};
+use crate::gaps::{self, SuspectedGap};
+use crate::polygon::wire::{self, WireItem};
+
+/// What one market's collector needs.
+#[derive(Clone, Debug)]
+pub struct LiveSpec {
+    pub feed: Feed,
+    /// Base URL; the market path is appended.
+    pub ws_url: String,
+    pub api_key: Secret,
+    /// Canonical symbols.
+    pub symbols: Vec<String>,
+    pub channels: Vec<String>,
+    pub stale_after: Duration,
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+}
+
+impl LiveSpec {
+    /// The `params` of the subscribe message: every channel for every symbol.
+    pub fn subscribe_params(&self) -> String {
+        let mut items = Vec::new();
+        for channel in &self.channels {
+            for symbol in &self.symbols {
+                items.push(format!("{channel}.{symbol}"));
+            }
+        }
+        items.join(",")
+    }
+}
+
+/// Counters of one collector, for progress display and metrics.
+#[derive(Debug, Default)]
+pub struct LiveStats {
+    pub frames: AtomicU64,
+    pub events: AtomicU64,
+    /// Events durable in the log.
+    pub captured: AtomicU64,
+    pub malformed: AtomicU64,
+    pub connects: AtomicU64,
+    pub disconnects: AtomicU64,
+    pub gaps: AtomicU64,
+    pub connected: AtomicBool,
+    /// Sum and count of frame-received to durable latencies, in microseconds.
+    pub latency_us_sum: AtomicU64,
+    pub latency_samples: AtomicU64,
+    pub latency_us_max: AtomicU64,
+}
+
+/// Why a session ended.
+enum Ended {
+    Shutdown,
+    /// The server refused the key: retrying will not help, but the collector keeps
+    /// trying slowly so that a key fixed on the server side is picked up.
+    AuthFailed(String),
+    Lost(String),
+}
+
+/// One frame's events, stamped with when the frame arrived.
+struct Arrival {
+    received: Instant,
+    events: Vec<Event>,
+}
+
+/// Runs the collector until `shutdown` turns true.
+pub async fn run(
+    spec: LiveSpec,
+    wal: Wal,
+    stats: Arc<LiveStats>,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let (tx, rx) = mpsc::channel::<Arrival>(4096);
+    let appender = tokio::spawn(append_loop(wal.clone(), rx, stats.clone()));
+    let mut backoff = Backoff::new(spec.reconnect_min, spec.reconnect_max);
+    let mut ordinals = Ordinals::default();
+    // Set when a connection was lost after subscribing: the last event timestamp seen.
+    let mut open_gap: Option<(i64, String)> = None;
+    let mut last_event_ms: Option<i64> = None;
+    loop {
+        if *shutdown.borrow() {
+            break;
+        }
+        let ended = session(
+            &spec,
+            &tx,
+            &stats,
+            &mut ordinals,
+            &mut open_gap,
+            &mut last_event_ms,
+            &wal,
+            &mut backoff,
+            &mut shutdown,
+        )
+        .await;
+        stats.connected.store(false, Ordering::Relaxed);
+        match ended {
+            Ended::Shutdown => break,
+            Ended::AuthFailed(message) => {
+                tracing::error!(feed = %spec.feed, %message, "Polygon refused the API key");
+            }
+            Ended::Lost(cause) => {
+                stats.disconnects.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(feed = %spec.feed, %cause, "live feed lost; reconnecting");
+                if open_gap.is_none() {
+                    let from = last_event_ms.unwrap_or_else(now_ms);
+                    open_gap = Some((from, cause));
+                }
+            }
+        }
+        let delay = backoff.next_delay();
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.changed() => break,
+        }
+    }
+    // Capture stops with the feed down: the gap runs to now.
+    if let Some((from_ms, cause)) = open_gap.take() {
+        record_gap(&wal, &stats, &spec, from_ms, now_ms(), cause).await;
+    }
+    drop(tx);
+    appender.await.context("live appender")??;
+    Ok(())
+}
+
+fn now_ms() -> i64 {
+    jiff::Timestamp::now().as_millisecond()
+}
+
+fn now_ns() -> i64 {
+    i64::try_from(jiff::Timestamp::now().as_nanosecond()).unwrap_or(i64::MAX)
+}
+
+async fn record_gap(wal: &Wal, stats: &LiveStats, spec: &LiveSpec, from_ms: i64, to_ms: i64, cause: String) {
+    let gap = SuspectedGap {
+        feed: spec.feed,
+        symbols: spec.symbols.clone(),
+        from_ms,
+        to_ms,
+        cause,
+    };
+    match gaps::record(wal, &gap).await {
+        Ok(()) => {
+            stats.gaps.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(feed = %spec.feed, from_ms, to_ms, "suspected gap recorded");
+        }
+        Err(e) => tracing::error!(feed = %spec.feed, error = %e, "could not record a suspected gap"),
+    }
+}
+
+/// Assigns each event its ordinal among same-timestamp events of its symbol and kind.
+#[derive(Default)]
+struct Ordinals {
+    last: HashMap<(String, EventKind), (i64, u32)>,
+}
+
+impl Ordinals {
+    fn assign(&mut self, body: &mut Body) {
+        let (symbol, kind, ts, ordinal) = match body {
+            Body::Quote(q) => (&q.symbol, EventKind::Quote, q.ts_ms, &mut q.ordinal),
+            Body::Trade(t) => (&t.symbol, EventKind::Trade, t.ts_ms, &mut t.ordinal),
+            Body::Bar(_) => return,
+        };
+        let entry = self.last.entry((symbol.clone(), kind)).or_insert((i64::MIN, 0));
+        *ordinal = if entry.0 == ts { entry.1 + 1 } else { 0 };
+        *entry = (ts, *ordinal);
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn session(
+    spec: &LiveSpec,
+    tx: &mpsc::Sender<Arrival>,
+    stats: &LiveStats,
+    ordinals: &mut Ordinals,
+    open_gap: &mut Option<(i64, String)>,
+    last_event_ms: &mut Option<i64>,
+    wal: &Wal,
+    backoff: &mut Backoff,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Ended {
+    let url = format!(
+        "{}{}",
+        spec.ws_url.trim_end_matches('/'),
+        crate::polygon::market_path(spec.feed)
+    );
+    let connect = tokio::time::timeout(spec.stale_after, tokio_tungstenite::connect_async(url.as_str()));
+    let mut socket = tokio::select! {
+        result = connect => match result {
+            Ok(Ok((socket, _))) => socket,
+            Ok(Err(e)) => return Ended::Lost(format!("connect {url}: {e}")),
+            Err(_) => return Ended::Lost(format!("connect {url}: timed out")),
+        },
+        _ = shutdown.changed() => return Ended::Shutdown,
+    };
+    stats.connects.fetch_add(1, Ordering::Relaxed);
+    let auth = serde_json::json!({ "action": "auth", "params": spec.api_key.expose() }).to_string();
+    if let Err(e) = socket.send(Message::text(auth)).await {
+        return Ended::Lost(format!("sending auth: {e}"));
+    }
+    let mut subscribed = false;
+    let mut first_after_reconnect = true;
+    loop {
+        let next = tokio::select! {
+            next = tokio::time::timeout(spec.stale_after, socket.next()) => next,
+            _ = shutdown.changed() => {
+                let _ = socket.close(None).await;
+                return Ended::Shutdown;
+            }
+        };
+        let received = Instant::now();
+        let text = match next {
+            Err(_) => return Ended::Lost(format!("stale: nothing received for {:?}", spec.stale_after)),
+            Ok(None) => return Ended::Lost("connection closed".into()),
+            Ok(Some(Err(e))) => return Ended::Lost(format!("read: {e}")),
+            Ok(Some(Ok(Message::Text(text)))) => text,
+            Ok(Some(Ok(Message::Close(frame)))) => {
+                return Ended::Lost(format!(
+                    "closed by server: {}",
+                    frame.map(|f| f.reason.to_string()).unwrap_or_default()
+                ))
+            }
+            Ok(Some(Ok(_))) => continue, // pings are answered by tungstenite
+        };
+        stats.frames.fetch_add(1, Ordering::Relaxed);
+        let items = match wire::parse_frame(spec.feed, &text) {
+            Ok(items) => items,
+            Err(e) => {
+                stats.malformed.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(feed = %spec.feed, error = %e, "malformed frame skipped");
+                continue;
+            }
+        };
+        let captured_at_ns = now_ns();
+        let mut events = Vec::new();
+        for item in items {
+            match item {
+                Ok(WireItem::Status { status, message }) => match status.as_str() {
+                    "connected" | "success" if !subscribed && message.contains("Connected") => {}
+                    "auth_success" => {
+                        let params = spec.subscribe_params();
+                        if let Err(e) = socket
+                            .send(Message::text(
+                                serde_json::json!({ "action": "subscribe", "params": params }).to_string(),
+                            ))
+                            .await
+                        {
+                            return Ended::Lost(format!("sending subscribe: {e}"));
+                        }
+                        subscribed = true;
+                        stats.connected.store(true, Ordering::Relaxed);
+                        backoff.reset();
+                        tracing::info!(feed = %spec.feed, symbols = spec.symbols.len(), "live feed subscribed");
+                    }
+                    "auth_failed" | "auth_timeout" => return Ended::AuthFailed(message),
+                    "max_connections" | "force_disconnect" | "slow_consumer" => {
+                        return Ended::Lost(format!("{status}: {message}"));
+                    }
+                    "error" => tracing::warn!(feed = %spec.feed, %message, "Polygon status error"),
+                    _ => tracing::debug!(feed = %spec.feed, %status, %message, "status"),
+                },
+                Ok(WireItem::Event(mut body)) => {
+                    ordinals.assign(&mut body);
+                    events.push(Event {
+                        capture: Capture {
+                            feed: spec.feed,
+                            lane: Lane::Live,
+                            captured_at_ns,
+                        },
+                        body,
+                    });
+                }
+                Ok(WireItem::Ignored(_)) => {}
+                Err(e) => {
+                    stats.malformed.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(feed = %spec.feed, error = %e, "malformed event skipped");
+                }
+            }
+        }
+        if events.is_empty() {
+            continue;
+        }
+        let first_ts = events.iter().map(Event::ts_ms).min().unwrap_or(0);
+        let last_ts = events.iter().map(Event::ts_ms).max().unwrap_or(0);
+        if first_after_reconnect {
+            first_after_reconnect = false;
+            if let Some((from_ms, cause)) = open_gap.take() {
+                record_gap(wal, stats, spec, from_ms, first_ts, cause).await;
+            }
+        }
+        *last_event_ms = Some(last_event_ms.map_or(last_ts, |t| t.max(last_ts)));
+        stats.events.fetch_add(events.len() as u64, Ordering::Relaxed);
+        if tx.send(Arrival { received, events }).await.is_err() {
+            return Ended::Shutdown;
+        }
+    }
+}
+
+/// Drains arrivals into log appends; each append carries everything queued.
+async fn append_loop(wal: Wal, mut rx: mpsc::Receiver<Arrival>, stats: Arc<LiveStats>) -> anyhow::Result<()> {
+    while let Some(first) = rx.recv().await {
+        let mut arrivals = vec![first];
+        while arrivals.len() < 512 {
+            match rx.try_recv() {
+                Ok(a) => arrivals.push(a),
+                Err(_) => break,
+            }
+        }
+        let mut batch = Batch::new();
+        let mut count = 0u64;
+        for arrival in &arrivals {
+            for event in &arrival.events {
+                batch.push(EVENT_KIND, &event.to_payload()?)?;
+                count += 1;
+            }
+        }
+        wal.append(Lane::Live, batch).await.context("appending live events")?;
+        stats.captured.fetch_add(count, Ordering::Relaxed);
+        for arrival in &arrivals {
+            let us = u64::try_from(arrival.received.elapsed().as_micros()).unwrap_or(u64::MAX);
+            stats.latency_us_sum.fetch_add(us, Ordering::Relaxed);
+            stats.latency_samples.fetch_add(1, Ordering::Relaxed);
+            stats.latency_us_max.fetch_max(us, Ordering::Relaxed);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,4 @@
+//! Sources: the live WebSocket collector and the historical REST backfill.
+
+pub mod backoff;
+pub mod live;

@@ -1,0 +1,344 @@
+//! The live collector and the simulator against each other, over real sockets.
+
+use std::collections::{BTreeSet, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tickvault::config::Secret;
+use tickvault::event::{Body, Event, Feed, EVENT_KIND};
+use tickvault::gaps;
+use tickvault::sim::{self, Faults, Market, SimOptions, MINUTE_MS};
+use tickvault::source::live::{self, LiveSpec, LiveStats};
+use tickvault_wal::{Lane, Wal};
+use tokio_tungstenite::tungstenite::Message;
+
+fn any_port() -> SocketAddr {
+    "127.0.0.1:0".parse().unwrap()
+}
+
+type Socket = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn next_json(socket: &mut Socket) -> Value {
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(10), socket.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        if let Message::Text(text) = message {
+            return serde_json::from_str(&text).unwrap();
+        }
+    }
+}
+
+async fn send(socket: &mut Socket, value: Value) {
+    socket.send(Message::text(value.to_string())).await.unwrap();
+}
+
+#[tokio::test]
+async fn the_simulator_speaks_polygons_session_protocol() {
+    let sim = sim::spawn(
+        any_port(),
+        SimOptions {
+            api_key: Some("right".into()),
+            always_open: true,
+            ..SimOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("{}/forex", sim.ws_url()))
+        .await
+        .unwrap();
+    assert_eq!(
+        next_json(&mut ws).await,
+        json!([{"ev":"status","status":"connected","message":"Connected Successfully"}])
+    );
+    send(&mut ws, json!({"action":"subscribe","params":"C.EUR/USD"})).await;
+    assert_eq!(next_json(&mut ws).await[0]["status"], "auth_required");
+    send(&mut ws, json!({"action":"auth","params":"right"})).await;
+    assert_eq!(
+        next_json(&mut ws).await,
+        json!([{"ev":"status","status":"auth_success","message":"authenticated"}])
+    );
+    // Both forex symbol forms, with a space after the comma: one success per item.
+    send(
+        &mut ws,
+        json!({"action":"subscribe","params":"C.EUR/USD, CA.C:EUR-USD"}),
+    )
+    .await;
+    assert_eq!(
+        next_json(&mut ws).await,
+        json!([{"ev":"status","status":"success","message":"subscribed to: C.EUR/USD"}])
+    );
+    assert_eq!(
+        next_json(&mut ws).await,
+        json!([{"ev":"status","status":"success","message":"subscribed to: CA.C:EUR-USD"}])
+    );
+    // Events come as arrays, each with `ev`, symbols in the canonical form.
+    let frame = next_json(&mut ws).await;
+    let events = frame.as_array().unwrap();
+    assert!(!events.is_empty());
+    for e in events {
+        assert!(e["ev"] == "C" || e["ev"] == "CA", "{e}");
+        assert!(e["p"] == "EUR/USD" || e["pair"] == "EUR/USD", "{e}");
+    }
+    sim.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_bad_key_gets_auth_failed_and_a_second_connection_evicts_the_first() {
+    let sim = sim::spawn(
+        any_port(),
+        SimOptions {
+            api_key: Some("right".into()),
+            always_open: true,
+            ..SimOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let url = format!("{}/crypto", sim.ws_url());
+    let (mut bad, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    next_json(&mut bad).await;
+    send(&mut bad, json!({"action":"auth","params":"wrong"})).await;
+    assert_eq!(next_json(&mut bad).await[0]["status"], "auth_failed");
+
+    let (mut first, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    next_json(&mut first).await;
+    send(&mut first, json!({"action":"auth","params":"right"})).await;
+    assert_eq!(next_json(&mut first).await[0]["status"], "auth_success");
+    let (mut second, _) = tokio_tungstenite::connect_async(&url).await.unwrap();
+    next_json(&mut second).await;
+    send(&mut second, json!({"action":"auth","params":"right"})).await;
+    assert_eq!(next_json(&mut second).await[0]["status"], "auth_success");
+    assert_eq!(next_json(&mut first).await[0]["status"], "max_connections");
+    // The first is then closed; the second keeps working.
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match first.next().await {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => break,
+                _ => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the evicted connection stayed open");
+    send(&mut second, json!({"action":"subscribe","params":"XQ.BTC-USD"})).await;
+    assert_eq!(next_json(&mut second).await[0]["status"], "success");
+    sim.stop().await.unwrap();
+}
+
+fn spec(sim: &sim::SimHandle, feed: Feed, symbols: &[&str], channels: &[&str]) -> LiveSpec {
+    LiveSpec {
+        feed,
+        ws_url: sim.ws_url(),
+        api_key: Secret::new("test-key"),
+        symbols: symbols.iter().map(|s| s.to_string()).collect(),
+        channels: channels.iter().map(|s| s.to_string()).collect(),
+        stale_after: Duration::from_secs(5),
+        reconnect_min: Duration::from_millis(50),
+        reconnect_max: Duration::from_millis(400),
+    }
+}
+
+fn events(wal: &Wal) -> Vec<Event> {
+    let read = wal.reader().read(Lane::Live, 0, usize::MAX).unwrap();
+    assert!(read.corrupt.is_empty());
+    read.records
+        .iter()
+        .map(|r| {
+            assert_eq!(r.kind, EVENT_KIND);
+            Event::from_payload(&r.payload).unwrap()
+        })
+        .collect()
+}
+
+async fn capture_for(spec: LiveSpec, wal: &Wal, how_long: Duration) -> Arc<LiveStats> {
+    let stats = Arc::new(LiveStats::default());
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(live::run(spec, wal.clone(), stats.clone(), shutdown));
+    tokio::time::sleep(how_long).await;
+    stop.send(true).unwrap();
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    stats
+}
+
+#[tokio::test]
+async fn the_collector_captures_what_the_simulator_sends_for_every_market() {
+    let sim = sim::spawn(
+        any_port(),
+        SimOptions {
+            quotes_per_minute: 600,
+            always_open: true,
+            ..SimOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(dir.path()).unwrap();
+    let (a, b, c) = tokio::join!(
+        capture_for(
+            spec(&sim, Feed::Forex, &["EUR/USD", "C:GBP-USD"], &["C", "CAS"]),
+            &wal,
+            Duration::from_secs(3)
+        ),
+        capture_for(
+            spec(&sim, Feed::Crypto, &["BTC-USD"], &["XQ", "XT"]),
+            &wal,
+            Duration::from_secs(3)
+        ),
+        capture_for(
+            spec(&sim, Feed::Stocks, &["AAPL"], &["Q", "T"]),
+            &wal,
+            Duration::from_secs(3)
+        ),
+    );
+    let captured = events(&wal);
+    let kinds: BTreeSet<(Feed, String, &str)> = captured
+        .iter()
+        .map(|e| (e.capture.feed, e.symbol().to_owned(), e.kind().name()))
+        .collect();
+    assert!(kinds.contains(&(Feed::Forex, "EUR/USD".into(), "quote")), "{kinds:?}");
+    assert!(kinds.contains(&(Feed::Forex, "GBP/USD".into(), "quote")), "{kinds:?}");
+    assert!(kinds.contains(&(Feed::Forex, "EUR/USD".into(), "bar")), "{kinds:?}");
+    assert!(kinds.contains(&(Feed::Crypto, "BTC-USD".into(), "trade")), "{kinds:?}");
+    assert!(kinds.contains(&(Feed::Stocks, "AAPL".into(), "quote")), "{kinds:?}");
+    for stats in [&a, &b, &c] {
+        assert_eq!(stats.malformed.load(Ordering::Relaxed), 0);
+        assert_eq!(
+            stats.captured.load(Ordering::Relaxed),
+            stats.events.load(Ordering::Relaxed)
+        );
+    }
+    // Natural keys are unique: no duplicate captured.
+    let keys: HashSet<String> = captured.iter().map(|e| e.natural_key().to_string()).collect();
+    assert_eq!(keys.len(), captured.len());
+    // Live quotes are exactly the simulator's market: same timestamps, same prices.
+    let mut market = Market::new(1, 600, 0);
+    market.always_open = true;
+    for e in &captured {
+        if let (Feed::Forex, Body::Quote(q)) = (e.capture.feed, &e.body) {
+            let minute = q.ts_ms.div_euclid(MINUTE_MS) * MINUTE_MS;
+            let expected = market.quotes(Feed::Forex, &q.symbol, minute);
+            assert!(
+                expected
+                    .iter()
+                    .any(|s| s.ts_ms == q.ts_ms && s.bid == q.bid && s.ask == q.ask),
+                "{q:?}"
+            );
+        }
+    }
+    wal.shutdown().await.unwrap();
+    sim.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn after_a_drop_the_collector_resubscribes_and_the_suspected_gap_covers_exactly_what_was_missed() {
+    let faults = Faults {
+        disconnect_every: Some(Duration::from_millis(1500)),
+        ..Faults::default()
+    };
+    let options = SimOptions {
+        quotes_per_minute: 3000,
+        faults,
+        seed: 9,
+        ..SimOptions::default()
+    };
+    let sim = sim::spawn(any_port(), options).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(dir.path()).unwrap();
+    let stats = capture_for(
+        spec(&sim, Feed::Crypto, &["ETH-USD"], &["XQ"]),
+        &wal,
+        Duration::from_millis(5500),
+    )
+    .await;
+    assert!(stats.connects.load(Ordering::Relaxed) >= 3, "{stats:?}");
+    assert!(stats.disconnects.load(Ordering::Relaxed) >= 2, "{stats:?}");
+
+    let captured: Vec<i64> = events(&wal)
+        .iter()
+        .filter_map(|e| match &e.body {
+            Body::Quote(q) => Some(q.ts_ms),
+            _ => None,
+        })
+        .collect();
+    let gaps = gaps::suspected(wal.reader()).unwrap();
+    // Gaps between sessions (the last one runs to the stop and may hold nothing).
+    assert!(gaps.len() >= 2, "{gaps:?}");
+    let (first, last) = (*captured.iter().min().unwrap(), *captured.iter().max().unwrap());
+    let market = Market::new(9, 3000, 0);
+    let mut expected = Vec::new();
+    let mut minute = first.div_euclid(MINUTE_MS) * MINUTE_MS;
+    while minute <= last {
+        expected.extend(
+            market
+                .quotes(Feed::Crypto, "ETH-USD", minute)
+                .into_iter()
+                .map(|q| q.ts_ms)
+                .filter(|t| (first..=last).contains(t)),
+        );
+        minute += MINUTE_MS;
+    }
+    let have: HashSet<i64> = captured.iter().copied().collect();
+    let missed: Vec<i64> = expected.iter().copied().filter(|t| !have.contains(t)).collect();
+    assert!(!missed.is_empty(), "the disconnects should have cost some quotes");
+    for t in &missed {
+        assert!(
+            gaps.iter().any(|g| g.from_ms <= *t && *t <= g.to_ms),
+            "missed quote at {t} lies in no suspected gap {gaps:?}"
+        );
+    }
+    // Exactly: inside a gap nothing was captured (its ends are the events either side).
+    for g in &gaps {
+        assert!(g.from_ms <= g.to_ms);
+        assert!(
+            !captured.iter().any(|t| g.from_ms < *t && *t < g.to_ms),
+            "captured an event inside {g:?}"
+        );
+    }
+    wal.shutdown().await.unwrap();
+    sim.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn malformed_frames_are_counted_and_skipped_and_capture_goes_on() {
+    let faults = Faults {
+        malformed_every: 3,
+        ..Faults::default()
+    };
+    let sim = sim::spawn(
+        any_port(),
+        SimOptions {
+            quotes_per_minute: 3000,
+            faults,
+            always_open: true,
+            ..SimOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(dir.path()).unwrap();
+    let stats = capture_for(
+        spec(&sim, Feed::Forex, &["EUR/USD"], &["C"]),
+        &wal,
+        Duration::from_secs(2),
+    )
+    .await;
+    assert!(stats.malformed.load(Ordering::Relaxed) >= 2, "{stats:?}");
+    assert!(stats.captured.load(Ordering::Relaxed) > 20, "{stats:?}");
+    assert_eq!(stats.disconnects.load(Ordering::Relaxed), 0);
+    wal.shutdown().await.unwrap();
+    sim.stop().await.unwrap();
+}
