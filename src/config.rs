@@ -247,15 +247,42 @@ impl Config {
 
     /// Environment overrides, applied after the file and before validation.
     pub fn apply_env(&mut self, file: &str, var: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
-        if let Some(dir) = var("TICKVAULT_DATA_DIR") {
-            if dir.is_empty() {
+        let non_empty = |name: &str, field: &str| -> Result<Option<String>, ConfigError> {
+            match var(name) {
+                Some(v) if v.trim().is_empty() => {
+                    Err(ConfigError::field(file, field, format!("{name} is set but empty")))
+                }
+                other => Ok(other.map(|v| v.trim().to_owned())),
+            }
+        };
+        if let Some(dir) = non_empty("TICKVAULT_DATA_DIR", "log.data_dir")? {
+            self.log.data_dir = PathBuf::from(dir);
+        }
+        if let Some(url) = non_empty("TICKVAULT_POLYGON_WS_URL", "polygon.ws_url")? {
+            self.polygon.ws_url = url;
+        }
+        if let Some(url) = non_empty("TICKVAULT_POLYGON_REST_URL", "polygon.rest_url")? {
+            self.polygon.rest_url = url;
+        }
+        if let Some(key) = non_empty("TICKVAULT_POLYGON_API_KEY", "polygon.api_key_file")? {
+            self.polygon.api_key = Some(Secret(key));
+        } else if let Some(path) = &self.polygon.api_key_file {
+            let text = std::fs::read_to_string(path).map_err(|e| {
+                ConfigError::field(
+                    file,
+                    "polygon.api_key_file",
+                    format!("cannot read {}: {e}", path.display()),
+                )
+            })?;
+            let key = text.lines().next().unwrap_or("").trim();
+            if key.is_empty() {
                 return Err(ConfigError::field(
                     file,
-                    "log.data_dir",
-                    "TICKVAULT_DATA_DIR is set but empty",
+                    "polygon.api_key_file",
+                    format!("{} is empty", path.display()),
                 ));
             }
-            self.log.data_dir = PathBuf::from(dir);
+            self.polygon.api_key = Some(Secret(key.to_owned()));
         }
         Ok(())
     }
@@ -472,5 +499,57 @@ mod tests {
             .unwrap();
         assert_eq!(config.log.data_dir, PathBuf::from("/tmp/x"));
         assert!(config.apply_env("t", |_| Some(String::new())).is_err());
+    }
+
+    #[test]
+    fn polygon_addresses_and_key_come_from_the_environment_and_the_key_never_prints() {
+        let mut config = Config::default();
+        config
+            .apply_env("t", |name| match name {
+                "TICKVAULT_POLYGON_WS_URL" => Some("ws://127.0.0.1:9100".into()),
+                "TICKVAULT_POLYGON_REST_URL" => Some("http://127.0.0.1:9100".into()),
+                "TICKVAULT_POLYGON_API_KEY" => Some("s3cret".into()),
+                _ => None,
+            })
+            .unwrap();
+        assert_eq!(config.polygon.ws_url, "ws://127.0.0.1:9100");
+        assert_eq!(config.polygon.rest_url, "http://127.0.0.1:9100");
+        assert_eq!(config.polygon.api_key.as_ref().unwrap().expose(), "s3cret");
+        assert!(!format!("{config:?}").contains("s3cret"));
+    }
+
+    #[test]
+    fn the_key_can_come_from_a_file_and_a_missing_file_names_the_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("key");
+        std::fs::write(&path, "from-file\n").unwrap();
+        let mut config = Config::default();
+        config.polygon.api_key_file = Some(path);
+        config.apply_env("t", |_| None).unwrap();
+        assert_eq!(config.polygon.api_key.unwrap().expose(), "from-file");
+        let mut config = Config::default();
+        config.polygon.api_key_file = Some(dir.path().join("missing"));
+        let err = config.apply_env("t", |_| None).unwrap_err();
+        assert_eq!(err.location, "field `polygon.api_key_file`");
+    }
+
+    #[test]
+    fn a_bad_symbol_or_channel_names_its_place() {
+        let config = Config::parse(
+            "t",
+            "[live.forex]\nsymbols = [\"EUR/USD\", \"E\"]\nchannels = [\"C\"]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            config.validate("t").unwrap_err().location,
+            "field `live.forex.symbols[1]`"
+        );
+        let config = Config::parse("t", "[live.crypto]\nsymbols = [\"BTC-USD\"]\nchannels = [\"C\"]\n").unwrap();
+        assert_eq!(
+            config.validate("t").unwrap_err().location,
+            "field `live.crypto.channels[0]`"
+        );
+        let config = Config::parse("t", "[polygon]\nws_url = \"http://x\"\n").unwrap();
+        assert_eq!(config.validate("t").unwrap_err().location, "field `polygon.ws_url`");
     }
 }

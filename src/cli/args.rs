@@ -23,6 +23,63 @@ pub enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// The daemon: live capture and backfill into the log, until SIGTERM or SIGINT.
+    Run {
+        #[arg(long)]
+        config: PathBuf,
+        /// Overrides the config's `log.data_dir`.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+    /// The daemon against an in-process simulator, with live progress and a summary.
+    Demo {
+        /// Default: config/demo.toml (or the copy built into the binary).
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Stop by itself after this many seconds.
+        #[arg(long)]
+        duration: Option<u64>,
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+    /// A Polygon-compatible server (WebSocket and REST) on one address.
+    Simulate {
+        #[arg(long, default_value = "127.0.0.1:9100")]
+        listen: std::net::SocketAddr,
+        /// Accept only this key (default: any non-empty key).
+        #[arg(long)]
+        api_key: Option<String>,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+        /// Faults: disconnect=DUR, 429=N, slow=DUR, holes=N, 5xx=N, malformed=N (comma-separated).
+        #[arg(long, default_value = "")]
+        faults: crate::sim::Faults,
+        /// Average quotes per minute per symbol on the live feed.
+        #[arg(long, default_value_t = 120)]
+        quotes_per_minute: u32,
+        /// REST requests per minute per key before 429 (0: no quota).
+        #[arg(long, default_value_t = 0)]
+        requests_per_minute: u32,
+        /// Serve every market around the clock (no forex weekend, no stock session).
+        #[arg(long)]
+        always_open: bool,
+    },
+    /// One backfill from the command line, with a progress bar.
+    Backfill {
+        #[arg(long)]
+        config: PathBuf,
+        /// `C:EURUSD`, `EUR/USD`, `X:BTCUSD`, `BTC-USD`, `AAPL`.
+        #[arg(long)]
+        symbol: String,
+        /// First day (YYYY-MM-DD, UTC), inclusive.
+        #[arg(long)]
+        from: jiff::civil::Date,
+        /// Last day (YYYY-MM-DD, UTC), inclusive.
+        #[arg(long)]
+        to: jiff::civil::Date,
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
     /// Inspect and exercise the durable log.
     Wal {
         #[command(subcommand)]

@@ -12,7 +12,9 @@ use crate::config::ConfigError;
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing();
+    // The demo and the backfill command draw their own progress: keep logs to warnings.
+    let quiet = matches!(cli.command, Command::Demo { .. } | Command::Backfill { .. });
+    init_tracing(if quiet { "warn" } else { "info" });
     match run(cli) {
         Ok(code) => code,
         Err(err) => {
@@ -40,9 +42,9 @@ fn is_bad_input(err: &anyhow::Error) -> bool {
     })
 }
 
-fn init_tracing() {
+fn init_tracing(default: &str) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_env("TICKVAULT_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_env("TICKVAULT_LOG").unwrap_or_else(|_| EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -56,6 +58,39 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Validate { config } => super::validate::run(&config),
+        Command::Run { config, data_dir } => runtime()?.block_on(super::run::run(&config, data_dir)),
+        Command::Demo {
+            config,
+            duration,
+            data_dir,
+        } => runtime()?.block_on(super::demo::run(config, duration, data_dir)),
+        Command::Simulate {
+            listen,
+            api_key,
+            seed,
+            faults,
+            quotes_per_minute,
+            requests_per_minute,
+            always_open,
+        } => runtime()?.block_on(super::run::simulate(
+            crate::sim::SimOptions {
+                seed,
+                api_key,
+                faults,
+                quotes_per_minute,
+                requests_per_minute,
+                always_open,
+                ..Default::default()
+            },
+            listen,
+        )),
+        Command::Backfill {
+            config,
+            symbol,
+            from,
+            to,
+            data_dir,
+        } => runtime()?.block_on(super::backfill::run(&config, &symbol, from, to, data_dir)),
         Command::Wal { command } => match command {
             WalCommand::Summary { data_dir, json } => super::wal::summary(&data_dir, json),
             WalCommand::Dump {

@@ -1,9 +1,12 @@
 //! The `tickvault` binary's subcommands.
 
 mod args;
+mod backfill;
 mod bench;
+mod demo;
 mod dispatch;
 mod load;
+mod run;
 mod validate;
 mod wal;
 

@@ -21,6 +21,9 @@ struct Quota {
     counts: HashMap<String, u32>,
 }
 
+/// The connection holding a cluster slot: its id and how to evict it.
+pub(crate) type Occupant = (u64, oneshot::Sender<()>);
+
 /// Shared state of one simulator.
 pub(crate) struct Sim {
     pub(crate) options: SimOptions,
@@ -28,7 +31,7 @@ pub(crate) struct Sim {
     pub(crate) requests: AtomicU64,
     quota: Mutex<Quota>,
     /// The live connection per (key, market): a newer one evicts it.
-    pub(crate) clusters: Mutex<HashMap<(String, Feed), (u64, oneshot::Sender<()>)>>,
+    pub(crate) clusters: Mutex<HashMap<(String, Feed), Occupant>>,
     pub(crate) next_connection: AtomicU64,
     pub(crate) shutdown: watch::Receiver<bool>,
 }

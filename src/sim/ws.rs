@@ -178,7 +178,7 @@ async fn connection(sim: Arc<Sim>, feed: Feed, socket: WebSocket) {
                     if !events.is_empty() {
                         frames_sent += 1;
                         let every = sim.options.faults.malformed_every;
-                        if every > 0 && frames_sent % u64::from(every) == 0 {
+                        if every > 0 && frames_sent.is_multiple_of(u64::from(every)) {
                             let _ = tx.try_send(Message::Text(r#"[{"ev":"C","p":"EUR/USD","b":"not-a-price"},{"no_ev":1}] trailing"#.into()));
                             let _ = tx.try_send(Message::Text(r#"[{"ev":"C","p":42,"t":1}]"#.into()));
                         }

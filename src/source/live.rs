@@ -222,27 +222,41 @@ async fn session(
     }
     let mut subscribed = false;
     let mut first_after_reconnect = true;
+    // A quiet market (forex at the weekend) sends nothing: pings tell a live connection
+    // from a dead one, and any frame, pongs included, proves the connection alive.
+    let mut last_rx = tokio::time::Instant::now();
+    let mut ping = tokio::time::interval(spec.stale_after / 3);
+    ping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let next = tokio::select! {
-            next = tokio::time::timeout(spec.stale_after, socket.next()) => next,
+            next = socket.next() => next,
+            _ = tokio::time::sleep_until(last_rx + spec.stale_after) => {
+                return Ended::Lost(format!("stale: nothing received for {:?}", spec.stale_after));
+            }
+            _ = ping.tick() => {
+                if let Err(e) = socket.send(Message::Ping(Default::default())).await {
+                    return Ended::Lost(format!("ping: {e}"));
+                }
+                continue;
+            }
             _ = shutdown.changed() => {
                 let _ = socket.close(None).await;
                 return Ended::Shutdown;
             }
         };
+        last_rx = tokio::time::Instant::now();
         let received = Instant::now();
         let text = match next {
-            Err(_) => return Ended::Lost(format!("stale: nothing received for {:?}", spec.stale_after)),
-            Ok(None) => return Ended::Lost("connection closed".into()),
-            Ok(Some(Err(e))) => return Ended::Lost(format!("read: {e}")),
-            Ok(Some(Ok(Message::Text(text)))) => text,
-            Ok(Some(Ok(Message::Close(frame)))) => {
+            None => return Ended::Lost("connection closed".into()),
+            Some(Err(e)) => return Ended::Lost(format!("read: {e}")),
+            Some(Ok(Message::Text(text))) => text,
+            Some(Ok(Message::Close(frame))) => {
                 return Ended::Lost(format!(
                     "closed by server: {}",
                     frame.map(|f| f.reason.to_string()).unwrap_or_default()
                 ))
             }
-            Ok(Some(Ok(_))) => continue, // pings are answered by tungstenite
+            Some(Ok(_)) => continue, // pongs; pings are answered by tungstenite
         };
         stats.frames.fetch_add(1, Ordering::Relaxed);
         let items = match wire::parse_frame(spec.feed, &text) {

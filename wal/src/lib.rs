@@ -129,12 +129,34 @@ impl Default for WalOptions {
 }
 
 /// The writable log: cheap to clone, one writer thread behind all clones.
+///
+/// When the last clone is dropped the channel closes, the writer commits what is
+/// queued, syncs, and the drop waits for it: a process that returns early on an error
+/// never exits with the writer still running.
 #[derive(Clone)]
 pub struct Wal {
+    // Field order matters: the sender must drop before the writer thread is joined.
     tx: mpsc::Sender<Command>,
     shared: Arc<Shared>,
     reader: LogReader,
-    writer: Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
+    writer: Arc<WriterThread>,
+}
+
+struct WriterThread(std::sync::Mutex<Option<std::thread::JoinHandle<()>>>);
+
+impl WriterThread {
+    fn take(&self) -> Option<std::thread::JoinHandle<()>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
+impl Drop for WriterThread {
+    fn drop(&mut self) {
+        if let Some(handle) = self.take() {
+            // Every sender is gone (this is the last handle), so the thread is ending.
+            let _ = handle.join();
+        }
+    }
 }
 
 impl Wal {
@@ -160,13 +182,13 @@ impl Wal {
                 source,
             })?;
         Ok(Wal {
-            tx: tx.clone(),
-            shared,
             reader: LogReader {
                 db,
-                quarantine: Some(tx),
+                quarantine: Some(tx.downgrade()),
             },
-            writer: Arc::new(std::sync::Mutex::new(Some(handle))),
+            tx,
+            shared,
+            writer: Arc::new(WriterThread(std::sync::Mutex::new(Some(handle)))),
         })
     }
 
@@ -276,8 +298,7 @@ impl Wal {
     /// RocksDB's WAL, and waits for the thread. Other clones get [`WriteError::Closed`].
     pub async fn shutdown(&self) -> Result<(), WriteError> {
         let result = self.call(|reply| Command::Shutdown { reply }).await;
-        let handle = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
-        if let Some(handle) = handle {
+        if let Some(handle) = self.writer.take() {
             let _ = tokio::task::spawn_blocking(move || handle.join()).await;
         }
         match result {

@@ -68,7 +68,8 @@ pub struct Summary {
 pub struct LogReader {
     pub(crate) db: Arc<DB>,
     /// Where corrupt records are sent to be quarantined; `None` for a read-only open.
-    pub(crate) quarantine: Option<mpsc::Sender<Command>>,
+    /// Weak, so that readers do not keep the writer alive after the last `Wal` is gone.
+    pub(crate) quarantine: Option<mpsc::WeakSender<Command>>,
 }
 
 impl LogReader {
@@ -144,7 +145,9 @@ impl LogReader {
     }
 
     fn send_to_quarantine(&self, lane: Lane, seqs: &[u64]) {
-        let Some(tx) = &self.quarantine else { return };
+        let Some(tx) = self.quarantine.as_ref().and_then(mpsc::WeakSender::upgrade) else {
+            return;
+        };
         let cf = self.cf(lane.name());
         for &seq in seqs {
             let raw = match self.db.get_cf(cf, store::seq_key(seq)) {

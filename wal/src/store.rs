@@ -103,15 +103,23 @@ pub(crate) fn u64_value(bytes: &[u8]) -> Option<u64> {
     Some(u64::from_le_bytes(bytes.try_into().ok()?))
 }
 
-fn cf_options(name: &str) -> Options {
+fn cf_options(name: &str, cache: &rocksdb::Cache) -> Options {
     let mut opts = Options::default();
     opts.set_compression_type(DBCompressionType::Lz4);
+    // Index and filter blocks live in the one shared cache rather than beside each
+    // table file, so memory does not grow with the number of files.
+    let mut table = rocksdb::BlockBasedOptions::default();
+    table.set_block_cache(cache);
+    table.set_cache_index_and_filter_blocks(true);
+    table.set_pin_l0_filter_and_index_blocks_in_cache(true);
+    opts.set_block_based_table_factory(&table);
     if Lane::ALL.iter().any(|lane| lane.name() == name) {
-        // Lanes take appends at up to millions of records a second: big memtables mean
-        // fewer flushes and fewer level-0 files for replay to merge.
-        opts.set_write_buffer_size(128 << 20);
-        opts.set_max_write_buffer_number(4);
-        opts.set_target_file_size_base(128 << 20);
+        // Lanes take appends at up to millions of records a second: 32 MiB memtables
+        // keep flushes infrequent while the whole log's memtable budget (below) keeps
+        // memory flat however much is written.
+        opts.set_write_buffer_size(32 << 20);
+        opts.set_max_write_buffer_number(3);
+        opts.set_target_file_size_base(64 << 20);
     }
     opts
 }
@@ -123,13 +131,20 @@ fn db_options() -> Options {
     opts.increase_parallelism(2);
     opts.set_max_background_jobs(2);
     opts.set_bytes_per_sync(1 << 20);
+    // All memtables of all column families together: the log's memory does not grow
+    // with a backfill's range or a sink's outage.
+    opts.set_db_write_buffer_size(96 << 20);
     opts
 }
 
+/// The block cache all column families share.
+const BLOCK_CACHE_BYTES: usize = 32 << 20;
+
 fn descriptors() -> Vec<ColumnFamilyDescriptor> {
+    let cache = rocksdb::Cache::new_lru_cache(BLOCK_CACHE_BYTES);
     ALL_CFS
         .iter()
-        .map(|name| ColumnFamilyDescriptor::new(*name, cf_options(name)))
+        .map(|name| ColumnFamilyDescriptor::new(*name, cf_options(name, &cache)))
         .collect()
 }
 

@@ -264,11 +264,11 @@ mod failpoints {
     use super::*;
 
     // Fail points are process-global: these run one at a time under a scenario.
-    static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
     #[tokio::test]
     async fn a_failed_sync_poisons_the_log_and_nothing_after_it_is_acknowledged() {
-        let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+        let _serial = SERIAL.lock().await;
         let scenario = fail::FailScenario::setup();
         let dir = tempfile::tempdir().unwrap();
         let wal = Wal::open(dir.path()).unwrap();
@@ -296,7 +296,7 @@ mod failpoints {
 
     #[tokio::test]
     async fn a_full_disk_is_named_as_such_and_refuses_further_writes() {
-        let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+        let _serial = SERIAL.lock().await;
         let scenario = fail::FailScenario::setup();
         let dir = tempfile::tempdir().unwrap();
         let wal = Wal::open(dir.path()).unwrap();
@@ -317,7 +317,7 @@ mod failpoints {
 
     #[tokio::test]
     async fn a_failed_cursor_write_leaves_the_cursor_where_it_was() {
-        let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+        let _serial = SERIAL.lock().await;
         let scenario = fail::FailScenario::setup();
         let dir = tempfile::tempdir().unwrap();
         let wal = Wal::open(dir.path()).unwrap();

@@ -1,0 +1,276 @@
+//! `tickvault demo`: the daemon against an in-process simulator, with progress while it
+//! runs and a summary of what was captured and where it went.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use tickvault_wal::{Lane, Wal};
+
+use super::run::stop_signal;
+use super::wal::human_bytes;
+use crate::config::{Config, Secret};
+use crate::daemon;
+use crate::event::{Event, Feed, EVENT_KIND};
+use crate::gaps;
+use crate::sim::{self, Market, SimOptions};
+use crate::source::backfill;
+
+const EMBEDDED_DEMO_CONFIG: &str = include_str!("../../config/demo.toml");
+
+fn load(config: Option<PathBuf>, data_dir: Option<PathBuf>) -> anyhow::Result<Config> {
+    let mut config = match config {
+        Some(path) => Config::load(&path)?,
+        None if std::path::Path::new("config/demo.toml").exists() => {
+            Config::load(std::path::Path::new("config/demo.toml"))?
+        }
+        None => {
+            let mut c = Config::parse("(built-in demo config)", EMBEDDED_DEMO_CONFIG)?;
+            c.apply_env("(built-in demo config)", |n| std::env::var(n).ok())?;
+            c
+        }
+    };
+    if let Some(dir) = data_dir {
+        config.log.data_dir = dir;
+    }
+    Ok(config)
+}
+
+fn thousands(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+pub async fn run(
+    config: Option<PathBuf>,
+    duration: Option<u64>,
+    data_dir: Option<PathBuf>,
+) -> anyhow::Result<ExitCode> {
+    let mut config = load(config, data_dir)?;
+    let sim_options = SimOptions {
+        seed: 1,
+        quotes_per_minute: 600,
+        ..SimOptions::default()
+    };
+    let simulator = sim::spawn("127.0.0.1:0".parse()?, sim_options.clone()).await?;
+    config.polygon.ws_url = simulator.ws_url();
+    config.polygon.rest_url = simulator.rest_url();
+    config.polygon.api_key = Some(Secret::new("demo"));
+    config.validate("demo")?;
+    let market = Market::new(sim_options.seed, sim_options.quotes_per_minute, 0);
+
+    println!("tickvault demo");
+    println!(
+        "  simulator   Polygon-compatible, on {} (seed {})",
+        simulator.addr, sim_options.seed
+    );
+    println!("  log         {}", config.log.data_dir.display());
+    for spec in daemon::live_specs(&config)? {
+        println!(
+            "  live        {} {} [{}]",
+            spec.feed,
+            spec.symbols.join(" "),
+            spec.channels.join(",")
+        );
+    }
+    let jobs = daemon::backfill_jobs(&config, jiff::Timestamp::now().as_millisecond());
+    if !jobs.is_empty() {
+        let symbols: Vec<String> = jobs.iter().map(|j| format!("{} {}", j.feed, j.symbol)).collect();
+        println!(
+            "  backfill    1-minute bars, last {} days: {}",
+            config.backfill.lookback.as_secs() / 86_400,
+            symbols.join(", ")
+        );
+    }
+    match duration {
+        Some(secs) => println!("  running for {secs} s (Ctrl-C stops early)\n"),
+        None => println!("  running until Ctrl-C\n"),
+    }
+
+    let mut running = daemon::start(&config)?;
+    let started = Instant::now();
+    let deadline = duration.map(|s| started + Duration::from_secs(s));
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.tick().await;
+    let signal = stop_signal();
+    tokio::pin!(signal);
+    let mut last_live = 0u64;
+    let mut last_bars = 0u64;
+    let mut failure = None;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = &mut signal => break,
+            ended = running.join_next() => match ended {
+                Some(Err(e)) => { failure = Some(e); break; }
+                _ => continue,
+            },
+        }
+        let elapsed = started.elapsed();
+        let now_ms = jiff::Timestamp::now().as_millisecond();
+        let mut line = format!("{:>4}s", elapsed.as_secs());
+        let captured: u64 = running
+            .live
+            .iter()
+            .map(|(_, s)| s.captured.load(Ordering::Relaxed))
+            .sum();
+        let (mut sum_us, mut samples, mut max_us, mut reconnects, mut up) = (0, 0, 0, 0, 0);
+        let mut closed = Vec::new();
+        for (feed, s) in &running.live {
+            sum_us += s.latency_us_sum.load(Ordering::Relaxed);
+            samples += s.latency_samples.load(Ordering::Relaxed);
+            max_us = max_us.max(s.latency_us_max.load(Ordering::Relaxed));
+            reconnects += s.disconnects.load(Ordering::Relaxed);
+            up += u64::from(s.connected.load(Ordering::Relaxed));
+            if !market.is_open(*feed, now_ms) {
+                closed.push(feed.name());
+            }
+        }
+        line.push_str(&format!(
+            " | live {} events ({}/s), {}/{} feeds up, {} reconnects, durable in {:.1} ms avg / {:.1} ms max",
+            thousands(captured),
+            thousands(captured - last_live),
+            up,
+            running.live.len(),
+            reconnects,
+            sum_us as f64 / samples.max(1) as f64 / 1000.0,
+            max_us as f64 / 1000.0
+        ));
+        if !closed.is_empty() {
+            line.push_str(&format!(" ({} closed now)", closed.join(", ")));
+        }
+        last_live = captured;
+        if let Some(b) = &running.backfill {
+            let bars = b.bars.load(Ordering::Relaxed);
+            line.push_str(&format!(
+                " | backfill {}/{} periods, {} bars ({}/s){}",
+                b.periods_done.load(Ordering::Relaxed),
+                b.periods_total.load(Ordering::Relaxed),
+                thousands(bars),
+                thousands(bars - last_bars),
+                if b.waiting_for_backlog.load(Ordering::Relaxed) {
+                    ", waiting for sinks"
+                } else {
+                    ""
+                }
+            ));
+            last_bars = bars;
+        }
+        println!("{line}");
+        let _ = std::io::stdout().flush();
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            break;
+        }
+    }
+    let elapsed = started.elapsed();
+    let data_dir = config.log.data_dir.clone();
+    let backfill_stats = running.backfill.clone();
+    let result = running.shutdown().await;
+    simulator.stop().await?;
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    result?;
+    summary(&data_dir, elapsed, backfill_stats.as_deref())?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn summary(
+    data_dir: &std::path::Path,
+    elapsed: Duration,
+    backfill: Option<&backfill::BackfillStats>,
+) -> anyhow::Result<()> {
+    let reader = Wal::open_read_only(data_dir)?;
+    println!("\nsummary after {:.1} s", elapsed.as_secs_f64());
+    let mut by_stream: BTreeMap<(Lane, Feed, String, String), u64> = BTreeMap::new();
+    for lane in [Lane::Live, Lane::Backfill] {
+        reader.scan(lane, 0, u64::MAX, |_, decoded| {
+            if let Ok(record) = decoded {
+                if record.kind == EVENT_KIND {
+                    if let Ok(event) = Event::from_payload(record.payload) {
+                        let key = event.natural_key();
+                        *by_stream
+                            .entry((
+                                lane,
+                                key.feed,
+                                key.symbol,
+                                format!("{} {}", key.kind.name(), key.timeframe),
+                            ))
+                            .or_default() += 1;
+                    }
+                }
+            }
+            true
+        })?;
+    }
+    println!("  captured (in the log, durable):");
+    for ((lane, feed, symbol, what), n) in &by_stream {
+        println!(
+            "    {:<9} {:<7} {:<9} {:<10} {:>12}",
+            lane.name(),
+            feed.name(),
+            symbol,
+            what,
+            thousands(*n)
+        );
+    }
+    let s = reader.summary()?;
+    println!("  log {}:", data_dir.display());
+    for lane in &s.lanes {
+        if lane.records > 0 {
+            println!(
+                "    {:<9} seq {}..{}  {} records  {}",
+                lane.lane.name(),
+                lane.first_seq.unwrap_or(0),
+                lane.last_seq.unwrap_or(0),
+                thousands(lane.records),
+                human_bytes(lane.bytes)
+            );
+        }
+    }
+    if let Some(b) = backfill {
+        println!(
+            "  backfill: {} of {} periods done, {} bars in {} requests ({} retries, {} rate-limited)",
+            b.periods_done.load(Ordering::Relaxed),
+            b.periods_total.load(Ordering::Relaxed),
+            thousands(b.bars.load(Ordering::Relaxed)),
+            b.requests.load(Ordering::Relaxed),
+            b.retries.load(Ordering::Relaxed),
+            b.rate_limited.load(Ordering::Relaxed)
+        );
+        let tracked = backfill::periods(&reader)?;
+        let done = tracked
+            .iter()
+            .filter(|p| p.state != backfill::PeriodState::Pending)
+            .count();
+        println!(
+            "  period tracker: {done} of {} periods marked downloaded",
+            tracked.len()
+        );
+    }
+    let gaps = gaps::suspected(&reader)?;
+    println!("  suspected gaps (live disconnects): {}", gaps.len());
+    let check = reader.check()?;
+    println!(
+        "  check: {} records verified, {} corrupt, {} quarantined{}",
+        thousands(check.good),
+        check.corrupt.len(),
+        s.quarantined,
+        if check.is_clean() { " - clean" } else { "" }
+    );
+    println!(
+        "  forwarded to: nowhere yet (no sinks configured); inspect with `tickvault wal summary --data-dir {}`",
+        data_dir.display()
+    );
+    Ok(())
+}

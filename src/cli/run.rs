@@ -1,0 +1,90 @@
+//! `tickvault run` and `tickvault simulate`: long-running services stopped by a signal.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use crate::config::Config;
+use crate::daemon;
+use crate::sim::{self, SimOptions};
+
+/// Resolves when SIGTERM or SIGINT arrives.
+pub async fn stop_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}
+
+pub fn load_config(path: &Path, data_dir: Option<PathBuf>) -> anyhow::Result<Config> {
+    let mut config = Config::load(path)?;
+    if let Some(dir) = data_dir {
+        config.log.data_dir = dir;
+    }
+    Ok(config)
+}
+
+pub async fn run(config_path: &Path, data_dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
+    let config = load_config(config_path, data_dir)?;
+    let mut running = daemon::start(&config)?;
+    tracing::info!(
+        data_dir = %config.log.data_dir.display(),
+        live_feeds = running.live.len(),
+        backfill = running.backfill.is_some(),
+        "tickvault running"
+    );
+    let signal = stop_signal();
+    tokio::pin!(signal);
+    loop {
+        tokio::select! {
+            _ = &mut signal => {
+                tracing::info!("stop signal: shutting down");
+                break;
+            }
+            ended = running.join_next() => match ended {
+                Some(Ok(part)) => tracing::info!(part, "finished"),
+                Some(Err(e)) => {
+                    tracing::error!(error = %format!("{e:#}"), "a part failed: shutting down");
+                    running.shutdown().await?;
+                    return Err(e);
+                }
+                None => break,
+            },
+        }
+    }
+    running.shutdown().await?;
+    tracing::info!("log synced; stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn simulate(options: SimOptions, listen: SocketAddr) -> anyhow::Result<ExitCode> {
+    let handle = sim::spawn(listen, options.clone()).await?;
+    eprintln!(
+        "simulating Polygon on {} (seed {}, {}): WebSocket {}/forex|/crypto|/stocks, REST {}/v2/aggs/...",
+        handle.addr,
+        options.seed,
+        if options.api_key.is_some() {
+            "one key accepted"
+        } else {
+            "any non-empty key"
+        },
+        handle.ws_url(),
+        handle.rest_url()
+    );
+    stop_signal().await;
+    handle.stop().await?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,210 @@
+//! The daemon: the log, the live collectors, the backfill downloader and truncation,
+//! started together and stopped by one signal.
+//!
+//! Shutdown: one `watch` flag says stop; each source finishes what it holds (the live
+//! appender drains its queue, the downloader saves its period), then the log's writer
+//! commits everything queued and syncs before the process exits.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use tickvault_wal::Wal;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use crate::config::Config;
+use crate::event::Feed;
+use crate::polygon::symbol;
+use crate::source::backfill::{BackfillSpec, BackfillStats, Downloader, Job};
+use crate::source::live::{self, LiveSpec, LiveStats};
+
+/// A running daemon.
+pub struct Running {
+    pub wal: Wal,
+    pub live: Vec<(Feed, Arc<LiveStats>)>,
+    pub backfill: Option<Arc<BackfillStats>>,
+    tasks: JoinSet<anyhow::Result<&'static str>>,
+    stop: watch::Sender<bool>,
+}
+
+/// The live specs a config asks for.
+pub fn live_specs(config: &Config) -> anyhow::Result<Vec<LiveSpec>> {
+    let live = &config.live;
+    if !live.enabled {
+        return Ok(Vec::new());
+    }
+    let mut specs = Vec::new();
+    for (feed, market) in [
+        (Feed::Forex, &live.forex),
+        (Feed::Crypto, &live.crypto),
+        (Feed::Stocks, &live.stocks),
+    ] {
+        let Some(market) = market else { continue };
+        let api_key = config
+            .polygon
+            .api_key
+            .clone()
+            .context("no Polygon API key: set TICKVAULT_POLYGON_API_KEY or polygon.api_key_file")?;
+        specs.push(LiveSpec {
+            feed,
+            ws_url: config.polygon.ws_url.clone(),
+            api_key,
+            symbols: market
+                .symbols
+                .iter()
+                .filter_map(|s| symbol::canonical(feed, s))
+                .collect(),
+            channels: market.channels.clone(),
+            stale_after: live.stale_after,
+            reconnect_min: live.reconnect_min,
+            reconnect_max: live.reconnect_max,
+        });
+    }
+    Ok(specs)
+}
+
+/// The backfill jobs a config asks for, ending at `now_ms`.
+pub fn backfill_jobs(config: &Config, now_ms: i64) -> Vec<Job> {
+    let b = &config.backfill;
+    if !b.enabled {
+        return Vec::new();
+    }
+    // Whole minutes: the minute in progress is live's.
+    let to_ms = now_ms.div_euclid(60_000) * 60_000;
+    let from_ms = to_ms - i64::try_from(b.lookback.as_millis()).unwrap_or(i64::MAX);
+    let mut jobs = Vec::new();
+    for (feed, symbols) in [
+        (Feed::Forex, &b.forex),
+        (Feed::Crypto, &b.crypto),
+        (Feed::Stocks, &b.stocks),
+    ] {
+        for s in symbols {
+            if let Some(symbol) = symbol::canonical(feed, s) {
+                jobs.push(Job {
+                    feed,
+                    symbol,
+                    from_ms,
+                    to_ms,
+                });
+            }
+        }
+    }
+    jobs
+}
+
+pub fn backfill_spec(config: &Config) -> anyhow::Result<BackfillSpec> {
+    Ok(BackfillSpec {
+        rest_url: config.polygon.rest_url.clone(),
+        api_key: config
+            .polygon
+            .api_key
+            .clone()
+            .context("no Polygon API key: set TICKVAULT_POLYGON_API_KEY or polygon.api_key_file")?,
+        chunk: config.backfill.chunk,
+        page_limit: config.backfill.page_limit,
+        max_attempts: config.backfill.max_attempts,
+        concurrency: config.backfill.concurrency,
+        requests_per_minute: config.polygon.requests_per_minute,
+        high_water: config.log.backfill_high_water,
+        retry_min: std::time::Duration::from_millis(500),
+        retry_max: std::time::Duration::from_secs(60),
+    })
+}
+
+/// Opens the log and starts every configured part.
+pub fn start(config: &Config) -> anyhow::Result<Running> {
+    let wal = Wal::open_with(&config.log.data_dir, config.wal_options())?;
+    let (stop, shutdown) = watch::channel(false);
+    let mut tasks = JoinSet::new();
+    let mut live_stats = Vec::new();
+    for spec in live_specs(config)? {
+        let stats = Arc::new(LiveStats::default());
+        live_stats.push((spec.feed, stats.clone()));
+        let (wal, shutdown) = (wal.clone(), shutdown.clone());
+        tasks.spawn(async move {
+            live::run(spec, wal, stats, shutdown).await?;
+            Ok("live collector")
+        });
+    }
+    let jobs = backfill_jobs(config, jiff::Timestamp::now().as_millisecond());
+    let backfill = if jobs.is_empty() {
+        None
+    } else {
+        let stats = Arc::new(BackfillStats::default());
+        let downloader = Downloader::new(backfill_spec(config)?, wal.clone(), stats.clone())?;
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move {
+            downloader.run(&jobs, shutdown).await?;
+            Ok("backfill")
+        });
+        Some(stats)
+    };
+    {
+        let (wal, mut shutdown) = (wal.clone(), shutdown.clone());
+        let (every, retention) = (config.log.truncate_every, config.log.retention);
+        tasks.spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        match wal.truncate(retention).await {
+                            Ok(out) => {
+                                let removed: u64 = out.iter().map(|t| t.removed).sum();
+                                if removed > 0 {
+                                    tracing::info!(removed, "log truncated");
+                                }
+                            }
+                            Err(e) => tracing::error!(error = %e, "truncation failed"),
+                        }
+                    }
+                    _ = shutdown.changed() => return Ok("truncation"),
+                }
+            }
+        });
+    }
+    Ok(Running {
+        wal,
+        live: live_stats,
+        backfill,
+        tasks,
+        stop,
+    })
+}
+
+impl Running {
+    /// Asks every part to stop.
+    pub fn stop(&self) {
+        let _ = self.stop.send(true);
+    }
+
+    /// Whether every part but truncation has finished (backfill done, no live feeds).
+    pub fn idle(&self) -> bool {
+        self.tasks.len() <= 1
+    }
+
+    /// Waits for a part to end; an error from any part is returned (after stopping the rest).
+    pub async fn join_next(&mut self) -> Option<anyhow::Result<&'static str>> {
+        match self.tasks.join_next().await? {
+            Ok(result) => Some(result),
+            Err(e) => Some(Err(anyhow::anyhow!("task panicked: {e}"))),
+        }
+    }
+
+    /// Stops everything, waits for every part, and syncs the log.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        self.stop();
+        let mut first_error = None;
+        while let Some(result) = self.join_next().await {
+            if let Err(e) = result {
+                tracing::error!(error = %format!("{e:#}"), "part failed");
+                first_error.get_or_insert(e);
+            }
+        }
+        self.wal.shutdown().await?;
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}

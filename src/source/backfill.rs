@@ -1,0 +1,487 @@
+//! The backfill downloader: minute bars from Polygon's aggregates endpoint into the
+//! `backfill` lane.
+//!
+//! The range of each symbol is cut into periods (`backfill.chunk`, three months by
+//! default). A period is fetched as one chain of requests following `next_url` (with the
+//! key sent again as a Bearer header, since `next_url` never carries it), each page
+//! appended to the log as it arrives, so memory is bounded by one page whatever the
+//! range. The period tracker lives in the log's state space: a finished period is never
+//! fetched again, and an unfinished one resumes from the page it had reached. Requests
+//! are paced to the plan's quota; 429 and 5xx answers are retried with exponential
+//! backoff and full jitter, honouring `Retry-After`. While the backfill lane's backlog
+//! (head minus the slowest cursor) is above the high-water mark, the downloader waits;
+//! live capture never does.
+
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use futures_util::StreamExt;
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use serde::{Deserialize, Serialize};
+use tickvault_wal::{Batch, Lane, Space, Wal};
+use tokio::sync::watch;
+
+use super::backoff::Backoff;
+use crate::config::Secret;
+use crate::event::{Bar, Body, Capture, Event, Feed, Timeframe, EVENT_KIND};
+use crate::polygon::symbol;
+
+/// One symbol's backfill over `from_ms..to_ms`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Job {
+    pub feed: Feed,
+    pub symbol: String,
+    pub from_ms: i64,
+    pub to_ms: i64,
+}
+
+/// Settings of the downloader.
+#[derive(Clone, Debug)]
+pub struct BackfillSpec {
+    pub rest_url: String,
+    pub api_key: Secret,
+    pub chunk: Duration,
+    pub page_limit: u32,
+    pub max_attempts: u32,
+    pub concurrency: usize,
+    pub requests_per_minute: u32,
+    pub high_water: u64,
+    pub retry_min: Duration,
+    pub retry_max: Duration,
+}
+
+/// Counters for progress and metrics.
+#[derive(Debug, Default)]
+pub struct BackfillStats {
+    pub periods_total: AtomicU64,
+    pub periods_done: AtomicU64,
+    pub periods_skipped: AtomicU64,
+    pub periods_failed: AtomicU64,
+    pub requests: AtomicU64,
+    pub pages: AtomicU64,
+    pub bars: AtomicU64,
+    pub retries: AtomicU64,
+    pub rate_limited: AtomicU64,
+    pub server_errors: AtomicU64,
+    pub waiting_for_backlog: AtomicBool,
+    /// Milliseconds of market time covered by finished pages (for progress bars).
+    pub covered_ms: AtomicU64,
+}
+
+/// A period of the tracker, as stored.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Period {
+    pub feed: Feed,
+    pub symbol: String,
+    pub start_ms: i64,
+    pub end_ms: i64,
+    pub state: PeriodState,
+    /// Where an unfinished period resumes: the `from` of the next page.
+    pub resume_from_ms: i64,
+    pub bars: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PeriodState {
+    Pending,
+    Downloaded,
+    Verified,
+}
+
+const PERIOD_PREFIX: &str = "backfill/period/";
+
+fn period_key(feed: Feed, symbol: &str, start_ms: i64) -> Vec<u8> {
+    let mut key = format!("{PERIOD_PREFIX}{feed}/{symbol}/").into_bytes();
+    key.extend_from_slice(&start_ms.to_be_bytes());
+    key
+}
+
+/// Every period the tracker holds.
+pub fn periods(reader: &tickvault_wal::LogReader) -> anyhow::Result<Vec<Period>> {
+    Ok(reader
+        .scan_state(Space::State, PERIOD_PREFIX.as_bytes())?
+        .into_iter()
+        .filter_map(|(_, v)| serde_json::from_slice(&v).ok())
+        .collect())
+}
+
+async fn save(wal: &Wal, period: &Period) -> anyhow::Result<()> {
+    let key = period_key(period.feed, &period.symbol, period.start_ms);
+    wal.put_state(Space::State, key, Some(serde_json::to_vec(period)?))
+        .await?;
+    Ok(())
+}
+
+/// Splits a job into periods aligned to whole multiples of `chunk` since the epoch, so
+/// the same range always yields the same periods (and a restart finds them again).
+pub fn split(job: &Job, chunk: Duration) -> Vec<(i64, i64)> {
+    let chunk = i64::try_from(chunk.as_millis()).unwrap_or(i64::MAX).max(60_000);
+    let mut out = Vec::new();
+    let mut start = job.from_ms.div_euclid(chunk) * chunk;
+    while start < job.to_ms {
+        let end = start + chunk;
+        out.push((start.max(job.from_ms), end.min(job.to_ms)));
+        start = end;
+    }
+    out
+}
+
+#[derive(Deserialize)]
+struct Page {
+    #[serde(default)]
+    results: Vec<AggBar>,
+    next_url: Option<String>,
+    #[serde(default)]
+    status: String,
+}
+
+#[derive(Deserialize)]
+struct AggBar {
+    t: i64,
+    o: f64,
+    h: f64,
+    l: f64,
+    c: f64,
+    #[serde(default)]
+    v: f64,
+    vw: Option<f64>,
+    n: Option<u64>,
+}
+
+/// What a request came to.
+enum Fetch {
+    Page(Page),
+    /// Permanent: a 4xx other than 429.
+    Refused(String),
+}
+
+pub struct Downloader {
+    spec: BackfillSpec,
+    wal: Wal,
+    http: reqwest::Client,
+    limiter: DefaultDirectRateLimiter,
+    pub stats: Arc<BackfillStats>,
+}
+
+impl Downloader {
+    pub fn new(spec: BackfillSpec, wal: Wal, stats: Arc<BackfillStats>) -> anyhow::Result<Downloader> {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(60))
+            .connect_timeout(Duration::from_secs(10))
+            .user_agent(concat!("tickvault/", env!("CARGO_PKG_VERSION")))
+            .build()?;
+        // Evenly spaced, no burst: Polygon counts requests per clock minute, and a burst
+        // at the start of a minute would draw a 429 later in it. 1% of headroom absorbs
+        // timer jitter.
+        let quota = match NonZeroU32::new(spec.requests_per_minute) {
+            Some(n) => {
+                let period = Duration::from_secs_f64(60.0 / f64::from(n.get()) * 1.01);
+                Quota::with_period(period)
+                    .context("quota")?
+                    .allow_burst(NonZeroU32::MIN)
+            }
+            None => Quota::per_second(NonZeroU32::new(100).unwrap_or(NonZeroU32::MIN)),
+        };
+        Ok(Downloader {
+            spec,
+            wal,
+            http,
+            limiter: RateLimiter::direct(quota),
+            stats,
+        })
+    }
+
+    /// Runs every job to completion (or until `shutdown`). Finished periods are skipped.
+    pub async fn run(&self, jobs: &[Job], shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+        let known = periods(self.wal.reader())?;
+        let mut todo = Vec::new();
+        for job in jobs {
+            for (start, end) in split(job, self.spec.chunk) {
+                self.stats.periods_total.fetch_add(1, Ordering::Relaxed);
+                let existing = known
+                    .iter()
+                    .find(|p| p.feed == job.feed && p.symbol == job.symbol && p.start_ms == start && p.end_ms == end);
+                match existing {
+                    Some(p) if p.state != PeriodState::Pending => {
+                        self.stats.periods_skipped.fetch_add(1, Ordering::Relaxed);
+                        self.stats.periods_done.fetch_add(1, Ordering::Relaxed);
+                        self.stats.covered_ms.fetch_add((end - start) as u64, Ordering::Relaxed);
+                    }
+                    Some(p) => todo.push(p.clone()),
+                    None => todo.push(Period {
+                        feed: job.feed,
+                        symbol: job.symbol.clone(),
+                        start_ms: start,
+                        end_ms: end,
+                        state: PeriodState::Pending,
+                        resume_from_ms: start,
+                        bars: 0,
+                    }),
+                }
+            }
+        }
+        let results: Vec<anyhow::Result<()>> = futures_util::stream::iter(todo)
+            .map(|period| {
+                let shutdown = shutdown.clone();
+                async move { self.period(period, shutdown).await }
+            })
+            .buffer_unordered(self.spec.concurrency.max(1))
+            .collect()
+            .await;
+        for r in results {
+            r?;
+        }
+        Ok(())
+    }
+
+    async fn period(&self, mut period: Period, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+        let ticker = symbol::rest_ticker(period.feed, &period.symbol);
+        self.stats
+            .covered_ms
+            .fetch_add((period.resume_from_ms - period.start_ms) as u64, Ordering::Relaxed);
+        let base = self.spec.rest_url.trim_end_matches('/');
+        // `to` is inclusive at Polygon: stop one millisecond before the period's end.
+        let mut url = format!(
+            "{base}/v2/aggs/ticker/{ticker}/range/1/minute/{}/{}?adjusted=true&sort=asc&limit={}",
+            period.resume_from_ms,
+            period.end_ms - 1,
+            self.spec.page_limit
+        );
+        loop {
+            if *shutdown.borrow() {
+                return Ok(());
+            }
+            self.wait_for_backlog(&mut shutdown).await;
+            let page = match self.fetch(&url, &mut shutdown).await? {
+                Some(Fetch::Page(page)) => page,
+                Some(Fetch::Refused(why)) => {
+                    self.stats.periods_failed.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(%ticker, start_ms = period.start_ms, %why, "backfill period refused; left pending");
+                    return Ok(());
+                }
+                None => {
+                    self.stats.periods_failed.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(%ticker, start_ms = period.start_ms, "backfill period gave up after retries; left pending for the next pass");
+                    return Ok(());
+                }
+            };
+            if page.status != "OK" && page.status != "DELAYED" {
+                tracing::warn!(%ticker, status = %page.status, "unexpected page status");
+            }
+            let count = page.results.len() as u64;
+            let captured_at_ns = i64::try_from(jiff::Timestamp::now().as_nanosecond()).unwrap_or(i64::MAX);
+            let mut last_t = None;
+            for chunk in page.results.chunks(10_000) {
+                let mut batch = Batch::with_capacity(chunk.len(), chunk.len() * 96);
+                for bar in chunk {
+                    let event = Event {
+                        capture: Capture {
+                            feed: period.feed,
+                            lane: Lane::Backfill,
+                            captured_at_ns,
+                        },
+                        body: Body::Bar(Bar {
+                            symbol: period.symbol.clone(),
+                            timeframe: Timeframe::MINUTE,
+                            start_ms: bar.t,
+                            open: bar.o,
+                            high: bar.h,
+                            low: bar.l,
+                            close: bar.c,
+                            volume: bar.v,
+                            vwap: bar.vw,
+                            trades: bar.n,
+                        }),
+                    };
+                    batch.push(EVENT_KIND, &event.to_payload()?)?;
+                    last_t = Some(bar.t);
+                }
+                self.wal
+                    .append(Lane::Backfill, batch)
+                    .await
+                    .context("appending backfill bars")?;
+            }
+            drop(page.results);
+            self.stats.pages.fetch_add(1, Ordering::Relaxed);
+            self.stats.bars.fetch_add(count, Ordering::Relaxed);
+            period.bars += count;
+            let resumed_at = period.resume_from_ms;
+            match page.next_url {
+                Some(next) => {
+                    url = self.rebase(&next)?;
+                    period.resume_from_ms = next_from(&next).or(last_t.map(|t| t + 60_000)).unwrap_or(period.end_ms);
+                }
+                None => {
+                    period.resume_from_ms = period.end_ms;
+                    period.state = PeriodState::Downloaded;
+                }
+            }
+            self.stats
+                .covered_ms
+                .fetch_add((period.resume_from_ms - resumed_at).max(0) as u64, Ordering::Relaxed);
+            save(&self.wal, &period).await?;
+            if period.state == PeriodState::Downloaded {
+                self.stats.periods_done.fetch_add(1, Ordering::Relaxed);
+                return Ok(());
+            }
+        }
+    }
+
+    /// `next_url` re-based onto the configured base URL (its path and query kept).
+    fn rebase(&self, next: &str) -> anyhow::Result<String> {
+        let parsed = reqwest::Url::parse(next).with_context(|| format!("bad next_url {next:?}"))?;
+        let mut url = format!("{}{}", self.spec.rest_url.trim_end_matches('/'), parsed.path());
+        if let Some(q) = parsed.query() {
+            url.push('?');
+            url.push_str(q);
+        }
+        Ok(url)
+    }
+
+    async fn wait_for_backlog(&self, shutdown: &mut watch::Receiver<bool>) {
+        loop {
+            let head = self.wal.head(Lane::Backfill);
+            let slowest = self
+                .wal
+                .reader()
+                .cursors()
+                .ok()
+                .and_then(|cs| cs.iter().filter(|c| c.lane == Lane::Backfill).map(|c| c.seq).min());
+            let backlog = slowest.map_or(0, |s| head.saturating_sub(s));
+            if backlog <= self.spec.high_water || *shutdown.borrow() {
+                self.stats.waiting_for_backlog.store(false, Ordering::Relaxed);
+                return;
+            }
+            if !self.stats.waiting_for_backlog.swap(true, Ordering::Relaxed) {
+                tracing::info!(
+                    backlog,
+                    high_water = self.spec.high_water,
+                    "backfill waiting for sinks to drain"
+                );
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                _ = shutdown.changed() => {}
+            }
+        }
+    }
+
+    /// One request with retries. `None` when the attempts ran out or shutdown came.
+    async fn fetch(&self, url: &str, shutdown: &mut watch::Receiver<bool>) -> anyhow::Result<Option<Fetch>> {
+        let mut backoff = Backoff::new(self.spec.retry_min, self.spec.retry_max);
+        loop {
+            if backoff.attempts() >= self.spec.max_attempts || *shutdown.borrow() {
+                return Ok(None);
+            }
+            self.limiter.until_ready().await;
+            self.stats.requests.fetch_add(1, Ordering::Relaxed);
+            let response = self
+                .http
+                .get(url)
+                .bearer_auth(self.spec.api_key.expose())
+                .header(reqwest::header::ACCEPT_ENCODING, "gzip")
+                .send()
+                .await;
+            let mut delay = backoff.next_delay();
+            match response {
+                Ok(r) if r.status().is_success() => {
+                    // A 50,000-bar page is megabytes of JSON: parse it off the async
+                    // workers, so live capture on the same runtime is not held up.
+                    let parsed = match r.bytes().await {
+                        Ok(body) => tokio::task::spawn_blocking(move || serde_json::from_slice::<Page>(&body))
+                            .await
+                            .map_err(|e| e.to_string())
+                            .and_then(|r| r.map_err(|e| e.to_string())),
+                        Err(e) => Err(without_url(&e)),
+                    };
+                    match parsed {
+                        Ok(page) => return Ok(Some(Fetch::Page(page))),
+                        Err(e) => tracing::warn!(error = %e, "unreadable page; retrying"),
+                    }
+                }
+                Ok(r) => {
+                    let status = r.status();
+                    let retry_after = r
+                        .headers()
+                        .get(reqwest::header::RETRY_AFTER)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.trim().parse::<u64>().ok())
+                        .map(Duration::from_secs);
+                    let body = r.text().await.unwrap_or_default();
+                    if status.as_u16() == 429 {
+                        self.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
+                        // Without Retry-After, a 429 means "wait out the minute".
+                        delay = delay.max(retry_after.unwrap_or(Duration::from_secs(60)));
+                    } else if status.is_server_error() {
+                        self.stats.server_errors.fetch_add(1, Ordering::Relaxed);
+                        if let Some(ra) = retry_after {
+                            delay = delay.max(ra);
+                        }
+                    } else {
+                        return Ok(Some(Fetch::Refused(format!(
+                            "HTTP {status}: {}",
+                            crate::polygon::wire::cut(&body)
+                        ))));
+                    }
+                    tracing::debug!(%status, ?delay, "retrying request");
+                }
+                Err(e) => tracing::warn!(error = %without_url(&e), "request failed; retrying"),
+            }
+            self.stats.retries.fetch_add(1, Ordering::Relaxed);
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = shutdown.changed() => return Ok(None),
+            }
+        }
+    }
+}
+
+/// A reqwest error without its URL (which may carry query parameters worth keeping out
+/// of logs).
+fn without_url(e: &reqwest::Error) -> String {
+    let mut s = e.to_string();
+    if let Some(url) = e.url() {
+        s = s.replace(url.as_str(), "<url>");
+    }
+    s
+}
+
+/// The `from` path segment of a `next_url` (the next page's first bar, ms).
+fn next_from(next: &str) -> Option<i64> {
+    let path = next.split('?').next()?;
+    let segments: Vec<&str> = path.rsplit('/').collect();
+    segments.get(1)?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn periods_are_aligned_so_the_same_range_splits_the_same_way() {
+        let day = 86_400_000;
+        let job = Job {
+            feed: Feed::Forex,
+            symbol: "EUR/USD".into(),
+            from_ms: 10 * day + 5,
+            to_ms: 40 * day,
+        };
+        let periods = split(&job, Duration::from_secs(7 * 86_400));
+        assert_eq!(periods.first().unwrap().0, 10 * day + 5);
+        assert_eq!(periods.last().unwrap().1, 40 * day);
+        assert!(periods.windows(2).all(|w| w[0].1 == w[1].0));
+        assert!(periods[1..].iter().all(|(s, _)| s % (7 * day) == 0));
+    }
+
+    #[test]
+    fn next_from_reads_the_from_segment() {
+        assert_eq!(
+            next_from("http://h/v2/aggs/ticker/C:EURUSD/range/1/minute/1700000060000/1700999999999?cursor=x"),
+            Some(1_700_000_060_000)
+        );
+    }
+}

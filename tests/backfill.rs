@@ -1,0 +1,358 @@
+//! The backfill downloader against the simulator's REST endpoint, over real sockets.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tickvault::config::Secret;
+use tickvault::event::{Body, Event, Feed};
+use tickvault::sim::{self, Faults, Market, SimOptions, MINUTE_MS};
+use tickvault::source::backfill::{self, BackfillSpec, BackfillStats, Downloader, Job, PeriodState};
+use tickvault::source::live::{self, LiveSpec, LiveStats};
+use tickvault_wal::{Lane, Wal};
+
+const DAY: i64 = 86_400_000;
+// 2024-03-04T00:00:00Z, a Monday.
+const MONDAY: i64 = 1_709_510_400_000;
+
+fn any_port() -> SocketAddr {
+    "127.0.0.1:0".parse().unwrap()
+}
+
+fn spec(sim: &sim::SimHandle, page_limit: u32) -> BackfillSpec {
+    BackfillSpec {
+        rest_url: sim.rest_url(),
+        api_key: Secret::new("k"),
+        chunk: Duration::from_secs(3 * 86_400),
+        page_limit,
+        max_attempts: 8,
+        concurrency: 2,
+        requests_per_minute: 0,
+        high_water: 5_000_000,
+        retry_min: Duration::from_millis(20),
+        retry_max: Duration::from_millis(200),
+    }
+}
+
+fn job(feed: Feed, symbol: &str, days: i64) -> Job {
+    Job {
+        feed,
+        symbol: symbol.into(),
+        from_ms: MONDAY,
+        to_ms: MONDAY + days * DAY,
+    }
+}
+
+/// Every bar in the backfill lane, by (symbol, start), with how often it occurs.
+fn bars(wal: &Wal) -> HashMap<(String, i64), (u32, tickvault::event::Bar)> {
+    let mut out = HashMap::new();
+    for r in wal.reader().read(Lane::Backfill, 0, usize::MAX).unwrap().records {
+        let event = Event::from_payload(&r.payload).unwrap();
+        assert_eq!(event.capture.lane, Lane::Backfill);
+        let Body::Bar(bar) = event.body else {
+            panic!("not a bar")
+        };
+        let entry = out
+            .entry((bar.symbol.clone(), bar.start_ms))
+            .or_insert((0, bar.clone()));
+        entry.0 += 1;
+    }
+    out
+}
+
+fn assert_exactly_the_markets_bars(wal: &Wal, options: &SimOptions, jobs: &[Job]) {
+    let market = Market::new(options.seed, options.quotes_per_minute, options.faults.hole_every);
+    let got = bars(wal);
+    let mut expected = 0;
+    for job in jobs {
+        let mut m = job.from_ms;
+        while m < job.to_ms {
+            if let Some(b) = market.bar(job.feed, &job.symbol, m) {
+                expected += 1;
+                let (count, bar) = got
+                    .get(&(job.symbol.clone(), m))
+                    .unwrap_or_else(|| panic!("missing {} {m}", job.symbol));
+                assert_eq!(*count, 1, "duplicate {} {m}", job.symbol);
+                assert_eq!(
+                    (bar.open, bar.high, bar.low, bar.close, bar.trades),
+                    (b.open, b.high, b.low, b.close, Some(b.count))
+                );
+            }
+            m += MINUTE_MS;
+        }
+    }
+    assert_eq!(got.len(), expected, "bars outside the requested ranges");
+}
+
+async fn download(wal: &Wal, spec: BackfillSpec, jobs: &[Job]) -> Arc<BackfillStats> {
+    let stats = Arc::new(BackfillStats::default());
+    let (_stop, shutdown) = tokio::sync::watch::channel(false);
+    Downloader::new(spec, wal.clone(), stats.clone())
+        .unwrap()
+        .run(jobs, shutdown)
+        .await
+        .unwrap();
+    stats
+}
+
+#[tokio::test]
+async fn pages_are_followed_to_the_end_and_every_bar_lands_once() {
+    let options = SimOptions::default();
+    let sim = sim::spawn(any_port(), options.clone()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(dir.path()).unwrap();
+    // Includes a forex weekend (no bars) and crypto every minute.
+    let jobs = [job(Feed::Forex, "EUR/USD", 7), job(Feed::Crypto, "BTC-USD", 4)];
+    let stats = download(&wal, spec(&sim, 700), &jobs).await;
+    assert!(stats.pages.load(Ordering::Relaxed) >= 20, "{stats:?}");
+    assert_exactly_the_markets_bars(&wal, &options, &jobs);
+    let periods = backfill::periods(wal.reader()).unwrap();
+    assert_eq!(periods.len(), 3 + 2);
+    assert!(periods.iter().all(|p| p.state == PeriodState::Downloaded));
+    wal.shutdown().await.unwrap();
+    sim.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_429_storm_is_ridden_out_honouring_retry_after_and_5xx_are_retried() {
+    let faults = Faults {
+        burst_429: 4,
+        error_5xx_every: 3,
+        ..Faults::default()
+    };
+    let options = SimOptions {
+        faults,
+        ..SimOptions::default()
+    };
+    let sim = sim::spawn(any_port(), options.clone()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(dir.path()).unwrap();
+    let jobs = [job(Feed::Crypto, "ETH-USD", 2)];
+    let started = std::time::Instant::now();
+    let stats = download(&wal, spec(&sim, 1000), &jobs).await;
+    assert!(stats.rate_limited.load(Ordering::Relaxed) >= 4, "{stats:?}");
+    assert!(stats.server_errors.load(Ordering::Relaxed) >= 1, "{stats:?}");
+    // The simulator's Retry-After is 1-2 s: four 429s in a row cannot pass in under 1 s.
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "Retry-After was not honoured"
+    );
+    assert_exactly_the_markets_bars(&wal, &options, &jobs);
+    wal.shutdown().await.unwrap();
+    sim.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_restart_mid_chunk_resumes_from_the_tracker_without_refetching_finished_periods() {
+    let options = SimOptions {
+        faults: Faults {
+            slow: Some(Duration::from_millis(30)),
+            ..Faults::default()
+        },
+        ..SimOptions::default()
+    };
+    let sim = sim::spawn(any_port(), options.clone()).await.unwrap();
+    let jobs = [job(Feed::Crypto, "SOL-USD", 9)];
+    let mut one_spec = spec(&sim, 500);
+    one_spec.concurrency = 1;
+
+    // Reference: the same download, uninterrupted.
+    let reference_dir = tempfile::tempdir().unwrap();
+    let reference = Wal::open(reference_dir.path()).unwrap();
+    let full = download(&reference, one_spec.clone(), &jobs).await;
+    let full_pages = full.pages.load(Ordering::Relaxed);
+    reference.shutdown().await.unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(dir.path()).unwrap();
+    let first = Arc::new(BackfillStats::default());
+    {
+        let (stop, shutdown) = tokio::sync::watch::channel(false);
+        let downloader = Downloader::new(one_spec.clone(), wal.clone(), first.clone()).unwrap();
+        let run = downloader.run(&jobs, shutdown);
+        tokio::pin!(run);
+        // Stop in the middle of the second period.
+        let per_period = full_pages / 3;
+        loop {
+            tokio::select! {
+                r = &mut run => { r.unwrap(); panic!("finished before it could be interrupted"); }
+                _ = tokio::time::sleep(Duration::from_millis(5)) => {
+                    if first.pages.load(Ordering::Relaxed) >= per_period + per_period / 2 {
+                        stop.send(true).unwrap();
+                        break;
+                    }
+                }
+            }
+        }
+        run.await.unwrap();
+    }
+    let periods = backfill::periods(wal.reader()).unwrap();
+    assert_eq!(
+        periods.iter().filter(|p| p.state == PeriodState::Downloaded).count(),
+        1,
+        "{periods:?}"
+    );
+    let partial = periods.iter().find(|p| p.state == PeriodState::Pending).unwrap();
+    assert!(partial.resume_from_ms > partial.start_ms, "{partial:?}");
+    wal.shutdown().await.unwrap();
+    drop(wal);
+
+    // The restart: a new process would open the same log.
+    let wal = Wal::open(dir.path()).unwrap();
+    let second = download(&wal, one_spec, &jobs).await;
+    assert_eq!(second.periods_skipped.load(Ordering::Relaxed), 1);
+    assert_eq!(
+        first.pages.load(Ordering::Relaxed) + second.pages.load(Ordering::Relaxed),
+        full_pages,
+        "pages were fetched twice"
+    );
+    assert_exactly_the_markets_bars(&wal, &options, &jobs);
+    wal.shutdown().await.unwrap();
+    sim.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn with_no_sink_draining_backfill_stops_at_the_high_water_mark_while_live_goes_on() {
+    let options = SimOptions {
+        quotes_per_minute: 1200,
+        always_open: true,
+        ..SimOptions::default()
+    };
+    let sim = sim::spawn(any_port(), options.clone()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(dir.path()).unwrap();
+    // A sink that never acknowledges anything on the backfill lane.
+    wal.move_cursor("stuck-sink", Lane::Backfill, 0).await.unwrap();
+    let mut backfill_spec = spec(&sim, 1000);
+    backfill_spec.high_water = 5_000;
+    let stats = Arc::new(BackfillStats::default());
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let downloader = Downloader::new(backfill_spec, wal.clone(), stats.clone()).unwrap();
+    let jobs = [job(Feed::Crypto, "BTC-USD", 30)];
+    let backfill_task = {
+        let shutdown = shutdown.clone();
+        async move { downloader.run(&jobs, shutdown).await }
+    };
+    let live_stats = Arc::new(LiveStats::default());
+    let live_spec = LiveSpec {
+        feed: Feed::Forex,
+        ws_url: sim.ws_url(),
+        api_key: Secret::new("k"),
+        symbols: vec!["EUR/USD".into()],
+        channels: vec!["C".into()],
+        stale_after: Duration::from_secs(5),
+        reconnect_min: Duration::from_millis(50),
+        reconnect_max: Duration::from_millis(500),
+    };
+    let live_task = tokio::spawn(live::run(live_spec, wal.clone(), live_stats.clone(), shutdown.clone()));
+    let checker = async {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let head_at_3s = wal.head(Lane::Backfill);
+        let live_at_3s = live_stats.captured.load(Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let waiting = stats.waiting_for_backlog.load(Ordering::Relaxed);
+        (
+            head_at_3s,
+            live_at_3s,
+            wal.head(Lane::Backfill),
+            live_stats.captured.load(Ordering::Relaxed),
+            waiting,
+        )
+    };
+    let (result, (head_3s, live_3s, head_5s, live_5s, waiting)) = tokio::join!(backfill_task, async {
+        let out = checker.await;
+        stop.send(true).unwrap();
+        out
+    });
+    result.unwrap();
+    live_task.await.unwrap().unwrap();
+    // Stopped at the mark: at most one page per concurrent request beyond it, then still.
+    assert!(head_3s >= 5_000, "backfill did not reach the mark: {head_3s}");
+    assert!(head_3s <= 5_000 + 2 * 1_000, "backfill ran past the mark: {head_3s}");
+    assert_eq!(head_3s, head_5s, "backfill kept going while above the mark");
+    assert!(waiting, "the downloader did not say it was waiting for sinks");
+    assert!(live_5s > live_3s, "live capture stalled: {live_3s} then {live_5s}");
+    wal.shutdown().await.unwrap();
+    sim.stop().await.unwrap();
+}
+
+fn peak_rss_mb(output: &str) -> u64 {
+    let at = output.find("peak RSS ").unwrap_or_else(|| panic!("{output}"));
+    output[at + 9..].split_whitespace().next().unwrap().parse().unwrap()
+}
+
+fn backfill_cli(config: &Path, data_dir: &Path, from: &str, to: &str) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tickvault"))
+        .args([
+            "backfill",
+            "--config",
+            config.to_str().unwrap(),
+            "--symbol",
+            "C:EURUSD",
+            "--from",
+            from,
+            "--to",
+            to,
+        ])
+        .args(["--data-dir", data_dir.to_str().unwrap()])
+        .env("TICKVAULT_POLYGON_API_KEY", "k")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    stdout
+}
+
+/// Kills the simulator child even when an assertion fails.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn memory_stays_flat_as_the_range_grows_from_one_month_to_ten_years() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    let _simulator = Child(
+        std::process::Command::new(env!("CARGO_BIN_EXE_tickvault"))
+            .args(["simulate", "--listen", &addr.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    for _ in 0..100 {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("c.toml");
+    std::fs::write(
+        &config,
+        format!("[polygon]\nrest_url = \"http://{addr}\"\n[backfill]\nchunk = \"90days\"\n"),
+    )
+    .unwrap();
+    let month = backfill_cli(&config, &dir.path().join("m"), "2024-01-01", "2024-01-31");
+    let five_years = backfill_cli(&config, &dir.path().join("y"), "2019-01-01", "2023-12-31");
+    let decade = backfill_cli(&config, &dir.path().join("d"), "2014-01-01", "2023-12-31");
+    eprintln!("{month}{five_years}{decade}");
+    assert!(decade.contains("3755520 bars"), "{decade}");
+    let (m, y, d) = (peak_rss_mb(&month), peak_rss_mb(&five_years), peak_rss_mb(&decade));
+    // One month does not fill the log's fixed budgets (96 MiB of memtables, a 32 MiB
+    // block cache); a few years do. From there on memory must not grow with the range.
+    assert!(
+        d <= y + 16,
+        "peak RSS grew from {y} MB (5 years) to {d} MB (10 years); 1 month: {m} MB"
+    );
+    assert!(d < 200, "peak RSS {d} MB for 10 years");
+}
