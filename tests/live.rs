@@ -342,3 +342,64 @@ async fn malformed_frames_are_counted_and_skipped_and_capture_goes_on() {
     wal.shutdown().await.unwrap();
     sim.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_quiet_market_is_not_mistaken_for_a_stale_feed() {
+    // Every minute is a hole at the source: the connection is alive but carries nothing.
+    let faults = Faults {
+        hole_every: 1,
+        ..Faults::default()
+    };
+    let sim = sim::spawn(
+        any_port(),
+        SimOptions {
+            faults,
+            always_open: true,
+            ..SimOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(dir.path()).unwrap();
+    let mut quiet = spec(&sim, Feed::Forex, &["EUR/USD"], &["C"]);
+    quiet.stale_after = Duration::from_secs(1);
+    let stats = capture_for(quiet, &wal, Duration::from_secs(4)).await;
+    assert_eq!(stats.connects.load(Ordering::Relaxed), 1, "{stats:?}");
+    assert_eq!(stats.disconnects.load(Ordering::Relaxed), 0, "{stats:?}");
+    assert_eq!(stats.captured.load(Ordering::Relaxed), 0);
+    wal.shutdown().await.unwrap();
+    sim.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_reader_that_stops_reading_is_cut_off_as_a_slow_consumer() {
+    let options = SimOptions {
+        quotes_per_minute: 60_000,
+        max_queued_frames: 4,
+        always_open: true,
+        ..SimOptions::default()
+    };
+    let sim = sim::spawn(any_port(), options).await.unwrap();
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("{}/crypto", sim.ws_url()))
+        .await
+        .unwrap();
+    next_json(&mut ws).await;
+    send(&mut ws, json!({"action":"auth","params":"k"})).await;
+    assert_eq!(next_json(&mut ws).await[0]["status"], "auth_success");
+    let symbols: Vec<String> = (0..10).map(|i| format!("XQ.S{i}-USD")).collect();
+    send(&mut ws, json!({"action":"subscribe","params": symbols.join(",")})).await;
+    // Stop reading while the server keeps producing about 10,000 events a second.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let ended = tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            match ws.next().await {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the server kept a reader that did not read");
+    sim.stop().await.unwrap();
+}

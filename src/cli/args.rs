@@ -68,7 +68,7 @@ pub enum Command {
     Backfill {
         #[arg(long)]
         config: PathBuf,
-        /// `C:EURUSD`, `EUR/USD`, `X:BTCUSD`, `BTC-USD`, `AAPL`.
+        /// `C:EURUSD`, `EUR/USD`, `X:BTCUSD`, `BTC-USD`, `AAPL`; several, comma-separated.
         #[arg(long)]
         symbol: String,
         /// First day (YYYY-MM-DD, UTC), inclusive.
@@ -138,6 +138,24 @@ pub enum WalCommand {
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {
+    /// Live frame-to-durable latency at 1,000 and 10,000 events/s, backfill bars/s and
+    /// peak RSS, and use of a REST quota, all against the simulator on loopback.
+    Capture {
+        #[arg(long, default_value = "target/bench")]
+        dir: PathBuf,
+        /// Seconds measured per live rate.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Years of minute bars for 14 forex symbols (0 skips the backfill run).
+        #[arg(long, default_value_t = 10)]
+        backfill_years: u32,
+        /// Requests per minute for the quota run (0 skips it).
+        #[arg(long, default_value_t = 120)]
+        quota: u32,
+        /// Seconds the quota run lasts (covering at least two clock minutes is wise).
+        #[arg(long, default_value_t = 150)]
+        quota_seconds: u64,
+    },
     /// Durable appends (1 and 4 producers) against naive synced single puts, and replay reads.
     Wal {
         /// Where the benchmark's logs go (a fresh temporary directory inside it).

@@ -47,35 +47,44 @@ pub fn peak_rss_bytes() -> Option<u64> {
 
 pub async fn run(
     config_path: &Path,
-    symbol: &str,
+    symbols: &str,
     from: jiff::civil::Date,
     to: jiff::civil::Date,
     data_dir: Option<PathBuf>,
 ) -> anyhow::Result<ExitCode> {
     let config = load_config(config_path, data_dir)?;
-    let (feed, symbol) = parse_symbol(symbol).with_context(|| format!("--symbol {symbol:?} is not a symbol"))?;
     anyhow::ensure!(from <= to, "--from {from} is after --to {to}");
-    let job = Job {
-        feed,
-        symbol: symbol.clone(),
-        from_ms: day_ms(from)?,
-        to_ms: day_ms(to)? + 86_400_000,
+    let (from_ms, to_ms) = (day_ms(from)?, day_ms(to)? + 86_400_000);
+    let mut jobs = Vec::new();
+    for s in symbols.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+        let (feed, symbol) = parse_symbol(s).with_context(|| format!("--symbol {s:?} is not a symbol"))?;
+        jobs.push(Job {
+            feed,
+            symbol,
+            from_ms,
+            to_ms,
+        });
+    }
+    anyhow::ensure!(!jobs.is_empty(), "--symbol {symbols:?} names no symbol");
+    let what = match &jobs[..] {
+        [one] => format!("{} {}", one.feed, one.symbol),
+        many => format!("{} symbols", many.len()),
     };
     let wal = Wal::open_with(&config.log.data_dir, config.wal_options())?;
     let stats = Arc::new(BackfillStats::default());
     let downloader = Downloader::new(daemon::backfill_spec(&config)?, wal.clone(), stats.clone())?;
     let (stop, shutdown) = tokio::sync::watch::channel(false);
 
-    let total_ms = (job.to_ms - job.from_ms) as u64;
+    let total_ms = (to_ms - from_ms) as u64 * jobs.len() as u64;
     let bar = indicatif::ProgressBar::new(total_ms);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{prefix} [{bar:40}] {percent:>3}% {msg} (eta {eta})")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
             .progress_chars("=> "),
     );
-    bar.set_prefix(format!("{feed} {symbol} {from}..{to}"));
+    bar.set_prefix(format!("{what} {from}..{to}"));
     let started = Instant::now();
-    let run = downloader.run(std::slice::from_ref(&job), shutdown);
+    let run = downloader.run(&jobs, shutdown);
     tokio::pin!(run);
     let mut tick = tokio::time::interval(Duration::from_millis(200));
     let mut interrupted = false;
@@ -107,7 +116,7 @@ pub async fn run(
     let secs = started.elapsed().as_secs_f64();
     let bars = stats.bars.load(Ordering::Relaxed);
     println!(
-        "backfilled {feed} {symbol} {from}..{to}: {bars} bars in {secs:.2} s ({:.0} bars/s), {} pages, {} requests, {} retries ({} rate-limited), periods {}/{} done ({} already done), peak RSS {} MB",
+        "backfilled {what} {from}..{to}: {bars} bars in {secs:.2} s ({:.0} bars/s), {} pages, {} requests, {} retries ({} rate-limited), periods {}/{} done ({} already done), peak RSS {} MB",
         bars as f64 / secs.max(1e-9),
         stats.pages.load(Ordering::Relaxed),
         stats.requests.load(Ordering::Relaxed),

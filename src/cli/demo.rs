@@ -124,12 +124,11 @@ pub async fn run(
             .iter()
             .map(|(_, s)| s.captured.load(Ordering::Relaxed))
             .sum();
-        let (mut sum_us, mut samples, mut max_us, mut reconnects, mut up) = (0, 0, 0, 0, 0);
+        let (mut p50, mut p99, mut reconnects, mut up) = (0.0f64, 0.0f64, 0, 0);
         let mut closed = Vec::new();
         for (feed, s) in &running.live {
-            sum_us += s.latency_us_sum.load(Ordering::Relaxed);
-            samples += s.latency_samples.load(Ordering::Relaxed);
-            max_us = max_us.max(s.latency_us_max.load(Ordering::Relaxed));
+            p50 = p50.max(s.latency_ms(0.5));
+            p99 = p99.max(s.latency_ms(0.99));
             reconnects += s.disconnects.load(Ordering::Relaxed);
             up += u64::from(s.connected.load(Ordering::Relaxed));
             if !market.is_open(*feed, now_ms) {
@@ -137,14 +136,14 @@ pub async fn run(
             }
         }
         line.push_str(&format!(
-            " | live {} events ({}/s), {}/{} feeds up, {} reconnects, durable in {:.1} ms avg / {:.1} ms max",
+            " | live {} events ({}/s), {}/{} feeds up, {} reconnects, durable in {:.1} ms p50 / {:.1} ms p99",
             thousands(captured),
             thousands(captured - last_live),
             up,
             running.live.len(),
             reconnects,
-            sum_us as f64 / samples.max(1) as f64 / 1000.0,
-            max_us as f64 / 1000.0
+            p50,
+            p99
         ));
         if !closed.is_empty() {
             line.push_str(&format!(" ({} closed now)", closed.join(", ")));

@@ -117,6 +117,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             })),
         },
         Command::Bench { command } => match command {
+            BenchCommand::Capture {
+                dir,
+                seconds,
+                backfill_years,
+                quota,
+                quota_seconds,
+            } => runtime()?.block_on(super::bench_capture::capture(
+                &dir,
+                seconds,
+                backfill_years,
+                quota,
+                quota_seconds,
+            )),
             BenchCommand::Wal {
                 dir,
                 records,

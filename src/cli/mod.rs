@@ -3,6 +3,7 @@
 mod args;
 mod backfill;
 mod bench;
+mod bench_capture;
 mod demo;
 mod dispatch;
 mod load;

@@ -171,10 +171,13 @@ impl Market {
         };
         let tick = if feed == Feed::Forex { 1e-5 } else { 1e-2 };
         let (mut high, mut low) = (open.max(close), open.min(close));
+        // Quote 1 touches the high (when there are at least 3), quote 2 the low (at least 4).
         if count >= 3 {
             let up = (self.h(symbol, minute_ms, 0x41) % 6) as f64 * tick;
-            let down = (self.h(symbol, minute_ms, 0x10) % 6) as f64 * tick;
             high = Self::round(feed, high + up);
+        }
+        if count >= 4 {
+            let down = (self.h(symbol, minute_ms, 0x10) % 6) as f64 * tick;
             low = Self::round(feed, low - down);
         }
         Some(SimBar {
@@ -190,16 +193,32 @@ impl Market {
 
     /// The quotes of one minute, in time order, laid out inside [`Market::bar`].
     pub fn quotes(&self, feed: Feed, symbol: &str, minute_ms: i64) -> Vec<SimQuote> {
+        self.quotes_between(feed, symbol, minute_ms, minute_ms - 1, minute_ms + MINUTE_MS - 1)
+    }
+
+    /// The quotes of the minute starting at `minute_ms` with `after < ts <= upto`,
+    /// computed without generating the rest of the minute (a live feed asks for a few
+    /// milliseconds of a minute that may hold 60,000 quotes).
+    pub fn quotes_between(&self, feed: Feed, symbol: &str, minute_ms: i64, after: i64, upto: i64) -> Vec<SimQuote> {
+        if upto < minute_ms || after >= minute_ms + MINUTE_MS - 1 {
+            return Vec::new();
+        }
         let Some(bar) = self.bar(feed, symbol, minute_ms) else {
             return Vec::new();
         };
         let k = bar.count;
         let spread_ticks = 1 + self.h(symbol, minute_ms, 0x5d) % 3;
         let tick = if feed == Feed::Forex { 1e-5 } else { 1e-2 };
-        let slot = MINUTE_MS as u64 / k;
-        (0..k)
-            .map(|i| {
-                let ts_ms = minute_ms + (i * slot + self.h(symbol, minute_ms, i) % slot.max(1)) as i64;
+        let slot = (MINUTE_MS as u64 / k).max(1);
+        // Quote i lies in [minute + i*slot, minute + (i+1)*slot).
+        let first = u64::try_from((after - minute_ms).max(0)).unwrap_or(0) / slot;
+        let last = (u64::try_from((upto - minute_ms).max(0)).unwrap_or(0) / slot).min(k - 1);
+        (first..=last)
+            .filter_map(|i| {
+                let ts_ms = minute_ms + (i * slot + self.h(symbol, minute_ms, i) % slot) as i64;
+                if ts_ms <= after || ts_ms > upto {
+                    return None;
+                }
                 let bid = match i {
                     0 => bar.open,
                     _ if i == k - 1 => bar.close,
@@ -210,11 +229,11 @@ impl Market {
                         Self::round(feed, bar.low + (bar.high - bar.low) * u)
                     }
                 };
-                SimQuote {
+                Some(SimQuote {
                     ts_ms,
                     bid,
                     ask: Self::round(feed, bid + spread_ticks as f64 * tick),
-                }
+                })
             })
             .collect()
     }
@@ -255,6 +274,33 @@ mod tests {
                 assert!(quotes.windows(2).all(|w| w[0].ts_ms <= w[1].ts_ms));
                 assert!(quotes.iter().all(|q| q.ts_ms >= m && q.ts_ms < m + MINUTE_MS));
                 assert!(quotes.iter().all(|q| q.ask > q.bid));
+            }
+        }
+    }
+
+    #[test]
+    fn small_minutes_agree_with_their_bars_too_and_windows_add_up_to_the_minute() {
+        for qpm in 1..12 {
+            let market = Market::new(5, qpm, 0);
+            for i in 0..300 {
+                let m = minute("2024-03-05T00:00:00Z") + i * MINUTE_MS;
+                let bar = market.bar(Feed::Crypto, "SOL-USD", m).unwrap();
+                let quotes = market.quotes(Feed::Crypto, "SOL-USD", m);
+                let high = quotes.iter().map(|q| q.bid).fold(f64::MIN, f64::max);
+                let low = quotes.iter().map(|q| q.bid).fold(f64::MAX, f64::min);
+                assert_eq!(
+                    (high, low, quotes.len() as u64),
+                    (bar.high, bar.low, bar.count),
+                    "k={}",
+                    bar.count
+                );
+                let mut pieces = Vec::new();
+                let mut at = m - 1;
+                while at < m + MINUTE_MS {
+                    pieces.extend(market.quotes_between(Feed::Crypto, "SOL-USD", m, at, at + 777));
+                    at += 777;
+                }
+                assert_eq!(pieces, quotes);
             }
         }
     }

@@ -286,27 +286,36 @@ fn gather(market: &Market, feed: Feed, subs: &Subscriptions, after: i64, upto: i
         for symbol in subs.symbols(feed, prefix) {
             let mut minute = first_minute;
             while minute <= upto {
-                let quotes = market.quotes(feed, &symbol, minute);
                 match prefix {
                     "C" | "XQ" | "XT" | "Q" | "T" => {
-                        for q in quotes.iter().filter(|q| q.ts_ms > after && q.ts_ms <= upto) {
-                            events.push((q.ts_ms, quote_json(feed, &symbol, prefix, q)));
+                        for q in market.quotes_between(feed, &symbol, minute, after, upto) {
+                            events.push((q.ts_ms, quote_json(feed, &symbol, prefix, &q)));
                         }
                     }
                     "CA" | "XA" | "AM" => {
                         let end = minute + MINUTE_MS;
                         if end > after && end <= upto {
-                            if let Some(w) = fold(&quotes, minute, end) {
+                            if let Some(b) = market.bar(feed, &symbol, minute) {
+                                let w = Window {
+                                    start: minute,
+                                    end,
+                                    open: b.open,
+                                    high: b.high,
+                                    low: b.low,
+                                    close: b.close,
+                                    count: b.count,
+                                };
                                 events.push((end, window_json(feed, &symbol, prefix, &w)));
                             }
                         }
                     }
                     _ => {
                         // Second bars: each second of the minute that closed in the window.
-                        let mut second = minute;
-                        while second < minute + MINUTE_MS {
+                        let mut second = minute.max(after.div_euclid(1000) * 1000);
+                        while second < (minute + MINUTE_MS).min(upto) {
                             let end = second + 1000;
                             if end > after && end <= upto {
+                                let quotes = market.quotes_between(feed, &symbol, minute, second - 1, end - 1);
                                 if let Some(w) = fold(&quotes, second, end) {
                                     events.push((end, window_json(feed, &symbol, prefix, &w)));
                                 }

@@ -53,7 +53,7 @@ impl LiveSpec {
 }
 
 /// Counters of one collector, for progress display and metrics.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct LiveStats {
     pub frames: AtomicU64,
     pub events: AtomicU64,
@@ -68,6 +68,42 @@ pub struct LiveStats {
     pub latency_us_sum: AtomicU64,
     pub latency_samples: AtomicU64,
     pub latency_us_max: AtomicU64,
+    /// Frame received to durable in the log, microseconds, per frame.
+    pub latency_us: std::sync::Mutex<hdrhistogram::Histogram<u64>>,
+}
+
+impl Default for LiveStats {
+    fn default() -> Self {
+        LiveStats {
+            frames: AtomicU64::new(0),
+            events: AtomicU64::new(0),
+            captured: AtomicU64::new(0),
+            malformed: AtomicU64::new(0),
+            connects: AtomicU64::new(0),
+            disconnects: AtomicU64::new(0),
+            gaps: AtomicU64::new(0),
+            connected: AtomicBool::new(false),
+            latency_us_sum: AtomicU64::new(0),
+            latency_samples: AtomicU64::new(0),
+            latency_us_max: AtomicU64::new(0),
+            // 1 µs to 1 hour at 3 significant figures; values above are clamped.
+            latency_us: std::sync::Mutex::new(
+                hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 3)
+                    .unwrap_or_else(|_| unreachable!("valid bounds")),
+            ),
+        }
+    }
+}
+
+impl LiveStats {
+    /// The latency at quantile `q` (0..=1) in milliseconds.
+    pub fn latency_ms(&self, q: f64) -> f64 {
+        self.latency_us
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .value_at_quantile(q) as f64
+            / 1000.0
+    }
 }
 
 /// Why a session ended.
@@ -352,11 +388,13 @@ async fn append_loop(wal: Wal, mut rx: mpsc::Receiver<Arrival>, stats: Arc<LiveS
         }
         wal.append(Lane::Live, batch).await.context("appending live events")?;
         stats.captured.fetch_add(count, Ordering::Relaxed);
+        let mut histogram = stats.latency_us.lock().unwrap_or_else(|p| p.into_inner());
         for arrival in &arrivals {
             let us = u64::try_from(arrival.received.elapsed().as_micros()).unwrap_or(u64::MAX);
             stats.latency_us_sum.fetch_add(us, Ordering::Relaxed);
             stats.latency_samples.fetch_add(1, Ordering::Relaxed);
             stats.latency_us_max.fetch_max(us, Ordering::Relaxed);
+            histogram.saturating_record(us.max(1));
         }
     }
     Ok(())
