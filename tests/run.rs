@@ -1,0 +1,169 @@
+//! `tickvault run` and `tickvault demo` as a user runs them: real processes, real sockets.
+
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tickvault::event::Event;
+use tickvault_wal::{Lane, Wal};
+
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn tickvault() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_tickvault"))
+}
+
+fn free_addr() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().to_string()
+}
+
+fn wait_for_port(addr: &str) {
+    for _ in 0..200 {
+        if std::net::TcpStream::connect(addr).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    panic!("nothing listening on {addr}");
+}
+
+#[test]
+fn run_captures_live_and_backfill_and_stops_cleanly_on_sigterm() {
+    let addr = free_addr();
+    let _sim = Child(
+        tickvault()
+            .args([
+                "simulate",
+                "--listen",
+                &addr,
+                "--api-key",
+                "secret-key",
+                "--always-open",
+                "--quotes-per-minute",
+                "1200",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    wait_for_port(&addr);
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("run.toml");
+    std::fs::write(
+        &config,
+        "[live.forex]\nsymbols = [\"EUR/USD\"]\nchannels = [\"C\"]\n[live.crypto]\nsymbols = [\"X:BTC-USD\"]\nchannels = [\"XQ\", \"XT\"]\n\
+         [backfill]\ncrypto = [\"ETH-USD\"]\nlookback = \"3days\"\nchunk = \"1day\"\n",
+    )
+    .unwrap();
+    let log = dir.path().join("log");
+    let mut daemon = Child(
+        tickvault()
+            .args([
+                "run",
+                "--config",
+                config.to_str().unwrap(),
+                "--data-dir",
+                log.to_str().unwrap(),
+            ])
+            .env("TICKVAULT_POLYGON_WS_URL", format!("ws://{addr}"))
+            .env("TICKVAULT_POLYGON_REST_URL", format!("http://{addr}"))
+            .env("TICKVAULT_POLYGON_API_KEY", "secret-key")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    std::thread::sleep(Duration::from_secs(4));
+    let pid = daemon.0.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = daemon.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "run did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stderr = String::new();
+    daemon.0.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    assert!(status.success(), "{status}: {stderr}");
+    assert!(stderr.contains("log synced"), "{stderr}");
+    assert!(!stderr.contains("secret-key"), "the API key was logged");
+
+    let wal = Wal::open_read_only(&log).unwrap();
+    let live = wal.read(Lane::Live, 0, usize::MAX).unwrap();
+    let backfill = wal.read(Lane::Backfill, 0, usize::MAX).unwrap();
+    assert!(live.corrupt.is_empty() && backfill.corrupt.is_empty());
+    let feeds: std::collections::BTreeSet<String> = live
+        .records
+        .iter()
+        .map(|r| Event::from_payload(&r.payload).unwrap().capture.feed.to_string())
+        .collect();
+    assert_eq!(feeds.into_iter().collect::<Vec<_>>(), vec!["crypto", "forex"]);
+    // Three days of crypto minute bars, every minute.
+    assert!(backfill.records.len() >= 3 * 1440, "{} bars", backfill.records.len());
+}
+
+#[test]
+fn demo_runs_for_its_duration_and_summarises_what_it_captured() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = tickvault()
+        .args([
+            "demo",
+            "--duration",
+            "4",
+            "--data-dir",
+            dir.path().join("log").to_str().unwrap(),
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    for expected in [
+        "live",
+        "backfill",
+        "summary after",
+        "captured (in the log, durable)",
+        "check:",
+        "- clean",
+    ] {
+        assert!(stdout.contains(expected), "no {expected:?} in:\n{stdout}");
+    }
+    assert!(stdout.contains("crypto  BTC-USD"), "{stdout}");
+}
+
+#[test]
+fn a_bad_config_stops_run_before_anything_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("bad.toml");
+    std::fs::write(&config, "[live.forex]\nsymbols = [\"EUR/USD\"]\nchannels = [\"Z\"]\n").unwrap();
+    let out = tickvault()
+        .args([
+            "run",
+            "--config",
+            config.to_str().unwrap(),
+            "--data-dir",
+            dir.path().join("log").to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("live.forex.channels[0]"));
+    assert!(
+        !dir.path().join("log").exists(),
+        "a log was created for a config that failed"
+    );
+}
