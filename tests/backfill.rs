@@ -14,6 +14,8 @@ use tickvault::source::backfill::{self, BackfillSpec, BackfillStats, Downloader,
 use tickvault::source::live::{self, LiveSpec, LiveStats};
 use tickvault_wal::{Lane, Wal};
 
+mod common;
+
 const DAY: i64 = 86_400_000;
 // 2024-03-04T00:00:00Z, a Monday.
 const MONDAY: i64 = 1_709_510_400_000;
@@ -306,35 +308,9 @@ fn backfill_cli(config: &Path, data_dir: &Path, from: &str, to: &str) -> String 
     stdout
 }
 
-/// Kills the simulator child even when an assertion fails.
-struct Child(std::process::Child);
-
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 #[test]
 fn memory_stays_flat_as_the_range_grows_from_one_month_to_ten_years() {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    drop(listener);
-    let _simulator = Child(
-        std::process::Command::new(env!("CARGO_BIN_EXE_tickvault"))
-            .args(["simulate", "--listen", &addr.to_string()])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    for _ in 0..100 {
-        if std::net::TcpStream::connect(addr).is_ok() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let (_simulator, addr) = common::simulator(&[]);
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("c.toml");
     std::fs::write(

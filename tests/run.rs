@@ -7,55 +7,19 @@ use std::time::{Duration, Instant};
 use tickvault::event::Event;
 use tickvault_wal::{Lane, Wal};
 
-struct Child(std::process::Child);
+mod common;
 
-impl Drop for Child {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn tickvault() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_tickvault"))
-}
-
-fn free_addr() -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().to_string()
-}
-
-fn wait_for_port(addr: &str) {
-    for _ in 0..200 {
-        if std::net::TcpStream::connect(addr).is_ok() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(25));
-    }
-    panic!("nothing listening on {addr}");
-}
+use common::{simulator, tickvault, Child};
 
 #[test]
 fn run_captures_live_and_backfill_and_stops_cleanly_on_sigterm() {
-    let addr = free_addr();
-    let _sim = Child(
-        tickvault()
-            .args([
-                "simulate",
-                "--listen",
-                &addr,
-                "--api-key",
-                "secret-key",
-                "--always-open",
-                "--quotes-per-minute",
-                "1200",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    wait_for_port(&addr);
+    let (_sim, addr) = simulator(&[
+        "--api-key",
+        "secret-key",
+        "--always-open",
+        "--quotes-per-minute",
+        "1200",
+    ]);
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("run.toml");
     std::fs::write(

@@ -1,0 +1,44 @@
+//! Helpers shared by the integration tests that run the real binary.
+#![allow(dead_code)]
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+/// A child process killed when dropped, so a failed assertion leaves nothing running.
+pub struct Child(pub std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn tickvault() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_tickvault"))
+}
+
+/// `tickvault simulate` on a free loopback port, ready to take connections.
+pub fn simulator(extra: &[&str]) -> (Child, String) {
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    let child = Child(
+        tickvault()
+            .args(["simulate", "--listen", &addr])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    for _ in 0..200 {
+        if std::net::TcpStream::connect(&addr).is_ok() {
+            return (child, addr);
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    panic!("the simulator did not start on {addr}");
+}
