@@ -10,7 +10,6 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use serde::Serialize;
-use serde_json::json;
 
 use super::market::MINUTE_MS;
 use super::server::Sim;
@@ -33,17 +32,45 @@ struct BarJson {
     n: u64,
 }
 
+/// The whole response of a request, fields in the order Polygon sends them.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct AggsResponse {
+    ticker: String,
+    query_count: usize,
+    results_count: usize,
+    adjusted: bool,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    results: Vec<BarJson>,
+    status: &'static str,
+    #[serde(rename = "request_id")]
+    request_id: String,
+    count: usize,
+    #[serde(rename = "next_url", skip_serializing_if = "Option::is_none")]
+    next_url: Option<String>,
+}
+
+fn json_response(status: StatusCode, body: String) -> Response {
+    (status, [(header::CONTENT_TYPE, "application/json")], body).into_response()
+}
+
+/// An error body in Polygon's key order: `status`, `request_id`, then `error` (or
+/// `message`, as Polygon's 403s have it).
 fn error(status: StatusCode, key: &str, text: &str, request_id: &str) -> Response {
     let status_text = if status == StatusCode::FORBIDDEN {
         "NOT_AUTHORIZED"
     } else {
         "ERROR"
     };
-    (
-        status,
-        axum::Json(json!({ "status": status_text, "request_id": request_id, key: text })),
-    )
-        .into_response()
+    let quote = |s: &str| serde_json::Value::from(s).to_string();
+    let body = format!(
+        "{{\"status\":{},\"request_id\":{},{}:{}}}",
+        quote(status_text),
+        quote(request_id),
+        quote(key),
+        quote(text)
+    );
+    json_response(status, body)
 }
 
 fn parse_time(s: &str, end_of_day: bool) -> Option<i64> {
@@ -118,6 +145,15 @@ pub(crate) async fn aggregates(
         );
     }
 
+    // The simulated plan covers forex, crypto and stocks; options and indices are not in it.
+    if ticker.starts_with("O:") || ticker.starts_with("I:") {
+        return error(
+            StatusCode::FORBIDDEN,
+            "message",
+            "You are not entitled to this data. Please upgrade your plan at https://polygon.io/pricing",
+            &request_id,
+        );
+    }
     let Some((feed, symbol)) = symbol::parse_rest_ticker(&ticker) else {
         return error(
             StatusCode::BAD_REQUEST,
@@ -157,41 +193,38 @@ pub(crate) async fn aggregates(
     let last = to_ms.div_euclid(bucket) * bucket;
     let (results, next) = collect(&sim, feed, &symbol, bucket, first, last, limit, descending);
 
-    let mut body = serde_json::Map::new();
-    body.insert("ticker".into(), json!(ticker));
-    body.insert("queryCount".into(), json!(results.len()));
-    body.insert("resultsCount".into(), json!(results.len()));
-    body.insert("adjusted".into(), json!(adjusted));
-    if !results.is_empty() {
-        body.insert("results".into(), json!(results));
-    }
-    body.insert("status".into(), json!("OK"));
-    body.insert("request_id".into(), json!(request_id));
-    body.insert("count".into(), json!(results.len()));
-    if let Some(next_from) = next {
+    let next_url = next.map(|next_from| {
         let host = headers
             .get(header::HOST)
             .and_then(|h| h.to_str().ok())
             .unwrap_or("127.0.0.1");
-        let cursor = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!(
-            "limit={limit}&sort={}",
-            if descending { "desc" } else { "asc" }
-        ));
+        let order = if descending { "desc" } else { "asc" };
+        let cursor = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!("limit={limit}&sort={order}"));
         // The key is deliberately not in next_url: clients re-attach it.
         let (path_from, path_to) = if descending {
             (from.clone(), next_from.to_string())
         } else {
             (next_from.to_string(), to.clone())
         };
-        body.insert(
-            "next_url".into(),
-            json!(format!(
-                "http://{host}/v2/aggs/ticker/{ticker}/range/{multiplier}/{timespan}/{path_from}/{path_to}?cursor={cursor}&adjusted={adjusted}&sort={}&limit={limit}",
-                if descending { "desc" } else { "asc" }
-            )),
-        );
+        format!(
+            "http://{host}/v2/aggs/ticker/{ticker}/range/{multiplier}/{timespan}/{path_from}/{path_to}?cursor={cursor}&adjusted={adjusted}&sort={order}&limit={limit}"
+        )
+    });
+    let response = AggsResponse {
+        ticker,
+        query_count: results.len(),
+        results_count: results.len(),
+        adjusted,
+        count: results.len(),
+        results,
+        status: "OK",
+        request_id,
+        next_url,
+    };
+    match serde_json::to_string(&response) {
+        Ok(body) => json_response(StatusCode::OK, body),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
     }
-    axum::Json(serde_json::Value::Object(body)).into_response()
 }
 
 /// Bars of `bucket` width between `first` and `last` bucket starts, reading at most
