@@ -256,7 +256,6 @@ async fn session(
     if let Err(e) = socket.send(Message::text(auth)).await {
         return Ended::Lost(format!("sending auth: {e}"));
     }
-    let mut subscribed = false;
     let mut first_after_reconnect = true;
     // A quiet market (forex at the weekend) sends nothing: pings tell a live connection
     // from a dead one, and any frame, pongs included, proves the connection alive.
@@ -308,7 +307,9 @@ async fn session(
         for item in items {
             match item {
                 Ok(WireItem::Status { status, message }) => match status.as_str() {
-                    "connected" | "success" if !subscribed && message.contains("Connected") => {}
+                    // `connected` on open (the spec's schema says `success`); per-item
+                    // subscribe replies are `success` too: nothing to do for either.
+                    "connected" | "success" => {}
                     "auth_success" => {
                         let params = spec.subscribe_params();
                         if let Err(e) = socket
@@ -319,7 +320,6 @@ async fn session(
                         {
                             return Ended::Lost(format!("sending subscribe: {e}"));
                         }
-                        subscribed = true;
                         stats.connected.store(true, Ordering::Relaxed);
                         backoff.reset();
                         tracing::info!(feed = %spec.feed, symbols = spec.symbols.len(), "live feed subscribed");

@@ -502,7 +502,7 @@ impl Writer {
                     break;
                 }
                 old_enough = store::u64_value(&value).unwrap_or(0);
-                index_keys.push(key);
+                index_keys.push((key, old_enough));
             }
             let upto = passed.min(old_enough).min(next.head[i]); // last sequence to remove
             let low = next.low[i];
@@ -517,11 +517,9 @@ impl Writer {
             let lane_cf = cf(&self.db, lane.name());
             batch.delete_range_cf(lane_cf, store::seq_key(low), store::seq_key(upto + 1));
             // Index entries entirely below the new low are no longer needed.
-            for key in index_keys {
-                if let Some(v) = self.db.get_cf(time_cf, &key)?.as_deref().and_then(store::u64_value) {
-                    if v <= upto {
-                        batch.delete_cf(time_cf, &key);
-                    }
+            for (key, highest) in index_keys {
+                if highest <= upto {
+                    batch.delete_cf(time_cf, &key);
                 }
             }
             batch.put_cf(meta, store::meta_low_key(lane), (upto + 1).to_le_bytes());
