@@ -119,21 +119,7 @@ pub enum WalCommand {
         data_dir: PathBuf,
     },
     /// Append synthetic records; print `acked LANE SEQ` whenever a batch is durable.
-    Load {
-        #[arg(long)]
-        data_dir: PathBuf,
-        #[arg(long)]
-        lane: Lane,
-        #[arg(long)]
-        records: u64,
-        #[arg(long, default_value_t = 100)]
-        payload_bytes: usize,
-        #[arg(long, default_value_t = 1)]
-        producers: usize,
-        /// Records per append request.
-        #[arg(long, default_value_t = 1000)]
-        batch: usize,
-    },
+    Load(super::load::LoadSpec),
 }
 
 #[derive(Debug, Subcommand)]

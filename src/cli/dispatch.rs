@@ -100,21 +100,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 to,
             } => super::wal::dump(&data_dir, lane, from, to),
             WalCommand::Check { data_dir } => super::wal::check(&data_dir),
-            WalCommand::Load {
-                data_dir,
-                lane,
-                records,
-                payload_bytes,
-                producers,
-                batch,
-            } => runtime()?.block_on(super::load::run(super::load::LoadSpec {
-                data_dir,
-                lane,
-                records,
-                payload_bytes,
-                producers,
-                batch,
-            })),
+            WalCommand::Load(spec) => runtime()?.block_on(super::load::run(spec)),
         },
         Command::Bench { command } => match command {
             BenchCommand::Capture {

@@ -14,13 +14,21 @@ use tickvault_wal::{Batch, Lane, Wal};
 use crate::event::SYNTHETIC_KIND;
 use crate::synthetic::{self, Synthetic};
 
-#[derive(Clone, Debug)]
+/// `tickvault wal load`'s arguments.
+#[derive(Clone, Debug, clap::Args)]
 pub struct LoadSpec {
+    #[arg(long)]
     pub data_dir: PathBuf,
+    #[arg(long)]
     pub lane: Lane,
+    #[arg(long)]
     pub records: u64,
+    #[arg(long, default_value_t = 100)]
     pub payload_bytes: usize,
+    #[arg(long, default_value_t = 1)]
     pub producers: usize,
+    /// Records per append request.
+    #[arg(long, default_value_t = 1000)]
     pub batch: usize,
 }
 
