@@ -20,7 +20,11 @@
 //! 5. **One writer.** A single thread owns every write; producers reach it over a
 //!    bounded channel (backpressure, not unbounded memory) and wait on one-shot replies.
 //!    Readers share the database handle and never write.
-//! 6. **A failed write poisons the log.** After a failed fsync the kernel may have
+//! 6. **Live before backfill.** A group commit takes at most a few thousand backfill
+//!    records; the rest wait, in order, for the next group, while live appends queued
+//!    behind them join the current one. A live append never waits behind a deep
+//!    backfill queue, only behind one bounded group.
+//! 7. **A failed write poisons the log.** After a failed fsync the kernel may have
 //!    dropped dirty pages; the log cannot know what reached the disk, so it refuses all
 //!    further writes (and says why) until the process restarts and RocksDB recovers
 //!    from its own write-ahead log. A full disk is reported as such.

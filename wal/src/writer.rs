@@ -8,7 +8,7 @@
 //! and the log is poisoned: later writes are refused, because after a failed fsync the
 //! kernel may have dropped dirty pages and nothing can say what reached the disk.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -135,6 +135,31 @@ pub(crate) enum Command {
     },
 }
 
+/// Backfill records one group commit takes at most (a single larger append still goes
+/// whole). About 2-5 ms of memtable inserts on the appliance's hardware.
+pub(crate) const BACKFILL_PER_GROUP: usize = 8_192;
+
+fn is_backfill(cmd: &Command) -> bool {
+    matches!(
+        cmd,
+        Command::Append {
+            lane: Lane::Backfill,
+            ..
+        }
+    )
+}
+
+fn backfill_records(cmd: &Command) -> usize {
+    match cmd {
+        Command::Append {
+            lane: Lane::Backfill,
+            batch,
+            ..
+        } => batch.len(),
+        _ => 0,
+    }
+}
+
 impl Command {
     fn weight(&self) -> usize {
         match self {
@@ -170,6 +195,7 @@ pub(crate) struct Writer {
     state: State,
     clock: Clock,
     max_group: usize,
+    max_deferred: usize,
 }
 
 fn rocks_cause(e: &rocksdb::Error) -> String {
@@ -202,6 +228,7 @@ impl Writer {
                 state,
                 clock,
                 max_group: max_group.max(1),
+                max_deferred: 1024,
             },
             shared,
         ))
@@ -250,18 +277,72 @@ impl Writer {
     }
 
     /// The thread's body: runs until every sender is dropped or `Shutdown` arrives.
+    ///
+    /// Live before backfill: a group takes backfill records only up to
+    /// [`BACKFILL_PER_GROUP`]; further backfill appends wait, in order, for the next
+    /// group, while live appends and everything else drained behind them still join
+    /// this one. A live append therefore never waits behind more than one group's worth
+    /// of backfill inserts, however deep the backfill queue. Order within each lane is
+    /// kept: once one backfill append is deferred, every later one is too.
     pub(crate) fn run(mut self, mut rx: mpsc::Receiver<Command>) {
         let mut group: Vec<Command> = Vec::new();
-        while let Some(first) = rx.blocking_recv() {
-            let mut weight = first.weight();
-            group.push(first);
-            while weight < self.max_group {
-                match rx.try_recv() {
-                    Ok(cmd) => {
+        let mut deferred: VecDeque<Command> = VecDeque::new();
+        let mut closed = false;
+        loop {
+            let mut weight = 0usize;
+            let mut backfill = 0usize;
+            // Deferred backfill (and a shutdown queued behind it) goes first, in order.
+            while let Some(cmd) = deferred.front() {
+                if !group.is_empty()
+                    && (weight >= self.max_group || (is_backfill(cmd) && backfill >= BACKFILL_PER_GROUP))
+                {
+                    break;
+                }
+                let Some(cmd) = deferred.pop_front() else { break };
+                weight += cmd.weight();
+                backfill += backfill_records(&cmd);
+                group.push(cmd);
+            }
+            if group.is_empty() {
+                if closed {
+                    break;
+                }
+                match rx.blocking_recv() {
+                    Some(cmd) => {
                         weight += cmd.weight();
+                        backfill += backfill_records(&cmd);
                         group.push(cmd);
                     }
-                    Err(_) => break,
+                    None => {
+                        closed = true;
+                        continue;
+                    }
+                }
+            }
+            // Bounded: while the deferred queue is full, the channel stays full too and
+            // producers wait (backpressure, not memory).
+            while weight < self.max_group && deferred.len() < self.max_deferred {
+                let cmd = match rx.try_recv() {
+                    Ok(cmd) => cmd,
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => {
+                        closed = true;
+                        break;
+                    }
+                };
+                let must_wait = match &cmd {
+                    Command::Append { .. } if is_backfill(&cmd) => {
+                        !deferred.is_empty() || backfill >= BACKFILL_PER_GROUP
+                    }
+                    Command::Shutdown { .. } => !deferred.is_empty(),
+                    _ => false,
+                };
+                if must_wait {
+                    deferred.push_back(cmd);
+                } else {
+                    weight += cmd.weight();
+                    backfill += backfill_records(&cmd);
+                    group.push(cmd);
                 }
             }
             if self.commit_group(&mut group) {

@@ -334,4 +334,59 @@ mod failpoints {
         wal.shutdown().await.unwrap();
         scenario.teardown();
     }
+
+    #[tokio::test]
+    async fn a_live_append_does_not_wait_behind_a_deep_backfill_queue() {
+        let _serial = SERIAL.lock().await;
+        let scenario = fail::FailScenario::setup();
+        let dir = tempfile::tempdir().unwrap();
+        let wal = Wal::open(dir.path()).unwrap();
+        // Hold the writer in its first commit while the queue fills up behind it.
+        fail::cfg("wal::sync", "1*sleep(400)").unwrap();
+        let priming = tokio::spawn({
+            let wal = wal.clone();
+            async move { wal.append(Lane::Live, batch(1, "prime")).await.unwrap() }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let mut backfills = Vec::new();
+        for i in 0..10 {
+            let wal = wal.clone();
+            backfills.push(tokio::spawn(async move {
+                wal.append(Lane::Backfill, batch(10_000, &format!("b{i}")))
+                    .await
+                    .unwrap()
+            }));
+            // In order: each is in the channel before the next is sent.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let live = tokio::spawn({
+            let wal = wal.clone();
+            async move { wal.append(Lane::Live, batch(1, "tick")).await.unwrap() }
+        });
+        priming.await.unwrap();
+        let live = live.await.unwrap();
+        fail::remove("wal::sync");
+        // The live record rode with at most one backfill append, not with all 100,000.
+        assert!(
+            live.group_records <= 10_001,
+            "live append committed in a group of {}",
+            live.group_records
+        );
+        // Backfill kept its order and its dense sequences.
+        let mut expected_first = 1;
+        for (i, b) in backfills.into_iter().enumerate() {
+            let outcome = b.await.unwrap();
+            assert_eq!(
+                (outcome.first_seq, outcome.last_seq),
+                (expected_first, expected_first + 9_999),
+                "append {i}"
+            );
+            expected_first += 10_000;
+        }
+        let read = wal.reader().read(Lane::Backfill, 0, usize::MAX).unwrap();
+        assert_eq!(read.records.len(), 100_000);
+        assert_eq!(read.records[10_000].payload, b"b1-0");
+        wal.shutdown().await.unwrap();
+        scenario.teardown();
+    }
 }
