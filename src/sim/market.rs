@@ -12,16 +12,10 @@ use jiff::tz::TimeZone;
 use jiff::Timestamp;
 
 use crate::event::Feed;
+use crate::synthetic::splitmix;
 
 /// Milliseconds in a minute.
 pub const MINUTE_MS: i64 = 60_000;
-
-fn splitmix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
-}
 
 fn hash_str(s: &str) -> u64 {
     s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {

@@ -64,10 +64,6 @@ pub struct LiveStats {
     pub disconnects: AtomicU64,
     pub gaps: AtomicU64,
     pub connected: AtomicBool,
-    /// Sum and count of frame-received to durable latencies, in microseconds.
-    pub latency_us_sum: AtomicU64,
-    pub latency_samples: AtomicU64,
-    pub latency_us_max: AtomicU64,
     /// Frame received to durable in the log, microseconds, per frame.
     pub latency_us: std::sync::Mutex<hdrhistogram::Histogram<u64>>,
 }
@@ -83,9 +79,6 @@ impl Default for LiveStats {
             disconnects: AtomicU64::new(0),
             gaps: AtomicU64::new(0),
             connected: AtomicBool::new(false),
-            latency_us_sum: AtomicU64::new(0),
-            latency_samples: AtomicU64::new(0),
-            latency_us_max: AtomicU64::new(0),
             // 1 µs to 1 hour at 3 significant figures; values above are clamped.
             latency_us: std::sync::Mutex::new(
                 hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 3)
@@ -391,9 +384,6 @@ async fn append_loop(wal: Wal, mut rx: mpsc::Receiver<Arrival>, stats: Arc<LiveS
         let mut histogram = stats.latency_us.lock().unwrap_or_else(|p| p.into_inner());
         for arrival in &arrivals {
             let us = u64::try_from(arrival.received.elapsed().as_micros()).unwrap_or(u64::MAX);
-            stats.latency_us_sum.fetch_add(us, Ordering::Relaxed);
-            stats.latency_samples.fetch_add(1, Ordering::Relaxed);
-            stats.latency_us_max.fetch_max(us, Ordering::Relaxed);
             histogram.saturating_record(us.max(1));
         }
     }

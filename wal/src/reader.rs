@@ -74,12 +74,7 @@ pub struct LogReader {
 
 impl LogReader {
     fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
-        // Every column family is created (or checked) by `store::open`; a missing one
-        // would mean the open itself was wrong.
-        match self.db.cf_handle(name) {
-            Some(cf) => cf,
-            None => unreachable!("column family {name} is created at open"),
-        }
+        store::handle(&self.db, name)
     }
 
     /// Calls `visit` for every record of `lane` with `from <= seq <= to`, in order,

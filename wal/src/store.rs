@@ -45,6 +45,15 @@ const ALL_CFS: [&str; 9] = [
     "state",
 ];
 
+/// The handle of a column family. Every one is created (or checked) by [`open`], so a
+/// missing one would mean the open itself was wrong.
+pub(crate) fn handle<'a>(db: &'a DB, name: &str) -> &'a rocksdb::ColumnFamily {
+    match db.cf_handle(name) {
+        Some(cf) => cf,
+        None => unreachable!("column family {name} is created at open"),
+    }
+}
+
 pub(crate) const META_MAGIC: &[u8] = b"magic";
 pub(crate) const MAGIC: &[u8] = b"tickvault-wal";
 pub(crate) const META_FORMAT: &[u8] = b"format_version";

@@ -17,7 +17,7 @@ use rocksdb::{Direction, IteratorMode, WriteBatch, WriteOptions, DB};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::error::WriteError;
-use crate::store::{self, Space, CF_CURSORS, CF_META, CF_QUARANTINE, CF_TIME_INDEX};
+use crate::store::{self, handle as cf, Space, CF_CURSORS, CF_META, CF_QUARANTINE, CF_TIME_INDEX};
 use crate::{Clock, Lane};
 
 /// Records encoded by the producer (so CRCs are computed on the producers' threads),
@@ -620,13 +620,6 @@ fn check_sink(sink: &str) -> Result<(), WriteError> {
         return Err(WriteError::BadSinkName(sink.to_owned()));
     }
     Ok(())
-}
-
-fn cf<'a>(db: &'a DB, name: &str) -> &'a rocksdb::ColumnFamily {
-    match db.cf_handle(name) {
-        Some(cf) => cf,
-        None => unreachable!("column family {name} is created at open"),
-    }
 }
 
 enum Done {
