@@ -20,7 +20,7 @@ pub struct ConfigError {
 }
 
 impl ConfigError {
-    fn field(file: &str, field: &str, message: impl Into<String>) -> Self {
+    pub(crate) fn field(file: &str, field: &str, message: impl Into<String>) -> Self {
         ConfigError {
             file: file.to_owned(),
             location: format!("field `{field}`"),
@@ -41,6 +41,8 @@ pub struct Config {
     pub live: LiveConfig,
     #[serde(default)]
     pub backfill: BackfillConfig,
+    #[serde(default)]
+    pub sinks: crate::sink::SinksConfig,
 }
 
 /// `[polygon]`: where Polygon is and how to authenticate.
@@ -267,22 +269,36 @@ impl Config {
         if let Some(key) = non_empty("TICKVAULT_POLYGON_API_KEY", "polygon.api_key_file")? {
             self.polygon.api_key = Some(Secret(key));
         } else if let Some(path) = &self.polygon.api_key_file {
-            let text = std::fs::read_to_string(path).map_err(|e| {
-                ConfigError::field(
-                    file,
-                    "polygon.api_key_file",
-                    format!("cannot read {}: {e}", path.display()),
-                )
-            })?;
-            let key = text.lines().next().unwrap_or("").trim();
-            if key.is_empty() {
-                return Err(ConfigError::field(
-                    file,
-                    "polygon.api_key_file",
-                    format!("{} is empty", path.display()),
-                ));
-            }
-            self.polygon.api_key = Some(Secret(key.to_owned()));
+            self.polygon.api_key = Some(Secret(read_secret_file(file, "polygon.api_key_file", path)?));
+        }
+        let sinks = &mut self.sinks;
+        for (env, field, path, secret) in [
+            (
+                "TICKVAULT_CLICKHOUSE_PASSWORD",
+                "sinks.clickhouse.password_file",
+                &sinks.clickhouse.password_file,
+                &mut sinks.clickhouse.password,
+            ),
+            (
+                "TICKVAULT_POSTGRES_PASSWORD",
+                "sinks.postgres.password_file",
+                &sinks.postgres.password_file,
+                &mut sinks.postgres.password,
+            ),
+            (
+                "TICKVAULT_NATS_TOKEN",
+                "sinks.nats.token_file",
+                &sinks.nats.token_file,
+                &mut sinks.nats.token,
+            ),
+        ] {
+            *secret = match var(env) {
+                Some(v) => Some(Secret(v.trim().to_owned())),
+                None => match path {
+                    Some(path) => Some(Secret(read_secret_file(file, field, path)?)),
+                    None => None,
+                },
+            };
         }
         Ok(())
     }
@@ -412,7 +428,7 @@ impl Config {
                 "must be between 1 and 16",
             ));
         }
-        Ok(())
+        self.sinks.validate(file)
     }
 
     pub fn wal_options(&self) -> tickvault_wal::WalOptions {
@@ -422,6 +438,17 @@ impl Config {
             ..Default::default()
         }
     }
+}
+
+/// The first line of a secret file, which must not be empty.
+fn read_secret_file(file: &str, field: &str, path: &Path) -> Result<String, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError::field(file, field, format!("cannot read {}: {e}", path.display())))?;
+    let secret = text.lines().next().unwrap_or("").trim();
+    if secret.is_empty() {
+        return Err(ConfigError::field(file, field, format!("{} is empty", path.display())));
+    }
+    Ok(secret.to_owned())
 }
 
 fn syntax_error(file: &str, text: &str, e: &toml::de::Error) -> ConfigError {

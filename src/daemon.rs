@@ -1,5 +1,5 @@
-//! The daemon: the log, the live collectors, the backfill downloader and truncation,
-//! started together and stopped by one signal.
+//! The daemon: the log, the live collectors, the backfill downloader, one sink runner per
+//! (enabled sink, lane) and truncation, started together and stopped by one signal.
 //!
 //! Shutdown: one `watch` flag says stop; each source finishes what it holds (the live
 //! appender drains its queue, the downloader saves its period), then the log's writer
@@ -8,13 +8,18 @@
 use std::sync::Arc;
 
 use anyhow::Context;
-use tickvault_wal::Wal;
+use tickvault_wal::{Lane, Wal};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::config::Config;
 use crate::event::Feed;
 use crate::polygon::symbol;
+use crate::sink::clickhouse::ClickHouseSink;
+use crate::sink::nats::NatsSink;
+use crate::sink::postgres::PostgresSink;
+use crate::sink::runner::{self, RunnerSpec, RunnerStats, Sink};
+use crate::sink::{config::Batching, SinksConfig};
 use crate::source::backfill::{BackfillSpec, BackfillStats, Downloader, Job};
 use crate::source::live::{self, LiveSpec, LiveStats};
 
@@ -23,6 +28,8 @@ pub struct Running {
     pub wal: Wal,
     pub live: Vec<(Feed, Arc<LiveStats>)>,
     pub backfill: Option<Arc<BackfillStats>>,
+    /// One per sink runner: (sink, lane).
+    pub sinks: Vec<Arc<RunnerStats>>,
     tasks: JoinSet<anyhow::Result<&'static str>>,
     stop: watch::Sender<bool>,
 }
@@ -111,6 +118,74 @@ pub fn backfill_spec(config: &Config) -> anyhow::Result<BackfillSpec> {
     })
 }
 
+/// The lanes sinks forward, each with its own runner per sink.
+pub const FORWARDED_LANES: [Lane; 2] = [Lane::Live, Lane::Backfill];
+
+fn runner_spec(sinks: &SinksConfig, batching: Batching, lane: Lane) -> RunnerSpec {
+    let (batch_rows, flush_interval) = match lane {
+        Lane::Live => (batching.live_batch_rows, batching.live_flush_interval),
+        _ => (batching.backfill_batch_rows, batching.backfill_flush_interval),
+    };
+    RunnerSpec {
+        lane,
+        batch_rows,
+        flush_interval,
+        retry_min: sinks.retry_min,
+        retry_max: sinks.retry_max,
+        breaker_threshold: sinks.breaker_threshold,
+        attempt_timeout: std::time::Duration::from_secs(60),
+    }
+}
+
+/// Starts one runner per (enabled sink, forwarded lane), each with its own connection.
+fn start_sinks(
+    config: &Config,
+    wal: &Wal,
+    shutdown: &watch::Receiver<bool>,
+    tasks: &mut JoinSet<anyhow::Result<&'static str>>,
+) -> anyhow::Result<Vec<Arc<RunnerStats>>> {
+    fn spawn<S: Sink>(
+        sink: S,
+        spec: RunnerSpec,
+        wal: &Wal,
+        shutdown: &watch::Receiver<bool>,
+        tasks: &mut JoinSet<anyhow::Result<&'static str>>,
+    ) -> Arc<RunnerStats> {
+        let stats = Arc::new(RunnerStats::new(sink.name(), spec.lane));
+        let (wal, shutdown, out) = (wal.clone(), shutdown.clone(), stats.clone());
+        tasks.spawn(async move {
+            runner::run(sink, wal, spec, stats, shutdown).await?;
+            Ok("sink runner")
+        });
+        out
+    }
+    let sinks = &config.sinks;
+    let log_id = wal.reader().log_id()?;
+    let mut stats = Vec::new();
+    for lane in FORWARDED_LANES {
+        if sinks.clickhouse.enabled {
+            let spec = runner_spec(sinks, sinks.clickhouse.batching(), lane);
+            stats.push(spawn(
+                ClickHouseSink::new(&sinks.clickhouse),
+                spec,
+                wal,
+                shutdown,
+                tasks,
+            ));
+        }
+        if sinks.postgres.enabled {
+            let spec = runner_spec(sinks, sinks.postgres.batching(), lane);
+            let sink = PostgresSink::new(&sinks.postgres, &log_id);
+            stats.push(spawn(sink, spec, wal, shutdown, tasks));
+        }
+        if sinks.nats.enabled {
+            let spec = runner_spec(sinks, sinks.nats.batching(), lane);
+            stats.push(spawn(NatsSink::new(&sinks.nats), spec, wal, shutdown, tasks));
+        }
+    }
+    Ok(stats)
+}
+
 /// Opens the log and starts every configured part.
 pub fn start(config: &Config) -> anyhow::Result<Running> {
     let wal = Wal::open_with(&config.log.data_dir, config.wal_options())?;
@@ -126,6 +201,7 @@ pub fn start(config: &Config) -> anyhow::Result<Running> {
             Ok("live collector")
         });
     }
+    let sinks = start_sinks(config, &wal, &shutdown, &mut tasks)?;
     let jobs = backfill_jobs(config, jiff::Timestamp::now().as_millisecond());
     let backfill = if jobs.is_empty() {
         None
@@ -167,6 +243,7 @@ pub fn start(config: &Config) -> anyhow::Result<Running> {
         wal,
         live: live_stats,
         backfill,
+        sinks,
         tasks,
         stop,
     })
@@ -176,11 +253,6 @@ impl Running {
     /// Asks every part to stop.
     pub fn stop(&self) {
         let _ = self.stop.send(true);
-    }
-
-    /// Whether every part but truncation has finished (backfill done, no live feeds).
-    pub fn idle(&self) -> bool {
-        self.tasks.len() <= 1
     }
 
     /// Waits for a part to end; an error from any part is returned (after stopping the rest).

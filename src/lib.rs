@@ -1,9 +1,12 @@
 //! tickvault: a market-data ingestion appliance. Polygon.io data is captured into a
 //! durable RocksDB log (the `tickvault-wal` crate) and forwarded from it.
 //!
-//! Modules follow the data flow: `event` (what is carried), `config`, `synthetic`
-//! (drill and benchmark records), `cli` (the binary's subcommands).
+//! Modules follow the data flow: `source` (live and backfill capture) -> the log ->
+//! `sink` (runners forwarding to ClickHouse, PostgreSQL and NATS JetStream) and `verify`
+//! (the log against the sinks); `event` is what is carried, `daemon` starts the parts,
+//! `sim` stands in for Polygon, `cli` holds the binary's subcommands.
 
+pub mod backoff;
 pub mod cli;
 pub mod config;
 pub mod daemon;
@@ -11,5 +14,7 @@ pub mod event;
 pub mod gaps;
 pub mod polygon;
 pub mod sim;
+pub mod sink;
 pub mod source;
 pub mod synthetic;
+pub mod verify;

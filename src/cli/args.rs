@@ -42,6 +42,18 @@ pub enum Command {
         #[arg(long)]
         data_dir: Option<PathBuf>,
     },
+    /// The log against every enabled sink, per symbol, timeframe and day; exit 0 only
+    /// when every sink matches exactly, 1 listing each difference otherwise.
+    Verify {
+        #[arg(long)]
+        config: PathBuf,
+        /// Overrides the config's `log.data_dir`.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Print one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
     /// A Polygon-compatible server (WebSocket and REST) on one address.
     Simulate {
         #[arg(long, default_value = "127.0.0.1:9100")]

@@ -106,6 +106,7 @@ pub async fn run(
     tokio::pin!(signal);
     let mut last_live = 0u64;
     let mut last_bars = 0u64;
+    let mut last_sink_rows = Vec::new();
     let mut failure = None;
     loop {
         tokio::select! {
@@ -166,14 +167,27 @@ pub async fn run(
             last_bars = bars;
         }
         println!("{line}");
+        if !running.sinks.is_empty() {
+            println!("{}", sink_line(&running, &mut last_sink_rows));
+        }
         let _ = std::io::stdout().flush();
         if deadline.is_some_and(|d| Instant::now() >= d) {
             break;
         }
     }
+    if failure.is_none() && !running.sinks.is_empty() {
+        // Give the sinks a moment to forward what was captured, so the summary and the
+        // verification below see them caught up.
+        let until = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < until && !caught_up(&running) {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
     let elapsed = started.elapsed();
     let data_dir = config.log.data_dir.clone();
     let backfill_stats = running.backfill.clone();
+    let sink_stats = running.sinks.clone();
+    let heads = [running.wal.head(Lane::Live), running.wal.head(Lane::Backfill)];
     let result = running.shutdown().await;
     simulator.stop().await?;
     if let Some(e) = failure {
@@ -181,7 +195,84 @@ pub async fn run(
     }
     result?;
     summary(&data_dir, elapsed, backfill_stats.as_deref())?;
+    if sink_stats.is_empty() {
+        println!(
+            "  forwarded to: nowhere (no sinks enabled; `scripts/services.sh up` and \
+             `tickvault demo --config config/local-sinks.toml` show the whole pipeline)"
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("  forwarded (rows acknowledged by each sink; cursor against the log's head):");
+    for s in &sink_stats {
+        let head = heads[usize::from(s.lane != Lane::Live)];
+        let acked = s.acked_seq.load(Ordering::Relaxed);
+        println!(
+            "    {:<10} {:<9} {:>10} rows in {:>6} batches  {}  capture-to-commit p50 {:.1} ms / p99 {:.1} ms  breaker {}, {} failed attempts",
+            s.sink,
+            s.lane.name(),
+            thousands(s.rows.load(Ordering::Relaxed)),
+            thousands(s.batches.load(Ordering::Relaxed)),
+            if acked >= head { "caught up".to_owned() } else { format!("{} behind", thousands(head - acked)) },
+            s.latency_ms(0.5),
+            s.latency_ms(0.99),
+            s.state().name(),
+            s.failures.load(Ordering::Relaxed)
+        );
+    }
+    let report = crate::verify::verify(&config, &data_dir).await?;
+    for s in &report.sinks {
+        println!(
+            "  verify {:<10} {}: {} keys its cursors passed, {} held, over {} symbol x timeframe x days",
+            s.sink,
+            if s.matches() {
+                "MATCH"
+            } else {
+                "DIFFERS (run `tickvault verify` for the list)"
+            },
+            thousands(s.passed),
+            thousands(s.in_sink),
+            thousands(s.groups_checked)
+        );
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Whether every sink runner has acknowledged its lane up to the log's head.
+fn caught_up(running: &daemon::Running) -> bool {
+    running
+        .sinks
+        .iter()
+        .all(|s| s.acked_seq.load(Ordering::Relaxed) >= running.wal.head(s.lane))
+}
+
+/// One line per second: per sink, rows forwarded per lane, the rate, lag and latency.
+fn sink_line(running: &daemon::Running, last: &mut Vec<u64>) -> String {
+    last.resize(running.sinks.len(), 0);
+    let mut parts = Vec::new();
+    for (i, s) in running.sinks.iter().enumerate() {
+        let rows = s.rows.load(Ordering::Relaxed);
+        let lag = running
+            .wal
+            .head(s.lane)
+            .saturating_sub(s.acked_seq.load(Ordering::Relaxed));
+        let mut part = format!(
+            "{} {} {} ({}/s, lag {})",
+            s.sink,
+            s.lane.name(),
+            thousands(rows),
+            thousands(rows - last[i]),
+            thousands(lag)
+        );
+        if s.lane == Lane::Live {
+            part.push_str(&format!(" p99 {:.1} ms", s.latency_ms(0.99)));
+        }
+        if s.state() != crate::sink::breaker::State::Closed {
+            part.push_str(&format!(" BREAKER {}", s.state().name()));
+        }
+        last[i] = rows;
+        parts.push(part);
+    }
+    format!("      | sinks: {}", parts.join(" | "))
 }
 
 fn summary(
@@ -266,10 +357,6 @@ fn summary(
         check.corrupt.len(),
         s.quarantined,
         if check.is_clean() { " - clean" } else { "" }
-    );
-    println!(
-        "  forwarded to: nowhere yet (no sinks configured); inspect with `tickvault wal summary --data-dir {}`",
-        data_dir.display()
     );
     Ok(())
 }

@@ -13,8 +13,18 @@ use crate::config::ConfigError;
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     // The demo and the backfill command draw their own progress: keep logs to warnings.
-    let quiet = matches!(cli.command, Command::Demo { .. } | Command::Backfill { .. });
-    init_tracing(if quiet { "warn" } else { "info" });
+    // `verify` prints a report: the same.
+    let quiet = matches!(
+        cli.command,
+        Command::Demo { .. } | Command::Backfill { .. } | Command::Verify { .. }
+    );
+    // The sink clients' own info lines (server notices, connection events) are noise
+    // beside ours; their warnings still show.
+    init_tracing(if quiet {
+        "warn"
+    } else {
+        "info,tokio_postgres=warn,async_nats=warn"
+    });
     match run(cli) {
         Ok(code) => code,
         Err(err) => {
@@ -64,6 +74,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             duration,
             data_dir,
         } => runtime()?.block_on(super::demo::run(config, duration, data_dir)),
+        Command::Verify { config, data_dir, json } => runtime()?.block_on(super::verify::run(&config, data_dir, json)),
         Command::Simulate {
             listen,
             api_key,

@@ -9,6 +9,7 @@ mod dispatch;
 mod load;
 mod run;
 mod validate;
+mod verify;
 mod wal;
 
 pub use args::{BenchCommand, Cli, Command, WalCommand};

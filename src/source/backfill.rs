@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use tickvault_wal::{Batch, Lane, Space, Wal};
 use tokio::sync::watch;
 
-use super::backoff::Backoff;
+use crate::backoff::Backoff;
 use crate::config::Secret;
 use crate::event::{Bar, Body, Capture, Event, Feed, Timeframe, EVENT_KIND};
 use crate::polygon::symbol;

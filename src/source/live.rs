@@ -18,7 +18,7 @@ use tickvault_wal::{Batch, Lane, Wal};
 use tokio::sync::{mpsc, watch};
 use tokio_tungstenite::tungstenite::Message;
 
-use super::backoff::Backoff;
+use crate::backoff::Backoff;
 use crate::config::Secret;
 use crate::event::{Body, Capture, Event, EventKind, Feed, EVENT_KIND};
 use crate::gaps::{self, SuspectedGap};

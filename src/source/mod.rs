@@ -1,5 +1,4 @@
 //! Sources: the live WebSocket collector and the historical REST backfill.
 
 pub mod backfill;
-pub mod backoff;
 pub mod live;

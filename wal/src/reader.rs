@@ -77,6 +77,18 @@ impl LogReader {
         store::handle(&self.db, name)
     }
 
+    /// The log's identity: random, given when the log was first opened for writing.
+    pub fn log_id(&self) -> Result<String, ReadError> {
+        let id = self
+            .db
+            .get_cf(self.cf(CF_META), store::META_LOG_ID)
+            .map_err(|source| ReadError::Rocks {
+                lane: Lane::Live,
+                source,
+            })?;
+        Ok(id.map(|b| String::from_utf8_lossy(&b).into_owned()).unwrap_or_default())
+    }
+
     /// Calls `visit` for every record of `lane` with `from <= seq <= to`, in order,
     /// decoded and verified, without copying payloads. Stops early when `visit` returns
     /// false. Returns how many records were visited.

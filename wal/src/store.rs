@@ -57,6 +57,26 @@ pub(crate) fn handle<'a>(db: &'a DB, name: &str) -> &'a rocksdb::ColumnFamily {
 pub(crate) const META_MAGIC: &[u8] = b"magic";
 pub(crate) const MAGIC: &[u8] = b"tickvault-wal";
 pub(crate) const META_FORMAT: &[u8] = b"format_version";
+/// A random identity given to a log when it is first opened for writing: sinks that keep
+/// their own cursors (PostgreSQL) key them by it, so two appliances never share one.
+pub(crate) const META_LOG_ID: &[u8] = b"log_id";
+
+fn new_log_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    // Two independently seeded SipHash keys over the time and pid: 128 random bits,
+    // without a dependency for it.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let mut halves = [0u64; 2];
+    for half in &mut halves {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u128(nanos);
+        h.write_u32(std::process::id());
+        *half = h.finish();
+    }
+    format!("{:016x}{:016x}", halves[0], halves[1])
+}
 
 pub(crate) fn meta_low_key(lane: Lane) -> Vec<u8> {
     format!("low/{}", lane.name()).into_bytes()
@@ -233,6 +253,11 @@ pub(crate) fn open(path: &Path, mode: Mode) -> Result<Arc<DB>, OpenError> {
             })
         }
         _ => return Err(not_a_log("metadata has no valid format version")),
+    }
+    if mode == Mode::Write && db.get_cf(&meta, META_LOG_ID).map_err(rocks)?.is_none() {
+        let mut wo = rocksdb::WriteOptions::default();
+        wo.set_sync(true);
+        db.put_cf_opt(&meta, META_LOG_ID, new_log_id(), &wo).map_err(rocks)?;
     }
     Ok(Arc::new(db))
 }

@@ -1,0 +1,162 @@
+#!/usr/bin/env bash
+# The sink servers tickvault forwards to, on loopback, on their default ports:
+#   PostgreSQL 127.0.0.1:5432 (role and database `tickvault`, password `tickvault`),
+#   NATS 127.0.0.1:4222 with JetStream (monitoring on 127.0.0.1:8222),
+#   ClickHouse 127.0.0.1:8123 (HTTP; user `default`, no password, database `tickvault`).
+# These are what config/local-sinks.toml expects.
+#
+#   scripts/services.sh up      install what is missing (Debian packages), start what is
+#                               not running, wait until each answers. Idempotent: a server
+#                               already running and reachable is reused as it is.
+#   scripts/services.sh down    stop what `up` started (nothing else).
+#   scripts/services.sh status  which servers answer.
+#
+# State (pid files, NATS's JetStream store, logs) lives in $TICKVAULT_SERVICES_DIR
+# (default /var/tmp/tickvault-services).
+set -euo pipefail
+
+STATE="${TICKVAULT_SERVICES_DIR:-/var/tmp/tickvault-services}"
+sudo=""
+[ "$(id -u)" -eq 0 ] || sudo="sudo"
+
+say() { echo "services: $*" >&2; }
+as_user() { # user, command...: run as another user, from root or through sudo
+    local user=$1
+    shift
+    if [ "$(id -u)" -eq 0 ]; then runuser -u "$user" -- "$@"; else sudo -u "$user" "$@"; fi
+}
+
+wait_for() { # name, tries (0.25 s each), command...
+    local name=$1 tries=$2
+    shift 2
+    for _ in $(seq "$tries"); do
+        if "$@" >/dev/null 2>&1; then return 0; fi
+        sleep 0.25
+    done
+    say "$name did not answer; its log is in $STATE"
+    return 1
+}
+
+install_missing() {
+    local need=()
+    for pkg in postgresql nats-server clickhouse-server clickhouse-client curl; do
+        dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
+    done
+    if [ ${#need[@]} -gt 0 ]; then
+        say "installing: ${need[*]}"
+        $sudo apt-get update -q >/dev/null
+        # No policy-rc.d games: on machines without systemd the packages' own start
+        # attempts fail harmlessly and we start the servers below.
+        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${need[@]}" >/dev/null
+    fi
+}
+
+pg_up() { pg_isready -q -h 127.0.0.1 -p 5432; }
+nats_up() { curl -fs http://127.0.0.1:8222/healthz?js-enabled-only=true; }
+ch_up() { curl -fs http://127.0.0.1:8123/ping; }
+
+start_postgres() {
+    if pg_up; then
+        say "postgresql: reusing the server on 127.0.0.1:5432"
+    else
+        local version
+        version=$(ls /usr/lib/postgresql | sort -n | tail -1)
+        if ! pg_lsclusters -h | awk '{print $1" "$2}' | grep -qx "$version main"; then
+            $sudo pg_createcluster "$version" main >/dev/null
+        fi
+        $sudo pg_ctlcluster "$version" main start
+        touch "$STATE/postgresql.started"
+        echo "$version" >"$STATE/postgresql.version"
+        wait_for postgresql 120 pg_up
+        say "postgresql $version: started on 127.0.0.1:5432"
+    fi
+    # The role and database config/local-sinks.toml names; tests create their own databases.
+    as_user postgres psql -q -v ON_ERROR_STOP=1 <<'SQL' >/dev/null
+DO $$ BEGIN
+  IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'tickvault') THEN
+    CREATE ROLE tickvault LOGIN CREATEDB PASSWORD 'tickvault';
+  END IF;
+END $$;
+SQL
+    if ! as_user postgres psql -tAc "SELECT 1 FROM pg_database WHERE datname = 'tickvault'" | grep -q 1; then
+        as_user postgres createdb -O tickvault tickvault
+    fi
+}
+
+start_nats() {
+    if nats_up; then
+        say "nats: reusing the JetStream server on 127.0.0.1:4222"
+        return
+    fi
+    if (exec 3<>/dev/tcp/127.0.0.1/4222) 2>/dev/null; then
+        say "nats: something listens on 4222 without JetStream monitoring on 8222; stop it or enable JetStream"
+        return 1
+    fi
+    mkdir -p "$STATE/nats"
+    setsid nohup nats-server -a 127.0.0.1 -p 4222 -m 8222 -js -sd "$STATE/nats" \
+        -P "$STATE/nats.pid" >"$STATE/nats.log" 2>&1 </dev/null &
+    wait_for nats 120 nats_up
+    touch "$STATE/nats.started"
+    say "nats: started with JetStream on 127.0.0.1:4222 (monitoring 8222)"
+}
+
+start_clickhouse() {
+    if ch_up; then
+        say "clickhouse: reusing the server on 127.0.0.1:8123"
+    else
+        # The package's own config: listens on localhost, data in /var/lib/clickhouse,
+        # owned by the clickhouse user the package created.
+        $sudo mkdir -p /var/run/clickhouse-server /var/log/clickhouse-server
+        $sudo chown clickhouse:clickhouse /var/run/clickhouse-server /var/log/clickhouse-server /var/lib/clickhouse 2>/dev/null || true
+        as_user clickhouse setsid nohup clickhouse-server --config-file=/etc/clickhouse-server/config.xml \
+            --pid-file=/var/run/clickhouse-server/tickvault.pid >"$STATE/clickhouse.log" 2>&1 </dev/null &
+        wait_for clickhouse 240 ch_up
+        touch "$STATE/clickhouse.started"
+        say "clickhouse $(curl -fsS 'http://127.0.0.1:8123/?query=SELECT%20version()'): started on 127.0.0.1:8123"
+    fi
+    curl -fsS http://127.0.0.1:8123/ --data-binary 'CREATE DATABASE IF NOT EXISTS tickvault' >/dev/null
+}
+
+up() {
+    install_missing
+    mkdir -p "$STATE"
+    start_postgres
+    start_nats
+    start_clickhouse
+}
+
+down() {
+    if [ -f "$STATE/clickhouse.started" ]; then
+        [ -f /var/run/clickhouse-server/tickvault.pid ] && $sudo kill "$(cat /var/run/clickhouse-server/tickvault.pid)" 2>/dev/null || true
+        rm -f "$STATE/clickhouse.started"
+        say "clickhouse: stopped"
+    fi
+    if [ -f "$STATE/nats.started" ]; then
+        [ -f "$STATE/nats.pid" ] && kill "$(cat "$STATE/nats.pid")" 2>/dev/null || true
+        rm -f "$STATE/nats.started"
+        say "nats: stopped"
+    fi
+    if [ -f "$STATE/postgresql.started" ]; then
+        $sudo pg_ctlcluster "$(cat "$STATE/postgresql.version")" main stop || true
+        rm -f "$STATE/postgresql.started"
+        say "postgresql: stopped"
+    fi
+}
+
+status() {
+    local rc=0
+    for s in postgresql:pg_up nats:nats_up clickhouse:ch_up; do
+        if ${s#*:} >/dev/null 2>&1; then say "${s%%:*}: up"; else say "${s%%:*}: down"; rc=1; fi
+    done
+    return $rc
+}
+
+case "${1:-}" in
+up) up ;;
+down) down ;;
+status) status ;;
+*)
+    echo "usage: $0 up|down|status" >&2
+    exit 2
+    ;;
+esac

@@ -1,0 +1,71 @@
+//! `tickvault verify --config C [--data-dir DIR] [--json]`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use crate::verify;
+
+pub async fn run(config_path: &std::path::Path, data_dir: Option<PathBuf>, json: bool) -> anyhow::Result<ExitCode> {
+    let config = super::run::load_config(config_path, data_dir)?;
+    let report = verify::verify(&config, &config.log.data_dir).await?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "log: {} events, {} distinct natural keys",
+            report.log_events, report.log_keys
+        );
+        if report.sinks.is_empty() {
+            println!("no sink is enabled in {}", config_path.display());
+        }
+        for s in &report.sinks {
+            let cursors: Vec<String> = s.cursors.iter().map(|(l, c)| format!("{l} {c}")).collect();
+            let verdict = if s.matches() { "MATCH" } else { "DIFFERS" };
+            println!(
+                "{:<10} {verdict}: {} groups x days checked, {} keys passed by its cursors ({}), {} keys held",
+                s.sink,
+                s.groups_checked,
+                s.passed,
+                cursors.join(", "),
+                s.in_sink
+            );
+            if s.groups_not_in_log > 0 {
+                println!(
+                    "           {} groups x days are in the sink but no longer in the log (retention): not compared",
+                    s.groups_not_in_log
+                );
+            }
+            if let Some(e) = &s.error {
+                println!("           cannot read the sink: {e}");
+            }
+            const SHOWN: usize = 20;
+            if s.differences.len() > SHOWN {
+                println!(
+                    "           {} groups x days differ; the first {SHOWN} (all of them with --json):",
+                    s.differences.len()
+                );
+            }
+            for d in s.differences.iter().take(SHOWN) {
+                println!(
+                    "           {} {} {} {} {}: passed {}, pending {}, in sink {} -> missing {}, extra {}, duplicates {}",
+                    d.group.feed,
+                    d.group.symbol,
+                    d.group.kind,
+                    d.group.timeframe,
+                    d.date,
+                    d.passed,
+                    d.pending,
+                    d.in_sink,
+                    d.missing,
+                    d.extra,
+                    d.duplicates
+                );
+            }
+        }
+    }
+    Ok(if report.matches() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

@@ -1,0 +1,327 @@
+//! `[sinks]`: where the log is forwarded, and how.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::config::{ConfigError, Secret};
+
+/// `[sinks]`: retry pacing shared by every runner, and one table per sink.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SinksConfig {
+    /// First retry delay after a failed write; it doubles per consecutive failure, with
+    /// full jitter. Default `100ms`.
+    #[serde(with = "humantime_serde")]
+    pub retry_min: Duration,
+    /// Longest retry delay (also the wait after a refused, non-retriable write). Default `30s`.
+    #[serde(with = "humantime_serde")]
+    pub retry_max: Duration,
+    /// Consecutive failures that open a runner's circuit breaker. Default 3.
+    pub breaker_threshold: u32,
+    pub clickhouse: ClickHouseConfig,
+    pub postgres: PostgresConfig,
+    pub nats: NatsConfig,
+}
+
+impl Default for SinksConfig {
+    fn default() -> Self {
+        SinksConfig {
+            retry_min: Duration::from_millis(100),
+            retry_max: Duration::from_secs(30),
+            breaker_threshold: 3,
+            clickhouse: ClickHouseConfig::default(),
+            postgres: PostgresConfig::default(),
+            nats: NatsConfig::default(),
+        }
+    }
+}
+
+/// How a sink's two runners cut batches.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Batching {
+    pub live_batch_rows: usize,
+    pub live_flush_interval: Duration,
+    pub backfill_batch_rows: usize,
+    pub backfill_flush_interval: Duration,
+}
+
+/// The batching fields every sink table has (same names, own defaults).
+macro_rules! batching_fields {
+    ($name:ident) => {
+        impl $name {
+            pub fn batching(&self) -> Batching {
+                Batching {
+                    live_batch_rows: self.live_batch_rows,
+                    live_flush_interval: self.live_flush_interval,
+                    backfill_batch_rows: self.backfill_batch_rows,
+                    backfill_flush_interval: self.backfill_flush_interval,
+                }
+            }
+        }
+    };
+}
+
+/// `[sinks.clickhouse]`: a ReplacingMergeTree table over HTTP.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClickHouseConfig {
+    /// Default false.
+    pub enabled: bool,
+    /// HTTP endpoint. Default `http://127.0.0.1:8123`.
+    pub url: String,
+    /// Created if missing. Default `tickvault`.
+    pub database: String,
+    /// Created if missing. Default `events`.
+    pub table: String,
+    /// Default `default`.
+    pub user: String,
+    /// A file holding the password (first line). Default: none (no password). The
+    /// environment variable `TICKVAULT_CLICKHOUSE_PASSWORD` takes precedence.
+    pub password_file: Option<PathBuf>,
+    /// Live rows per insert at most. Default 10000.
+    pub live_batch_rows: usize,
+    /// How long a live batch waits to fill once it has a row. Default `0ms`: send what
+    /// is there; rows arriving meanwhile make the next batch.
+    #[serde(with = "humantime_serde")]
+    pub live_flush_interval: Duration,
+    /// Backfill rows per insert at most. Default 100000.
+    pub backfill_batch_rows: usize,
+    /// How long a backfill batch waits to fill. Default `200ms`.
+    #[serde(with = "humantime_serde")]
+    pub backfill_flush_interval: Duration,
+    #[serde(skip)]
+    pub password: Option<Secret>,
+}
+
+impl Default for ClickHouseConfig {
+    fn default() -> Self {
+        ClickHouseConfig {
+            enabled: false,
+            url: "http://127.0.0.1:8123".into(),
+            database: "tickvault".into(),
+            table: "events".into(),
+            user: "default".into(),
+            password_file: None,
+            live_batch_rows: 10_000,
+            live_flush_interval: Duration::ZERO,
+            backfill_batch_rows: 100_000,
+            backfill_flush_interval: Duration::from_millis(200),
+            password: None,
+        }
+    }
+}
+batching_fields!(ClickHouseConfig);
+
+/// `[sinks.postgres]`: TimescaleDB or plain PostgreSQL.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct PostgresConfig {
+    /// Default false.
+    pub enabled: bool,
+    /// Default `127.0.0.1`.
+    pub host: String,
+    /// Default 5432.
+    pub port: u16,
+    /// Created if missing (the user needs CREATEDB for that). Default `tickvault`.
+    pub database: String,
+    /// Created if missing, with the cursor table `<table>_cursors`. Default `events`.
+    pub table: String,
+    /// Default `tickvault`.
+    pub user: String,
+    /// A file holding the password (first line). Default: none. The environment
+    /// variable `TICKVAULT_POSTGRES_PASSWORD` takes precedence.
+    pub password_file: Option<PathBuf>,
+    /// With the timescaledb extension: drop chunks older than this (a retention policy).
+    /// Independent of gap detection, which reads the local log. Default: none (keep all).
+    #[serde(with = "humantime_serde")]
+    pub retention: Option<Duration>,
+    /// Live rows per transaction at most. Default 5000.
+    pub live_batch_rows: usize,
+    /// Default `0ms` (see `sinks.clickhouse.live_flush_interval`).
+    #[serde(with = "humantime_serde")]
+    pub live_flush_interval: Duration,
+    /// Backfill rows per transaction at most. Default 50000.
+    pub backfill_batch_rows: usize,
+    /// Default `200ms`.
+    #[serde(with = "humantime_serde")]
+    pub backfill_flush_interval: Duration,
+    #[serde(skip)]
+    pub password: Option<Secret>,
+}
+
+impl Default for PostgresConfig {
+    fn default() -> Self {
+        PostgresConfig {
+            enabled: false,
+            host: "127.0.0.1".into(),
+            port: 5432,
+            database: "tickvault".into(),
+            table: "events".into(),
+            user: "tickvault".into(),
+            password_file: None,
+            retention: None,
+            live_batch_rows: 5_000,
+            live_flush_interval: Duration::ZERO,
+            backfill_batch_rows: 50_000,
+            backfill_flush_interval: Duration::from_millis(200),
+            password: None,
+        }
+    }
+}
+batching_fields!(PostgresConfig);
+
+/// `[sinks.nats]`: a JetStream stream, one message per event.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsConfig {
+    /// Default false.
+    pub enabled: bool,
+    /// Default `nats://127.0.0.1:4222`.
+    pub url: String,
+    /// A file holding an auth token (first line). Default: none. The environment
+    /// variable `TICKVAULT_NATS_TOKEN` takes precedence.
+    pub token_file: Option<PathBuf>,
+    /// Created if missing (file storage). Default `MARKET`.
+    pub stream: String,
+    /// Subjects are `<prefix>.<lane>.<symbol>.<timeframe>`; the stream takes `<prefix>.>`.
+    /// Default `market`.
+    pub subject_prefix: String,
+    /// JetStream drops a message whose `Nats-Msg-Id` (the natural key) it saw within this
+    /// window. It must be longer than the longest time between a publish and its replay
+    /// (a crash and restart, an outage of this sink while the runner holds its cursor).
+    /// Longer windows cost server memory per message id. Default `2h`.
+    #[serde(with = "humantime_serde")]
+    pub duplicate_window: Duration,
+    /// Live messages per acknowledged batch at most. Default 2000.
+    pub live_batch_rows: usize,
+    /// Default `0ms` (see `sinks.clickhouse.live_flush_interval`).
+    #[serde(with = "humantime_serde")]
+    pub live_flush_interval: Duration,
+    /// Backfill messages per acknowledged batch at most. Default 20000.
+    pub backfill_batch_rows: usize,
+    /// Default `200ms`.
+    #[serde(with = "humantime_serde")]
+    pub backfill_flush_interval: Duration,
+    #[serde(skip)]
+    pub token: Option<Secret>,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        NatsConfig {
+            enabled: false,
+            url: "nats://127.0.0.1:4222".into(),
+            token_file: None,
+            stream: "MARKET".into(),
+            subject_prefix: "market".into(),
+            duplicate_window: Duration::from_secs(2 * 3600),
+            live_batch_rows: 2_000,
+            live_flush_interval: Duration::ZERO,
+            backfill_batch_rows: 20_000,
+            backfill_flush_interval: Duration::from_millis(200),
+            token: None,
+        }
+    }
+}
+batching_fields!(NatsConfig);
+
+impl SinksConfig {
+    /// Checks what types alone cannot; `file` names the source in errors.
+    pub fn validate(&self, file: &str) -> Result<(), ConfigError> {
+        let err = |field: &str, message: &str| Err(ConfigError::field(file, field, message));
+        if self.retry_min.is_zero() || self.retry_max < self.retry_min {
+            return err("sinks.retry_max", "retry_min must be above 0 and not above retry_max");
+        }
+        if self.breaker_threshold == 0 {
+            return err("sinks.breaker_threshold", "must be at least 1");
+        }
+        let batchings = [
+            ("clickhouse", self.clickhouse.batching()),
+            ("postgres", self.postgres.batching()),
+            ("nats", self.nats.batching()),
+        ];
+        for (sink, b) in batchings {
+            for (field, rows) in [
+                ("live_batch_rows", b.live_batch_rows),
+                ("backfill_batch_rows", b.backfill_batch_rows),
+            ] {
+                if !(1..=1_000_000).contains(&rows) {
+                    return err(&format!("sinks.{sink}.{field}"), "must be between 1 and 1000000");
+                }
+            }
+            if b.live_flush_interval > Duration::from_secs(1) {
+                return err(
+                    &format!("sinks.{sink}.live_flush_interval"),
+                    "must be at most 1s (live rows wait for it)",
+                );
+            }
+            if b.backfill_flush_interval > Duration::from_secs(60) {
+                return err(&format!("sinks.{sink}.backfill_flush_interval"), "must be at most 60s");
+            }
+        }
+        let ch = &self.clickhouse;
+        if !(ch.url.starts_with("http://") || ch.url.starts_with("https://")) {
+            return err("sinks.clickhouse.url", "must start with http:// or https://");
+        }
+        for (field, name) in [
+            ("sinks.clickhouse.database", &ch.database),
+            ("sinks.clickhouse.table", &ch.table),
+            ("sinks.postgres.database", &self.postgres.database),
+            ("sinks.postgres.table", &self.postgres.table),
+        ] {
+            if !is_identifier(name) {
+                return err(
+                    field,
+                    "must be letters, digits and underscores, not starting with a digit",
+                );
+            }
+        }
+        let pg = &self.postgres;
+        if pg.host.is_empty() {
+            return err("sinks.postgres.host", "must not be empty");
+        }
+        if pg.port == 0 {
+            return err("sinks.postgres.port", "must not be 0");
+        }
+        if pg.user.is_empty() {
+            return err("sinks.postgres.user", "must not be empty");
+        }
+        let nats = &self.nats;
+        if !nats.url.starts_with("nats://") && !nats.url.starts_with("tls://") {
+            return err("sinks.nats.url", "must start with nats:// or tls://");
+        }
+        if nats.stream.is_empty()
+            || !nats
+                .stream
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            return err("sinks.nats.stream", "must be letters, digits, `_` and `-`");
+        }
+        if nats.subject_prefix.is_empty()
+            || nats
+                .subject_prefix
+                .split('.')
+                .any(|t| t.is_empty() || t.contains(['*', '>', ' ']))
+        {
+            return err(
+                "sinks.nats.subject_prefix",
+                "must be dot-separated tokens without `*`, `>` or spaces",
+            );
+        }
+        if nats.duplicate_window < Duration::from_secs(1) {
+            return err("sinks.nats.duplicate_window", "must be at least 1s");
+        }
+        Ok(())
+    }
+}
+
+/// A bare SQL identifier: safe to splice into statements without quoting.
+pub fn is_identifier(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && s.len() <= 63
+}

@@ -1,0 +1,222 @@
+//! NATS JetStream: one message per event on `<prefix>.<lane>.<symbol>.<timeframe>`, the
+//! natural key as `Nats-Msg-Id` so the stream drops a replayed or redundant copy within
+//! its duplicate window, and every publish awaited until its PubAck (the stream has it on
+//! disk). Publishes are pipelined, a bounded window of acknowledgements outstanding.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, message::PublishMessage, stream};
+use futures_util::StreamExt;
+
+use super::config::NatsConfig;
+use super::{Batch, Row, Sink, SinkError};
+
+const NAME: &str = "nats";
+/// PubAcks outstanding at most; below the client's own limit (5,000), which would
+/// otherwise block a publish while we hold the futures that release it.
+const ACK_WINDOW: usize = 4_096;
+
+pub struct NatsSink {
+    config: NatsConfig,
+    context: Option<jetstream::Context>,
+    /// Publishes answered "duplicate" by the stream: replays and redundant copies dropped.
+    pub duplicates: u64,
+}
+
+impl NatsSink {
+    pub fn new(config: &NatsConfig) -> NatsSink {
+        NatsSink {
+            config: config.clone(),
+            context: None,
+            duplicates: 0,
+        }
+    }
+
+    /// The subject of a row: tokens may not hold `.`, `*`, `>` or whitespace.
+    pub fn subject(prefix: &str, row: &Row) -> String {
+        let token = |s: &str| -> String {
+            s.chars()
+                .map(|c| {
+                    if c == '.' || c == '*' || c == '>' || c.is_whitespace() {
+                        '_'
+                    } else {
+                        c
+                    }
+                })
+                .collect()
+        };
+        format!("{prefix}.{}.{}.{}", row.lane, token(&row.symbol), token(&row.timeframe))
+    }
+
+    /// The JetStream context, connected and with the stream made, if needed.
+    pub async fn context(&mut self) -> Result<&jetstream::Context, SinkError> {
+        if self.context.is_none() {
+            let mut options = async_nats::ConnectOptions::new()
+                .connection_timeout(Duration::from_secs(5))
+                .name("tickvault");
+            if let Some(token) = &self.config.token {
+                options = options.token(token.expose().to_owned());
+            }
+            let client = options
+                .connect(self.config.url.as_str())
+                .await
+                .map_err(|e| SinkError::retriable(NAME, "connect", e))?;
+            let context = jetstream::ContextBuilder::new()
+                .timeout(Duration::from_secs(10))
+                .build(client);
+            context
+                .get_or_create_stream(stream::Config {
+                    name: self.config.stream.clone(),
+                    subjects: vec![format!("{}.>", self.config.subject_prefix)],
+                    storage: stream::StorageType::File,
+                    duplicate_window: self.config.duplicate_window,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| {
+                    let text = e.to_string();
+                    if text.contains("overlap") {
+                        SinkError::fatal(NAME, "stream", text)
+                    } else {
+                        SinkError::retriable(NAME, "stream", text)
+                    }
+                })?;
+            self.context = Some(context);
+        }
+        Ok(self.context.as_ref().expect("connected above"))
+    }
+
+    /// Calls `visit` with every row in the stream, in stream order (for `verify`).
+    pub async fn scan(&mut self, mut visit: impl FnMut(Row)) -> Result<u64, SinkError> {
+        let (name, filter) = (self.config.stream.clone(), format!("{}.>", self.config.subject_prefix));
+        let context = self.context().await?;
+        let stream = context
+            .get_stream(&name)
+            .await
+            .map_err(|e| SinkError::retriable(NAME, "stream", e))?;
+        let info = stream
+            .get_info()
+            .await
+            .map_err(|e| SinkError::retriable(NAME, "stream", e))?;
+        let (total, last) = (info.state.messages, info.state.last_sequence);
+        if total == 0 {
+            return Ok(0);
+        }
+        let consumer = stream
+            .create_consumer(jetstream::consumer::pull::OrderedConfig {
+                filter_subject: filter,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| SinkError::retriable(NAME, "consumer", e))?;
+        let mut messages = consumer
+            .messages()
+            .await
+            .map_err(|e| SinkError::retriable(NAME, "consumer", e))?;
+        let mut seen = 0;
+        while seen < total {
+            let message = match tokio::time::timeout(Duration::from_secs(10), messages.next()).await {
+                Ok(Some(Ok(m))) => m,
+                Ok(Some(Err(e))) => return Err(SinkError::retriable(NAME, "consumer", e)),
+                Ok(None) | Err(_) => break,
+            };
+            seen += 1;
+            let sequence = message.info().map(|i| i.stream_sequence).unwrap_or(0);
+            match serde_json::from_slice::<Row>(&message.payload) {
+                Ok(row) => visit(row),
+                Err(e) => tracing::warn!(sequence, error = %e, "stream message is not a tickvault row"),
+            }
+            if sequence >= last {
+                break;
+            }
+        }
+        Ok(seen)
+    }
+
+    async fn publish(&mut self, batch: &Batch) -> Result<(), SinkError> {
+        let prefix = self.config.subject_prefix.clone();
+        let context = self.context().await?.clone();
+        let mut pending = VecDeque::with_capacity(ACK_WINDOW);
+        let mut duplicates = 0;
+        for row in &batch.rows {
+            if pending.len() >= ACK_WINDOW {
+                duplicates += u64::from(await_ack(pending.pop_front()).await?);
+            }
+            let payload = serde_json::to_vec(row).map_err(|e| SinkError::fatal(NAME, "encode", e))?;
+            let message = PublishMessage::build()
+                .payload(payload.into())
+                .message_id(row.key_string());
+            let ack = context
+                .send_publish(Self::subject(&prefix, row), message)
+                .await
+                .map_err(|e| SinkError::retriable(NAME, "publish", e))?;
+            pending.push_back(ack);
+        }
+        while !pending.is_empty() {
+            duplicates += u64::from(await_ack(pending.pop_front()).await?);
+        }
+        self.duplicates += duplicates;
+        Ok(())
+    }
+}
+
+async fn await_ack(ack: Option<jetstream::context::PublishAckFuture>) -> Result<bool, SinkError> {
+    let Some(ack) = ack else { return Ok(false) };
+    match ack.await {
+        Ok(ack) => Ok(ack.duplicate),
+        Err(e) => Err(SinkError::retriable(NAME, "puback", e)),
+    }
+}
+
+impl Sink for NatsSink {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    async fn write(&mut self, batch: &Batch) -> Result<(), SinkError> {
+        // The client reconnects by itself; an error here (no PubAck in time) leaves the
+        // connection to it and the batch to the runner's retry.
+        self.publish(batch).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subjects_carry_lane_symbol_and_timeframe_with_dots_replaced() {
+        let mut row = Row {
+            feed: "stocks".into(),
+            symbol: "BRK.B".into(),
+            kind: "bar".into(),
+            timeframe: "1m".into(),
+            ts_ms: 0,
+            ordinal: 0,
+            seq: 1,
+            lane: "live".into(),
+            captured_at_ns: 0,
+            bid: None,
+            ask: None,
+            bid_size: None,
+            ask_size: None,
+            price: None,
+            size: None,
+            open: None,
+            high: None,
+            low: None,
+            close: None,
+            volume: None,
+            vwap: None,
+            trades: None,
+            exchange: None,
+            trade_id: None,
+            conditions: Vec::new(),
+        };
+        assert_eq!(NatsSink::subject("market", &row), "market.live.BRK_B.1m");
+        row.symbol = "EUR/USD".into();
+        row.lane = "backfill".into();
+        assert_eq!(NatsSink::subject("market", &row), "market.backfill.EUR/USD.1m");
+    }
+}

@@ -1,0 +1,367 @@
+//! TimescaleDB / PostgreSQL: each batch is one transaction that binary-COPYs the rows into
+//! a session-local staging table, moves them into the events table with
+//! `INSERT ... ON CONFLICT (natural key) DO NOTHING`, and records the sink's cursor for
+//! this log in the same transaction. A crash between that commit and the log's own
+//! cursor move is healed on restart: the runner resumes from the later of the two.
+//!
+//! With the timescaledb extension available the events table becomes a hypertable on
+//! `ts` (and gets a retention policy when one is configured); without it, it is a plain
+//! table whose primary key is the natural key. Gap detection never reads this table, so
+//! its retention can be as short as its users like.
+
+use std::time::Duration;
+
+use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::Type;
+use tokio_postgres::{Client, NoTls};
+
+use super::config::PostgresConfig;
+use super::{Batch, Sink, SinkError};
+use tickvault_wal::Lane;
+
+const NAME: &str = "postgres";
+
+/// Staging columns, in COPY order (the events table adds `ts`, computed from `ts_ms`).
+const STAGING_COLUMNS: &str = "feed, symbol, kind, timeframe, ts_ms, ordinal, seq, lane, captured_at_ns, \
+     bid, ask, bid_size, ask_size, price, size, open, high, low, close, volume, vwap, \
+     trades, exchange, trade_id, conditions";
+
+const STAGING_TYPES: [Type; 25] = [
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::INT8,
+    Type::INT8,
+    Type::INT8,
+    Type::TEXT,
+    Type::INT8,
+    Type::FLOAT8,
+    Type::FLOAT8,
+    Type::FLOAT8,
+    Type::FLOAT8,
+    Type::FLOAT8,
+    Type::FLOAT8,
+    Type::FLOAT8,
+    Type::FLOAT8,
+    Type::FLOAT8,
+    Type::FLOAT8,
+    Type::FLOAT8,
+    Type::FLOAT8,
+    Type::INT8,
+    Type::INT4,
+    Type::TEXT,
+    Type::INT4_ARRAY,
+];
+
+pub struct PostgresSink {
+    config: PostgresConfig,
+    /// The log's identity: this sink's cursor rows are keyed by it, so appliances sharing
+    /// one database keep separate cursors.
+    log_id: String,
+    client: Option<Client>,
+    /// Set while a write is in flight: if the runner gave up on it (timeout), the
+    /// connection is in an unknown state and is replaced.
+    in_flight: bool,
+    /// Whether the timescaledb extension is in use (known after connecting).
+    pub timescale: bool,
+}
+
+/// Rows per (feed, symbol, kind, timeframe, day), for `verify`.
+#[derive(Debug)]
+pub struct GroupCount {
+    pub feed: String,
+    pub symbol: String,
+    pub kind: String,
+    pub timeframe: String,
+    pub day: i64,
+    pub rows: u64,
+}
+
+impl PostgresSink {
+    pub fn new(config: &PostgresConfig, log_id: &str) -> PostgresSink {
+        PostgresSink {
+            config: config.clone(),
+            log_id: log_id.to_owned(),
+            client: None,
+            in_flight: false,
+            timescale: false,
+        }
+    }
+
+    fn pg_config(&self, database: &str) -> tokio_postgres::Config {
+        let mut pg = tokio_postgres::Config::new();
+        pg.host(&self.config.host)
+            .port(self.config.port)
+            .user(&self.config.user)
+            .dbname(database)
+            .application_name("tickvault")
+            .connect_timeout(Duration::from_secs(5));
+        if let Some(password) = &self.config.password {
+            pg.password(password.expose());
+        }
+        pg
+    }
+
+    async fn open(&self, database: &str) -> Result<Client, tokio_postgres::Error> {
+        let (client, connection) = self.pg_config(database).connect(NoTls).await?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %e, "postgres connection ended");
+            }
+        });
+        Ok(client)
+    }
+
+    /// The connection, made (and the database, tables and staging table created) if needed.
+    pub async fn client(&mut self) -> Result<&mut Client, SinkError> {
+        if self.in_flight || self.client.as_ref().is_some_and(Client::is_closed) {
+            self.client = None;
+        }
+        if self.client.is_none() {
+            let client = match self.open(&self.config.database).await {
+                Err(e) if e.code() == Some(&SqlState::INVALID_CATALOG_NAME) => {
+                    let admin = self.open("postgres").await.map_err(classify)?;
+                    let create = format!("CREATE DATABASE {}", self.config.database);
+                    match admin.batch_execute(&create).await {
+                        Ok(()) => {}
+                        // Another runner created it first.
+                        Err(e) if e.code() == Some(&SqlState::DUPLICATE_DATABASE) => {}
+                        Err(e) => return Err(classify(e)),
+                    }
+                    self.open(&self.config.database).await.map_err(classify)?
+                }
+                other => other.map_err(classify)?,
+            };
+            self.timescale = prepare(&client, &self.config).await?;
+            self.client = Some(client);
+        }
+        Ok(self.client.as_mut().expect("connected above"))
+    }
+
+    /// Rows per group and day, for `verify`.
+    pub async fn group_counts(&mut self) -> Result<Vec<GroupCount>, SinkError> {
+        let table = self.config.table.clone();
+        let client = self.client().await?;
+        let sql = format!(
+            "SELECT feed, symbol, kind, timeframe, ts_ms / 86400000 AS day, count(*)
+             FROM {table} GROUP BY 1, 2, 3, 4, 5"
+        );
+        let rows = client.query(&sql, &[]).await.map_err(classify)?;
+        Ok(rows
+            .iter()
+            .map(|r| GroupCount {
+                feed: r.get(0),
+                symbol: r.get(1),
+                kind: r.get(2),
+                timeframe: r.get(3),
+                day: r.get(4),
+                rows: u64::try_from(r.get::<_, i64>(5)).unwrap_or(0),
+            })
+            .collect())
+    }
+
+    async fn write_batch(&mut self, batch: &Batch) -> Result<(), SinkError> {
+        let table = self.config.table.clone();
+        let log_id = self.log_id.clone();
+        let lane = batch.lane.map_or("", |l| l.name());
+        let client = self.client().await?;
+        let tx = client.transaction().await.map_err(classify)?;
+        let copy = tx
+            .copy_in(&format!("COPY tickvault_staging ({STAGING_COLUMNS}) FROM STDIN BINARY"))
+            .await
+            .map_err(classify)?;
+        let writer = BinaryCopyInWriter::new(copy, &STAGING_TYPES);
+        tokio::pin!(writer);
+        for r in &batch.rows {
+            let (ordinal, seq) = (i64::from(r.ordinal), i64::try_from(r.seq).unwrap_or(i64::MAX));
+            let trades = r.trades.map(|t| i64::try_from(t).unwrap_or(i64::MAX));
+            writer
+                .as_mut()
+                .write(&[
+                    &r.feed,
+                    &r.symbol,
+                    &r.kind,
+                    &r.timeframe,
+                    &r.ts_ms,
+                    &ordinal,
+                    &seq,
+                    &r.lane,
+                    &r.captured_at_ns,
+                    &r.bid,
+                    &r.ask,
+                    &r.bid_size,
+                    &r.ask_size,
+                    &r.price,
+                    &r.size,
+                    &r.open,
+                    &r.high,
+                    &r.low,
+                    &r.close,
+                    &r.volume,
+                    &r.vwap,
+                    &trades,
+                    &r.exchange,
+                    &r.trade_id,
+                    &r.conditions,
+                ])
+                .await
+                .map_err(classify)?;
+        }
+        writer.as_mut().finish().await.map_err(classify)?;
+        tx.execute(
+            &format!(
+                "INSERT INTO {table} ({STAGING_COLUMNS}, ts)
+                 SELECT {STAGING_COLUMNS}, to_timestamp(ts_ms / 1000.0) FROM tickvault_staging
+                 ON CONFLICT (feed, symbol, kind, timeframe, ts_ms, ordinal, ts) DO NOTHING"
+            ),
+            &[],
+        )
+        .await
+        .map_err(classify)?;
+        let seq = i64::try_from(batch.last_seq).unwrap_or(i64::MAX);
+        tx.execute(
+            &format!(
+                "INSERT INTO {table}_cursors (log_id, lane, seq, updated_at) VALUES ($1, $2, $3, now())
+                 ON CONFLICT (log_id, lane) DO UPDATE
+                 SET seq = GREATEST({table}_cursors.seq, EXCLUDED.seq), updated_at = now()"
+            ),
+            &[&log_id, &lane, &seq],
+        )
+        .await
+        .map_err(classify)?;
+        tx.commit().await.map_err(classify)
+    }
+}
+
+/// Creates what is missing; returns whether timescaledb is in use.
+async fn prepare(client: &Client, config: &PostgresConfig) -> Result<bool, SinkError> {
+    let table = &config.table;
+    let available = client
+        .query_opt("SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb'", &[])
+        .await
+        .map_err(classify)?
+        .is_some();
+    let timescale = available
+        && match client.batch_execute("CREATE EXTENSION IF NOT EXISTS timescaledb").await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "timescaledb is available but could not be enabled; using a plain table");
+                false
+            }
+        };
+    // `ts` is in the primary key only because a hypertable's unique keys must hold its
+    // time column; it is a function of `ts_ms`, so uniqueness is the natural key's.
+    // Runners (and appliances) start together: `CREATE TABLE IF NOT EXISTS` is not safe
+    // against itself in PostgreSQL, so the DDL runs under a transaction-scoped advisory lock.
+    client
+        .batch_execute(&format!(
+            "BEGIN;
+            SELECT pg_advisory_xact_lock(hashtext('tickvault-ddl'));
+            CREATE TABLE IF NOT EXISTS {table} (
+                feed text NOT NULL, symbol text NOT NULL, kind text NOT NULL, timeframe text NOT NULL,
+                ts_ms bigint NOT NULL, ordinal bigint NOT NULL, ts timestamptz NOT NULL,
+                seq bigint NOT NULL, lane text NOT NULL, captured_at_ns bigint NOT NULL,
+                bid double precision, ask double precision,
+                bid_size double precision, ask_size double precision,
+                price double precision, size double precision,
+                open double precision, high double precision, low double precision,
+                close double precision, volume double precision, vwap double precision,
+                trades bigint, exchange integer, trade_id text, conditions integer[] NOT NULL,
+                PRIMARY KEY (feed, symbol, kind, timeframe, ts_ms, ordinal, ts)
+            );
+            CREATE TABLE IF NOT EXISTS {table}_cursors (
+                log_id text NOT NULL, lane text NOT NULL, seq bigint NOT NULL,
+                updated_at timestamptz NOT NULL, PRIMARY KEY (log_id, lane)
+            );
+            COMMIT;
+            CREATE TEMP TABLE IF NOT EXISTS tickvault_staging (
+                feed text, symbol text, kind text, timeframe text, ts_ms bigint, ordinal bigint,
+                seq bigint, lane text, captured_at_ns bigint,
+                bid double precision, ask double precision,
+                bid_size double precision, ask_size double precision,
+                price double precision, size double precision,
+                open double precision, high double precision, low double precision,
+                close double precision, volume double precision, vwap double precision,
+                trades bigint, exchange integer, trade_id text, conditions integer[]
+            ) ON COMMIT DELETE ROWS;"
+        ))
+        .await
+        .map_err(classify)?;
+    if timescale {
+        client
+            .batch_execute(&format!(
+                "BEGIN;
+                SELECT pg_advisory_xact_lock(hashtext('tickvault-ddl'));
+                SELECT create_hypertable('{table}', 'ts', if_not_exists => TRUE, migrate_data => TRUE);
+                COMMIT;"
+            ))
+            .await
+            .map_err(classify)?;
+        if let Some(retention) = config.retention {
+            client
+                .batch_execute(&format!(
+                    "SELECT add_retention_policy('{table}', INTERVAL '{} seconds', if_not_exists => TRUE)",
+                    retention.as_secs()
+                ))
+                .await
+                .map_err(classify)?;
+        }
+    }
+    Ok(timescale)
+}
+
+impl Sink for PostgresSink {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    async fn stored_cursor(&mut self, lane: Lane) -> Result<Option<u64>, SinkError> {
+        let (table, log_id) = (self.config.table.clone(), self.log_id.clone());
+        let client = self.client().await?;
+        let row = client
+            .query_opt(
+                &format!("SELECT seq FROM {table}_cursors WHERE log_id = $1 AND lane = $2"),
+                &[&log_id, &lane.name()],
+            )
+            .await
+            .map_err(classify)?;
+        Ok(row.and_then(|r| u64::try_from(r.get::<_, i64>(0)).ok()))
+    }
+
+    async fn write(&mut self, batch: &Batch) -> Result<(), SinkError> {
+        self.in_flight = true;
+        let result = self.write_batch(batch).await;
+        self.in_flight = false;
+        if result.is_err() {
+            // Start from a fresh session: the staging table and any half transaction go.
+            self.client = None;
+        }
+        result
+    }
+}
+
+pub(crate) fn classify(e: tokio_postgres::Error) -> SinkError {
+    let Some(code) = e.code() else {
+        // No SQLSTATE: the connection itself failed (refused, reset, closed).
+        return SinkError::retriable(NAME, "connection", e);
+    };
+    let state = code.code();
+    let retriable = state.starts_with("08") // connection exceptions
+        || state.starts_with("53") // insufficient resources
+        || state.starts_with("57") // operator intervention: shutdown, cannot connect now
+        || state == "40001" // serialization failure
+        || state == "40P01" // deadlock
+        || state == "42P01" // undefined table: dropped under us, recreated on reconnect
+        || state == "3D000"; // database dropped under us
+    let message = match e.as_db_error() {
+        Some(db) => format!("{state}: {}", db.message()),
+        None => format!("{state}: {e}"),
+    };
+    if retriable {
+        SinkError::retriable(NAME, "server", message)
+    } else {
+        SinkError::fatal(NAME, "refused", message)
+    }
+}

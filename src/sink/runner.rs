@@ -1,0 +1,278 @@
+//! One runner per (sink, lane): follows the lane from the sink's cursor, cuts batches at
+//! log positions, writes each until the sink acknowledges it, then moves the cursor.
+//!
+//! - The cursor moves only after the acknowledgement, so a crash at any point resends
+//!   at most the batches past the cursor; the sinks' idempotent writes absorb them.
+//! - A retry resends the identical batch (same rows, same range).
+//! - A failing sink holds its own cursor and nothing else: the other runners have their
+//!   own connections, and the backfill lane's backpressure (high-water mark) stops the
+//!   downloader before the log grows without bound.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tickvault_wal::{Lane, ReadBatch, Wal};
+use tokio::sync::watch;
+
+use super::breaker::{Breaker, State, Transition};
+use super::{Batch, SinkError};
+
+/// A destination. Each runner owns one (and so one connection); connections are made
+/// lazily by `write` and dropped on error, so the next attempt reconnects.
+pub trait Sink: Send + 'static {
+    /// The sink's name: its cursor in the log, and its label in logs.
+    fn name(&self) -> &'static str;
+
+    /// The last position of `lane` the sink recorded itself, for sinks that commit their
+    /// cursor with the data (PostgreSQL). The runner resumes from the later of this and
+    /// the log's cursor.
+    fn stored_cursor(&mut self, _lane: Lane) -> impl Future<Output = Result<Option<u64>, SinkError>> + Send {
+        async { Ok(None) }
+    }
+
+    /// Writes a batch and returns once the sink has acknowledged all of it.
+    fn write(&mut self, batch: &Batch) -> impl Future<Output = Result<(), SinkError>> + Send;
+}
+
+/// How one runner works.
+#[derive(Clone, Debug)]
+pub struct RunnerSpec {
+    pub lane: Lane,
+    /// Records per batch at most.
+    pub batch_rows: usize,
+    /// How long a batch waits to fill once it has a record (zero: send what is there).
+    pub flush_interval: Duration,
+    pub retry_min: Duration,
+    pub retry_max: Duration,
+    pub breaker_threshold: u32,
+    /// One attempt that takes longer than this counts as failed (and is retried).
+    pub attempt_timeout: Duration,
+}
+
+/// What a runner did, for the demo, the benchmarks and the tests.
+pub struct RunnerStats {
+    pub sink: &'static str,
+    pub lane: Lane,
+    pub rows: AtomicU64,
+    pub batches: AtomicU64,
+    /// The cursor: the last log position the sink acknowledged.
+    pub acked_seq: AtomicU64,
+    pub failures: AtomicU64,
+    /// Non-event records in the lane (drill records), covered but not sent.
+    pub skipped: AtomicU64,
+    pub undecodable: AtomicU64,
+    pub corrupt: AtomicU64,
+    /// The breaker's state (0 closed, 1 open, 2 half-open) and how often it entered each.
+    state: AtomicU8,
+    pub opened: AtomicU64,
+    pub half_opened: AtomicU64,
+    pub closed: AtomicU64,
+    /// Capture (the appliance received the event) to the sink's acknowledgement, in µs.
+    pub latency_us: Mutex<hdrhistogram::Histogram<u64>>,
+}
+
+impl RunnerStats {
+    pub fn new(sink: &'static str, lane: Lane) -> RunnerStats {
+        RunnerStats {
+            sink,
+            lane,
+            rows: AtomicU64::new(0),
+            batches: AtomicU64::new(0),
+            acked_seq: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            skipped: AtomicU64::new(0),
+            undecodable: AtomicU64::new(0),
+            corrupt: AtomicU64::new(0),
+            state: AtomicU8::new(0),
+            opened: AtomicU64::new(0),
+            half_opened: AtomicU64::new(0),
+            closed: AtomicU64::new(0),
+            latency_us: Mutex::new(
+                hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("static histogram bounds"),
+            ),
+        }
+    }
+
+    pub fn state(&self) -> State {
+        match self.state.load(Ordering::Relaxed) {
+            1 => State::Open,
+            2 => State::HalfOpen,
+            _ => State::Closed,
+        }
+    }
+
+    /// The latency at quantile `q` (0..=1), in milliseconds; 0 with no rows yet.
+    pub fn latency_ms(&self, q: f64) -> f64 {
+        let h = self.latency_us.lock().unwrap_or_else(|p| p.into_inner());
+        if h.is_empty() {
+            0.0
+        } else {
+            h.value_at_quantile(q) as f64 / 1000.0
+        }
+    }
+
+    fn note(&self, transition: Option<Transition>) {
+        let Some(t) = transition else { return };
+        let (code, counter) = match t.to {
+            State::Closed => (0, &self.closed),
+            State::Open => (1, &self.opened),
+            State::HalfOpen => (2, &self.half_opened),
+        };
+        self.state.store(code, Ordering::Relaxed);
+        counter.fetch_add(1, Ordering::Relaxed);
+        // One line per change: the outage drill reads these.
+        tracing::warn!(sink = self.sink, lane = %self.lane, from = t.from.name(), to = t.to.name(), "sink breaker");
+    }
+
+    fn record_latency(&self, batch: &Batch) {
+        let now_ns = jiff::Timestamp::now().as_nanosecond();
+        let mut h = self.latency_us.lock().unwrap_or_else(|p| p.into_inner());
+        for row in &batch.rows {
+            let us = (now_ns - i128::from(row.captured_at_ns)) / 1000;
+            let _ = h.record(u64::try_from(us).unwrap_or(1).max(1));
+        }
+    }
+}
+
+enum Op<'a> {
+    Resume,
+    Write(&'a Batch),
+}
+
+/// Runs until `shutdown` says stop (between batches) or the log shuts down.
+pub async fn run<S: Sink>(
+    mut sink: S,
+    wal: Wal,
+    spec: RunnerSpec,
+    stats: Arc<RunnerStats>,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let name = sink.name();
+    let lane = spec.lane;
+    let mut breaker = Breaker::new(spec.breaker_threshold, spec.retry_min, spec.retry_max);
+    let mut position = wal.reader().cursor(name, lane)?;
+    // Where the sink itself says it is (it may be past the log's cursor if we crashed
+    // between its commit and the cursor move).
+    let Some(stored) = until_acked(&mut sink, Op::Resume, &spec, &mut breaker, &stats, &mut shutdown).await else {
+        return Ok(());
+    };
+    if let Some(stored) = stored.filter(|s| *s > position) {
+        wal.move_cursor(name, lane, stored).await?;
+        position = stored;
+    }
+    stats.acked_seq.store(position, Ordering::Relaxed);
+    tracing::info!(sink = name, %lane, cursor = position, "sink runner started");
+
+    let mut tail = wal.tail(lane, position);
+    loop {
+        let first = tokio::select! {
+            // Stop between batches, never in the middle of one.
+            biased;
+            _ = shutdown.changed() => break,
+            read = tail.next_batch(spec.batch_rows) => read?,
+        };
+        let Some(first) = first else { break };
+        let mut batch = Batch {
+            lane: Some(lane),
+            after: position,
+            last_seq: position,
+            ..Batch::default()
+        };
+        let mut records = add(&mut batch, &first, &stats);
+        if !spec.flush_interval.is_zero() {
+            let deadline = tokio::time::Instant::now() + spec.flush_interval;
+            while records < spec.batch_rows {
+                match tokio::time::timeout_at(deadline, tail.next_batch(spec.batch_rows - records)).await {
+                    Ok(Ok(Some(more))) => records += add(&mut batch, &more, &stats),
+                    Ok(Ok(None)) | Err(_) => break,
+                    Ok(Err(e)) => return Err(e.into()),
+                }
+            }
+        }
+        if !batch.rows.is_empty() {
+            let acked = until_acked(&mut sink, Op::Write(&batch), &spec, &mut breaker, &stats, &mut shutdown).await;
+            if acked.is_none() {
+                break;
+            }
+            stats.record_latency(&batch);
+        }
+        wal.move_cursor(name, lane, batch.last_seq).await?;
+        position = batch.last_seq;
+        stats.acked_seq.store(position, Ordering::Relaxed);
+        stats.rows.fetch_add(batch.rows.len() as u64, Ordering::Relaxed);
+        stats.batches.fetch_add(1, Ordering::Relaxed);
+    }
+    tracing::info!(sink = name, %lane, cursor = position, "sink runner stopped");
+    Ok(())
+}
+
+fn add(batch: &mut Batch, read: &ReadBatch, stats: &RunnerStats) -> usize {
+    let before = (batch.skipped, batch.undecodable);
+    for record in &read.records {
+        batch.push(record);
+    }
+    batch.last_seq = batch.last_seq.max(read.last_seq);
+    stats.skipped.fetch_add(batch.skipped - before.0, Ordering::Relaxed);
+    stats
+        .undecodable
+        .fetch_add(batch.undecodable - before.1, Ordering::Relaxed);
+    stats.corrupt.fetch_add(read.corrupt.len() as u64, Ordering::Relaxed);
+    read.records.len() + read.corrupt.len()
+}
+
+/// Tries `op` until the sink acknowledges it, pacing retries with the breaker. `None`
+/// when told to stop while waiting (an attempt in flight is finished first, so that a
+/// write is never abandoned half way by us).
+async fn until_acked<S: Sink>(
+    sink: &mut S,
+    op: Op<'_>,
+    spec: &RunnerSpec,
+    breaker: &mut Breaker,
+    stats: &RunnerStats,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<Option<u64>> {
+    loop {
+        if *shutdown.borrow() {
+            return None;
+        }
+        let (wait, transition) = breaker.wait(Instant::now());
+        stats.note(transition);
+        if !wait.is_zero() {
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => continue,
+                _ = shutdown.changed() => return None,
+            }
+        }
+        let attempt = async {
+            match &op {
+                Op::Resume => sink.stored_cursor(stats.lane).await,
+                Op::Write(batch) => sink.write(batch).await.map(|()| None),
+            }
+        };
+        let result = match tokio::time::timeout(spec.attempt_timeout, attempt).await {
+            Ok(result) => result,
+            Err(_) => Err(SinkError::retriable(
+                stats.sink,
+                "timeout",
+                format!("no acknowledgement within {:?}", spec.attempt_timeout),
+            )),
+        };
+        match result {
+            Ok(value) => {
+                stats.note(breaker.on_success());
+                return Some(value);
+            }
+            Err(e) => {
+                stats.failures.fetch_add(1, Ordering::Relaxed);
+                if e.retriable {
+                    tracing::warn!(sink = e.sink, lane = %stats.lane, code = e.code, error = %e.message, "sink write failed; will retry");
+                } else {
+                    tracing::error!(sink = e.sink, lane = %stats.lane, code = e.code, error = %e.message, "sink refused the write; holding the cursor and retrying slowly");
+                }
+                stats.note(breaker.on_failure(Instant::now(), e.retriable));
+            }
+        }
+    }
+}
