@@ -126,8 +126,11 @@ impl PostgresSink {
                     let create = format!("CREATE DATABASE {}", self.config.database);
                     match admin.batch_execute(&create).await {
                         Ok(()) => {}
-                        // Another runner created it first.
-                        Err(e) if e.code() == Some(&SqlState::DUPLICATE_DATABASE) => {}
+                        // Another runner created it first (PostgreSQL reports the race
+                        // as a unique violation on its catalog).
+                        Err(e)
+                            if e.code() == Some(&SqlState::DUPLICATE_DATABASE)
+                                || e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {}
                         Err(e) => return Err(classify(e)),
                     }
                     self.open(&self.config.database).await.map_err(classify)?

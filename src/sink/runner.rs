@@ -204,7 +204,17 @@ pub async fn run<S: Sink>(
         stats.rows.fetch_add(batch.rows.len() as u64, Ordering::Relaxed);
         stats.batches.fetch_add(1, Ordering::Relaxed);
     }
-    tracing::info!(sink = name, %lane, cursor = position, "sink runner stopped");
+    tracing::info!(
+        sink = name,
+        %lane,
+        cursor = position,
+        rows = stats.rows.load(Ordering::Relaxed),
+        batches = stats.batches.load(Ordering::Relaxed),
+        failures = stats.failures.load(Ordering::Relaxed),
+        latency_p50_ms = stats.latency_ms(0.5),
+        latency_p99_ms = stats.latency_ms(0.99),
+        "sink runner stopped"
+    );
     Ok(())
 }
 

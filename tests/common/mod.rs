@@ -42,3 +42,5 @@ pub fn simulator(extra: &[&str]) -> (Child, String) {
     }
     panic!("the simulator did not start on {addr}");
 }
+
+pub mod sinks;

@@ -1,0 +1,345 @@
+//! The real sink servers (`scripts/services.sh up`), one database / table / stream per
+//! test named after it, and the daemon as a real process.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tickvault::event::{Event, EVENT_KIND};
+use tickvault_wal::{Lane, Wal};
+
+use super::{tickvault, Child};
+
+pub const SINKS: [&str; 3] = ["clickhouse", "postgres", "nats"];
+pub const PG_PASSWORD: &str = "tickvault";
+
+pub fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// Where one test's events go: database `tv_<test>` in ClickHouse and PostgreSQL, stream
+/// `TV_<TEST>` on subjects `tv_<test>.>` in JetStream. Emptied when made.
+pub struct Target {
+    pub name: String,
+    pub stream: String,
+}
+
+fn clickhouse() -> clickhouse::Client {
+    clickhouse::Client::default()
+        .with_url("http://127.0.0.1:8123")
+        .with_compression(clickhouse::Compression::None)
+}
+
+async fn postgres(db: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::Config::new()
+        .host("127.0.0.1")
+        .user("tickvault")
+        .password(PG_PASSWORD)
+        .dbname(db)
+        .connect(tokio_postgres::NoTls)
+        .await
+        .unwrap_or_else(|e| panic!("PostgreSQL on 127.0.0.1:5432 (scripts/services.sh up): {e}"));
+    tokio::spawn(conn);
+    client
+}
+
+async fn jetstream(port: u16) -> async_nats::jetstream::Context {
+    let client = async_nats::connect(format!("127.0.0.1:{port}"))
+        .await
+        .unwrap_or_else(|e| panic!("NATS on 127.0.0.1:{port} (scripts/services.sh up): {e}"));
+    async_nats::jetstream::new(client)
+}
+
+impl Target {
+    pub fn new(test: &str) -> Target {
+        let t = Target {
+            name: format!("tv_{test}"),
+            stream: format!("TV_{}", test.to_uppercase()),
+        };
+        rt().block_on(async {
+            clickhouse()
+                .query(&format!("DROP DATABASE IF EXISTS {}", t.name))
+                .execute()
+                .await
+                .unwrap_or_else(|e| panic!("ClickHouse on 127.0.0.1:8123 (scripts/services.sh up): {e}"));
+            postgres("postgres")
+                .await
+                .batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", t.name))
+                .await
+                .unwrap();
+            let _ = jetstream(4222).await.delete_stream(&t.stream).await;
+        });
+        t
+    }
+
+    /// The `[sinks]` part of a config sending everything to this target.
+    pub fn sinks_toml(&self, nats_port: u16) -> String {
+        format!(
+            "[sinks]\nretry_min = \"50ms\"\nretry_max = \"1s\"\n\
+             [sinks.clickhouse]\nenabled = true\ndatabase = \"{n}\"\n\
+             [sinks.postgres]\nenabled = true\ndatabase = \"{n}\"\n\
+             [sinks.nats]\nenabled = true\nurl = \"nats://127.0.0.1:{nats_port}\"\nstream = \"{s}\"\nsubject_prefix = \"{n}\"\n",
+            n = self.name,
+            s = self.stream
+        )
+    }
+
+    /// Every natural key in each sink, as a list (duplicates kept), keyed by sink.
+    /// ClickHouse is read with `FINAL` (what a reader sees); the raw row count is separate.
+    pub fn keys(&self, nats_port: u16) -> BTreeMap<&'static str, Vec<String>> {
+        rt().block_on(async {
+            let mut out = BTreeMap::new();
+            let ch = clickhouse()
+                .query(&format!(
+                    "SELECT concat(feed, ':', symbol, ':', kind, ':', timeframe, ':', toString(ts_ms), ':', toString(ordinal)) \
+                     FROM {}.events FINAL",
+                    self.name
+                ))
+                .fetch_all::<String>()
+                .await
+                .unwrap();
+            out.insert("clickhouse", ch);
+            let pg = postgres(&self.name)
+                .await
+                .query(
+                    "SELECT feed || ':' || symbol || ':' || kind || ':' || timeframe || ':' || ts_ms || ':' || ordinal FROM events",
+                    &[],
+                )
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| r.get::<_, String>(0))
+                .collect();
+            out.insert("postgres", pg);
+            let mut nats = Vec::new();
+            let mut config = tickvault::sink::config::NatsConfig::default();
+            config.url = format!("nats://127.0.0.1:{nats_port}");
+            config.stream = self.stream.clone();
+            config.subject_prefix = self.name.clone();
+            tickvault::sink::nats::NatsSink::new(&config)
+                .scan(|row| nats.push(row.key_string()))
+                .await
+                .unwrap();
+            out.insert("nats", nats);
+            out
+        })
+    }
+
+    /// PostgreSQL's cursor rows: (log id, lane, seq).
+    pub fn postgres_cursors(&self) -> Vec<(String, String, i64)> {
+        rt().block_on(async {
+            postgres(&self.name)
+                .await
+                .query("SELECT log_id, lane, seq FROM events_cursors ORDER BY 1, 2", &[])
+                .await
+                .unwrap()
+                .iter()
+                .map(|r| (r.get(0), r.get(1), r.get(2)))
+                .collect()
+        })
+    }
+
+    /// Asserts each sink holds exactly `expected`, each key once.
+    pub fn assert_exactly(&self, nats_port: u16, expected: &HashSet<String>) {
+        for (sink, keys) in self.keys(nats_port) {
+            let distinct: HashSet<String> = keys.iter().cloned().collect();
+            assert_eq!(
+                keys.len(),
+                distinct.len(),
+                "{sink} holds {} duplicate rows",
+                keys.len() - distinct.len()
+            );
+            let missing: Vec<&String> = expected.difference(&distinct).take(5).collect();
+            let extra: Vec<&String> = distinct.difference(expected).take(5).collect();
+            assert!(
+                missing.is_empty() && extra.is_empty(),
+                "{sink}: {} keys, expected {}; missing e.g. {missing:?}; extra e.g. {extra:?}",
+                distinct.len(),
+                expected.len()
+            );
+        }
+    }
+}
+
+/// Every distinct natural key in a log's live and backfill lanes.
+pub fn log_keys(log: &Path) -> HashSet<String> {
+    let reader = Wal::open_read_only(log).unwrap();
+    let mut keys = HashSet::new();
+    for lane in [Lane::Live, Lane::Backfill] {
+        reader
+            .scan(lane, 0, u64::MAX, |_, record| {
+                let record = record.expect("no corrupt record");
+                if record.kind == EVENT_KIND {
+                    keys.insert(Event::from_payload(record.payload).unwrap().natural_key().to_string());
+                }
+                true
+            })
+            .unwrap();
+    }
+    keys
+}
+
+/// Whether every sink's cursor in both lanes has reached the lane's last record.
+pub fn caught_up(log: &Path) -> bool {
+    let Ok(reader) = Wal::open_read_only(log) else {
+        return false;
+    };
+    let summary = reader.summary().unwrap();
+    for lane in [Lane::Live, Lane::Backfill] {
+        let last = summary
+            .lanes
+            .iter()
+            .find(|l| l.lane == lane)
+            .and_then(|l| l.last_seq)
+            .unwrap_or(0);
+        for sink in SINKS {
+            let at = summary
+                .cursors
+                .iter()
+                .find(|c| c.sink == sink && c.lane == lane)
+                .map_or(0, |c| c.seq);
+            if at < last {
+                return false;
+            }
+        }
+    }
+    true
+}
+
+/// Writes a config: the test's own body (log, live, backfill) and the target's sinks.
+pub fn write_config(path: &Path, body: &str, target: &Target, nats_port: u16) -> PathBuf {
+    std::fs::write(path, format!("{body}\n{}", target.sinks_toml(nats_port))).unwrap();
+    path.to_owned()
+}
+
+/// `tickvault run` as a real process, its stderr in a file.
+pub struct Daemon {
+    pub child: Child,
+    pub stderr: PathBuf,
+}
+
+impl Daemon {
+    /// Starts the daemon and waits until it says it is running (its signal handler is
+    /// then in place). `stderr` is appended to, so restarts share one file.
+    pub fn start(config: &Path, log: &Path, sim_addr: &str, stderr: &Path) -> Daemon {
+        Self::start_with_key(config, log, sim_addr, stderr, "test-key")
+    }
+
+    /// As [`Daemon::start`], with its own Polygon key: Polygon (and the simulator) allow
+    /// one connection per key and cluster, so redundant appliances each have their own.
+    pub fn start_with_key(config: &Path, log: &Path, sim_addr: &str, stderr: &Path, key: &str) -> Daemon {
+        let runs = |path: &Path| {
+            std::fs::read_to_string(path)
+                .unwrap_or_default()
+                .matches("tickvault running")
+                .count()
+        };
+        let before = runs(stderr);
+        let daemon = Self::spawn(config, log, sim_addr, stderr, key);
+        wait_for("the daemon to start", Duration::from_secs(30), || runs(stderr) > before);
+        daemon
+    }
+
+    /// The output of this run only (the file may hold earlier runs).
+    pub fn this_run(&self) -> String {
+        let all = self.log();
+        let start = all.rfind("tickvault running").unwrap_or(0);
+        all[start..].to_owned()
+    }
+
+    fn spawn(config: &Path, log: &Path, sim_addr: &str, stderr: &Path, key: &str) -> Daemon {
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(stderr)
+            .unwrap();
+        let child = tickvault()
+            .args([
+                "run",
+                "--config",
+                config.to_str().unwrap(),
+                "--data-dir",
+                log.to_str().unwrap(),
+            ])
+            .env("TICKVAULT_POLYGON_WS_URL", format!("ws://{sim_addr}"))
+            .env("TICKVAULT_POLYGON_REST_URL", format!("http://{sim_addr}"))
+            .env("TICKVAULT_POLYGON_API_KEY", key)
+            .env("TICKVAULT_POSTGRES_PASSWORD", PG_PASSWORD)
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .unwrap();
+        Daemon {
+            child: Child(child),
+            stderr: stderr.to_owned(),
+        }
+    }
+
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.0.id().to_string();
+        assert!(Command::new("kill").args([signal, &pid]).status().unwrap().success());
+    }
+
+    /// SIGTERM, and wait for a clean exit; returns the stderr so far.
+    pub fn stop(mut self) -> String {
+        self.signal("-TERM");
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.0.try_wait().unwrap() {
+                let log = self.log();
+                assert!(status.success(), "daemon exited {status}: {log}");
+                return log;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "daemon did not stop on SIGTERM"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILL: no chance to flush or say goodbye.
+    pub fn kill(mut self) {
+        self.signal("-KILL");
+        let _ = self.child.0.wait();
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+}
+
+/// Polls `done` every 200 ms until it holds, or fails after `timeout` naming `what`.
+pub fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+    let started = Instant::now();
+    while !done() {
+        assert!(
+            started.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// `tickvault verify --json` on a log; returns (exit code, report).
+pub fn verify(config: &Path, log: &Path) -> (i32, serde_json::Value) {
+    let out = tickvault()
+        .args([
+            "verify",
+            "--config",
+            config.to_str().unwrap(),
+            "--data-dir",
+            log.to_str().unwrap(),
+            "--json",
+        ])
+        .env("TICKVAULT_POSTGRES_PASSWORD", PG_PASSWORD)
+        .output()
+        .unwrap();
+    let report = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("verify printed no JSON ({e}): {}", String::from_utf8_lossy(&out.stderr)));
+    (out.status.code().unwrap_or(-1), report)
+}

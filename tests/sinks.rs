@@ -1,0 +1,155 @@
+//! The whole pipeline against the real servers (`scripts/services.sh up`): simulator ->
+//! daemon -> ClickHouse, PostgreSQL and NATS JetStream. Each test has its own database,
+//! table and stream; they run one at a time (each drives a CPU-hungry daemon).
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use rand::Rng;
+
+mod common;
+
+use common::simulator;
+use common::sinks::{caught_up, log_keys, verify, wait_for, write_config, Daemon, Target};
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+const NATS: u16 = 4222;
+
+/// Live quotes, trades and bars from two markets, and two days of backfill.
+const SOURCES: &str = "[live.forex]\nsymbols = [\"EUR/USD\", \"GBP/USD\"]\nchannels = [\"C\", \"CA\"]\n\
+    [live.crypto]\nsymbols = [\"BTC-USD\"]\nchannels = [\"XQ\", \"XT\", \"XA\"]\n\
+    [backfill]\ncrypto = [\"ETH-USD\"]\nforex = [\"EUR/USD\"]\nlookback = \"2days\"\nchunk = \"1day\"\n";
+
+/// Only the sinks: forwards what the log holds and captures nothing new.
+const DRAIN: &str = "[live]\nenabled = false\n[backfill]\nenabled = false\n";
+
+/// Runs the daemon without sources until every sink has every record of the log.
+fn drain(dir: &Path, log: &Path, target: &Target, sim: &str) {
+    let config = write_config(&dir.join("drain.toml"), DRAIN, target, NATS);
+    let daemon = Daemon::start(&config, log, sim, &dir.join("drain.stderr"));
+    wait_for("the sinks to catch up with the log", Duration::from_secs(120), || {
+        caught_up(log)
+    });
+    daemon.stop();
+}
+
+fn assert_verify_matches(config: &Path, log: &Path) {
+    let (code, report) = verify(config, log);
+    assert_eq!(code, 0, "verify found differences: {report:#}");
+    let sinks = report["sinks"].as_array().unwrap();
+    assert_eq!(sinks.len(), 3, "{report:#}");
+    for s in sinks {
+        assert!(s["differences"].as_array().unwrap().is_empty(), "{s:#}");
+        assert_eq!(s["passed"], s["in_sink"], "{s:#}");
+    }
+}
+
+#[test]
+fn every_captured_event_reaches_each_sink_exactly_once() {
+    let _serial = serial();
+    let target = Target::new("end_to_end");
+    let (_sim, addr) = simulator(&["--always-open", "--quotes-per-minute", "1200"]);
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let config = write_config(&dir.path().join("run.toml"), SOURCES, &target, NATS);
+    let daemon = Daemon::start(&config, &log, &addr, &dir.path().join("run.stderr"));
+    wait_for("the backfill to finish", Duration::from_secs(60), || {
+        daemon.this_run().contains("finished part=\"backfill\"")
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    let stderr = daemon.stop();
+    assert!(!stderr.contains("ERROR"), "{stderr}");
+    drain(dir.path(), &log, &target, &addr);
+
+    let keys = log_keys(&log);
+    let live = keys.iter().filter(|k| k.contains(":tick:")).count();
+    assert!(live > 50 && keys.len() > 2_000, "{} keys, {live} ticks", keys.len());
+    target.assert_exactly(NATS, &keys);
+    assert_verify_matches(&config, &log);
+}
+
+#[test]
+fn after_repeated_sigkills_during_capture_each_sink_holds_every_captured_event_once() {
+    let _serial = serial();
+    let target = Target::new("crash");
+    let (_sim, addr) = simulator(&["--always-open", "--quotes-per-minute", "3000"]);
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    // Sixty days of bars in small pages at 10 requests/s: the backfill runs through
+    // several of the kills, beside live capture and forwarding.
+    let sources = "[polygon]\nrequests_per_minute = 600\n\
+        [live.forex]\nsymbols = [\"EUR/USD\", \"USD/JPY\"]\nchannels = [\"C\", \"CA\"]\n\
+        [live.crypto]\nsymbols = [\"BTC-USD\", \"ETH-USD\"]\nchannels = [\"XQ\", \"XT\"]\n\
+        [backfill]\ncrypto = [\"BTC-USD\", \"ETH-USD\"]\nforex = [\"EUR/USD\"]\nlookback = \"60days\"\nchunk = \"5days\"\n\
+        page_limit = 2000\nconcurrency = 1\n";
+    let config = write_config(&dir.path().join("run.toml"), sources, &target, NATS);
+    let stderr = dir.path().join("run.stderr");
+    let mut rng = rand::rng();
+    let mut forwarded_at_kill = Vec::new();
+    for _ in 0..12 {
+        let daemon = Daemon::start(&config, &log, &addr, &stderr);
+        std::thread::sleep(Duration::from_millis(rng.random_range(800..3_000)));
+        daemon.kill();
+        let reader = tickvault_wal::Wal::open_read_only(&log).unwrap();
+        forwarded_at_kill.push(reader.cursor("postgres", tickvault_wal::Lane::Backfill).unwrap());
+    }
+    // Let the last run finish the backfill, then forward everything.
+    let daemon = Daemon::start(&config, &log, &addr, &stderr);
+    wait_for("the backfill to finish", Duration::from_secs(120), || {
+        daemon.this_run().contains("finished part=\"backfill\"")
+    });
+    daemon.stop();
+    drain(dir.path(), &log, &target, &addr);
+
+    assert!(
+        forwarded_at_kill.iter().any(|c| *c > 0),
+        "no kill landed after forwarding began: {forwarded_at_kill:?}"
+    );
+    let keys = log_keys(&log);
+    assert!(keys.len() > 2 * 60 * 1440, "{} keys", keys.len());
+    target.assert_exactly(NATS, &keys);
+    assert_verify_matches(&config, &log);
+    let cursors = target.postgres_cursors();
+    assert_eq!(cursors.len(), 2, "one cursor row per lane for this log: {cursors:?}");
+}
+
+#[test]
+fn two_appliances_with_separate_logs_show_each_event_once() {
+    let _serial = serial();
+    let target = Target::new("redundancy");
+    let (_sim, addr) = simulator(&["--always-open", "--quotes-per-minute", "1200"]);
+    let dir = tempfile::tempdir().unwrap();
+    let (log_a, log_b) = (dir.path().join("a"), dir.path().join("b"));
+    let config = write_config(&dir.path().join("run.toml"), SOURCES, &target, NATS);
+    let a = Daemon::start_with_key(&config, &log_a, &addr, &dir.path().join("a.stderr"), "key-a");
+    let b = Daemon::start_with_key(&config, &log_b, &addr, &dir.path().join("b.stderr"), "key-b");
+    let finished = |d: &Daemon| d.this_run().contains("finished part=\"backfill\"");
+    wait_for("both backfills", Duration::from_secs(90), || {
+        finished(&a) && finished(&b)
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    a.stop();
+    b.stop();
+    drain(dir.path(), &log_a, &target, &addr);
+    drain(dir.path(), &log_b, &target, &addr);
+
+    let (keys_a, keys_b) = (log_keys(&log_a), log_keys(&log_b));
+    let both: HashSet<String> = keys_a.intersection(&keys_b).cloned().collect();
+    let live_in_both = both.iter().filter(|k| k.contains(":tick:")).count();
+    assert!(
+        live_in_both > 20 && both.len() > 2_000,
+        "the appliances should have captured the same events: {live_in_both} ticks and {} keys in common",
+        both.len()
+    );
+    let union: HashSet<String> = keys_a.union(&keys_b).cloned().collect();
+    target.assert_exactly(NATS, &union);
+    let logs: HashSet<String> = target.postgres_cursors().into_iter().map(|c| c.0).collect();
+    assert_eq!(logs.len(), 2, "each appliance keeps its own PostgreSQL cursor");
+}
