@@ -5,6 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
+# The sink tests talk to real servers: PostgreSQL, NATS JetStream and ClickHouse on loopback.
+scripts/services.sh up
 
 echo "== cargo fmt --check" >&2
 cargo fmt --all -- --check

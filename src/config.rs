@@ -474,7 +474,7 @@ mod tests {
 
     #[test]
     fn the_shipped_configs_are_valid() {
-        for file in ["config/tickvault.toml", "config/demo.toml"] {
+        for file in ["config/tickvault.toml", "config/demo.toml", "config/local-sinks.toml"] {
             let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
             let text = std::fs::read_to_string(&path).unwrap();
             let config = Config::parse(file, &text).unwrap();

@@ -32,6 +32,8 @@ pub struct Running {
     pub sinks: Vec<Arc<RunnerStats>>,
     tasks: JoinSet<anyhow::Result<&'static str>>,
     stop: watch::Sender<bool>,
+    // Last: dropped after everything that runs on it has been joined.
+    _background: BackgroundRuntime,
 }
 
 /// The live specs a config asks for.
@@ -143,6 +145,7 @@ fn start_sinks(
     wal: &Wal,
     shutdown: &watch::Receiver<bool>,
     tasks: &mut JoinSet<anyhow::Result<&'static str>>,
+    background: &tokio::runtime::Handle,
 ) -> anyhow::Result<Vec<Arc<RunnerStats>>> {
     fn spawn<S: Sink>(
         sink: S,
@@ -150,17 +153,42 @@ fn start_sinks(
         wal: &Wal,
         shutdown: &watch::Receiver<bool>,
         tasks: &mut JoinSet<anyhow::Result<&'static str>>,
+        background: &tokio::runtime::Handle,
     ) -> Arc<RunnerStats> {
         let stats = Arc::new(RunnerStats::new(sink.name(), spec.lane));
         let (wal, shutdown, out) = (wal.clone(), shutdown.clone(), stats.clone());
-        tasks.spawn(async move {
+        let lane = spec.lane;
+        let run = async move {
             runner::run(sink, wal, spec, stats, shutdown).await?;
             Ok("sink runner")
-        });
+        };
+        // Backfill runners (and their connections' tasks) run on the low-priority
+        // runtime; live runners on the main one.
+        match lane {
+            Lane::Live => tasks.spawn(run),
+            _ => tasks.spawn_on(run, background),
+        };
         out
     }
     let sinks = &config.sinks;
     let log_id = wal.reader().log_id()?;
+    let enabled = [
+        ("clickhouse", sinks.clickhouse.enabled),
+        ("postgres", sinks.postgres.enabled),
+        ("nats", sinks.nats.enabled),
+    ];
+    for cursor in wal.reader().cursors()? {
+        if !enabled.iter().any(|(name, on)| *on && *name == cursor.sink) {
+            // Truncation keeps everything a cursor has not passed: an abandoned cursor
+            // holds the log forever. Said at every start, never removed on our own.
+            tracing::warn!(
+                sink = %cursor.sink,
+                lane = %cursor.lane,
+                seq = cursor.seq,
+                "a cursor of a sink that is not enabled holds back log truncation"
+            );
+        }
+    }
     let mut stats = Vec::new();
     for lane in FORWARDED_LANES {
         if sinks.clickhouse.enabled {
@@ -171,23 +199,72 @@ fn start_sinks(
                 wal,
                 shutdown,
                 tasks,
+                background,
             ));
         }
         if sinks.postgres.enabled {
             let spec = runner_spec(sinks, sinks.postgres.batching(), lane);
             let sink = PostgresSink::new(&sinks.postgres, &log_id);
-            stats.push(spawn(sink, spec, wal, shutdown, tasks));
+            stats.push(spawn(sink, spec, wal, shutdown, tasks, background));
         }
         if sinks.nats.enabled {
             let spec = runner_spec(sinks, sinks.nats.batching(), lane);
-            stats.push(spawn(NatsSink::new(&sinks.nats), spec, wal, shutdown, tasks));
+            stats.push(spawn(
+                NatsSink::new(&sinks.nats),
+                spec,
+                wal,
+                shutdown,
+                tasks,
+                background,
+            ));
         }
     }
     Ok(stats)
 }
 
+/// A runtime for the backfill: the downloader and the backfill sink runners. Its threads
+/// run at a lower CPU priority (nice 10), so that on a busy box the scheduler gives the
+/// live path (collectors, the log's writer, live runners) the CPU first: live data is
+/// never held up by backfill, not even by its parsing and encoding.
+pub struct BackgroundRuntime(Option<tokio::runtime::Runtime>);
+
+impl BackgroundRuntime {
+    pub fn new() -> anyhow::Result<BackgroundRuntime> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("tickvault-backfill")
+            .on_thread_start(lower_priority)
+            .enable_all()
+            .build()?;
+        Ok(BackgroundRuntime(Some(runtime)))
+    }
+
+    pub fn handle(&self) -> tokio::runtime::Handle {
+        self.0.as_ref().expect("present until dropped").handle().clone()
+    }
+}
+
+impl Drop for BackgroundRuntime {
+    fn drop(&mut self) {
+        // Dropping a runtime blocks, which an async context forbids: let it wind down.
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// Lowers the calling thread's CPU priority (Linux: nice applies per thread).
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    // SAFETY: setpriority only reads its integer arguments; `who` 0 is the calling thread.
+    unsafe {
+        libc::setpriority(libc::PRIO_PROCESS, 0, 10);
+    }
+}
+
 /// Opens the log and starts every configured part.
 pub fn start(config: &Config) -> anyhow::Result<Running> {
+    let background = BackgroundRuntime::new()?;
     let wal = Wal::open_with(&config.log.data_dir, config.wal_options())?;
     let (stop, shutdown) = watch::channel(false);
     let mut tasks = JoinSet::new();
@@ -201,7 +278,7 @@ pub fn start(config: &Config) -> anyhow::Result<Running> {
             Ok("live collector")
         });
     }
-    let sinks = start_sinks(config, &wal, &shutdown, &mut tasks)?;
+    let sinks = start_sinks(config, &wal, &shutdown, &mut tasks, &background.handle())?;
     let jobs = backfill_jobs(config, jiff::Timestamp::now().as_millisecond());
     let backfill = if jobs.is_empty() {
         None
@@ -209,10 +286,13 @@ pub fn start(config: &Config) -> anyhow::Result<Running> {
         let stats = Arc::new(BackfillStats::default());
         let downloader = Downloader::new(backfill_spec(config)?, wal.clone(), stats.clone())?;
         let shutdown = shutdown.clone();
-        tasks.spawn(async move {
-            downloader.run(&jobs, shutdown).await?;
-            Ok("backfill")
-        });
+        tasks.spawn_on(
+            async move {
+                downloader.run(&jobs, shutdown).await?;
+                Ok("backfill")
+            },
+            &background.handle(),
+        );
         Some(stats)
     };
     {
@@ -245,6 +325,7 @@ pub fn start(config: &Config) -> anyhow::Result<Running> {
         backfill,
         sinks,
         tasks,
+        _background: background,
         stop,
     })
 }

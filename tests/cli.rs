@@ -33,7 +33,7 @@ fn load(dir: &Path, lane: &str, records: u64) -> Output {
 
 #[test]
 fn validate_accepts_the_shipped_configs() {
-    for file in ["config/tickvault.toml", "config/demo.toml"] {
+    for file in ["config/tickvault.toml", "config/demo.toml", "config/local-sinks.toml"] {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
         let out = tickvault(&["validate", "--config", path.to_str().unwrap()]);
         assert_eq!(out.status.code(), Some(0), "{file}: {}", text(&out.stderr));
@@ -47,7 +47,15 @@ fn validate_names_the_bad_field_and_exits_2() {
         ("[log]\nretension = \"1d\"\n", "log.retension"),
         ("[log]\nretention = \"soon\"\n", "log.retention"),
         ("[log]\nmax_group_records = 0\n", "log.max_group_records"),
-        ("[sinks]\n", "sinks"),
+        ("[sinks.clickhouse]\nhost = \"x\"\n", "sinks.clickhouse.host"),
+        (
+            "[sinks.clickhouse]\nlive_batch_rows = 0\n",
+            "sinks.clickhouse.live_batch_rows",
+        ),
+        ("[sinks.postgres]\nport = 0\n", "sinks.postgres.port"),
+        ("[sinks.postgres]\ntable = \"events; drop\"\n", "sinks.postgres.table"),
+        ("[sinks.nats]\nurl = \"http://127.0.0.1:4222\"\n", "sinks.nats.url"),
+        ("[sinks]\nbreaker_threshold = 0\n", "sinks.breaker_threshold"),
     ];
     for (body, field) in cases {
         let path = dir.path().join("bad.toml");

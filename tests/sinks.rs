@@ -153,3 +153,93 @@ fn two_appliances_with_separate_logs_show_each_event_once() {
     let logs: HashSet<String> = target.postgres_cursors().into_iter().map(|c| c.0).collect();
     assert_eq!(logs.len(), 2, "each appliance keeps its own PostgreSQL cursor");
 }
+
+/// Live capture-to-commit latency per sink (p50, p99 in ms), from the runners' last words.
+fn live_latency(stderr: &str) -> Vec<(String, f64, f64)> {
+    let field = |line: &str, name: &str| -> String {
+        let start = line
+            .find(&format!("{name}="))
+            .map(|i| i + name.len() + 1)
+            .unwrap_or(line.len());
+        line[start..]
+            .split_whitespace()
+            .next()
+            .unwrap_or("")
+            .trim_matches('"')
+            .to_owned()
+    };
+    stderr
+        .lines()
+        .filter(|l| l.contains("sink runner stopped") && l.contains("lane=live"))
+        .map(|l| {
+            (
+                field(l, "sink"),
+                field(l, "latency_p50_ms").parse().unwrap_or(f64::NAN),
+                field(l, "latency_p99_ms").parse().unwrap_or(f64::NAN),
+            )
+        })
+        .collect()
+}
+
+/// The live path never queues behind the backfill: during a full-speed backfill whose
+/// backlog runs into millions of rows, every sink's live cursor stays at the live head and
+/// live latency stays within a bound that queueing behind the backlog would break by
+/// orders of magnitude (the figures themselves, and their ratio to idle, are the
+/// benchmark's: `tickvault bench sinks`).
+#[test]
+fn live_events_keep_reaching_every_sink_while_a_full_speed_backfill_is_forwarded() {
+    let _serial = serial();
+    let (_sim, addr) = common::simulator_niced(&["--always-open", "--quotes-per-minute", "6000"]);
+    let live = "[live.crypto]\nsymbols = [\"BTC-USD\", \"ETH-USD\"]\nchannels = [\"XQ\", \"XT\"]\n";
+    let mut figures = Vec::new();
+    for (name, backfill) in [
+        ("priority_idle", "[backfill]\nenabled = false\n"),
+        (
+            "priority_busy",
+            // About 2.6 million bars: the backfill runners stay busy the whole window.
+            "[backfill]\ncrypto = [\"BTC-USD\", \"ETH-USD\", \"SOL-USD\"]\nforex = [\"EUR/USD\", \"GBP/USD\"]\nlookback = \"365days\"\nchunk = \"90days\"\n",
+        ),
+    ] {
+        let target = Target::new(name);
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("log");
+        let config = write_config(&dir.path().join("run.toml"), &format!("{live}{backfill}"), &target, NATS);
+        let daemon = Daemon::start(&config, &log, &addr, &dir.path().join("run.stderr"));
+        std::thread::sleep(Duration::from_secs(12));
+        let (backlog, live_lag) = {
+            let reader = tickvault_wal::Wal::open_read_only(&log).unwrap();
+            let head = |lane| reader.last_seq(lane).unwrap().unwrap_or(0);
+            let cursor = |sink, lane| reader.cursor(sink, lane).unwrap();
+            let backlog = head(tickvault_wal::Lane::Backfill) - cursor("postgres", tickvault_wal::Lane::Backfill);
+            let live_lag: Vec<u64> = common::sinks::SINKS
+                .iter()
+                .map(|s| head(tickvault_wal::Lane::Live) - cursor(s, tickvault_wal::Lane::Live))
+                .collect();
+            (backlog, live_lag)
+        };
+        let stderr = daemon.stop();
+        let latency = live_latency(&stderr);
+        assert_eq!(latency.len(), 3, "{stderr}");
+        eprintln!("{name}: backfill backlog {backlog}, live lag {live_lag:?}, live latency {latency:?}");
+        figures.push((latency, backlog, live_lag));
+    }
+    let (idle, busy) = (&figures[0].0, &figures[1].0);
+    assert!(
+        figures[1].1 > 500_000,
+        "the backfill was not still being forwarded at the end"
+    );
+    // ~400 live events/s: a lag of 800 is two seconds' worth, against a backlog of millions.
+    assert!(
+        figures[1].2.iter().all(|lag| *lag < 800),
+        "live lagged: {:?}",
+        figures[1].2
+    );
+    for (sink, _, idle_p99) in idle {
+        let busy_p99 = busy.iter().find(|b| &b.0 == sink).map_or(f64::NAN, |b| b.2);
+        eprintln!("{sink}: live p99 {idle_p99:.1} ms idle, {busy_p99:.1} ms during the backfill");
+        assert!(
+            busy_p99 <= (8.0 * idle_p99).max(1_500.0),
+            "{sink}: live p99 {busy_p99:.1} ms during the backfill against {idle_p99:.1} ms idle"
+        );
+    }
+}

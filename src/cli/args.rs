@@ -154,6 +154,18 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 150)]
         quota_seconds: u64,
     },
+    /// Live capture-to-sink-commit latency per sink, idle and during a full-speed backfill,
+    /// and backfill rows/s per sink, against the servers of `scripts/services.sh up`.
+    Sinks {
+        #[arg(long, default_value = "target/bench")]
+        dir: PathBuf,
+        /// Seconds per live window.
+        #[arg(long, default_value_t = 15)]
+        seconds: u64,
+        /// Years of minute bars for the backfill (3 crypto and 2 forex symbols).
+        #[arg(long, default_value_t = 1)]
+        backfill_years: u32,
+    },
     /// Durable appends (1 and 4 producers) against naive synced single puts, and replay reads.
     Wal {
         /// Where the benchmark's logs go (a fresh temporary directory inside it).

@@ -129,6 +129,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 quota,
                 quota_seconds,
             )),
+            BenchCommand::Sinks {
+                dir,
+                seconds,
+                backfill_years,
+            } => runtime()?.block_on(super::bench_sinks::sinks(&dir, seconds, backfill_years)),
             BenchCommand::Wal {
                 dir,
                 records,

@@ -4,6 +4,7 @@ mod args;
 mod backfill;
 mod bench;
 mod bench_capture;
+mod bench_sinks;
 mod demo;
 mod dispatch;
 mod load;

@@ -63,7 +63,7 @@ impl NatsSink {
                 .await
                 .map_err(|e| SinkError::retriable(NAME, "connect", e))?;
             let context = jetstream::ContextBuilder::new()
-                .timeout(Duration::from_secs(10))
+                .timeout(Duration::from_secs(5))
                 .build(client);
             context
                 .get_or_create_stream(stream::Config {
@@ -137,6 +137,15 @@ impl NatsSink {
     async fn publish(&mut self, batch: &Batch) -> Result<(), SinkError> {
         let prefix = self.config.subject_prefix.clone();
         let context = self.context().await?.clone();
+        // While the client is reconnecting it would buffer publishes and each would wait
+        // out its ack timeout: fail fast instead and let the breaker pace the retries.
+        if context.client().connection_state() != async_nats::connection::State::Connected {
+            return Err(SinkError::retriable(
+                NAME,
+                "disconnected",
+                "not connected to the NATS server",
+            ));
+        }
         let mut pending = VecDeque::with_capacity(ACK_WINDOW);
         let mut duplicates = 0;
         for row in &batch.rows {

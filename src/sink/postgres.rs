@@ -14,7 +14,7 @@ use std::time::Duration;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::Type;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::{Client, NoTls, Statement};
 
 use super::config::PostgresConfig;
 use super::{Batch, Sink, SinkError};
@@ -61,6 +61,9 @@ pub struct PostgresSink {
     /// one database keep separate cursors.
     log_id: String,
     client: Option<Client>,
+    /// The two statements of every batch, prepared once per connection:
+    /// staging -> events, and the cursor upsert.
+    statements: Option<(Statement, Statement)>,
     /// Set while a write is in flight: if the runner gave up on it (timeout), the
     /// connection is in an unknown state and is replaced.
     in_flight: bool,
@@ -85,6 +88,7 @@ impl PostgresSink {
             config: config.clone(),
             log_id: log_id.to_owned(),
             client: None,
+            statements: None,
             in_flight: false,
             timescale: false,
         }
@@ -118,6 +122,7 @@ impl PostgresSink {
     pub async fn client(&mut self) -> Result<&mut Client, SinkError> {
         if self.in_flight || self.client.as_ref().is_some_and(Client::is_closed) {
             self.client = None;
+            self.statements = None;
         }
         if self.client.is_none() {
             let client = match self.open(&self.config.database).await {
@@ -138,6 +143,24 @@ impl PostgresSink {
                 other => other.map_err(classify)?,
             };
             self.timescale = prepare(&client, &self.config).await?;
+            let table = &self.config.table;
+            let insert = client
+                .prepare(&format!(
+                    "INSERT INTO {table} ({STAGING_COLUMNS}, ts)
+                     SELECT {STAGING_COLUMNS}, to_timestamp(ts_ms / 1000.0) FROM tickvault_staging
+                     ON CONFLICT (feed, symbol, kind, timeframe, ts_ms, ordinal, ts) DO NOTHING"
+                ))
+                .await
+                .map_err(classify)?;
+            let cursor = client
+                .prepare(&format!(
+                    "INSERT INTO {table}_cursors (log_id, lane, seq, updated_at) VALUES ($1, $2, $3, now())
+                     ON CONFLICT (log_id, lane) DO UPDATE
+                     SET seq = GREATEST({table}_cursors.seq, EXCLUDED.seq), updated_at = now()"
+                ))
+                .await
+                .map_err(classify)?;
+            self.statements = Some((insert, cursor));
             self.client = Some(client);
         }
         Ok(self.client.as_mut().expect("connected above"))
@@ -166,10 +189,11 @@ impl PostgresSink {
     }
 
     async fn write_batch(&mut self, batch: &Batch) -> Result<(), SinkError> {
-        let table = self.config.table.clone();
         let log_id = self.log_id.clone();
         let lane = batch.lane.map_or("", |l| l.name());
-        let client = self.client().await?;
+        self.client().await?;
+        let (insert, cursor) = self.statements.clone().expect("prepared on connect");
+        let client = self.client.as_mut().expect("connected above");
         let tx = client.transaction().await.map_err(classify)?;
         let copy = tx
             .copy_in(&format!("COPY tickvault_staging ({STAGING_COLUMNS}) FROM STDIN BINARY"))
@@ -213,27 +237,9 @@ impl PostgresSink {
                 .map_err(classify)?;
         }
         writer.as_mut().finish().await.map_err(classify)?;
-        tx.execute(
-            &format!(
-                "INSERT INTO {table} ({STAGING_COLUMNS}, ts)
-                 SELECT {STAGING_COLUMNS}, to_timestamp(ts_ms / 1000.0) FROM tickvault_staging
-                 ON CONFLICT (feed, symbol, kind, timeframe, ts_ms, ordinal, ts) DO NOTHING"
-            ),
-            &[],
-        )
-        .await
-        .map_err(classify)?;
+        tx.execute(&insert, &[]).await.map_err(classify)?;
         let seq = i64::try_from(batch.last_seq).unwrap_or(i64::MAX);
-        tx.execute(
-            &format!(
-                "INSERT INTO {table}_cursors (log_id, lane, seq, updated_at) VALUES ($1, $2, $3, now())
-                 ON CONFLICT (log_id, lane) DO UPDATE
-                 SET seq = GREATEST({table}_cursors.seq, EXCLUDED.seq), updated_at = now()"
-            ),
-            &[&log_id, &lane, &seq],
-        )
-        .await
-        .map_err(classify)?;
+        tx.execute(&cursor, &[&log_id, &lane, &seq]).await.map_err(classify)?;
         tx.commit().await.map_err(classify)
     }
 }
@@ -340,8 +346,27 @@ impl Sink for PostgresSink {
         if result.is_err() {
             // Start from a fresh session: the staging table and any half transaction go.
             self.client = None;
+            self.statements = None;
         }
         result
+    }
+}
+
+/// Drops a PostgreSQL database, retrying while a just-closed session (or an autovacuum
+/// worker, which only a superuser may end) still holds it.
+pub async fn drop_database(client: &Client, name: &str) -> Result<(), tokio_postgres::Error> {
+    let sql = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
+    let mut tries = 0;
+    loop {
+        match client.batch_execute(&sql).await {
+            Ok(()) => return Ok(()),
+            Err(e) if tries < 100 => {
+                tries += 1;
+                tracing::debug!(error = %e, "database still in use; retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e),
+        }
     }
 }
 

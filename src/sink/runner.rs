@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use tickvault_wal::{Lane, ReadBatch, Wal};
+use tickvault_wal::{Lane, ReadBatch, Tail, Wal};
 use tokio::sync::watch;
 
 use super::breaker::{Breaker, State, Transition};
@@ -165,32 +165,19 @@ pub async fn run<S: Sink>(
     stats.acked_seq.store(position, Ordering::Relaxed);
     tracing::info!(sink = name, %lane, cursor = position, "sink runner started");
 
-    let mut tail = wal.tail(lane, position);
+    let tail = wal.tail(lane, position);
+    // Live: a batch is cut when the previous one is acknowledged, taking everything that
+    // arrived meanwhile (cutting ahead would only make live rows wait longer). Backfill:
+    // the next batch is cut (read and decoded) by its own task while this one is written.
+    let mut batches = Batches::new(tail, &spec, stats.clone(), shutdown.clone(), lane != Lane::Live);
     loop {
-        let first = tokio::select! {
+        let next = tokio::select! {
             // Stop between batches, never in the middle of one.
             biased;
             _ = shutdown.changed() => break,
-            read = tail.next_batch(spec.batch_rows) => read?,
+            next = batches.next() => next?,
         };
-        let Some(first) = first else { break };
-        let mut batch = Batch {
-            lane: Some(lane),
-            after: position,
-            last_seq: position,
-            ..Batch::default()
-        };
-        let mut records = add(&mut batch, &first, &stats);
-        if !spec.flush_interval.is_zero() {
-            let deadline = tokio::time::Instant::now() + spec.flush_interval;
-            while records < spec.batch_rows {
-                match tokio::time::timeout_at(deadline, tail.next_batch(spec.batch_rows - records)).await {
-                    Ok(Ok(Some(more))) => records += add(&mut batch, &more, &stats),
-                    Ok(Ok(None)) | Err(_) => break,
-                    Ok(Err(e)) => return Err(e.into()),
-                }
-            }
-        }
+        let Some(batch) = next else { break };
         if !batch.rows.is_empty() {
             let acked = until_acked(&mut sink, Op::Write(&batch), &spec, &mut breaker, &stats, &mut shutdown).await;
             if acked.is_none() {
@@ -216,6 +203,107 @@ pub async fn run<S: Sink>(
         "sink runner stopped"
     );
     Ok(())
+}
+
+/// Where a runner's batches come from: cut on demand, or one ahead by a task of its own.
+enum Batches {
+    Inline(Cutter),
+    Ahead(tokio::sync::mpsc::Receiver<anyhow::Result<Batch>>),
+}
+
+impl Batches {
+    fn new(
+        tail: Tail,
+        spec: &RunnerSpec,
+        stats: Arc<RunnerStats>,
+        shutdown: watch::Receiver<bool>,
+        ahead: bool,
+    ) -> Batches {
+        let cutter = Cutter {
+            position: tail.position(),
+            tail,
+            lane: spec.lane,
+            batch_rows: spec.batch_rows,
+            flush_interval: spec.flush_interval,
+            stats,
+        };
+        if !ahead {
+            return Batches::Inline(cutter);
+        }
+        // Capacity 1: one batch waits while one is written; memory stays at two batches.
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        tokio::spawn(async move {
+            let mut cutter = cutter;
+            let mut shutdown = shutdown;
+            loop {
+                let next = tokio::select! {
+                    biased;
+                    _ = shutdown.changed() => return,
+                    next = cutter.cut() => next,
+                };
+                match next {
+                    Ok(Some(batch)) => {
+                        if tx.send(Ok(batch)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) => return,
+                    Err(e) => {
+                        let _ = tx.send(Err(e)).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Batches::Ahead(rx)
+    }
+
+    /// The next batch; `None` once the log has shut down (or the cutter stopped).
+    async fn next(&mut self) -> anyhow::Result<Option<Batch>> {
+        match self {
+            Batches::Inline(cutter) => cutter.cut().await,
+            Batches::Ahead(rx) => rx.recv().await.transpose(),
+        }
+    }
+}
+
+/// Cuts a lane into batches at log positions.
+struct Cutter {
+    tail: Tail,
+    lane: Lane,
+    position: u64,
+    batch_rows: usize,
+    flush_interval: Duration,
+    stats: Arc<RunnerStats>,
+}
+
+impl Cutter {
+    /// Waits for at least one record, then takes what there is (up to `batch_rows`),
+    /// waiting up to `flush_interval` for the batch to fill.
+    async fn cut(&mut self) -> anyhow::Result<Option<Batch>> {
+        let Some(first) = self.tail.next_batch(self.batch_rows).await? else {
+            return Ok(None);
+        };
+        let mut batch = Batch {
+            lane: Some(self.lane),
+            after: self.position,
+            last_seq: self.position,
+            ..Batch::default()
+        };
+        let mut records = add(&mut batch, &first, &self.stats);
+        if !self.flush_interval.is_zero() {
+            let deadline = tokio::time::Instant::now() + self.flush_interval;
+            while records < self.batch_rows {
+                match tokio::time::timeout_at(deadline, self.tail.next_batch(self.batch_rows - records)).await {
+                    Ok(Ok(Some(more))) => records += add(&mut batch, &more, &self.stats),
+                    Ok(Ok(None)) | Err(_) => break,
+                    Ok(Err(e)) => return Err(e.into()),
+                }
+            }
+        }
+        self.position = batch.last_seq;
+        Ok(Some(batch))
+    }
 }
 
 fn add(batch: &mut Batch, read: &ReadBatch, stats: &RunnerStats) -> usize {

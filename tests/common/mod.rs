@@ -20,13 +20,25 @@ pub fn tickvault() -> Command {
 
 /// `tickvault simulate` on a free loopback port, ready to take connections.
 pub fn simulator(extra: &[&str]) -> (Child, String) {
+    simulator_with(tickvault(), extra)
+}
+
+/// The simulator at the lowest CPU priority: it stands in for Polygon, which does not
+/// run on the appliance, so where CPU is measured it should not compete with it.
+pub fn simulator_niced(extra: &[&str]) -> (Child, String) {
+    let mut nice = Command::new("nice");
+    nice.args(["-n", "19", env!("CARGO_BIN_EXE_tickvault")]);
+    simulator_with(nice, extra)
+}
+
+fn simulator_with(mut command: Command, extra: &[&str]) -> (Child, String) {
     let addr = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
         .to_string();
     let child = Child(
-        tickvault()
+        command
             .args(["simulate", "--listen", &addr])
             .args(extra)
             .stdout(Stdio::null())

@@ -66,9 +66,7 @@ impl Target {
                 .execute()
                 .await
                 .unwrap_or_else(|e| panic!("ClickHouse on 127.0.0.1:8123 (scripts/services.sh up): {e}"));
-            postgres("postgres")
-                .await
-                .batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", t.name))
+            tickvault::sink::postgres::drop_database(&postgres("postgres").await, &t.name)
                 .await
                 .unwrap();
             let _ = jetstream(4222).await.delete_stream(&t.stream).await;
@@ -116,10 +114,12 @@ impl Target {
                 .collect();
             out.insert("postgres", pg);
             let mut nats = Vec::new();
-            let mut config = tickvault::sink::config::NatsConfig::default();
-            config.url = format!("nats://127.0.0.1:{nats_port}");
-            config.stream = self.stream.clone();
-            config.subject_prefix = self.name.clone();
+            let config = tickvault::sink::config::NatsConfig {
+                url: format!("nats://127.0.0.1:{nats_port}"),
+                stream: self.stream.clone(),
+                subject_prefix: self.name.clone(),
+                ..Default::default()
+            };
             tickvault::sink::nats::NatsSink::new(&config)
                 .scan(|row| nats.push(row.key_string()))
                 .await

@@ -1,0 +1,213 @@
+//! `tickvault bench sinks`: live capture-to-commit latency per sink, idle and during a
+//! full-speed backfill, side by side in one run; and backfill rows/s per sink, one sink
+//! at a time, forwarding a log captured beforehand. Against the real servers of
+//! `scripts/services.sh up` (database `tv_bench`, stream `TV_BENCH`), with the simulator
+//! in its own process at the lowest CPU priority (Polygon does not run on the appliance).
+
+use std::path::Path;
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tickvault_wal::Lane;
+
+use crate::config::{Config, Secret};
+use crate::daemon;
+
+const TARGET: &str = "tv_bench";
+const STREAM: &str = "TV_BENCH";
+
+struct Sim(std::process::Child);
+
+impl Drop for Sim {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn simulator() -> anyhow::Result<(Sim, String)> {
+    let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.to_string();
+    let exe = std::env::current_exe()?;
+    let child = Command::new("nice")
+        .args(["-n", "19"])
+        .arg(exe)
+        .args([
+            "simulate",
+            "--listen",
+            &addr,
+            "--always-open",
+            "--quotes-per-minute",
+            "6000",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting the simulator")?;
+    let sim = Sim(child);
+    for _ in 0..200 {
+        if std::net::TcpStream::connect(&addr).is_ok() {
+            return Ok((sim, addr));
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    anyhow::bail!("the simulator did not start")
+}
+
+/// Empties the benchmark's database in ClickHouse and PostgreSQL and its stream.
+async fn reset(config: &Config) -> anyhow::Result<()> {
+    let ch = clickhouse::Client::default()
+        .with_url(&config.sinks.clickhouse.url)
+        .with_compression(clickhouse::Compression::None);
+    ch.query(&format!("DROP DATABASE IF EXISTS {TARGET}"))
+        .execute()
+        .await
+        .context("ClickHouse (scripts/services.sh up)")?;
+    let pg = &config.sinks.postgres;
+    let mut pg_config = tokio_postgres::Config::new();
+    pg_config.host(&pg.host).port(pg.port).user(&pg.user).dbname("postgres");
+    if let Some(p) = &pg.password {
+        pg_config.password(p.expose());
+    }
+    let (client, conn) = pg_config
+        .connect(tokio_postgres::NoTls)
+        .await
+        .context("PostgreSQL (scripts/services.sh up)")?;
+    tokio::spawn(conn);
+    crate::sink::postgres::drop_database(&client, TARGET).await?;
+    let nats = async_nats::connect(config.sinks.nats.url.trim_start_matches("nats://"))
+        .await
+        .context("NATS (scripts/services.sh up)")?;
+    let _ = async_nats::jetstream::new(nats).delete_stream(STREAM).await;
+    Ok(())
+}
+
+fn base_config(log: &Path, sim: &str) -> anyhow::Result<Config> {
+    let mut config = Config::parse(
+        "(bench sinks)",
+        "[live.crypto]\nsymbols = [\"BTC-USD\", \"ETH-USD\"]\nchannels = [\"XQ\", \"XT\"]\n\
+         [backfill]\nenabled = false\n",
+    )?;
+    config.log.data_dir = log.to_owned();
+    config.polygon.ws_url = format!("ws://{sim}");
+    config.polygon.rest_url = format!("http://{sim}");
+    config.polygon.api_key = Some(Secret::new("bench"));
+    let sinks = &mut config.sinks;
+    sinks.clickhouse.enabled = true;
+    sinks.clickhouse.database = TARGET.into();
+    sinks.postgres.enabled = true;
+    sinks.postgres.database = TARGET.into();
+    sinks.postgres.password = Some(Secret::new(
+        std::env::var("TICKVAULT_POSTGRES_PASSWORD").unwrap_or_else(|_| "tickvault".into()),
+    ));
+    sinks.nats.enabled = true;
+    sinks.nats.stream = STREAM.into();
+    sinks.nats.subject_prefix = TARGET.into();
+    Ok(config)
+}
+
+fn big_backfill(config: &mut Config, years: u32) {
+    config.backfill.enabled = true;
+    config.backfill.crypto = vec!["BTC-USD".into(), "ETH-USD".into(), "SOL-USD".into()];
+    config.backfill.forex = vec!["EUR/USD".into(), "GBP/USD".into()];
+    config.backfill.lookback = Duration::from_secs(u64::from(years) * 365 * 86_400);
+    config.backfill.chunk = Duration::from_secs(90 * 86_400);
+}
+
+/// Live p50/p99 (ms) per sink over one window.
+async fn live_window(config: &Config, seconds: u64) -> anyhow::Result<Vec<(&'static str, f64, f64, u64, u64)>> {
+    reset(config).await?;
+    let running = daemon::start(config)?;
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    let backlog = running.wal.head(Lane::Backfill);
+    let mut out = Vec::new();
+    for s in running.sinks.iter().filter(|s| s.lane == Lane::Live) {
+        let behind = backlog.saturating_sub(
+            running
+                .sinks
+                .iter()
+                .find(|b| b.sink == s.sink && b.lane == Lane::Backfill)
+                .map_or(0, |b| b.acked_seq.load(Ordering::Relaxed)),
+        );
+        out.push((
+            s.sink,
+            s.latency_ms(0.5),
+            s.latency_ms(0.99),
+            s.rows.load(Ordering::Relaxed),
+            behind,
+        ));
+    }
+    running.shutdown().await?;
+    Ok(out)
+}
+
+pub async fn sinks(dir: &Path, seconds: u64, years: u32) -> anyhow::Result<ExitCode> {
+    let _ = std::fs::remove_dir_all(dir.join("sinks"));
+    let dir = dir.join("sinks");
+    std::fs::create_dir_all(&dir)?;
+    let (_sim, addr) = simulator()?;
+    println!("bench sinks: live crypto BTC-USD, ETH-USD quotes and trades (~400 events/s), {seconds} s per window");
+
+    let idle = live_window(&base_config(&dir.join("idle"), &addr)?, seconds).await?;
+    let mut busy_config = base_config(&dir.join("busy"), &addr)?;
+    big_backfill(&mut busy_config, years);
+    let busy = live_window(&busy_config, seconds).await?;
+    println!("\nlive capture-to-sink-commit latency (ms)");
+    println!("  sink         idle p50   idle p99 | backfill p50  backfill p99 | p99 ratio | backfill rows still queued at the end");
+    for (sink, p50, p99, _, _) in &idle {
+        let Some((_, bp50, bp99, _, behind)) = busy.iter().find(|b| b.0 == *sink) else {
+            continue;
+        };
+        println!(
+            "  {sink:<10} {p50:>10.1} {p99:>10.1} | {bp50:>12.1} {bp99:>13.1} | {:>8.2}x | {behind}",
+            bp99 / p99
+        );
+    }
+
+    // Throughput: capture the backfill once with no sink, then forward it to one sink at a time.
+    let log = dir.join("throughput");
+    let mut capture = base_config(&log, &addr)?;
+    big_backfill(&mut capture, years);
+    capture.live.enabled = false;
+    capture.sinks.clickhouse.enabled = false;
+    capture.sinks.postgres.enabled = false;
+    capture.sinks.nats.enabled = false;
+    let mut running = daemon::start(&capture)?;
+    while let Some(part) = running.join_next().await {
+        if part? == "backfill" {
+            break;
+        }
+    }
+    let rows = running.wal.head(Lane::Backfill);
+    running.shutdown().await?;
+    println!("\nbackfill forwarding, one sink at a time ({rows} rows from the log, batches as configured)");
+    for sink in ["clickhouse", "postgres", "nats"] {
+        let mut config = base_config(&log, &addr)?;
+        config.live.enabled = false;
+        config.sinks.clickhouse.enabled = sink == "clickhouse";
+        config.sinks.postgres.enabled = sink == "postgres";
+        config.sinks.nats.enabled = sink == "nats";
+        reset(&config).await?;
+        let running = daemon::start(&config)?;
+        let started = Instant::now();
+        let stats = running
+            .sinks
+            .iter()
+            .find(|s| s.lane == Lane::Backfill)
+            .context("no backfill runner")?
+            .clone();
+        while stats.acked_seq.load(Ordering::Relaxed) < rows && started.elapsed() < Duration::from_secs(600) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let secs = started.elapsed().as_secs_f64();
+        let done = stats.rows.load(Ordering::Relaxed);
+        println!(
+            "  {sink:<10} {done} rows in {secs:.2} s = {:.0} rows/s ({} batches)",
+            done as f64 / secs,
+            stats.batches.load(Ordering::Relaxed)
+        );
+        running.shutdown().await?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
