@@ -123,7 +123,12 @@ pub fn backfill_spec(config: &Config) -> anyhow::Result<BackfillSpec> {
 /// The lanes sinks forward, each with its own runner per sink.
 pub const FORWARDED_LANES: [Lane; 2] = [Lane::Live, Lane::Backfill];
 
-fn runner_spec(sinks: &SinksConfig, batching: Batching, lane: Lane) -> RunnerSpec {
+fn runner_spec(
+    sinks: &SinksConfig,
+    batching: Batching,
+    lane: Lane,
+    permits: &Arc<tokio::sync::Semaphore>,
+) -> RunnerSpec {
     let (batch_rows, flush_interval) = match lane {
         Lane::Live => (batching.live_batch_rows, batching.live_flush_interval),
         _ => (batching.backfill_batch_rows, batching.backfill_flush_interval),
@@ -136,6 +141,7 @@ fn runner_spec(sinks: &SinksConfig, batching: Batching, lane: Lane) -> RunnerSpe
         retry_max: sinks.retry_max,
         breaker_threshold: sinks.breaker_threshold,
         attempt_timeout: std::time::Duration::from_secs(60),
+        permits: (lane != Lane::Live).then(|| permits.clone()),
     }
 }
 
@@ -171,6 +177,10 @@ fn start_sinks(
         out
     }
     let sinks = &config.sinks;
+    let permits = Arc::new(tokio::sync::Semaphore::new(match sinks.backfill_writes {
+        0 => tokio::sync::Semaphore::MAX_PERMITS,
+        n => n,
+    }));
     let log_id = wal.reader().log_id()?;
     let enabled = [
         ("clickhouse", sinks.clickhouse.enabled),
@@ -192,7 +202,7 @@ fn start_sinks(
     let mut stats = Vec::new();
     for lane in FORWARDED_LANES {
         if sinks.clickhouse.enabled {
-            let spec = runner_spec(sinks, sinks.clickhouse.batching(), lane);
+            let spec = runner_spec(sinks, sinks.clickhouse.batching(), lane, &permits);
             stats.push(spawn(
                 ClickHouseSink::new(&sinks.clickhouse),
                 spec,
@@ -203,12 +213,12 @@ fn start_sinks(
             ));
         }
         if sinks.postgres.enabled {
-            let spec = runner_spec(sinks, sinks.postgres.batching(), lane);
+            let spec = runner_spec(sinks, sinks.postgres.batching(), lane, &permits);
             let sink = PostgresSink::new(&sinks.postgres, &log_id);
             stats.push(spawn(sink, spec, wal, shutdown, tasks, background));
         }
         if sinks.nats.enabled {
-            let spec = runner_spec(sinks, sinks.nats.batching(), lane);
+            let spec = runner_spec(sinks, sinks.nats.batching(), lane, &permits);
             stats.push(spawn(
                 NatsSink::new(&sinks.nats),
                 spec,

@@ -73,6 +73,20 @@ fn every_captured_event_reaches_each_sink_exactly_once() {
     assert!(live > 50 && keys.len() > 2_000, "{} keys, {live} ticks", keys.len());
     target.assert_exactly(NATS, &keys);
     assert_verify_matches(&config, &log);
+
+    // And verify does see a loss: one row gone from PostgreSQL.
+    target.delete_one_postgres_row();
+    let (code, report) = verify(&config, &log);
+    assert_eq!(code, 1, "{report:#}");
+    for s in report["sinks"].as_array().unwrap() {
+        let differences = s["differences"].as_array().unwrap();
+        if s["sink"] == "postgres" {
+            assert_eq!(differences.len(), 1, "{s:#}");
+            assert_eq!(differences[0]["missing"], 1, "{s:#}");
+        } else {
+            assert!(differences.is_empty(), "{s:#}");
+        }
+    }
 }
 
 #[test]

@@ -42,7 +42,18 @@ impl ClickHouseSink {
     pub fn new(config: &ClickHouseConfig) -> ClickHouseSink {
         // No HTTP-level LZ4: ClickHouse 18.16 answers `compress=1` queries with an empty
         // body, and on loopback or a LAN the CPU it costs matters more than the bytes.
-        let mut client = clickhouse::Client::default()
+        // The crate's default HTTP client, but with TCP_NODELAY: an insert's last chunk
+        // is a few bytes sent after the body, and under Nagle's algorithm it waits for
+        // the server's delayed ACK (40 ms on Linux). Measured here on live inserts: 71 ms
+        // p50 without it, against 20 ms for the same insert by `curl`.
+        let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
+        connector.set_nodelay(true);
+        connector.set_keepalive(Some(std::time::Duration::from_secs(60)));
+        let http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            // Below ClickHouse's 3 s keep-alive, so the pool never reuses a closing socket.
+            .pool_idle_timeout(std::time::Duration::from_secs(2))
+            .build(connector);
+        let mut client = clickhouse::Client::with_http_client(http)
             .with_url(&config.url)
             .with_user(&config.user)
             .with_compression(clickhouse::Compression::None);

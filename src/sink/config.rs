@@ -20,6 +20,10 @@ pub struct SinksConfig {
     pub retry_max: Duration,
     /// Consecutive failures that open a runner's circuit breaker. Default 3.
     pub breaker_threshold: u32,
+    /// Backfill writes in flight at once, across all sinks (each attempt holds one while
+    /// it runs, never while it waits to retry). Backfill saturates what it is given; a
+    /// limit leaves the servers' CPU to live writes. 0 means no limit. Default 1.
+    pub backfill_writes: usize,
     pub clickhouse: ClickHouseConfig,
     pub postgres: PostgresConfig,
     pub nats: NatsConfig,
@@ -31,6 +35,7 @@ impl Default for SinksConfig {
             retry_min: Duration::from_millis(100),
             retry_max: Duration::from_secs(30),
             breaker_threshold: 3,
+            backfill_writes: 1,
             clickhouse: ClickHouseConfig::default(),
             postgres: PostgresConfig::default(),
             nats: NatsConfig::default(),

@@ -152,7 +152,7 @@ impl NatsSink {
             if pending.len() >= ACK_WINDOW {
                 duplicates += u64::from(await_ack(pending.pop_front()).await?);
             }
-            let payload = serde_json::to_vec(row).map_err(|e| SinkError::fatal(NAME, "encode", e))?;
+            let payload = serde_json::to_vec(&Message::from(row)).map_err(|e| SinkError::fatal(NAME, "encode", e))?;
             let message = PublishMessage::build()
                 .payload(payload.into())
                 .message_id(row.key_string());
@@ -167,6 +167,85 @@ impl NatsSink {
         }
         self.duplicates += duplicates;
         Ok(())
+    }
+}
+
+/// A row as a JetStream message: JSON, the fields an event does not have left out (a
+/// reader deserializing into [`Row`] gets `None` / empty for them).
+#[derive(serde::Serialize)]
+struct Message<'a> {
+    feed: &'a str,
+    symbol: &'a str,
+    kind: &'a str,
+    timeframe: &'a str,
+    ts_ms: i64,
+    ordinal: u32,
+    seq: u64,
+    lane: &'a str,
+    captured_at_ns: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bid: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ask: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    bid_size: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    ask_size: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    price: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    size: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    open: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    high: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    low: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    close: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    volume: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    vwap: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    trades: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    exchange: Option<i32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    trade_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "<[i32]>::is_empty")]
+    conditions: &'a [i32],
+}
+
+impl<'a> From<&'a Row> for Message<'a> {
+    fn from(r: &'a Row) -> Message<'a> {
+        Message {
+            feed: &r.feed,
+            symbol: &r.symbol,
+            kind: &r.kind,
+            timeframe: &r.timeframe,
+            ts_ms: r.ts_ms,
+            ordinal: r.ordinal,
+            seq: r.seq,
+            lane: &r.lane,
+            captured_at_ns: r.captured_at_ns,
+            bid: r.bid,
+            ask: r.ask,
+            bid_size: r.bid_size,
+            ask_size: r.ask_size,
+            price: r.price,
+            size: r.size,
+            open: r.open,
+            high: r.high,
+            low: r.low,
+            close: r.close,
+            volume: r.volume,
+            vwap: r.vwap,
+            trades: r.trades,
+            exchange: r.exchange,
+            trade_id: r.trade_id.as_deref(),
+            conditions: &r.conditions,
+        }
     }
 }
 
@@ -227,5 +306,32 @@ mod tests {
         row.symbol = "EUR/USD".into();
         row.lane = "backfill".into();
         assert_eq!(NatsSink::subject("market", &row), "market.backfill.EUR/USD.1m");
+    }
+
+    #[test]
+    fn a_message_leaves_out_absent_fields_and_reads_back_as_the_row() {
+        let row = Row::from_event(
+            7,
+            &crate::event::Event {
+                capture: crate::event::Capture {
+                    feed: crate::event::Feed::Crypto,
+                    lane: tickvault_wal::Lane::Live,
+                    captured_at_ns: 42,
+                },
+                body: crate::event::Body::Trade(crate::event::Trade {
+                    symbol: "BTC-USD".into(),
+                    ts_ms: 1_700_000_000_000,
+                    ordinal: 1,
+                    price: 50_000.5,
+                    size: 0.25,
+                    exchange: Some(1),
+                    trade_id: Some("t9".into()),
+                    conditions: vec![2],
+                }),
+            },
+        );
+        let json = serde_json::to_string(&Message::from(&row)).unwrap();
+        assert!(!json.contains("bid") && !json.contains("null"), "{json}");
+        assert_eq!(serde_json::from_str::<Row>(&json).unwrap(), row);
     }
 }

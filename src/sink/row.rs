@@ -36,6 +36,8 @@ pub struct Row {
     pub trades: Option<u64>,
     pub exchange: Option<i32>,
     pub trade_id: Option<String>,
+    /// Absent in a JetStream message when empty.
+    #[serde(default)]
     pub conditions: Vec<i32>,
 }
 

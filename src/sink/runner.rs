@@ -49,6 +49,10 @@ pub struct RunnerSpec {
     pub breaker_threshold: u32,
     /// One attempt that takes longer than this counts as failed (and is retried).
     pub attempt_timeout: Duration,
+    /// Shared by the backfill runners of every sink: an attempt holds a permit while it
+    /// runs (never while it waits to retry), so at most this many backfill writes load the
+    /// servers at once and the live runners' writes find CPU. `None`: no limit.
+    pub permits: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 /// What a runner did, for the demo, the benchmarks and the tests.
@@ -349,6 +353,14 @@ async fn until_acked<S: Sink>(
                 Op::Write(batch) => sink.write(batch).await.map(|()| None),
             }
         };
+        let _permit = match &spec.permits {
+            Some(permits) => tokio::select! {
+                permit = permits.acquire() => permit.ok(),
+                _ = shutdown.changed() => return None,
+            },
+            None => None,
+        };
+        let started = Instant::now();
         let result = match tokio::time::timeout(spec.attempt_timeout, attempt).await {
             Ok(result) => result,
             Err(_) => Err(SinkError::retriable(
@@ -359,6 +371,12 @@ async fn until_acked<S: Sink>(
         };
         match result {
             Ok(value) => {
+                tracing::debug!(
+                    sink = stats.sink,
+                    lane = %stats.lane,
+                    elapsed_us = started.elapsed().as_micros() as u64,
+                    "acknowledged"
+                );
                 stats.note(breaker.on_success());
                 return Some(value);
             }

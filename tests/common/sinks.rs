@@ -129,6 +129,21 @@ impl Target {
         })
     }
 
+    /// Deletes one event row from PostgreSQL (a loss for `verify` to find).
+    pub fn delete_one_postgres_row(&self) {
+        rt().block_on(async {
+            let n = postgres(&self.name)
+                .await
+                .execute(
+                    "DELETE FROM events WHERE ctid IN (SELECT ctid FROM events LIMIT 1)",
+                    &[],
+                )
+                .await
+                .unwrap();
+            assert_eq!(n, 1);
+        })
+    }
+
     /// PostgreSQL's cursor rows: (log id, lane, seq).
     pub fn postgres_cursors(&self) -> Vec<(String, String, i64)> {
         rt().block_on(async {
