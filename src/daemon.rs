@@ -182,13 +182,9 @@ fn start_sinks(
         n => n,
     }));
     let log_id = wal.reader().log_id()?;
-    let enabled = [
-        ("clickhouse", sinks.clickhouse.enabled),
-        ("postgres", sinks.postgres.enabled),
-        ("nats", sinks.nats.enabled),
-    ];
+    let enabled = sinks.enabled();
     for cursor in wal.reader().cursors()? {
-        if !enabled.iter().any(|(name, on)| *on && *name == cursor.sink) {
+        if !enabled.contains(&cursor.sink.as_str()) {
             // Truncation keeps everything a cursor has not passed: an abandoned cursor
             // holds the log forever. Said at every start, never removed on our own.
             tracing::warn!(

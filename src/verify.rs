@@ -26,6 +26,7 @@ use crate::event::{Event, EVENT_KIND};
 use crate::sink::clickhouse::ClickHouseSink;
 use crate::sink::nats::NatsSink;
 use crate::sink::postgres::PostgresSink;
+use crate::sink::GroupCount;
 
 const DAY_MS: i64 = 86_400_000;
 
@@ -122,14 +123,7 @@ fn lane_index(lane: Lane) -> usize {
 }
 
 pub async fn verify(config: &Config, data_dir: &Path) -> anyhow::Result<Report> {
-    let sinks: Vec<&'static str> = [
-        (config.sinks.clickhouse.enabled, "clickhouse"),
-        (config.sinks.postgres.enabled, "postgres"),
-        (config.sinks.nats.enabled, "nats"),
-    ]
-    .into_iter()
-    .filter_map(|(on, name)| on.then_some(name))
-    .collect();
+    let sinks = config.sinks.enabled();
 
     // 1. Cursors.
     let (cursors, log_id) = {
@@ -254,12 +248,14 @@ pub async fn verify(config: &Config, data_dir: &Path) -> anyhow::Result<Report> 
     })
 }
 
-async fn clickhouse_counts(config: &Config) -> Holdings {
-    let sink = ClickHouseSink::new(&config.sinks.clickhouse);
-    let counts = sink.group_counts().await.map_err(|e| e.to_string())?;
-    Ok(counts
+fn holdings(counts: Vec<GroupCount>) -> HashMap<GroupDay, Held> {
+    counts
         .into_iter()
         .map(|c| {
+            let held = Held {
+                keys: c.keys,
+                rows: c.rows,
+            };
             let group = GroupDay {
                 feed: c.feed,
                 symbol: c.symbol,
@@ -267,40 +263,19 @@ async fn clickhouse_counts(config: &Config) -> Holdings {
                 timeframe: c.timeframe,
                 day: c.day,
             };
-            (
-                group,
-                Held {
-                    keys: c.keys,
-                    rows: c.rows,
-                },
-            )
+            (group, held)
         })
-        .collect())
+        .collect()
+}
+
+async fn clickhouse_counts(config: &Config) -> Holdings {
+    let sink = ClickHouseSink::new(&config.sinks.clickhouse);
+    Ok(holdings(sink.group_counts().await.map_err(|e| e.to_string())?))
 }
 
 async fn postgres_counts(config: &Config, log_id: &str) -> Holdings {
     let mut sink = PostgresSink::new(&config.sinks.postgres, log_id);
-    let counts = sink.group_counts().await.map_err(|e| e.to_string())?;
-    // The primary key is the natural key: rows are distinct keys.
-    Ok(counts
-        .into_iter()
-        .map(|c| {
-            let group = GroupDay {
-                feed: c.feed,
-                symbol: c.symbol,
-                kind: c.kind,
-                timeframe: c.timeframe,
-                day: c.day,
-            };
-            (
-                group,
-                Held {
-                    keys: c.rows,
-                    rows: c.rows,
-                },
-            )
-        })
-        .collect())
+    Ok(holdings(sink.group_counts().await.map_err(|e| e.to_string())?))
 }
 
 async fn nats_counts(config: &Config) -> Holdings {

@@ -6,14 +6,7 @@ use crate::config::Config;
 /// `tickvault validate --config PATH`.
 pub fn run(path: &Path) -> anyhow::Result<ExitCode> {
     let config = Config::load(path)?;
-    let sinks: Vec<&str> = [
-        (config.sinks.clickhouse.enabled, "clickhouse"),
-        (config.sinks.postgres.enabled, "postgres"),
-        (config.sinks.nats.enabled, "nats"),
-    ]
-    .into_iter()
-    .filter_map(|(on, name)| on.then_some(name))
-    .collect();
+    let sinks = config.sinks.enabled();
     println!(
         "{}: valid (log at {}, retention {}, sinks: {})",
         path.display(),

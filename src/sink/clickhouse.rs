@@ -9,10 +9,8 @@
 //! `Date` default), nothing relies on settings newer servers added, and HTTP compression
 //! is off (18.16 returns nothing for a compressed RowBinary query).
 
-use serde::Deserialize;
-
 use super::config::ClickHouseConfig;
-use super::{Batch, Row, Sink, SinkError};
+use super::{Batch, GroupCount, Row, Sink, SinkError};
 
 const NAME: &str = "clickhouse";
 
@@ -22,20 +20,6 @@ pub struct ClickHouseSink {
     table: String,
     /// Whether the database and table are known to exist (checked after any error).
     prepared: bool,
-}
-
-/// Rows per (feed, symbol, kind, timeframe, day) as `verify` reads them.
-#[derive(Debug, Deserialize, clickhouse::Row)]
-pub struct GroupCount {
-    pub feed: String,
-    pub symbol: String,
-    pub kind: String,
-    pub timeframe: String,
-    pub day: i64,
-    /// Distinct natural keys.
-    pub keys: u64,
-    /// Rows a reader sees with `FINAL` (replaced versions collapsed).
-    pub rows: u64,
 }
 
 impl ClickHouseSink {

@@ -233,6 +233,18 @@ impl Default for NatsConfig {
 batching_fields!(NatsConfig);
 
 impl SinksConfig {
+    /// The names of the enabled sinks (their cursors' names in the log).
+    pub fn enabled(&self) -> Vec<&'static str> {
+        [
+            (self.clickhouse.enabled, "clickhouse"),
+            (self.postgres.enabled, "postgres"),
+            (self.nats.enabled, "nats"),
+        ]
+        .into_iter()
+        .filter_map(|(on, name)| on.then_some(name))
+        .collect()
+    }
+
     /// Checks what types alone cannot; `file` names the source in errors.
     pub fn validate(&self, file: &str) -> Result<(), ConfigError> {
         let err = |field: &str, message: &str| Err(ConfigError::field(file, field, message));

@@ -18,5 +18,5 @@ pub mod runner;
 
 pub use config::SinksConfig;
 pub use error::SinkError;
-pub use row::{Batch, Row};
+pub use row::{Batch, GroupCount, Row};
 pub use runner::{RunnerSpec, RunnerStats, Sink};

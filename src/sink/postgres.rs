@@ -17,7 +17,7 @@ use tokio_postgres::types::Type;
 use tokio_postgres::{Client, NoTls, Statement};
 
 use super::config::PostgresConfig;
-use super::{Batch, Sink, SinkError};
+use super::{Batch, GroupCount, Sink, SinkError};
 use tickvault_wal::Lane;
 
 const NAME: &str = "postgres";
@@ -69,17 +69,6 @@ pub struct PostgresSink {
     in_flight: bool,
     /// Whether the timescaledb extension is in use (known after connecting).
     pub timescale: bool,
-}
-
-/// Rows per (feed, symbol, kind, timeframe, day), for `verify`.
-#[derive(Debug)]
-pub struct GroupCount {
-    pub feed: String,
-    pub symbol: String,
-    pub kind: String,
-    pub timeframe: String,
-    pub day: i64,
-    pub rows: u64,
 }
 
 impl PostgresSink {
@@ -175,15 +164,20 @@ impl PostgresSink {
              FROM {table} GROUP BY 1, 2, 3, 4, 5"
         );
         let rows = client.query(&sql, &[]).await.map_err(classify)?;
+        // The primary key is the natural key: every row is a distinct key.
         Ok(rows
             .iter()
-            .map(|r| GroupCount {
-                feed: r.get(0),
-                symbol: r.get(1),
-                kind: r.get(2),
-                timeframe: r.get(3),
-                day: r.get(4),
-                rows: u64::try_from(r.get::<_, i64>(5)).unwrap_or(0),
+            .map(|r| {
+                let n = u64::try_from(r.get::<_, i64>(5)).unwrap_or(0);
+                GroupCount {
+                    feed: r.get(0),
+                    symbol: r.get(1),
+                    kind: r.get(2),
+                    timeframe: r.get(3),
+                    day: r.get(4),
+                    keys: n,
+                    rows: n,
+                }
             })
             .collect())
     }
