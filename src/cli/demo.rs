@@ -221,17 +221,22 @@ pub async fn run(
     }
     let report = crate::verify::verify(&config, &data_dir).await?;
     for s in &report.sinks {
+        let sum = |f: fn(&crate::verify::Difference) -> u64| s.differences.iter().map(f).sum::<u64>();
+        let (missing, extra, duplicates) = (sum(|d| d.missing), sum(|d| d.extra), sum(|d| d.duplicates));
         println!(
-            "  verify {:<10} {}: {} keys its cursors passed, {} held, over {} symbol x timeframe x days",
+            "  verify {:<10} {}: {} keys its cursors passed, {} held; {} missing, {} duplicated, {} held that this log does not have{}",
             s.sink,
-            if s.matches() {
-                "MATCH"
-            } else {
-                "DIFFERS (run `tickvault verify` for the list)"
-            },
+            if s.matches() { "MATCH" } else { "DIFFERS" },
             thousands(s.passed),
             thousands(s.in_sink),
-            thousands(s.groups_checked)
+            thousands(missing),
+            thousands(duplicates),
+            thousands(extra),
+            match (&s.error, extra > 0) {
+                (Some(e), _) => format!(" (cannot read it: {e})"),
+                (None, true) => " (from another log: an earlier demo whose log was deleted, or another appliance)".to_owned(),
+                (None, false) => String::new(),
+            }
         );
     }
     Ok(ExitCode::SUCCESS)
