@@ -57,30 +57,9 @@ fn simulator() -> anyhow::Result<(Sim, String)> {
 
 /// Empties the benchmark's database in ClickHouse and PostgreSQL and its stream.
 async fn reset(config: &Config) -> anyhow::Result<()> {
-    let ch = clickhouse::Client::default()
-        .with_url(&config.sinks.clickhouse.url)
-        .with_compression(clickhouse::Compression::None);
-    ch.query(&format!("DROP DATABASE IF EXISTS {TARGET}"))
-        .execute()
+    crate::sink::admin::drop_targets(&config.sinks)
         .await
-        .context("ClickHouse (scripts/services.sh up)")?;
-    let pg = &config.sinks.postgres;
-    let mut pg_config = tokio_postgres::Config::new();
-    pg_config.host(&pg.host).port(pg.port).user(&pg.user).dbname("postgres");
-    if let Some(p) = &pg.password {
-        pg_config.password(p.expose());
-    }
-    let (client, conn) = pg_config
-        .connect(tokio_postgres::NoTls)
-        .await
-        .context("PostgreSQL (scripts/services.sh up)")?;
-    tokio::spawn(conn);
-    crate::sink::postgres::drop_database(&client, TARGET).await?;
-    let nats = async_nats::connect(config.sinks.nats.url.trim_start_matches("nats://"))
-        .await
-        .context("NATS (scripts/services.sh up)")?;
-    let _ = async_nats::jetstream::new(nats).delete_stream(STREAM).await;
-    Ok(())
+        .context("the sink servers (scripts/services.sh up)")
 }
 
 fn base_config(log: &Path, sim: &str) -> anyhow::Result<Config> {

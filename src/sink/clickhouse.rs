@@ -89,13 +89,10 @@ impl ClickHouseSink {
         Ok(())
     }
 
-    /// The server's version, e.g. `18.16.1`.
-    pub async fn version(&self) -> Result<String, SinkError> {
-        self.client
-            .query("SELECT version()")
-            .fetch_one::<String>()
-            .await
-            .map_err(classify)
+    /// Drops the database and everything in it (benchmarks and tests start from nothing).
+    pub async fn drop_database(&self) -> Result<(), SinkError> {
+        let sql = format!("DROP DATABASE IF EXISTS {}", self.database);
+        self.client.query(&sql).execute().await.map_err(classify)
     }
 
     /// Distinct natural keys and rows per group and day, for `verify`.
@@ -112,18 +109,6 @@ impl ClickHouseSink {
             .fetch_all::<GroupCount>()
             .await
             .map_err(classify)
-    }
-
-    /// Merges parts now (tests and drills; production leaves it to the server).
-    pub async fn optimize(&self) -> Result<(), SinkError> {
-        let sql = format!("OPTIMIZE TABLE {} FINAL", self.qualified());
-        self.client.query(&sql).execute().await.map_err(classify)
-    }
-
-    /// Rows as stored, replaced versions not yet merged away included (no `FINAL`).
-    pub async fn raw_count(&self) -> Result<u64, SinkError> {
-        let sql = format!("SELECT count() FROM {}", self.qualified());
-        self.client.query(&sql).fetch_one::<u64>().await.map_err(classify)
     }
 
     async fn insert(&self, rows: &[Row]) -> Result<(), SinkError> {

@@ -7,6 +7,7 @@
 //! the sink acknowledged. Delivery is at-least-once; every sink deduplicates on the
 //! natural key, so the effect is exactly once.
 
+pub mod admin;
 pub mod breaker;
 pub mod clickhouse;
 pub mod config;
@@ -18,5 +19,5 @@ pub mod runner;
 
 pub use config::SinksConfig;
 pub use error::SinkError;
-pub use row::{Batch, GroupCount, Row};
+pub use row::{Batch, GroupCount, Pushed, Row};
 pub use runner::{RunnerSpec, RunnerStats, Sink};

@@ -20,8 +20,6 @@ const ACK_WINDOW: usize = 4_096;
 pub struct NatsSink {
     config: NatsConfig,
     context: Option<jetstream::Context>,
-    /// Publishes answered "duplicate" by the stream: replays and redundant copies dropped.
-    pub duplicates: u64,
 }
 
 impl NatsSink {
@@ -29,7 +27,6 @@ impl NatsSink {
         NatsSink {
             config: config.clone(),
             context: None,
-            duplicates: 0,
         }
     }
 
@@ -49,22 +46,34 @@ impl NatsSink {
         format!("{prefix}.{}.{}.{}", row.lane, token(&row.symbol), token(&row.timeframe))
     }
 
+    /// A new connection's JetStream context.
+    async fn connect(&self) -> Result<jetstream::Context, SinkError> {
+        let mut options = async_nats::ConnectOptions::new()
+            .connection_timeout(Duration::from_secs(5))
+            .name("tickvault");
+        if let Some(token) = &self.config.token {
+            options = options.token(token.expose().to_owned());
+        }
+        let client = options
+            .connect(self.config.url.as_str())
+            .await
+            .map_err(|e| SinkError::retriable(NAME, "connect", e))?;
+        Ok(jetstream::ContextBuilder::new()
+            .timeout(Duration::from_secs(5))
+            .build(client))
+    }
+
+    /// Deletes the stream and its messages (benchmarks and tests start from nothing);
+    /// a stream that does not exist is fine.
+    pub async fn delete_stream(&self) -> Result<(), SinkError> {
+        let _ = self.connect().await?.delete_stream(&self.config.stream).await;
+        Ok(())
+    }
+
     /// The JetStream context, connected and with the stream made, if needed.
     pub async fn context(&mut self) -> Result<&jetstream::Context, SinkError> {
         if self.context.is_none() {
-            let mut options = async_nats::ConnectOptions::new()
-                .connection_timeout(Duration::from_secs(5))
-                .name("tickvault");
-            if let Some(token) = &self.config.token {
-                options = options.token(token.expose().to_owned());
-            }
-            let client = options
-                .connect(self.config.url.as_str())
-                .await
-                .map_err(|e| SinkError::retriable(NAME, "connect", e))?;
-            let context = jetstream::ContextBuilder::new()
-                .timeout(Duration::from_secs(5))
-                .build(client);
+            let context = self.connect().await?;
             context
                 .get_or_create_stream(stream::Config {
                     name: self.config.stream.clone(),
@@ -147,10 +156,11 @@ impl NatsSink {
             ));
         }
         let mut pending = VecDeque::with_capacity(ACK_WINDOW);
-        let mut duplicates = 0;
         for row in &batch.rows {
             if pending.len() >= ACK_WINDOW {
-                duplicates += u64::from(await_ack(pending.pop_front()).await?);
+                if let Some(ack) = pending.pop_front() {
+                    await_ack(ack).await?;
+                }
             }
             let payload = serde_json::to_vec(&Message::from(row)).map_err(|e| SinkError::fatal(NAME, "encode", e))?;
             let message = PublishMessage::build()
@@ -162,10 +172,9 @@ impl NatsSink {
                 .map_err(|e| SinkError::retriable(NAME, "publish", e))?;
             pending.push_back(ack);
         }
-        while !pending.is_empty() {
-            duplicates += u64::from(await_ack(pending.pop_front()).await?);
+        while let Some(ack) = pending.pop_front() {
+            await_ack(ack).await?;
         }
-        self.duplicates += duplicates;
         Ok(())
     }
 }
@@ -249,12 +258,10 @@ impl<'a> From<&'a Row> for Message<'a> {
     }
 }
 
-async fn await_ack(ack: Option<jetstream::context::PublishAckFuture>) -> Result<bool, SinkError> {
-    let Some(ack) = ack else { return Ok(false) };
-    match ack.await {
-        Ok(ack) => Ok(ack.duplicate),
-        Err(e) => Err(SinkError::retriable(NAME, "puback", e)),
-    }
+/// Waits for one PubAck. A "duplicate" answer is a success: the stream already holds
+/// that natural key (a replay, or a redundant appliance's copy).
+async fn await_ack(ack: jetstream::context::PublishAckFuture) -> Result<(), SinkError> {
+    ack.await.map(drop).map_err(|e| SinkError::retriable(NAME, "puback", e))
 }
 
 impl Sink for NatsSink {
@@ -275,37 +282,33 @@ mod tests {
 
     #[test]
     fn subjects_carry_lane_symbol_and_timeframe_with_dots_replaced() {
-        let mut row = Row {
-            feed: "stocks".into(),
-            symbol: "BRK.B".into(),
-            kind: "bar".into(),
-            timeframe: "1m".into(),
-            ts_ms: 0,
-            ordinal: 0,
-            seq: 1,
-            lane: "live".into(),
-            captured_at_ns: 0,
-            bid: None,
-            ask: None,
-            bid_size: None,
-            ask_size: None,
-            price: None,
-            size: None,
-            open: None,
-            high: None,
-            low: None,
-            close: None,
-            volume: None,
-            vwap: None,
-            trades: None,
-            exchange: None,
-            trade_id: None,
-            conditions: Vec::new(),
+        use crate::event::{Bar, Body, Capture, Event, Feed, Timeframe};
+        let bar = |symbol: &str, lane| {
+            let event = Event {
+                capture: Capture {
+                    feed: Feed::Stocks,
+                    lane,
+                    captured_at_ns: 0,
+                },
+                body: Body::Bar(Bar {
+                    symbol: symbol.into(),
+                    timeframe: Timeframe::MINUTE,
+                    start_ms: 0,
+                    open: 1.0,
+                    high: 1.0,
+                    low: 1.0,
+                    close: 1.0,
+                    volume: 1.0,
+                    vwap: None,
+                    trades: None,
+                }),
+            };
+            Row::from_event(1, &event)
         };
-        assert_eq!(NatsSink::subject("market", &row), "market.live.BRK_B.1m");
-        row.symbol = "EUR/USD".into();
-        row.lane = "backfill".into();
-        assert_eq!(NatsSink::subject("market", &row), "market.backfill.EUR/USD.1m");
+        let live = bar("BRK.B", tickvault_wal::Lane::Live);
+        assert_eq!(NatsSink::subject("market", &live), "market.live.BRK_B.1m");
+        let backfill = bar("EUR/USD", tickvault_wal::Lane::Backfill);
+        assert_eq!(NatsSink::subject("market", &backfill), "market.backfill.EUR/USD.1m");
     }
 
     #[test]

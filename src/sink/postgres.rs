@@ -60,15 +60,18 @@ pub struct PostgresSink {
     /// The log's identity: this sink's cursor rows are keyed by it, so appliances sharing
     /// one database keep separate cursors.
     log_id: String,
-    client: Option<Client>,
-    /// The two statements of every batch, prepared once per connection:
-    /// staging -> events, and the cursor upsert.
-    statements: Option<(Statement, Statement)>,
+    session: Option<Session>,
     /// Set while a write is in flight: if the runner gave up on it (timeout), the
     /// connection is in an unknown state and is replaced.
     in_flight: bool,
-    /// Whether the timescaledb extension is in use (known after connecting).
-    pub timescale: bool,
+}
+
+/// One connection and the two statements of every batch, prepared on it: staging ->
+/// events, and the cursor upsert.
+struct Session {
+    client: Client,
+    insert: Statement,
+    cursor: Statement,
 }
 
 impl PostgresSink {
@@ -76,10 +79,8 @@ impl PostgresSink {
         PostgresSink {
             config: config.clone(),
             log_id: log_id.to_owned(),
-            client: None,
-            statements: None,
+            session: None,
             in_flight: false,
-            timescale: false,
         }
     }
 
@@ -107,13 +108,12 @@ impl PostgresSink {
         Ok(client)
     }
 
-    /// The connection, made (and the database, tables and staging table created) if needed.
-    pub async fn client(&mut self) -> Result<&mut Client, SinkError> {
-        if self.in_flight || self.client.as_ref().is_some_and(Client::is_closed) {
-            self.client = None;
-            self.statements = None;
+    /// The session, made (and the database, tables and staging table created) if needed.
+    async fn session(&mut self) -> Result<&mut Session, SinkError> {
+        if self.in_flight || self.session.as_ref().is_some_and(|s| s.client.is_closed()) {
+            self.session = None;
         }
-        if self.client.is_none() {
+        if self.session.is_none() {
             let client = match self.open(&self.config.database).await {
                 Err(e) if e.code() == Some(&SqlState::INVALID_CATALOG_NAME) => {
                     let admin = self.open("postgres").await.map_err(classify)?;
@@ -131,7 +131,7 @@ impl PostgresSink {
                 }
                 other => other.map_err(classify)?,
             };
-            self.timescale = prepare(&client, &self.config).await?;
+            prepare(&client, &self.config).await?;
             let table = &self.config.table;
             let insert = client
                 .prepare(&format!(
@@ -149,16 +149,35 @@ impl PostgresSink {
                 ))
                 .await
                 .map_err(classify)?;
-            self.statements = Some((insert, cursor));
-            self.client = Some(client);
+            self.session = Some(Session { client, insert, cursor });
         }
-        Ok(self.client.as_mut().expect("connected above"))
+        Ok(self.session.as_mut().expect("connected above"))
+    }
+
+    /// Drops the database and everything in it (benchmarks and tests start from nothing),
+    /// retrying while a just-closed session (or an autovacuum worker, which only a
+    /// superuser may end) still holds it.
+    pub async fn drop_database(&self) -> Result<(), SinkError> {
+        let admin = self.open("postgres").await.map_err(classify)?;
+        let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.config.database);
+        let mut tries = 0;
+        loop {
+            match admin.batch_execute(&sql).await {
+                Ok(()) => return Ok(()),
+                Err(e) if tries < 100 => {
+                    tries += 1;
+                    tracing::debug!(error = %e, "database still in use; retrying");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(e) => return Err(classify(e)),
+            }
+        }
     }
 
     /// Rows per group and day, for `verify`.
     pub async fn group_counts(&mut self) -> Result<Vec<GroupCount>, SinkError> {
         let table = self.config.table.clone();
-        let client = self.client().await?;
+        let client = &self.session().await?.client;
         let sql = format!(
             "SELECT feed, symbol, kind, timeframe, ts_ms / 86400000 AS day, count(*)
              FROM {table} GROUP BY 1, 2, 3, 4, 5"
@@ -184,11 +203,9 @@ impl PostgresSink {
 
     async fn write_batch(&mut self, batch: &Batch) -> Result<(), SinkError> {
         let log_id = self.log_id.clone();
-        let lane = batch.lane.map_or("", |l| l.name());
-        self.client().await?;
-        let (insert, cursor) = self.statements.clone().expect("prepared on connect");
-        let client = self.client.as_mut().expect("connected above");
-        let tx = client.transaction().await.map_err(classify)?;
+        let lane = batch.lane.name();
+        let session = self.session().await?;
+        let tx = session.client.transaction().await.map_err(classify)?;
         let copy = tx
             .copy_in(&format!("COPY tickvault_staging ({STAGING_COLUMNS}) FROM STDIN BINARY"))
             .await
@@ -231,15 +248,17 @@ impl PostgresSink {
                 .map_err(classify)?;
         }
         writer.as_mut().finish().await.map_err(classify)?;
-        tx.execute(&insert, &[]).await.map_err(classify)?;
+        tx.execute(&session.insert, &[]).await.map_err(classify)?;
         let seq = i64::try_from(batch.last_seq).unwrap_or(i64::MAX);
-        tx.execute(&cursor, &[&log_id, &lane, &seq]).await.map_err(classify)?;
+        tx.execute(&session.cursor, &[&log_id, &lane, &seq])
+            .await
+            .map_err(classify)?;
         tx.commit().await.map_err(classify)
     }
 }
 
-/// Creates what is missing; returns whether timescaledb is in use.
-async fn prepare(client: &Client, config: &PostgresConfig) -> Result<bool, SinkError> {
+/// Creates what is missing: with timescaledb, the events table as a hypertable.
+async fn prepare(client: &Client, config: &PostgresConfig) -> Result<(), SinkError> {
     let table = &config.table;
     let available = client
         .query_opt("SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb'", &[])
@@ -312,7 +331,7 @@ async fn prepare(client: &Client, config: &PostgresConfig) -> Result<bool, SinkE
                 .map_err(classify)?;
         }
     }
-    Ok(timescale)
+    Ok(())
 }
 
 impl Sink for PostgresSink {
@@ -322,7 +341,7 @@ impl Sink for PostgresSink {
 
     async fn stored_cursor(&mut self, lane: Lane) -> Result<Option<u64>, SinkError> {
         let (table, log_id) = (self.config.table.clone(), self.log_id.clone());
-        let client = self.client().await?;
+        let client = &self.session().await?.client;
         let row = client
             .query_opt(
                 &format!("SELECT seq FROM {table}_cursors WHERE log_id = $1 AND lane = $2"),
@@ -339,28 +358,9 @@ impl Sink for PostgresSink {
         self.in_flight = false;
         if result.is_err() {
             // Start from a fresh session: the staging table and any half transaction go.
-            self.client = None;
-            self.statements = None;
+            self.session = None;
         }
         result
-    }
-}
-
-/// Drops a PostgreSQL database, retrying while a just-closed session (or an autovacuum
-/// worker, which only a superuser may end) still holds it.
-pub async fn drop_database(client: &Client, name: &str) -> Result<(), tokio_postgres::Error> {
-    let sql = format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)");
-    let mut tries = 0;
-    loop {
-        match client.batch_execute(&sql).await {
-            Ok(()) => return Ok(()),
-            Err(e) if tries < 100 => {
-                tries += 1;
-                tracing::debug!(error = %e, "database still in use; retrying");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            Err(e) => return Err(e),
-        }
     }
 }
 

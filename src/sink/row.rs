@@ -56,37 +56,6 @@ pub struct GroupCount {
     pub rows: u64,
 }
 
-/// Every column, in order.
-pub const COLUMNS: [&str; 26] = [
-    "feed",
-    "symbol",
-    "kind",
-    "timeframe",
-    "ts_ms",
-    "ordinal",
-    "seq",
-    "lane",
-    "captured_at_ns",
-    "bid",
-    "ask",
-    "bid_size",
-    "ask_size",
-    "price",
-    "size",
-    "open",
-    "high",
-    "low",
-    "close",
-    "volume",
-    "vwap",
-    "trades",
-    "exchange",
-    "trade_id",
-    "conditions",
-    // Not a Row field: PostgreSQL's timestamp column, computed from ts_ms in SQL.
-    "ts",
-];
-
 impl Row {
     pub fn from_event(seq: u64, event: &Event) -> Row {
         let key = event.natural_key();
@@ -155,35 +124,50 @@ impl Row {
     }
 }
 
-/// A run of the log, cut at log positions: `(after, last_seq]` of one lane. Retries send
-/// this same batch again, row for row.
-#[derive(Clone, Debug, Default)]
+/// A run of the log, cut at log positions: one lane's records up to `last_seq`, after
+/// the cursor. Retries send this same batch again, row for row.
+#[derive(Clone, Debug)]
 pub struct Batch {
-    pub lane: Option<Lane>,
-    /// The position the batch starts after (the cursor before it).
-    pub after: u64,
+    pub lane: Lane,
     /// The last log position it covers; the cursor moves here once the sink acknowledged.
     pub last_seq: u64,
     pub rows: Vec<Row>,
-    /// Records in the range that are not events (drill records): covered, not sent.
-    pub skipped: u64,
-    /// Event records whose payload did not decode (counted and logged, never sent).
-    pub undecodable: u64,
+}
+
+/// What became of one record added to a batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Pushed {
+    Row,
+    /// Not an event (a drill record): covered, not sent.
+    Skipped,
+    /// An event record whose payload did not decode: counted and logged, never sent.
+    Undecodable,
 }
 
 impl Batch {
+    /// An empty batch of `lane` starting after the cursor `after`.
+    pub fn new(lane: Lane, after: u64) -> Batch {
+        Batch {
+            lane,
+            last_seq: after,
+            rows: Vec::new(),
+        }
+    }
+
     /// Adds one record read from the log.
-    pub fn push(&mut self, record: &Record) {
+    pub fn push(&mut self, record: &Record) -> Pushed {
         self.last_seq = self.last_seq.max(record.seq);
         if record.kind != EVENT_KIND {
-            self.skipped += 1;
-            return;
+            return Pushed::Skipped;
         }
         match Event::from_payload(&record.payload) {
-            Ok(event) => self.rows.push(Row::from_event(record.seq, &event)),
+            Ok(event) => {
+                self.rows.push(Row::from_event(record.seq, &event));
+                Pushed::Row
+            }
             Err(e) => {
-                self.undecodable += 1;
                 tracing::error!(lane = %record.lane, seq = record.seq, error = %e, "event record does not decode; not forwarded");
+                Pushed::Undecodable
             }
         }
     }

@@ -17,7 +17,7 @@ use tickvault_wal::{Lane, ReadBatch, Tail, Wal};
 use tokio::sync::watch;
 
 use super::breaker::{Breaker, State, Transition};
-use super::{Batch, SinkError};
+use super::{Batch, Pushed, SinkError};
 
 /// A destination. Each runner owns one (and so one connection); connections are made
 /// lazily by `write` and dropped on error, so the next attempt reconnects.
@@ -68,11 +68,8 @@ pub struct RunnerStats {
     pub skipped: AtomicU64,
     pub undecodable: AtomicU64,
     pub corrupt: AtomicU64,
-    /// The breaker's state (0 closed, 1 open, 2 half-open) and how often it entered each.
+    /// The breaker's state: 0 closed, 1 open, 2 half-open.
     state: AtomicU8,
-    pub opened: AtomicU64,
-    pub half_opened: AtomicU64,
-    pub closed: AtomicU64,
     /// Capture (the appliance received the event) to the sink's acknowledgement, in µs.
     pub latency_us: Mutex<hdrhistogram::Histogram<u64>>,
 }
@@ -90,9 +87,6 @@ impl RunnerStats {
             undecodable: AtomicU64::new(0),
             corrupt: AtomicU64::new(0),
             state: AtomicU8::new(0),
-            opened: AtomicU64::new(0),
-            half_opened: AtomicU64::new(0),
-            closed: AtomicU64::new(0),
             latency_us: Mutex::new(
                 hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("static histogram bounds"),
             ),
@@ -119,13 +113,12 @@ impl RunnerStats {
 
     fn note(&self, transition: Option<Transition>) {
         let Some(t) = transition else { return };
-        let (code, counter) = match t.to {
-            State::Closed => (0, &self.closed),
-            State::Open => (1, &self.opened),
-            State::HalfOpen => (2, &self.half_opened),
+        let code = match t.to {
+            State::Closed => 0,
+            State::Open => 1,
+            State::HalfOpen => 2,
         };
         self.state.store(code, Ordering::Relaxed);
-        counter.fetch_add(1, Ordering::Relaxed);
         // One line per change: the outage drill reads these.
         tracing::warn!(sink = self.sink, lane = %self.lane, from = t.from.name(), to = t.to.name(), "sink breaker");
     }
@@ -202,6 +195,9 @@ pub async fn run<S: Sink>(
         rows = stats.rows.load(Ordering::Relaxed),
         batches = stats.batches.load(Ordering::Relaxed),
         failures = stats.failures.load(Ordering::Relaxed),
+        skipped = stats.skipped.load(Ordering::Relaxed),
+        undecodable = stats.undecodable.load(Ordering::Relaxed),
+        corrupt = stats.corrupt.load(Ordering::Relaxed),
         latency_p50_ms = stats.latency_ms(0.5),
         latency_p99_ms = stats.latency_ms(0.99),
         "sink runner stopped"
@@ -288,12 +284,7 @@ impl Cutter {
         let Some(first) = self.tail.next_batch(self.batch_rows).await? else {
             return Ok(None);
         };
-        let mut batch = Batch {
-            lane: Some(self.lane),
-            after: self.position,
-            last_seq: self.position,
-            ..Batch::default()
-        };
+        let mut batch = Batch::new(self.lane, self.position);
         let mut records = add(&mut batch, &first, &self.stats);
         if !self.flush_interval.is_zero() {
             let deadline = tokio::time::Instant::now() + self.flush_interval;
@@ -311,15 +302,14 @@ impl Cutter {
 }
 
 fn add(batch: &mut Batch, read: &ReadBatch, stats: &RunnerStats) -> usize {
-    let before = (batch.skipped, batch.undecodable);
     for record in &read.records {
-        batch.push(record);
+        match batch.push(record) {
+            Pushed::Row => {}
+            Pushed::Skipped => _ = stats.skipped.fetch_add(1, Ordering::Relaxed),
+            Pushed::Undecodable => _ = stats.undecodable.fetch_add(1, Ordering::Relaxed),
+        }
     }
     batch.last_seq = batch.last_seq.max(read.last_seq);
-    stats.skipped.fetch_add(batch.skipped - before.0, Ordering::Relaxed);
-    stats
-        .undecodable
-        .fetch_add(batch.undecodable - before.1, Ordering::Relaxed);
     stats.corrupt.fetch_add(read.corrupt.len() as u64, Ordering::Relaxed);
     read.records.len() + read.corrupt.len()
 }

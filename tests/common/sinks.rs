@@ -47,30 +47,16 @@ async fn postgres(db: &str) -> tokio_postgres::Client {
     client
 }
 
-async fn jetstream(port: u16) -> async_nats::jetstream::Context {
-    let client = async_nats::connect(format!("127.0.0.1:{port}"))
-        .await
-        .unwrap_or_else(|e| panic!("NATS on 127.0.0.1:{port} (scripts/services.sh up): {e}"));
-    async_nats::jetstream::new(client)
-}
-
 impl Target {
     pub fn new(test: &str) -> Target {
         let t = Target {
             name: format!("tv_{test}"),
             stream: format!("TV_{}", test.to_uppercase()),
         };
-        rt().block_on(async {
-            clickhouse()
-                .query(&format!("DROP DATABASE IF EXISTS {}", t.name))
-                .execute()
-                .await
-                .unwrap_or_else(|e| panic!("ClickHouse on 127.0.0.1:8123 (scripts/services.sh up): {e}"));
-            tickvault::sink::postgres::drop_database(&postgres("postgres").await, &t.name)
-                .await
-                .unwrap();
-            let _ = jetstream(4222).await.delete_stream(&t.stream).await;
-        });
+        let mut config = tickvault::config::Config::parse("(test)", &t.sinks_toml(4222)).unwrap();
+        config.sinks.postgres.password = Some(tickvault::config::Secret::new(PG_PASSWORD));
+        rt().block_on(tickvault::sink::admin::drop_targets(&config.sinks))
+            .unwrap_or_else(|e| panic!("{e} (are the servers up? scripts/services.sh up)"));
         t
     }
 
