@@ -2,7 +2,7 @@
 
 use std::path::PathBuf;
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use tickvault_wal::Lane;
 
 #[derive(Debug, Parser)]
@@ -165,6 +165,17 @@ pub enum BenchCommand {
         /// Years of minute bars for the backfill (3 crypto and 2 forex symbols).
         #[arg(long, default_value_t = 1)]
         backfill_years: u32,
+        /// Which part to run: latency, throughput, or both.
+        #[arg(long, value_enum, default_value_t = SinkBenchPart::All)]
+        part: SinkBenchPart,
+        /// The sinks measured (a comma-separated list); the others stay off.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            value_parser = ["clickhouse", "postgres", "nats"],
+            default_values_t = ["clickhouse".to_owned(), "postgres".to_owned(), "nats".to_owned()]
+        )]
+        sinks: Vec<String>,
     },
     /// Durable appends (1 and 4 producers) against naive synced single puts, and replay reads.
     Wal {
@@ -180,4 +191,12 @@ pub enum BenchCommand {
         #[arg(long, default_value_t = 2_000)]
         naive_records: u64,
     },
+}
+
+/// The parts of `bench sinks`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum SinkBenchPart {
+    All,
+    Latency,
+    Throughput,
 }

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use tickvault_wal::Lane;
 
+use super::args::SinkBenchPart;
 use crate::config::{Config, Secret};
 use crate::daemon;
 
@@ -121,27 +122,46 @@ async fn live_window(config: &Config, seconds: u64) -> anyhow::Result<Vec<(&'sta
     Ok(out)
 }
 
-pub async fn sinks(dir: &Path, seconds: u64, years: u32) -> anyhow::Result<ExitCode> {
+pub async fn sinks(
+    dir: &Path,
+    seconds: u64,
+    years: u32,
+    part: SinkBenchPart,
+    measured: &[String],
+) -> anyhow::Result<ExitCode> {
     let _ = std::fs::remove_dir_all(dir.join("sinks"));
     let dir = dir.join("sinks");
     std::fs::create_dir_all(&dir)?;
     let (_sim, addr) = simulator()?;
-    println!("bench sinks: live crypto BTC-USD, ETH-USD quotes and trades (~400 events/s), {seconds} s per window");
-
-    let idle = live_window(&base_config(&dir.join("idle"), &addr)?, seconds).await?;
-    let mut busy_config = base_config(&dir.join("busy"), &addr)?;
-    big_backfill(&mut busy_config, years);
-    let busy = live_window(&busy_config, seconds).await?;
-    println!("\nlive capture-to-sink-commit latency (ms)");
-    println!("  sink         idle p50   idle p99 | backfill p50  backfill p99 | p99 ratio | backfill rows still queued at the end");
-    for (sink, p50, p99, _, _) in &idle {
-        let Some((_, bp50, bp99, _, behind)) = busy.iter().find(|b| b.0 == *sink) else {
-            continue;
-        };
-        println!(
-            "  {sink:<10} {p50:>10.1} {p99:>10.1} | {bp50:>12.1} {bp99:>13.1} | {:>8.2}x | {behind}",
-            bp99 / p99
-        );
+    let only = |config: &mut Config| {
+        let on = |name: &str| measured.iter().any(|m| m == name);
+        config.sinks.clickhouse.enabled &= on("clickhouse");
+        config.sinks.postgres.enabled &= on("postgres");
+        config.sinks.nats.enabled &= on("nats");
+    };
+    if part != SinkBenchPart::Throughput {
+        println!("bench sinks: live crypto BTC-USD, ETH-USD quotes and trades (~400 events/s), {seconds} s per window");
+        let mut idle_config = base_config(&dir.join("idle"), &addr)?;
+        only(&mut idle_config);
+        let idle = live_window(&idle_config, seconds).await?;
+        let mut busy_config = base_config(&dir.join("busy"), &addr)?;
+        big_backfill(&mut busy_config, years);
+        only(&mut busy_config);
+        let busy = live_window(&busy_config, seconds).await?;
+        println!("\nlive capture-to-sink-commit latency (ms)");
+        println!("  sink         idle p50   idle p99 | backfill p50  backfill p99 | p99 ratio | backfill rows still queued at the end");
+        for (sink, p50, p99, _, _) in &idle {
+            let Some((_, bp50, bp99, _, behind)) = busy.iter().find(|b| b.0 == *sink) else {
+                continue;
+            };
+            println!(
+                "  {sink:<10} {p50:>10.1} {p99:>10.1} | {bp50:>12.1} {bp99:>13.1} | {:>8.2}x | {behind}",
+                bp99 / p99
+            );
+        }
+    }
+    if part == SinkBenchPart::Latency {
+        return Ok(ExitCode::SUCCESS);
     }
 
     // Throughput: capture the backfill once with no sink, then forward it to one sink at a time.
@@ -162,6 +182,9 @@ pub async fn sinks(dir: &Path, seconds: u64, years: u32) -> anyhow::Result<ExitC
     running.shutdown().await?;
     println!("\nbackfill forwarding, one sink at a time ({rows} rows from the log, batches as configured)");
     for sink in ["clickhouse", "postgres", "nats"] {
+        if !measured.iter().any(|m| m == sink) {
+            continue;
+        }
         let mut config = base_config(&log, &addr)?;
         config.live.enabled = false;
         config.sinks.clickhouse.enabled = sink == "clickhouse";

@@ -133,7 +133,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 dir,
                 seconds,
                 backfill_years,
-            } => runtime()?.block_on(super::bench_sinks::sinks(&dir, seconds, backfill_years)),
+                part,
+                sinks,
+            } => runtime()?.block_on(super::bench_sinks::sinks(&dir, seconds, backfill_years, part, &sinks)),
             BenchCommand::Wal {
                 dir,
                 records,

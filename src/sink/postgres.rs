@@ -1,19 +1,21 @@
-//! TimescaleDB / PostgreSQL: each batch is one transaction that binary-COPYs the rows into
-//! a session-local staging table, moves them into the events table with
-//! `INSERT ... ON CONFLICT (natural key) DO NOTHING`, and records the sink's cursor for
-//! this log in the same transaction. A crash between that commit and the log's own
-//! cursor move is healed on restart: the runner resumes from the later of the two.
+//! TimescaleDB / PostgreSQL: each batch is one transaction that puts the rows into the
+//! events table and records the sink's cursor for this log. The rows go in by binary
+//! COPY, straight into the events table while none of their keys is there (the usual
+//! case), else into a session-local staging table and from it with
+//! `INSERT ... ON CONFLICT (natural key) DO NOTHING` (see `write_batch`). A crash between
+//! that commit and the log's own cursor move is healed on restart: the runner resumes
+//! from the later of the two.
 //!
 //! With the timescaledb extension available the events table becomes a hypertable on
 //! `ts` (and gets a retention policy when one is configured); without it, it is a plain
 //! table whose primary key is the natural key. Gap detection never reads this table, so
 //! its retention can be as short as its users like.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::error::SqlState;
-use tokio_postgres::types::Type;
+use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, NoTls, Statement};
 
 use super::config::PostgresConfig;
@@ -27,7 +29,9 @@ const STAGING_COLUMNS: &str = "feed, symbol, kind, timeframe, ts_ms, ordinal, se
      bid, ask, bid_size, ask_size, price, size, open, high, low, close, volume, vwap, \
      trades, exchange, trade_id, conditions";
 
-const STAGING_TYPES: [Type; 25] = [
+/// The COPY types of the events table's columns: the staging table's (the first
+/// `STAGING_TYPES`), then `ts`.
+const EVENT_TYPES: [Type; 26] = [
     Type::TEXT,
     Type::TEXT,
     Type::TEXT,
@@ -53,7 +57,9 @@ const STAGING_TYPES: [Type; 25] = [
     Type::INT4,
     Type::TEXT,
     Type::INT4_ARRAY,
+    Type::TIMESTAMPTZ,
 ];
+const STAGING_TYPES: usize = 25;
 
 pub struct PostgresSink {
     config: PostgresConfig,
@@ -64,6 +70,19 @@ pub struct PostgresSink {
     /// Set while a write is in flight: if the runner gave up on it (timeout), the
     /// connection is in an unknown state and is replaced.
     in_flight: bool,
+    /// Batches still to merge before trying the direct way again (see `write_batch`).
+    merge_next: u32,
+    /// Batches written each way, for the tests and the runner's logs.
+    written: Written,
+}
+
+/// Batches a PostgreSQL sink wrote each way.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Written {
+    /// COPYed into the events table.
+    pub direct: u64,
+    /// Through the staging table and `INSERT ... ON CONFLICT DO NOTHING`.
+    pub merged: u64,
 }
 
 /// One connection and the two statements of every batch, prepared on it: staging ->
@@ -81,6 +100,8 @@ impl PostgresSink {
             log_id: log_id.to_owned(),
             session: None,
             in_flight: false,
+            merge_next: 0,
+            written: Written::default(),
         }
     }
 
@@ -201,59 +222,138 @@ impl PostgresSink {
             .collect())
     }
 
+    /// One batch, one transaction. The direct way COPYs the rows into the events table
+    /// itself: when none of their keys is there yet (the usual case) that is all the
+    /// merge does, at about half its cost. A key already there (a redundant appliance, or
+    /// the same bar captured on both lanes) fails that COPY, and so the whole transaction,
+    /// with a unique violation: nothing of it was written, and the batch is merged instead,
+    /// as are the next few, before the direct way is tried again.
     async fn write_batch(&mut self, batch: &Batch) -> Result<(), SinkError> {
+        if self.merge_next > 0 {
+            self.merge_next -= 1;
+        } else {
+            match self.write_rows(batch, Way::Direct).await {
+                Err(Failed::Db(e)) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
+                    tracing::debug!(lane = %batch.lane, last_seq = batch.last_seq, "rows already there; merging");
+                    self.merge_next = MERGE_AFTER_CONFLICT;
+                }
+                Ok(()) => {
+                    self.written.direct += 1;
+                    return Ok(());
+                }
+                Err(e) => return Err(e.into_sink()),
+            }
+        }
+        self.write_rows(batch, Way::Merge).await.map_err(Failed::into_sink)?;
+        self.written.merged += 1;
+        Ok(())
+    }
+
+    /// Batches written each way so far.
+    pub fn written(&self) -> Written {
+        self.written
+    }
+
+    async fn write_rows(&mut self, batch: &Batch, way: Way) -> Result<(), Failed> {
         let log_id = self.log_id.clone();
         let lane = batch.lane.name();
-        let session = self.session().await?;
-        let tx = session.client.transaction().await.map_err(classify)?;
-        let copy = tx
-            .copy_in(&format!("COPY tickvault_staging ({STAGING_COLUMNS}) FROM STDIN BINARY"))
-            .await
-            .map_err(classify)?;
-        let writer = BinaryCopyInWriter::new(copy, &STAGING_TYPES);
+        let table = self.config.table.clone();
+        let session = self.session().await.map_err(Failed::Sink)?;
+        let tx = session.client.transaction().await?;
+        let copy = match way {
+            Way::Direct => format!("COPY {table} ({STAGING_COLUMNS}, ts) FROM STDIN BINARY"),
+            Way::Merge => format!("COPY tickvault_staging ({STAGING_COLUMNS}) FROM STDIN BINARY"),
+        };
+        let copy = tx.copy_in(&copy).await?;
+        let types = match way {
+            Way::Direct => &EVENT_TYPES[..],
+            Way::Merge => &EVENT_TYPES[..STAGING_TYPES],
+        };
+        let writer = BinaryCopyInWriter::new(copy, types);
         tokio::pin!(writer);
         for r in &batch.rows {
             let (ordinal, seq) = (i64::from(r.ordinal), i64::try_from(r.seq).unwrap_or(i64::MAX));
             let trades = r.trades.map(|t| i64::try_from(t).unwrap_or(i64::MAX));
-            writer
-                .as_mut()
-                .write(&[
-                    &r.feed,
-                    &r.symbol,
-                    &r.kind,
-                    &r.timeframe,
-                    &r.ts_ms,
-                    &ordinal,
-                    &seq,
-                    &r.lane,
-                    &r.captured_at_ns,
-                    &r.bid,
-                    &r.ask,
-                    &r.bid_size,
-                    &r.ask_size,
-                    &r.price,
-                    &r.size,
-                    &r.open,
-                    &r.high,
-                    &r.low,
-                    &r.close,
-                    &r.volume,
-                    &r.vwap,
-                    &trades,
-                    &r.exchange,
-                    &r.trade_id,
-                    &r.conditions,
-                ])
-                .await
-                .map_err(classify)?;
+            let ts = timestamp(r.ts_ms);
+            let values: [&(dyn ToSql + Sync); 26] = [
+                &r.feed,
+                &r.symbol,
+                &r.kind,
+                &r.timeframe,
+                &r.ts_ms,
+                &ordinal,
+                &seq,
+                &r.lane,
+                &r.captured_at_ns,
+                &r.bid,
+                &r.ask,
+                &r.bid_size,
+                &r.ask_size,
+                &r.price,
+                &r.size,
+                &r.open,
+                &r.high,
+                &r.low,
+                &r.close,
+                &r.volume,
+                &r.vwap,
+                &trades,
+                &r.exchange,
+                &r.trade_id,
+                &r.conditions,
+                &ts,
+            ];
+            writer.as_mut().write(&values[..types.len()]).await?;
         }
-        writer.as_mut().finish().await.map_err(classify)?;
-        tx.execute(&session.insert, &[]).await.map_err(classify)?;
+        writer.as_mut().finish().await?;
+        if way == Way::Merge {
+            tx.execute(&session.insert, &[]).await?;
+        }
         let seq = i64::try_from(batch.last_seq).unwrap_or(i64::MAX);
-        tx.execute(&session.cursor, &[&log_id, &lane, &seq])
-            .await
-            .map_err(classify)?;
-        tx.commit().await.map_err(classify)
+        tx.execute(&session.cursor, &[&log_id, &lane, &seq]).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+/// How a batch goes into the events table (see `write_batch`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Way {
+    Direct,
+    Merge,
+}
+
+/// Batches merged after the direct way met a key already there, before trying it again.
+pub const MERGE_AFTER_CONFLICT: u32 = 16;
+
+/// A write's failure: from the server (to be looked at), or already classified.
+enum Failed {
+    Db(tokio_postgres::Error),
+    Sink(SinkError),
+}
+
+impl From<tokio_postgres::Error> for Failed {
+    fn from(e: tokio_postgres::Error) -> Failed {
+        Failed::Db(e)
+    }
+}
+
+impl Failed {
+    fn into_sink(self) -> SinkError {
+        match self {
+            Failed::Db(e) => classify(e),
+            Failed::Sink(e) => e,
+        }
+    }
+}
+
+/// `ts_ms` as a `timestamptz` (the events table's time column).
+fn timestamp(ts_ms: i64) -> SystemTime {
+    let magnitude = Duration::from_millis(ts_ms.unsigned_abs());
+    if ts_ms >= 0 {
+        UNIX_EPOCH + magnitude
+    } else {
+        UNIX_EPOCH - magnitude
     }
 }
 

@@ -87,18 +87,7 @@ impl Target {
                 .await
                 .unwrap();
             out.insert("clickhouse", ch);
-            let pg = postgres(&self.name)
-                .await
-                .query(
-                    "SELECT feed || ':' || symbol || ':' || kind || ':' || timeframe || ':' || ts_ms || ':' || ordinal FROM events",
-                    &[],
-                )
-                .await
-                .unwrap()
-                .iter()
-                .map(|r| r.get::<_, String>(0))
-                .collect();
-            out.insert("postgres", pg);
+            out.insert("postgres", self.postgres_keys().await);
             let mut nats = Vec::new();
             let config = tickvault::sink::config::NatsConfig {
                 url: format!("nats://127.0.0.1:{nats_port}"),
@@ -113,6 +102,21 @@ impl Target {
             out.insert("nats", nats);
             out
         })
+    }
+
+    /// Every natural key in PostgreSQL (duplicates kept).
+    pub async fn postgres_keys(&self) -> Vec<String> {
+        postgres(&self.name)
+            .await
+            .query(
+                "SELECT feed || ':' || symbol || ':' || kind || ':' || timeframe || ':' || ts_ms || ':' || ordinal FROM events",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get::<_, String>(0))
+            .collect()
     }
 
     /// Deletes one event row from PostgreSQL (a loss for `verify` to find).

@@ -1,0 +1,149 @@
+//! Each sink's writes on their own, against the real servers (`scripts/services.sh up`):
+//! a batch sent again (a retry after a lost acknowledgement) and a batch overlapping
+//! what a sink holds (a redundant appliance, a key on both lanes) leave each key once.
+
+use std::collections::HashMap;
+
+use tickvault::config::Config;
+use tickvault::sink::clickhouse::ClickHouseSink;
+use tickvault::sink::nats::NatsSink;
+use tickvault::sink::postgres::{PostgresSink, Written, MERGE_AFTER_CONFLICT};
+use tickvault::sink::{Batch, Row, Sink};
+use tickvault_wal::Lane;
+
+mod common;
+
+use common::sinks::{rt, Target, PG_PASSWORD};
+
+/// Minute bars of BTC-USD for minutes `from..to`, at log positions `from..to`.
+fn bars(from: u64, to: u64) -> Batch {
+    let rows: Vec<Row> = (from..to)
+        .map(|i| Row {
+            feed: "crypto".into(),
+            symbol: "BTC-USD".into(),
+            kind: "bar".into(),
+            timeframe: "1m".into(),
+            ts_ms: 1_700_000_000_000 + i as i64 * 60_000,
+            ordinal: 0,
+            seq: i,
+            lane: "backfill".into(),
+            captured_at_ns: 1,
+            bid: None,
+            ask: None,
+            bid_size: None,
+            ask_size: None,
+            price: None,
+            size: None,
+            open: Some(1.0),
+            high: Some(2.0),
+            low: Some(0.5),
+            close: Some(1.5),
+            volume: Some(i as f64),
+            vwap: None,
+            trades: Some(3),
+            exchange: None,
+            trade_id: None,
+            conditions: vec![],
+        })
+        .collect();
+    Batch {
+        lane: Lane::Backfill,
+        last_seq: to - 1,
+        rows,
+    }
+}
+
+/// Sends batches to `sink` in order, each acknowledged before the next.
+async fn send(sink: &mut impl Sink, batches: &[Batch]) {
+    for (i, batch) in batches.iter().enumerate() {
+        sink.write(batch)
+            .await
+            .unwrap_or_else(|e| panic!("{} refused batch {i}: {e}", sink.name()));
+    }
+}
+
+fn config(target: &Target) -> Config {
+    let mut config = Config::parse("(test)", &target.sinks_toml(4222)).unwrap();
+    config.sinks.postgres.password = Some(tickvault::config::Secret::new(PG_PASSWORD));
+    config
+}
+
+/// The same batch twice, a batch half over the first, the first again, then new rows:
+/// 0..2,500 once each in every sink.
+fn overlapping() -> Vec<Batch> {
+    vec![
+        bars(0, 1_000),
+        bars(0, 1_000),
+        bars(500, 1_500),
+        bars(0, 1_000),
+        bars(1_500, 2_000),
+        bars(1_000, 2_500),
+    ]
+}
+
+fn assert_each_key_once(target: &Target) {
+    let expected: Vec<String> = (0..2_500u64)
+        .map(|i| format!("crypto:BTC-USD:bar:1m:{}:0", 1_700_000_000_000 + i * 60_000))
+        .collect();
+    for (sink, keys) in target.keys(4222) {
+        let mut counts: HashMap<&str, u32> = HashMap::new();
+        for k in &keys {
+            *counts.entry(k).or_default() += 1;
+        }
+        let twice: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).take(5).collect();
+        assert!(twice.is_empty(), "{sink} holds keys more than once: {twice:?}");
+        let missing: Vec<_> = expected
+            .iter()
+            .filter(|k| !counts.contains_key(k.as_str()))
+            .take(5)
+            .collect();
+        assert!(missing.is_empty(), "{sink} is missing keys: {missing:?}");
+        assert_eq!(keys.len(), expected.len(), "{sink}");
+    }
+}
+
+#[test]
+fn batches_sent_again_or_overlapping_leave_each_key_once_in_every_sink() {
+    let target = Target::new("sink_writes");
+    let config = config(&target);
+    rt().block_on(async {
+        send(&mut ClickHouseSink::new(&config.sinks.clickhouse), &overlapping()).await;
+        let mut pg = PostgresSink::new(&config.sinks.postgres, "test-log");
+        send(&mut pg, &overlapping()).await;
+        // The cursor row moved with the data, to the furthest batch.
+        assert_eq!(pg.stored_cursor(Lane::Backfill).await.unwrap(), Some(2_499));
+        send(&mut NatsSink::new(&config.sinks.nats), &overlapping()).await;
+    });
+    assert_each_key_once(&target);
+}
+
+#[test]
+fn postgres_copies_directly_merges_after_a_conflict_and_then_copies_directly_again() {
+    let target = Target::new("pg_direct_again");
+    let config = config(&target);
+    let merges = u64::from(MERGE_AFTER_CONFLICT);
+    rt().block_on(async {
+        let mut pg = PostgresSink::new(&config.sinks.postgres, "test-log");
+        send(&mut pg, &[bars(0, 1_000)]).await;
+        assert_eq!(pg.written(), Written { direct: 1, merged: 0 });
+        // Half of it is there: the direct COPY fails and the batch is merged, over the
+        // same connection.
+        send(&mut pg, &[bars(500, 1_500)]).await;
+        assert_eq!(pg.written(), Written { direct: 1, merged: 1 });
+        // The next batches are merged, then the direct way is tried again.
+        let next: Vec<Batch> = (0..merges + 2).map(|i| bars(1_500 + i * 10, 1_510 + i * 10)).collect();
+        send(&mut pg, &next).await;
+        assert_eq!(
+            pg.written(),
+            Written {
+                direct: 3,
+                merged: 1 + merges
+            }
+        );
+        assert_eq!(
+            pg.stored_cursor(Lane::Backfill).await.unwrap(),
+            Some(1_509 + (merges + 1) * 10)
+        );
+        assert_eq!(target.postgres_keys().await.len(), 1_520 + merges as usize * 10);
+    });
+}
