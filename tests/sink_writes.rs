@@ -112,6 +112,7 @@ fn batches_sent_again_or_overlapping_leave_each_key_once_in_every_sink() {
         send(&mut pg, &overlapping()).await;
         // The cursor row moved with the data, to the furthest batch.
         assert_eq!(pg.stored_cursor(Lane::Backfill).await.unwrap(), Some(2_499));
+        assert_eq!(pg.sessions(), 1);
         send(&mut NatsSink::new(&config.sinks.nats), &overlapping()).await;
     });
     assert_each_key_once(&target);
@@ -145,5 +146,25 @@ fn postgres_copies_directly_merges_after_a_conflict_and_then_copies_directly_aga
             Some(1_509 + (merges + 1) * 10)
         );
         assert_eq!(target.postgres_keys().await.len(), 1_520 + merges as usize * 10);
+        assert_eq!(pg.sessions(), 1, "every batch, the conflict too, over one connection");
+    });
+}
+
+#[test]
+fn postgres_replaces_the_connection_of_a_write_given_up_half_way() {
+    let target = Target::new("pg_given_up");
+    let config = config(&target);
+    rt().block_on(async {
+        let mut pg = PostgresSink::new(&config.sinks.postgres, "test-log");
+        send(&mut pg, &[bars(0, 10)]).await;
+        // The runner's attempt timeout drops a write in the middle of its transaction.
+        let big = bars(10, 200_010);
+        let given_up = tokio::time::timeout(std::time::Duration::from_millis(20), pg.write(&big)).await;
+        assert!(given_up.is_err(), "a 200,000-row write finished within 20 ms");
+        // Sent again, the batch goes over a new connection, once.
+        send(&mut pg, &[big]).await;
+        assert_eq!(pg.sessions(), 2);
+        assert_eq!(pg.stored_cursor(Lane::Backfill).await.unwrap(), Some(200_009));
+        assert_eq!(target.postgres_keys().await.len(), 200_010);
     });
 }

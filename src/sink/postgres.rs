@@ -74,6 +74,8 @@ pub struct PostgresSink {
     merge_next: u32,
     /// Batches written each way, for the tests and the runner's logs.
     written: Written,
+    /// Sessions (connections) opened so far.
+    sessions: u64,
 }
 
 /// Batches a PostgreSQL sink wrote each way.
@@ -102,6 +104,7 @@ impl PostgresSink {
             in_flight: false,
             merge_next: 0,
             written: Written::default(),
+            sessions: 0,
         }
     }
 
@@ -131,7 +134,7 @@ impl PostgresSink {
 
     /// The session, made (and the database, tables and staging table created) if needed.
     async fn session(&mut self) -> Result<&mut Session, SinkError> {
-        if self.in_flight || self.session.as_ref().is_some_and(|s| s.client.is_closed()) {
+        if self.session.as_ref().is_some_and(|s| s.client.is_closed()) {
             self.session = None;
         }
         if self.session.is_none() {
@@ -171,6 +174,7 @@ impl PostgresSink {
                 .await
                 .map_err(classify)?;
             self.session = Some(Session { client, insert, cursor });
+            self.sessions += 1;
         }
         Ok(self.session.as_mut().expect("connected above"))
     }
@@ -247,6 +251,11 @@ impl PostgresSink {
         self.write_rows(batch, Way::Merge).await.map_err(Failed::into_sink)?;
         self.written.merged += 1;
         Ok(())
+    }
+
+    /// Sessions (connections) opened so far: one, while nothing fails.
+    pub fn sessions(&self) -> u64 {
+        self.sessions
     }
 
     /// Batches written each way so far.
@@ -453,6 +462,11 @@ impl Sink for PostgresSink {
     }
 
     async fn write(&mut self, batch: &Batch) -> Result<(), SinkError> {
+        if self.in_flight {
+            // The runner gave up on the last write half way (a timeout): its transaction
+            // may still be open on that connection.
+            self.session = None;
+        }
         self.in_flight = true;
         let result = self.write_batch(batch).await;
         self.in_flight = false;
