@@ -11,11 +11,18 @@ use futures_util::StreamExt;
 
 use super::config::NatsConfig;
 use super::{Batch, Row, Sink, SinkError};
+use tickvault_wal::Lane;
 
 const NAME: &str = "nats";
 /// PubAcks outstanding at most; below the client's own limit (5,000), which would
 /// otherwise block a publish while we hold the futures that release it.
 const ACK_WINDOW: usize = 4_096;
+/// The backfill runner's window. The stream takes messages in order, so a live message
+/// waits behind every backfill message published before it: a smaller window keeps that
+/// queue short. Measured (`bench sinks --sinks nats`): 512 forwards as fast as 4,096
+/// (97,000-108,000 rows/s either way) and halves live p99 during the backfill (13-28 ms
+/// against 60 ms); 128 cost a tenth of the throughput.
+const BACKFILL_ACK_WINDOW: usize = 512;
 
 pub struct NatsSink {
     config: NatsConfig,
@@ -155,9 +162,13 @@ impl NatsSink {
                 "not connected to the NATS server",
             ));
         }
-        let mut pending = VecDeque::with_capacity(ACK_WINDOW);
+        let window = match batch.lane {
+            Lane::Live => ACK_WINDOW,
+            _ => BACKFILL_ACK_WINDOW,
+        };
+        let mut pending = VecDeque::with_capacity(window);
         for row in &batch.rows {
-            if pending.len() >= ACK_WINDOW {
+            if pending.len() >= window {
                 if let Some(ack) = pending.pop_front() {
                     await_ack(ack).await?;
                 }
