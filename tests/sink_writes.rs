@@ -15,35 +15,40 @@ mod common;
 
 use common::sinks::{rt, Target, PG_PASSWORD};
 
-/// Minute bars of BTC-USD for minutes `from..to`, at log positions `from..to`.
-fn bars(from: u64, to: u64) -> Batch {
+/// Events of BTC-USD at log positions `from..to`, a quote, a trade and a minute bar in
+/// turn (ClickHouse keeps a table per kind).
+fn events(from: u64, to: u64) -> Batch {
     let rows: Vec<Row> = (from..to)
-        .map(|i| Row {
-            feed: "crypto".into(),
-            symbol: "BTC-USD".into(),
-            kind: "bar".into(),
-            timeframe: "1m".into(),
-            ts_ms: 1_700_000_000_000 + i as i64 * 60_000,
-            ordinal: 0,
-            seq: i,
-            lane: "backfill".into(),
-            captured_at_ns: 1,
-            bid: None,
-            ask: None,
-            bid_size: None,
-            ask_size: None,
-            price: None,
-            size: None,
-            open: Some(1.0),
-            high: Some(2.0),
-            low: Some(0.5),
-            close: Some(1.5),
-            volume: Some(i as f64),
-            vwap: None,
-            trades: Some(3),
-            exchange: None,
-            trade_id: None,
-            conditions: vec![],
+        .map(|i| {
+            let kind = ["quote", "trade", "bar"][i as usize % 3];
+            let some_if = |k: &str, v: f64| (kind == k).then_some(v);
+            Row {
+                feed: "crypto".into(),
+                symbol: "BTC-USD".into(),
+                kind: kind.into(),
+                timeframe: if kind == "bar" { "1m" } else { "tick" }.into(),
+                ts_ms: 1_700_000_000_000 + i as i64 * 60_000,
+                ordinal: 0,
+                seq: i,
+                lane: "backfill".into(),
+                captured_at_ns: 1,
+                bid: some_if("quote", 1.0),
+                ask: some_if("quote", 1.1),
+                bid_size: None,
+                ask_size: some_if("quote", 3.0),
+                price: some_if("trade", 1.05),
+                size: some_if("trade", 0.5),
+                open: some_if("bar", 1.0),
+                high: some_if("bar", 2.0),
+                low: some_if("bar", 0.5),
+                close: some_if("bar", 1.5),
+                volume: some_if("bar", i as f64),
+                vwap: None,
+                trades: (kind == "bar").then_some(3),
+                exchange: (kind != "bar").then_some(4),
+                trade_id: (kind == "trade").then(|| format!("t{i}")),
+                conditions: if kind == "trade" { vec![1, 2] } else { vec![] },
+            }
         })
         .collect();
     Batch {
@@ -72,19 +77,17 @@ fn config(target: &Target) -> Config {
 /// 0..2,500 once each in every sink.
 fn overlapping() -> Vec<Batch> {
     vec![
-        bars(0, 1_000),
-        bars(0, 1_000),
-        bars(500, 1_500),
-        bars(0, 1_000),
-        bars(1_500, 2_000),
-        bars(1_000, 2_500),
+        events(0, 1_000),
+        events(0, 1_000),
+        events(500, 1_500),
+        events(0, 1_000),
+        events(1_500, 2_000),
+        events(1_000, 2_500),
     ]
 }
 
 fn assert_each_key_once(target: &Target) {
-    let expected: Vec<String> = (0..2_500u64)
-        .map(|i| format!("crypto:BTC-USD:bar:1m:{}:0", 1_700_000_000_000 + i * 60_000))
-        .collect();
+    let expected: Vec<String> = events(0, 2_500).rows.iter().map(Row::key_string).collect();
     for (sink, keys) in target.keys(4222) {
         let mut counts: HashMap<&str, u32> = HashMap::new();
         for k in &keys {
@@ -125,14 +128,16 @@ fn postgres_copies_directly_merges_after_a_conflict_and_then_copies_directly_aga
     let merges = u64::from(MERGE_AFTER_CONFLICT);
     rt().block_on(async {
         let mut pg = PostgresSink::new(&config.sinks.postgres, "test-log");
-        send(&mut pg, &[bars(0, 1_000)]).await;
+        send(&mut pg, &[events(0, 1_000)]).await;
         assert_eq!(pg.written(), Written { direct: 1, merged: 0 });
         // Half of it is there: the direct COPY fails and the batch is merged, over the
         // same connection.
-        send(&mut pg, &[bars(500, 1_500)]).await;
+        send(&mut pg, &[events(500, 1_500)]).await;
         assert_eq!(pg.written(), Written { direct: 1, merged: 1 });
         // The next batches are merged, then the direct way is tried again.
-        let next: Vec<Batch> = (0..merges + 2).map(|i| bars(1_500 + i * 10, 1_510 + i * 10)).collect();
+        let next: Vec<Batch> = (0..merges + 2)
+            .map(|i| events(1_500 + i * 10, 1_510 + i * 10))
+            .collect();
         send(&mut pg, &next).await;
         assert_eq!(
             pg.written(),
@@ -156,9 +161,9 @@ fn postgres_replaces_the_connection_of_a_write_given_up_half_way() {
     let config = config(&target);
     rt().block_on(async {
         let mut pg = PostgresSink::new(&config.sinks.postgres, "test-log");
-        send(&mut pg, &[bars(0, 10)]).await;
+        send(&mut pg, &[events(0, 10)]).await;
         // The runner's attempt timeout drops a write in the middle of its transaction.
-        let big = bars(10, 200_010);
+        let big = events(10, 200_010);
         let given_up = tokio::time::timeout(std::time::Duration::from_millis(20), pg.write(&big)).await;
         assert!(given_up.is_err(), "a 200,000-row write finished within 20 ms");
         // Sent again, the batch goes over a new connection, once.

@@ -1,16 +1,24 @@
-//! ClickHouse: one ReplacingMergeTree table ordered by the natural key, with the capture
+//! ClickHouse: one ReplacingMergeTree table per kind of event (`<table>_quotes`,
+//! `<table>_trades`, `<table>_bars`), each ordered by the natural key with the capture
 //! sequence as its version, so a replayed or redundant row collapses into one at merge
 //! time (and at once for readers who query with `FINAL`). Inserts are RowBinary over
-//! HTTP (the `clickhouse` crate), one insert per batch, so a retry resends the identical
-//! block.
+//! HTTP (the `clickhouse` crate), one insert per kind present in a batch, so a retry
+//! resends identical blocks.
+//!
+//! A table per kind rather than one wide table: every column of a MergeTree part is two
+//! files (and a `Nullable` column two more), so a wide table with the other kinds'
+//! columns null wrote 90 files per insert where these write 34 to 40, and a backfill of
+//! bars carried 11 null columns per row. Measured on 100,000 bars: 150-190 ms per insert
+//! into the wide table, 77-88 ms into the bars table.
 //!
 //! Works with ClickHouse 18.16 (Debian's) and current releases: the DDL sticks to what
-//! both understand (no `DateTime64`, no `LowCardinality`, the `date` column a plain
-//! `Date` default), nothing relies on settings newer servers added, and HTTP compression
-//! is off (18.16 returns nothing for a compressed RowBinary query).
+//! both understand (no `DateTime64`, no `LowCardinality`, partitions by an expression of
+//! `ts_ms`), nothing relies on settings newer servers added, and HTTP compression is off
+//! (18.16 returns nothing for a compressed RowBinary query).
 
 use super::config::ClickHouseConfig;
 use super::{Batch, GroupCount, Row, Sink, SinkError};
+use serde::Serialize;
 
 const NAME: &str = "clickhouse";
 
@@ -52,36 +60,43 @@ impl ClickHouseSink {
         }
     }
 
-    fn qualified(&self) -> String {
-        format!("{}.{}", self.database, self.table)
+    fn qualified(&self, kind: Kind) -> String {
+        format!("{}.{}_{}", self.database, self.table, kind.table())
     }
 
-    /// Creates the database and table if missing.
+    /// Creates the database and tables if missing.
     pub async fn prepare(&mut self) -> Result<(), SinkError> {
         if self.prepared {
             return Ok(());
         }
-        let ddl = [
-            format!("CREATE DATABASE IF NOT EXISTS {}", self.database),
-            format!(
-                "CREATE TABLE IF NOT EXISTS {} (
-                    feed String, symbol String, kind String, timeframe String,
-                    ts_ms Int64, ordinal UInt32,
-                    seq UInt64, lane String, captured_at_ns Int64,
-                    bid Nullable(Float64), ask Nullable(Float64),
-                    bid_size Nullable(Float64), ask_size Nullable(Float64),
-                    price Nullable(Float64), size Nullable(Float64),
-                    open Nullable(Float64), high Nullable(Float64), low Nullable(Float64),
-                    close Nullable(Float64), volume Nullable(Float64), vwap Nullable(Float64),
-                    trades Nullable(UInt64), exchange Nullable(Int32), trade_id Nullable(String),
-                    conditions Array(Int32),
-                    date Date DEFAULT toDate(toDateTime(intDiv(ts_ms, 1000)))
-                ) ENGINE = ReplacingMergeTree(seq)
-                PARTITION BY toYYYYMM(date)
-                ORDER BY (feed, symbol, kind, timeframe, ts_ms, ordinal)",
-                self.qualified()
+        let key = "feed String, symbol String, timeframe String, ts_ms Int64, ordinal UInt32, \
+                   seq UInt64, lane String, captured_at_ns Int64";
+        let mut ddl = vec![format!("CREATE DATABASE IF NOT EXISTS {}", self.database)];
+        for (kind, columns) in [
+            (
+                Kind::Quote,
+                "bid Float64, ask Float64, bid_size Nullable(Float64), ask_size Nullable(Float64), \
+                 exchange Nullable(Int32)",
             ),
-        ];
+            (
+                Kind::Trade,
+                "price Float64, size Float64, exchange Nullable(Int32), trade_id Nullable(String), \
+                 conditions Array(Int32)",
+            ),
+            (
+                Kind::Bar,
+                "open Float64, high Float64, low Float64, close Float64, volume Float64, \
+                 vwap Nullable(Float64), trades Nullable(UInt64)",
+            ),
+        ] {
+            ddl.push(format!(
+                "CREATE TABLE IF NOT EXISTS {} ({key}, {columns})
+                 ENGINE = ReplacingMergeTree(seq)
+                 PARTITION BY toYYYYMM(toDate(toDateTime(intDiv(ts_ms, 1000))))
+                 ORDER BY (feed, symbol, timeframe, ts_ms, ordinal)",
+                self.qualified(kind)
+            ));
+        }
         for sql in ddl {
             self.client.query(&sql).execute().await.map_err(classify)?;
         }
@@ -97,26 +112,197 @@ impl ClickHouseSink {
 
     /// Distinct natural keys and rows per group and day, for `verify`.
     pub async fn group_counts(&self) -> Result<Vec<GroupCount>, SinkError> {
-        let sql = format!(
-            "SELECT feed, symbol, kind, timeframe, intDiv(ts_ms, 86400000) AS day,
-                    uniqExact(ts_ms, ordinal) AS keys, count() AS rows
-             FROM {} FINAL
-             GROUP BY feed, symbol, kind, timeframe, day",
-            self.qualified()
-        );
-        self.client
-            .query(&sql)
-            .fetch_all::<GroupCount>()
-            .await
-            .map_err(classify)
+        let mut out = Vec::new();
+        for kind in Kind::ALL {
+            let sql = format!(
+                "SELECT feed, symbol, '{}' AS kind, timeframe, intDiv(ts_ms, 86400000) AS day,
+                        uniqExact(ts_ms, ordinal) AS keys, count() AS rows
+                 FROM {} FINAL
+                 GROUP BY feed, symbol, timeframe, day",
+                kind.name(),
+                self.qualified(kind)
+            );
+            out.extend(
+                self.client
+                    .query(&sql)
+                    .fetch_all::<GroupCount>()
+                    .await
+                    .map_err(classify)?,
+            );
+        }
+        Ok(out)
     }
 
-    async fn insert(&self, rows: &[Row]) -> Result<(), SinkError> {
-        let mut insert = self.client.insert::<Row>(&self.qualified()).map_err(classify)?;
+    /// Inserts one kind's rows.
+    async fn insert<T: clickhouse::Row + Serialize>(&self, kind: Kind, rows: &[T]) -> Result<(), SinkError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let mut insert = self.client.insert::<T>(&self.qualified(kind)).map_err(classify)?;
         for row in rows {
             insert.write(row).await.map_err(classify)?;
         }
         insert.end().await.map_err(classify)
+    }
+
+    /// A batch: an insert per kind in it, at the same time.
+    async fn write_rows(&self, rows: &[Row]) -> Result<(), SinkError> {
+        let quotes: Vec<QuoteRow<'_>> = rows.iter().filter_map(QuoteRow::from_row).collect();
+        let trades: Vec<TradeRow<'_>> = rows.iter().filter_map(TradeRow::from_row).collect();
+        let bars: Vec<BarRow<'_>> = rows.iter().filter_map(BarRow::from_row).collect();
+        let (quotes, trades, bars) = tokio::join!(
+            self.insert(Kind::Quote, &quotes),
+            self.insert(Kind::Trade, &trades),
+            self.insert(Kind::Bar, &bars),
+        );
+        quotes.and(trades).and(bars)
+    }
+}
+
+/// The kinds of event, a table each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Kind {
+    Quote,
+    Trade,
+    Bar,
+}
+
+impl Kind {
+    const ALL: [Kind; 3] = [Kind::Quote, Kind::Trade, Kind::Bar];
+
+    /// As in [`Row::kind`].
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Quote => "quote",
+            Kind::Trade => "trade",
+            Kind::Bar => "bar",
+        }
+    }
+
+    fn table(self) -> &'static str {
+        match self {
+            Kind::Quote => "quotes",
+            Kind::Trade => "trades",
+            Kind::Bar => "bars",
+        }
+    }
+}
+
+/// A quote as `<table>_quotes` stores it.
+#[derive(Serialize, clickhouse::Row)]
+struct QuoteRow<'a> {
+    feed: &'a str,
+    symbol: &'a str,
+    timeframe: &'a str,
+    ts_ms: i64,
+    ordinal: u32,
+    seq: u64,
+    lane: &'a str,
+    captured_at_ns: i64,
+    bid: f64,
+    ask: f64,
+    bid_size: Option<f64>,
+    ask_size: Option<f64>,
+    exchange: Option<i32>,
+}
+
+impl<'a> QuoteRow<'a> {
+    fn from_row(r: &'a Row) -> Option<QuoteRow<'a>> {
+        (r.kind == Kind::Quote.name()).then(|| QuoteRow {
+            feed: &r.feed,
+            symbol: &r.symbol,
+            timeframe: &r.timeframe,
+            ts_ms: r.ts_ms,
+            ordinal: r.ordinal,
+            seq: r.seq,
+            lane: &r.lane,
+            captured_at_ns: r.captured_at_ns,
+            bid: r.bid.unwrap_or(f64::NAN),
+            ask: r.ask.unwrap_or(f64::NAN),
+            bid_size: r.bid_size,
+            ask_size: r.ask_size,
+            exchange: r.exchange,
+        })
+    }
+}
+
+/// A trade as `<table>_trades` stores it.
+#[derive(Serialize, clickhouse::Row)]
+struct TradeRow<'a> {
+    feed: &'a str,
+    symbol: &'a str,
+    timeframe: &'a str,
+    ts_ms: i64,
+    ordinal: u32,
+    seq: u64,
+    lane: &'a str,
+    captured_at_ns: i64,
+    price: f64,
+    size: f64,
+    exchange: Option<i32>,
+    trade_id: Option<&'a str>,
+    conditions: &'a [i32],
+}
+
+impl<'a> TradeRow<'a> {
+    fn from_row(r: &'a Row) -> Option<TradeRow<'a>> {
+        (r.kind == Kind::Trade.name()).then(|| TradeRow {
+            feed: &r.feed,
+            symbol: &r.symbol,
+            timeframe: &r.timeframe,
+            ts_ms: r.ts_ms,
+            ordinal: r.ordinal,
+            seq: r.seq,
+            lane: &r.lane,
+            captured_at_ns: r.captured_at_ns,
+            price: r.price.unwrap_or(f64::NAN),
+            size: r.size.unwrap_or(f64::NAN),
+            exchange: r.exchange,
+            trade_id: r.trade_id.as_deref(),
+            conditions: &r.conditions,
+        })
+    }
+}
+
+/// A bar as `<table>_bars` stores it.
+#[derive(Serialize, clickhouse::Row)]
+struct BarRow<'a> {
+    feed: &'a str,
+    symbol: &'a str,
+    timeframe: &'a str,
+    ts_ms: i64,
+    ordinal: u32,
+    seq: u64,
+    lane: &'a str,
+    captured_at_ns: i64,
+    open: f64,
+    high: f64,
+    low: f64,
+    close: f64,
+    volume: f64,
+    vwap: Option<f64>,
+    trades: Option<u64>,
+}
+
+impl<'a> BarRow<'a> {
+    fn from_row(r: &'a Row) -> Option<BarRow<'a>> {
+        (r.kind == Kind::Bar.name()).then(|| BarRow {
+            feed: &r.feed,
+            symbol: &r.symbol,
+            timeframe: &r.timeframe,
+            ts_ms: r.ts_ms,
+            ordinal: r.ordinal,
+            seq: r.seq,
+            lane: &r.lane,
+            captured_at_ns: r.captured_at_ns,
+            open: r.open.unwrap_or(f64::NAN),
+            high: r.high.unwrap_or(f64::NAN),
+            low: r.low.unwrap_or(f64::NAN),
+            close: r.close.unwrap_or(f64::NAN),
+            volume: r.volume.unwrap_or(f64::NAN),
+            vwap: r.vwap,
+            trades: r.trades,
+        })
     }
 }
 
@@ -127,7 +313,7 @@ impl Sink for ClickHouseSink {
 
     async fn write(&mut self, batch: &Batch) -> Result<(), SinkError> {
         self.prepare().await?;
-        let result = self.insert(&batch.rows).await;
+        let result = self.write_rows(&batch.rows).await;
         if result.is_err() {
             // The table may be gone, or the server restarted empty: check again next time.
             self.prepared = false;

@@ -78,7 +78,8 @@ pub struct ClickHouseConfig {
     pub url: String,
     /// Created if missing. Default `tickvault`.
     pub database: String,
-    /// Created if missing. Default `events`.
+    /// The tables' prefix: `<table>_quotes`, `<table>_trades` and `<table>_bars`, created
+    /// if missing. Default `events`.
     pub table: String,
     /// Default `default`.
     pub user: String,

@@ -6,8 +6,9 @@ use tickvault_wal::{Lane, Record};
 
 use crate::event::{Body, Event, EVENT_KIND};
 
-/// One event as the sinks store it. Column order is the ClickHouse/PostgreSQL order.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, clickhouse::Row)]
+/// One event as the sinks store it: PostgreSQL's columns, in order (ClickHouse keeps a
+/// table per kind, with that kind's columns).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Row {
     // The natural key.
     pub feed: String,

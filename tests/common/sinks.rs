@@ -77,15 +77,20 @@ impl Target {
     pub fn keys(&self, nats_port: u16) -> BTreeMap<&'static str, Vec<String>> {
         rt().block_on(async {
             let mut out = BTreeMap::new();
-            let ch = clickhouse()
-                .query(&format!(
-                    "SELECT concat(feed, ':', symbol, ':', kind, ':', timeframe, ':', toString(ts_ms), ':', toString(ordinal)) \
-                     FROM {}.events FINAL",
-                    self.name
-                ))
-                .fetch_all::<String>()
-                .await
-                .unwrap();
+            let mut ch = Vec::new();
+            for (kind, table) in [("quote", "quotes"), ("trade", "trades"), ("bar", "bars")] {
+                ch.extend(
+                    clickhouse()
+                        .query(&format!(
+                            "SELECT concat(feed, ':', symbol, ':{kind}:', timeframe, ':', toString(ts_ms), ':', toString(ordinal)) \
+                             FROM {}.events_{table} FINAL",
+                            self.name
+                        ))
+                        .fetch_all::<String>()
+                        .await
+                        .unwrap(),
+                );
+            }
             out.insert("clickhouse", ch);
             out.insert("postgres", self.postgres_keys().await);
             let mut nats = Vec::new();
