@@ -95,9 +95,23 @@ fn big_backfill(config: &mut Config, years: u32) {
     config.backfill.chunk = Duration::from_secs(90 * 86_400);
 }
 
+/// Waits (up to a minute) until ClickHouse merges nothing, so that the next sink's
+/// figure does not pay for the merging of the last one's rows.
+async fn settle(config: &Config) {
+    let clickhouse = crate::sink::clickhouse::ClickHouseSink::new(&config.sinks.clickhouse);
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(60) {
+        match clickhouse.merges_running().await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => tokio::time::sleep(Duration::from_millis(250)).await,
+        }
+    }
+}
+
 /// Live p50/p99 (ms) per sink over one window.
 async fn live_window(config: &Config, seconds: u64) -> anyhow::Result<Vec<(&'static str, f64, f64, u64, u64)>> {
     reset(config).await?;
+    settle(config).await;
     let running = daemon::start(config)?;
     tokio::time::sleep(Duration::from_secs(seconds)).await;
     let backlog = running.wal.head(Lane::Backfill);
@@ -210,6 +224,7 @@ pub async fn sinks(
             stats.batches.load(Ordering::Relaxed)
         );
         running.shutdown().await?;
+        settle(&config).await;
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -110,6 +110,15 @@ impl ClickHouseSink {
         self.client.query(&sql).execute().await.map_err(classify)
     }
 
+    /// Merges running on the server now (any database), for the benchmark to wait out.
+    pub async fn merges_running(&self) -> Result<u64, SinkError> {
+        self.client
+            .query("SELECT count() FROM system.merges")
+            .fetch_one::<u64>()
+            .await
+            .map_err(classify)
+    }
+
     /// Distinct natural keys and rows per group and day, for `verify`.
     pub async fn group_counts(&self) -> Result<Vec<GroupCount>, SinkError> {
         let mut out = Vec::new();
