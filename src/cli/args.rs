@@ -165,6 +165,9 @@ pub enum BenchCommand {
         /// Years of minute bars for the backfill (3 crypto and 2 forex symbols).
         #[arg(long, default_value_t = 1)]
         backfill_years: u32,
+        /// Rounds of an idle and a backfill window (figures are their medians).
+        #[arg(long, default_value_t = 3)]
+        rounds: u32,
         /// Which part to run: latency, throughput, or both.
         #[arg(long, value_enum, default_value_t = SinkBenchPart::All)]
         part: SinkBenchPart,

@@ -108,8 +108,20 @@ async fn settle(config: &Config) {
     }
 }
 
-/// Live p50/p99 (ms) per sink over one window.
-async fn live_window(config: &Config, seconds: u64) -> anyhow::Result<Vec<(&'static str, f64, f64, u64, u64)>> {
+/// One live runner's figures over one window.
+struct Window {
+    sink: &'static str,
+    /// Capture to acknowledged, ms.
+    p50: f64,
+    p99: f64,
+    /// The sink's write alone, ms.
+    write_p99: f64,
+    /// Backfill rows not yet forwarded to this sink at the end.
+    behind: u64,
+}
+
+/// Live figures per sink over one window.
+async fn live_window(config: &Config, seconds: u64) -> anyhow::Result<Vec<Window>> {
     reset(config).await?;
     settle(config).await;
     let running = daemon::start(config)?;
@@ -117,29 +129,38 @@ async fn live_window(config: &Config, seconds: u64) -> anyhow::Result<Vec<(&'sta
     let backlog = running.wal.head(Lane::Backfill);
     let mut out = Vec::new();
     for s in running.sinks.iter().filter(|s| s.lane == Lane::Live) {
-        let behind = backlog.saturating_sub(
-            running
-                .sinks
-                .iter()
-                .find(|b| b.sink == s.sink && b.lane == Lane::Backfill)
-                .map_or(0, |b| b.acked_seq.load(Ordering::Relaxed)),
-        );
-        out.push((
-            s.sink,
-            s.latency_ms(0.5),
-            s.latency_ms(0.99),
-            s.rows.load(Ordering::Relaxed),
-            behind,
-        ));
+        let acked = running
+            .sinks
+            .iter()
+            .find(|b| b.sink == s.sink && b.lane == Lane::Backfill)
+            .map_or(0, |b| b.acked_seq.load(Ordering::Relaxed));
+        out.push(Window {
+            sink: s.sink,
+            p50: s.latency_ms(0.5),
+            p99: s.latency_ms(0.99),
+            write_p99: s.write_ms(0.99),
+            behind: backlog.saturating_sub(acked),
+        });
     }
     running.shutdown().await?;
     Ok(out)
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut values = values.to_vec();
+    values.sort_by(f64::total_cmp);
+    match values.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => values[n / 2],
+        n => (values[n / 2 - 1] + values[n / 2]) / 2.0,
+    }
 }
 
 pub async fn sinks(
     dir: &Path,
     seconds: u64,
     years: u32,
+    rounds: u32,
     part: SinkBenchPart,
     measured: &[String],
 ) -> anyhow::Result<ExitCode> {
@@ -154,23 +175,52 @@ pub async fn sinks(
         config.sinks.nats.enabled &= on("nats");
     };
     if part != SinkBenchPart::Throughput {
-        println!("bench sinks: live crypto BTC-USD, ETH-USD quotes and trades (~400 events/s), {seconds} s per window");
-        let mut idle_config = base_config(&dir.join("idle"), &addr)?;
-        only(&mut idle_config);
-        let idle = live_window(&idle_config, seconds).await?;
-        let mut busy_config = base_config(&dir.join("busy"), &addr)?;
-        big_backfill(&mut busy_config, years);
-        only(&mut busy_config);
-        let busy = live_window(&busy_config, seconds).await?;
-        println!("\nlive capture-to-sink-commit latency (ms)");
-        println!("  sink         idle p50   idle p99 | backfill p50  backfill p99 | p99 ratio | backfill rows still queued at the end");
-        for (sink, p50, p99, _, _) in &idle {
-            let Some((_, bp50, bp99, _, behind)) = busy.iter().find(|b| b.0 == *sink) else {
-                continue;
+        println!(
+            "bench sinks: live crypto BTC-USD, ETH-USD quotes and trades (~400 events/s); \
+             {rounds} rounds of an idle then a backfill window, {seconds} s each"
+        );
+        let mut idle = Vec::new();
+        let mut busy = Vec::new();
+        for round in 0..rounds {
+            let mut idle_config = base_config(&dir.join(format!("idle{round}")), &addr)?;
+            only(&mut idle_config);
+            idle.push(live_window(&idle_config, seconds).await?);
+            let mut busy_config = base_config(&dir.join(format!("busy{round}")), &addr)?;
+            big_backfill(&mut busy_config, years);
+            only(&mut busy_config);
+            busy.push(live_window(&busy_config, seconds).await?);
+        }
+        println!("\nlive capture-to-sink-commit latency (ms), median of the rounds; (w) the sink's write alone");
+        println!(
+            "  sink         idle p50   idle p99 (w p99) | backfill p50  backfill p99 (w p99) | p99 ratio | ratio per round | backfill rows queued at the end"
+        );
+        let sinks: Vec<&'static str> = idle
+            .first()
+            .map(|w| w.iter().map(|w| w.sink).collect())
+            .unwrap_or_default();
+        for sink in sinks {
+            let of = |windows: &[Vec<Window>], f: fn(&Window) -> f64| -> Vec<f64> {
+                windows
+                    .iter()
+                    .filter_map(|r| r.iter().find(|w| w.sink == sink))
+                    .map(f)
+                    .collect()
             };
+            let (ip50, ip99, iw99) = (of(&idle, |w| w.p50), of(&idle, |w| w.p99), of(&idle, |w| w.write_p99));
+            let (bp50, bp99, bw99) = (of(&busy, |w| w.p50), of(&busy, |w| w.p99), of(&busy, |w| w.write_p99));
+            let ratios: Vec<String> = ip99.iter().zip(&bp99).map(|(i, b)| format!("{:.1}x", b / i)).collect();
+            let behind = of(&busy, |w| w.behind as f64);
             println!(
-                "  {sink:<10} {p50:>10.1} {p99:>10.1} | {bp50:>12.1} {bp99:>13.1} | {:>8.2}x | {behind}",
-                bp99 / p99
+                "  {sink:<10} {:>10.1} {:>10.1} {:>7.1} | {:>12.1} {:>13.1} {:>7.1} | {:>8.2}x | {:<15} | {:.0}",
+                median(&ip50),
+                median(&ip99),
+                median(&iw99),
+                median(&bp50),
+                median(&bp99),
+                median(&bw99),
+                median(&bp99) / median(&ip99),
+                ratios.join(" "),
+                median(&behind)
             );
         }
     }

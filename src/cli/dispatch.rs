@@ -133,9 +133,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 dir,
                 seconds,
                 backfill_years,
+                rounds,
                 part,
                 sinks,
-            } => runtime()?.block_on(super::bench_sinks::sinks(&dir, seconds, backfill_years, part, &sinks)),
+            } => runtime()?.block_on(super::bench_sinks::sinks(
+                &dir,
+                seconds,
+                backfill_years,
+                rounds.max(1),
+                part,
+                &sinks,
+            )),
             BenchCommand::Wal {
                 dir,
                 records,

@@ -72,6 +72,9 @@ pub struct RunnerStats {
     state: AtomicU8,
     /// Capture (the appliance received the event) to the sink's acknowledgement, in µs.
     pub latency_us: Mutex<hdrhistogram::Histogram<u64>>,
+    /// A successful write attempt, sent to acknowledged, in µs: the sink's share of
+    /// `latency_us`.
+    pub write_us: Mutex<hdrhistogram::Histogram<u64>>,
 }
 
 impl RunnerStats {
@@ -87,9 +90,8 @@ impl RunnerStats {
             undecodable: AtomicU64::new(0),
             corrupt: AtomicU64::new(0),
             state: AtomicU8::new(0),
-            latency_us: Mutex::new(
-                hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("static histogram bounds"),
-            ),
+            latency_us: Mutex::new(histogram()),
+            write_us: Mutex::new(histogram()),
         }
     }
 
@@ -103,12 +105,12 @@ impl RunnerStats {
 
     /// The latency at quantile `q` (0..=1), in milliseconds; 0 with no rows yet.
     pub fn latency_ms(&self, q: f64) -> f64 {
-        let h = self.latency_us.lock().unwrap_or_else(|p| p.into_inner());
-        if h.is_empty() {
-            0.0
-        } else {
-            h.value_at_quantile(q) as f64 / 1000.0
-        }
+        quantile_ms(&self.latency_us, q)
+    }
+
+    /// A write's time at quantile `q` (0..=1), in milliseconds; 0 with no write yet.
+    pub fn write_ms(&self, q: f64) -> f64 {
+        quantile_ms(&self.write_us, q)
     }
 
     fn note(&self, transition: Option<Transition>) {
@@ -130,6 +132,20 @@ impl RunnerStats {
             let us = (now_ns - i128::from(row.captured_at_ns)) / 1000;
             let _ = h.record(u64::try_from(us).unwrap_or(1).max(1));
         }
+    }
+}
+
+fn histogram() -> hdrhistogram::Histogram<u64> {
+    // 1 µs to an hour, 3 significant digits.
+    hdrhistogram::Histogram::new_with_bounds(1, 3_600_000_000, 3).expect("static histogram bounds")
+}
+
+fn quantile_ms(h: &Mutex<hdrhistogram::Histogram<u64>>, q: f64) -> f64 {
+    let h = h.lock().unwrap_or_else(|p| p.into_inner());
+    if h.is_empty() {
+        0.0
+    } else {
+        h.value_at_quantile(q) as f64 / 1000.0
     }
 }
 
@@ -361,12 +377,12 @@ async fn until_acked<S: Sink>(
         };
         match result {
             Ok(value) => {
-                tracing::debug!(
-                    sink = stats.sink,
-                    lane = %stats.lane,
-                    elapsed_us = started.elapsed().as_micros() as u64,
-                    "acknowledged"
-                );
+                let elapsed_us = started.elapsed().as_micros() as u64;
+                if matches!(op, Op::Write(_)) {
+                    let mut h = stats.write_us.lock().unwrap_or_else(|p| p.into_inner());
+                    let _ = h.record(elapsed_us.max(1));
+                }
+                tracing::debug!(sink = stats.sink, lane = %stats.lane, elapsed_us, "acknowledged");
                 stats.note(breaker.on_success());
                 return Some(value);
             }
