@@ -1,7 +1,7 @@
 //! `tickvault bench sinks`: live capture-to-commit latency per sink, idle and during a
 //! full-speed backfill, side by side in one run; and backfill rows/s per sink, one sink
 //! at a time, forwarding a log captured beforehand. Against the real servers of
-//! `scripts/services.sh up` (database `tv_bench`, stream `TV_BENCH`), with the simulator
+//! `scripts/services.sh up` (databases `tv_bench_*`, streams `TV_BENCH_*`), with the simulator
 //! in its own process at the lowest CPU priority (Polygon does not run on the appliance).
 
 use std::path::Path;
@@ -56,14 +56,20 @@ fn simulator() -> anyhow::Result<(Sim, String)> {
     anyhow::bail!("the simulator did not start")
 }
 
-/// Empties the benchmark's database in ClickHouse and PostgreSQL and its stream.
+/// Drops a window's databases in ClickHouse and PostgreSQL and deletes its stream: a
+/// leftover of an interrupted run before the window, everything at the end. Never between
+/// windows: deleting thousands of ClickHouse part files slows file creation for minutes
+/// on some filesystems (ext4 without a journal skips recently freed inodes when it
+/// allocates one), and that would fall on the next window.
 async fn reset(config: &Config) -> anyhow::Result<()> {
     crate::sink::admin::drop_targets(&config.sinks)
         .await
         .context("the sink servers (scripts/services.sh up)")
 }
 
-fn base_config(log: &Path, sim: &str) -> anyhow::Result<Config> {
+/// The config of one window: its own log, and its own databases (`tv_bench_<window>`) and
+/// stream (`TV_BENCH_<WINDOW>`).
+fn base_config(log: &Path, sim: &str, window: &str) -> anyhow::Result<Config> {
     let mut config = Config::parse(
         "(bench sinks)",
         "[live.crypto]\nsymbols = [\"BTC-USD\", \"ETH-USD\"]\nchannels = [\"XQ\", \"XT\"]\n\
@@ -75,15 +81,16 @@ fn base_config(log: &Path, sim: &str) -> anyhow::Result<Config> {
     config.polygon.api_key = Some(Secret::new("bench"));
     let sinks = &mut config.sinks;
     sinks.clickhouse.enabled = true;
-    sinks.clickhouse.database = TARGET.into();
+    let target = format!("{TARGET}_{window}");
+    sinks.clickhouse.database = target.clone();
     sinks.postgres.enabled = true;
-    sinks.postgres.database = TARGET.into();
+    sinks.postgres.database = target.clone();
     sinks.postgres.password = Some(Secret::new(
         std::env::var("TICKVAULT_POSTGRES_PASSWORD").unwrap_or_else(|_| "tickvault".into()),
     ));
     sinks.nats.enabled = true;
-    sinks.nats.stream = STREAM.into();
-    sinks.nats.subject_prefix = TARGET.into();
+    sinks.nats.stream = format!("{STREAM}_{}", window.to_uppercase());
+    sinks.nats.subject_prefix = target;
     Ok(config)
 }
 
@@ -168,6 +175,7 @@ pub async fn sinks(
     let dir = dir.join("sinks");
     std::fs::create_dir_all(&dir)?;
     let (_sim, addr) = simulator()?;
+    let mut used = Vec::new();
     let only = |config: &mut Config| {
         let on = |name: &str| measured.iter().any(|m| m == name);
         config.sinks.clickhouse.enabled &= on("clickhouse");
@@ -182,10 +190,10 @@ pub async fn sinks(
         let mut idle = Vec::new();
         let mut busy = Vec::new();
         for round in 0..rounds {
-            let mut idle_config = base_config(&dir.join(format!("idle{round}")), &addr)?;
+            let mut idle_config = base_config(&dir.join(format!("idle{round}")), &addr, &format!("idle{round}"))?;
             only(&mut idle_config);
             idle.push(live_window(&idle_config, seconds).await?);
-            let mut busy_config = base_config(&dir.join(format!("busy{round}")), &addr)?;
+            let mut busy_config = base_config(&dir.join(format!("busy{round}")), &addr, &format!("busy{round}"))?;
             big_backfill(&mut busy_config, years);
             only(&mut busy_config);
             busy.push(live_window(&busy_config, seconds).await?);
@@ -225,12 +233,12 @@ pub async fn sinks(
         }
     }
     if part == SinkBenchPart::Latency {
-        return Ok(ExitCode::SUCCESS);
+        return clean_up(&used).await;
     }
 
     // Throughput: capture the backfill once with no sink, then forward it to one sink at a time.
     let log = dir.join("throughput");
-    let mut capture = base_config(&log, &addr)?;
+    let mut capture = base_config(&log, &addr, "capture")?;
     big_backfill(&mut capture, years);
     capture.live.enabled = false;
     capture.sinks.clickhouse.enabled = false;
@@ -249,7 +257,7 @@ pub async fn sinks(
         if !measured.iter().any(|m| m == sink) {
             continue;
         }
-        let mut config = base_config(&log, &addr)?;
+        let mut config = base_config(&log, &addr, &format!("tp_{sink}"))?;
         config.live.enabled = false;
         config.sinks.clickhouse.enabled = sink == "clickhouse";
         config.sinks.postgres.enabled = sink == "postgres";
@@ -275,6 +283,15 @@ pub async fn sinks(
         );
         running.shutdown().await?;
         settle(&config).await;
+        used.push(config);
+    }
+    clean_up(&used).await
+}
+
+/// Drops every window's databases and streams.
+async fn clean_up(used: &[Config]) -> anyhow::Result<ExitCode> {
+    for config in used {
+        reset(config).await?;
     }
     Ok(ExitCode::SUCCESS)
 }
