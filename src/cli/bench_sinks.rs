@@ -127,13 +127,18 @@ struct Window {
     behind: u64,
 }
 
-/// Live figures per sink over one window.
-async fn live_window(config: &Config, seconds: u64) -> anyhow::Result<Vec<Window>> {
+/// Live figures per sink over one window, and the log's share: frame received to
+/// durable, p50 and p99 (ms).
+async fn live_window(config: &Config, seconds: u64) -> anyhow::Result<(Vec<Window>, (f64, f64))> {
     reset(config).await?;
     settle(config).await;
     let running = daemon::start(config)?;
     tokio::time::sleep(Duration::from_secs(seconds)).await;
     let backlog = running.wal.head(Lane::Backfill);
+    let durable = running
+        .live
+        .first()
+        .map_or((0.0, 0.0), |(_, live)| (live.latency_ms(0.5), live.latency_ms(0.99)));
     let mut out = Vec::new();
     for s in running.sinks.iter().filter(|s| s.lane == Lane::Live) {
         let acked = running
@@ -150,7 +155,7 @@ async fn live_window(config: &Config, seconds: u64) -> anyhow::Result<Vec<Window
         });
     }
     running.shutdown().await?;
-    Ok(out)
+    Ok((out, durable))
 }
 
 fn median(values: &[f64]) -> f64 {
@@ -187,16 +192,22 @@ pub async fn sinks(
             "bench sinks: live crypto BTC-USD, ETH-USD quotes and trades (~400 events/s); \
              {rounds} rounds of an idle then a backfill window, {seconds} s each"
         );
-        let mut idle = Vec::new();
-        let mut busy = Vec::new();
+        let (mut idle, mut busy) = (Vec::new(), Vec::new());
+        let (mut idle_log, mut busy_log) = (Vec::new(), Vec::new());
         for round in 0..rounds {
             let mut idle_config = base_config(&dir.join(format!("idle{round}")), &addr, &format!("idle{round}"))?;
             only(&mut idle_config);
-            idle.push(live_window(&idle_config, seconds).await?);
+            let (windows, durable) = live_window(&idle_config, seconds).await?;
+            idle.push(windows);
+            idle_log.push(durable);
+            used.push(idle_config);
             let mut busy_config = base_config(&dir.join(format!("busy{round}")), &addr, &format!("busy{round}"))?;
             big_backfill(&mut busy_config, years);
             only(&mut busy_config);
-            busy.push(live_window(&busy_config, seconds).await?);
+            let (windows, durable) = live_window(&busy_config, seconds).await?;
+            busy.push(windows);
+            busy_log.push(durable);
+            used.push(busy_config);
         }
         println!("\nlive capture-to-sink-commit latency (ms), median of the rounds; (w) the sink's write alone");
         println!(
@@ -231,6 +242,15 @@ pub async fn sinks(
                 median(&behind)
             );
         }
+        let log = |d: &[(f64, f64)]| {
+            let (p50, p99): (Vec<f64>, Vec<f64>) = d.iter().copied().unzip();
+            format!("p50 {:.1} / p99 {:.1}", median(&p50), median(&p99))
+        };
+        println!(
+            "  the log's share (frame received to durable): idle {}, backfill {}",
+            log(&idle_log),
+            log(&busy_log)
+        );
     }
     if part == SinkBenchPart::Latency {
         return clean_up(&used).await;
