@@ -19,9 +19,9 @@ const NAME: &str = "nats";
 const ACK_WINDOW: usize = 4_096;
 /// The backfill runner's window. The stream takes messages in order, so a live message
 /// waits behind every backfill message published before it: a smaller window keeps that
-/// queue short. Measured (`bench sinks --sinks nats`): 512 forwards as fast as 4,096
-/// (97,000-108,000 rows/s either way) and halves live p99 during the backfill (13-28 ms
-/// against 60 ms); 128 cost a tenth of the throughput.
+/// queue short, for some throughput. Measured (`bench sinks`, one sitting, alternating):
+/// live p99 during the backfill 13-28 ms with 512 against 60 ms with 4,096; backfill
+/// 79,000-86,000 rows/s with 512 against 92,000-94,000 with 4,096. Live comes first.
 const BACKFILL_ACK_WINDOW: usize = 512;
 
 pub struct NatsSink {
