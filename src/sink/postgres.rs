@@ -72,7 +72,7 @@ pub struct PostgresSink {
     in_flight: bool,
     /// Batches still to merge before trying the direct way again (see `write_batch`).
     merge_next: u32,
-    /// Batches written each way, for the tests and the runner's logs.
+    /// Batches written each way, for the tests.
     written: Written,
     /// Sessions (connections) opened so far.
     sessions: u64,
