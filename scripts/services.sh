@@ -52,8 +52,8 @@ install_missing() {
 }
 
 pg_up() { pg_isready -q -h 127.0.0.1 -p 5432; }
-nats_up() { curl -fs http://127.0.0.1:8222/healthz?js-enabled-only=true; }
-ch_up() { curl -fs http://127.0.0.1:8123/ping; }
+nats_up() { curl -fs -o /dev/null http://127.0.0.1:8222/healthz?js-enabled-only=true; }
+ch_up() { curl -fs -o /dev/null http://127.0.0.1:8123/ping; }
 
 start_postgres() {
     if pg_up; then
