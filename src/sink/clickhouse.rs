@@ -7,7 +7,7 @@
 //!
 //! A table per kind rather than one wide table: every column of a MergeTree part is two
 //! files (and a `Nullable` column two more), so a wide table with the other kinds'
-//! columns null wrote 90 files per insert where these write 34 to 40, and a backfill of
+//! columns null wrote 90 files per insert where these write 38 to 40, and a backfill of
 //! bars carried 11 null columns per row. Measured on 100,000 bars: 150-190 ms per insert
 //! into the wide table, 77-88 ms into the bars table.
 //!
