@@ -20,6 +20,8 @@ use super::config::ClickHouseConfig;
 use super::{Batch, GroupCount, Row, Sink, SinkError};
 use serde::Serialize;
 
+use crate::event::EventKind as Kind;
+
 const NAME: &str = "clickhouse";
 
 pub struct ClickHouseSink {
@@ -61,7 +63,7 @@ impl ClickHouseSink {
     }
 
     fn qualified(&self, kind: Kind) -> String {
-        format!("{}.{}_{}", self.database, self.table, kind.table())
+        format!("{}.{}_{}", self.database, self.table, table(kind))
     }
 
     /// Creates the database and tables if missing.
@@ -122,7 +124,7 @@ impl ClickHouseSink {
     /// Distinct natural keys and rows per group and day, for `verify`.
     pub async fn group_counts(&self) -> Result<Vec<GroupCount>, SinkError> {
         let mut out = Vec::new();
-        for kind in Kind::ALL {
+        for kind in KINDS {
             let sql = format!(
                 "SELECT feed, symbol, '{}' AS kind, timeframe, intDiv(ts_ms, 86400000) AS day,
                         uniqExact(ts_ms, ordinal) AS keys, count() AS rows
@@ -169,31 +171,14 @@ impl ClickHouseSink {
 }
 
 /// The kinds of event, a table each.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Kind {
-    Quote,
-    Trade,
-    Bar,
-}
+const KINDS: [Kind; 3] = [Kind::Quote, Kind::Trade, Kind::Bar];
 
-impl Kind {
-    const ALL: [Kind; 3] = [Kind::Quote, Kind::Trade, Kind::Bar];
-
-    /// As in [`Row::kind`].
-    fn name(self) -> &'static str {
-        match self {
-            Kind::Quote => "quote",
-            Kind::Trade => "trade",
-            Kind::Bar => "bar",
-        }
-    }
-
-    fn table(self) -> &'static str {
-        match self {
-            Kind::Quote => "quotes",
-            Kind::Trade => "trades",
-            Kind::Bar => "bars",
-        }
+/// A kind's table, after the prefix.
+fn table(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Quote => "quotes",
+        Kind::Trade => "trades",
+        Kind::Bar => "bars",
     }
 }
 
