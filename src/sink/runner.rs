@@ -183,27 +183,39 @@ pub async fn run<S: Sink>(
     // arrived meanwhile (cutting ahead would only make live rows wait longer). Backfill:
     // the next batch is cut (read and decoded) by its own task while this one is written.
     let mut batches = Batches::new(tail, &spec, stats.clone(), shutdown.clone(), lane != Lane::Live);
-    loop {
-        let next = tokio::select! {
-            // Stop between batches, never in the middle of one.
-            biased;
-            _ = shutdown.changed() => break,
-            next = batches.next() => next?,
-        };
-        let Some(batch) = next else { break };
-        if !batch.rows.is_empty() {
-            let acked = until_acked(&mut sink, Op::Write(&batch), &spec, &mut breaker, &stats, &mut shutdown).await;
-            if acked.is_none() {
-                break;
+    let mut cursor = CursorMover::start(wal.clone(), name, lane, position, stats.clone());
+    let outcome = async {
+        loop {
+            let next = tokio::select! {
+                // Stop between batches, never in the middle of one.
+                biased;
+                _ = shutdown.changed() => break,
+                // The mover ends only when a move failed (reading the next batch is
+                // abandoned, which is fine: the runner stops).
+                error = cursor.failed() => return Err(error),
+                next = batches.next() => next?,
+            };
+            let Some(batch) = next else { break };
+            if !batch.rows.is_empty() {
+                let acked = until_acked(&mut sink, Op::Write(&batch), &spec, &mut breaker, &stats, &mut shutdown).await;
+                if acked.is_none() {
+                    break;
+                }
+                stats.record_latency(&batch);
             }
-            stats.record_latency(&batch);
+            cursor.acknowledged(batch.last_seq)?;
+            position = batch.last_seq;
+            stats.rows.fetch_add(batch.rows.len() as u64, Ordering::Relaxed);
+            stats.batches.fetch_add(1, Ordering::Relaxed);
         }
-        wal.move_cursor(name, lane, batch.last_seq).await?;
-        position = batch.last_seq;
-        stats.acked_seq.store(position, Ordering::Relaxed);
-        stats.rows.fetch_add(batch.rows.len() as u64, Ordering::Relaxed);
-        stats.batches.fetch_add(1, Ordering::Relaxed);
+        anyhow::Ok(())
     }
+    .await;
+    // The last acknowledged position reaches the log before the runner ends, even when
+    // the loop ended on an error.
+    let moved = cursor.finish().await;
+    moved?;
+    outcome?;
     tracing::info!(
         sink = name,
         %lane,
@@ -219,6 +231,77 @@ pub async fn run<S: Sink>(
         "sink runner stopped"
     );
     Ok(())
+}
+
+/// Moves a runner's cursor in the log behind the runner, so that the next batch is
+/// written while the last one's cursor move is synced: a live batch never waits for the
+/// log's fsync of the previous cursor. At most one move is in flight; positions
+/// acknowledged meanwhile collapse into the newest. The cursor still moves only to
+/// positions the sink acknowledged, in order, each move a synced write; a crash can only
+/// leave it behind (the batches past it are sent again, and the sinks ignore copies).
+struct CursorMover {
+    acked: watch::Sender<u64>,
+    /// `None` once its failure was taken by [`CursorMover::failed`].
+    task: Option<tokio::task::JoinHandle<Result<(), tickvault_wal::WriteError>>>,
+}
+
+impl CursorMover {
+    fn start(wal: Wal, sink: &'static str, lane: Lane, from: u64, stats: Arc<RunnerStats>) -> CursorMover {
+        let (acked, mut latest) = watch::channel(from);
+        let task = tokio::spawn(async move {
+            let mut moved = from;
+            loop {
+                // An error here means the runner is done: make its last move, then end.
+                let done = latest.changed().await.is_err();
+                let seq = *latest.borrow_and_update();
+                if seq > moved {
+                    wal.move_cursor(sink, lane, seq).await?;
+                    moved = seq;
+                    stats.acked_seq.store(seq, Ordering::Relaxed);
+                }
+                if done {
+                    return Ok(());
+                }
+            }
+        });
+        CursorMover {
+            acked,
+            task: Some(task),
+        }
+    }
+
+    /// The sink acknowledged everything up to `seq`.
+    fn acknowledged(&mut self, seq: u64) -> anyhow::Result<()> {
+        if self.acked.send(seq).is_err() {
+            // The mover ended, which it does only on an error: `failed` has it.
+            anyhow::bail!("moving the cursor in the log failed");
+        }
+        Ok(())
+    }
+
+    /// Resolves only when a move failed (the log refuses writes), with its error.
+    async fn failed(&mut self) -> anyhow::Error {
+        let Some(task) = self.task.as_mut() else {
+            return std::future::pending().await;
+        };
+        let outcome = task.await;
+        self.task = None;
+        match outcome {
+            Ok(Err(e)) => anyhow::Error::new(e).context("moving the cursor in the log"),
+            Ok(Ok(())) => anyhow::anyhow!("the cursor mover stopped early"),
+            Err(e) => anyhow::Error::new(e).context("the cursor mover"),
+        }
+    }
+
+    /// Waits until the last acknowledged position is in the log.
+    async fn finish(self) -> anyhow::Result<()> {
+        let CursorMover { acked, task } = self;
+        drop(acked);
+        match task {
+            Some(task) => Ok(task.await??),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Where a runner's batches come from: cut on demand, or one ahead by a task of its own.
@@ -396,5 +479,132 @@ async fn until_acked<S: Sink>(
                 stats.note(breaker.on_failure(Instant::now(), e.retriable));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{Body, Capture, Event, Feed, Quote, EVENT_KIND};
+
+    /// Records what it was sent; each write takes `delay`.
+    struct Recorder {
+        seqs: Arc<Mutex<Vec<u64>>>,
+        delay: Duration,
+    }
+
+    impl Sink for Recorder {
+        fn name(&self) -> &'static str {
+            "recorder"
+        }
+
+        async fn write(&mut self, batch: &Batch) -> Result<(), SinkError> {
+            tokio::time::sleep(self.delay).await;
+            let mut seqs = self.seqs.lock().unwrap();
+            seqs.extend(batch.rows.iter().map(|r| r.seq));
+            Ok(())
+        }
+    }
+
+    fn spec() -> RunnerSpec {
+        RunnerSpec {
+            lane: Lane::Live,
+            batch_rows: 7,
+            flush_interval: Duration::ZERO,
+            retry_min: Duration::from_millis(1),
+            retry_max: Duration::from_millis(10),
+            breaker_threshold: 3,
+            attempt_timeout: Duration::from_secs(10),
+            permits: None,
+        }
+    }
+
+    async fn append_quotes(wal: &Wal, n: usize, from: usize) {
+        let mut batch = tickvault_wal::Batch::new();
+        for i in from..from + n {
+            let event = Event {
+                capture: Capture {
+                    feed: Feed::Crypto,
+                    lane: Lane::Live,
+                    captured_at_ns: 1,
+                },
+                body: Body::Quote(Quote {
+                    symbol: "BTC-USD".into(),
+                    ts_ms: 1_700_000_000_000 + i as i64,
+                    ordinal: 0,
+                    bid: 1.0,
+                    ask: 2.0,
+                    bid_size: None,
+                    ask_size: None,
+                    exchange: None,
+                }),
+            };
+            batch.push(EVENT_KIND, &event.to_payload().unwrap()).unwrap();
+        }
+        wal.append(Lane::Live, batch).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_cursor_ends_at_the_last_acknowledged_position_and_every_record_is_written_once_in_order() {
+        // Fail points are global: hold the lock that keeps the other test's out.
+        let scenario = fail::FailScenario::setup();
+        let dir = tempfile::tempdir().unwrap();
+        let wal = Wal::open(dir.path()).unwrap();
+        let seqs = Arc::new(Mutex::new(Vec::new()));
+        let sink = Recorder {
+            seqs: seqs.clone(),
+            delay: Duration::from_millis(2),
+        };
+        let stats = Arc::new(RunnerStats::new("recorder", Lane::Live));
+        let (stop, shutdown) = watch::channel(false);
+        let runner = tokio::spawn(run(sink, wal.clone(), spec(), stats.clone(), shutdown));
+        // Appends arrive while batches are written and cursors moved.
+        for round in 0..40 {
+            append_quotes(&wal, 3, round * 3).await;
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let head = wal.head(Lane::Live);
+        let started = Instant::now();
+        while stats.acked_seq.load(Ordering::Relaxed) < head {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "the runner did not catch up"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        stop.send(true).unwrap();
+        runner.await.unwrap().unwrap();
+        assert_eq!(wal.reader().cursor("recorder", Lane::Live).unwrap(), head);
+        assert_eq!(*seqs.lock().unwrap(), (1..=head).collect::<Vec<_>>());
+        assert!(stats.batches.load(Ordering::Relaxed) >= head.div_ceil(7));
+        scenario.teardown();
+    }
+
+    #[tokio::test]
+    async fn a_cursor_move_the_log_refuses_ends_the_runner_with_that_error() {
+        let scenario = fail::FailScenario::setup();
+        let dir = tempfile::tempdir().unwrap();
+        let wal = Wal::open(dir.path()).unwrap();
+        append_quotes(&wal, 5, 0).await;
+        fail::cfg("wal::cursor_write", "return").unwrap();
+        let sink = Recorder {
+            seqs: Arc::new(Mutex::new(Vec::new())),
+            delay: Duration::ZERO,
+        };
+        let stats = Arc::new(RunnerStats::new("recorder", Lane::Live));
+        let (_stop, shutdown) = watch::channel(false);
+        let outcome = tokio::time::timeout(
+            Duration::from_secs(10),
+            run(sink, wal.clone(), spec(), stats.clone(), shutdown),
+        )
+        .await
+        .expect("the runner ended");
+        let error = outcome.expect_err("a failed cursor move is an error");
+        assert!(
+            format!("{error:#}").contains("injected cursor write failure"),
+            "{error:#}"
+        );
+        assert_eq!(stats.acked_seq.load(Ordering::Relaxed), 0);
+        scenario.teardown();
     }
 }
