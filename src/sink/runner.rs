@@ -211,6 +211,7 @@ pub async fn run<S: Sink>(
         anyhow::Ok(())
     }
     .await;
+    batches.close().await;
     // The last acknowledged position reaches the log before the runner ends, even when
     // the loop ended on an error.
     let moved = cursor.finish().await;
@@ -307,7 +308,10 @@ impl CursorMover {
 /// Where a runner's batches come from: cut on demand, or one ahead by a task of its own.
 enum Batches {
     Inline(Cutter),
-    Ahead(tokio::sync::mpsc::Receiver<anyhow::Result<Batch>>),
+    Ahead {
+        rx: tokio::sync::mpsc::Receiver<anyhow::Result<Batch>>,
+        task: tokio::task::JoinHandle<()>,
+    },
 }
 
 impl Batches {
@@ -331,7 +335,7 @@ impl Batches {
         }
         // Capacity 1: one batch waits while one is written; memory stays at two batches.
         let (tx, rx) = tokio::sync::mpsc::channel(1);
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             let mut cutter = cutter;
             let mut shutdown = shutdown;
             loop {
@@ -354,14 +358,25 @@ impl Batches {
                 }
             }
         });
-        Batches::Ahead(rx)
+        Batches::Ahead { rx, task }
+    }
+
+    /// Stops the cutting task and waits until it is gone, with its reader of the log: no
+    /// handle on the log may outlive the runner (a process that exits while a RocksDB
+    /// handle is still open on another thread can abort in RocksDB's static destructors).
+    async fn close(self) {
+        if let Batches::Ahead { rx, task } = self {
+            drop(rx);
+            task.abort();
+            let _ = task.await;
+        }
     }
 
     /// The next batch; `None` once the log has shut down (or the cutter stopped).
     async fn next(&mut self) -> anyhow::Result<Option<Batch>> {
         match self {
             Batches::Inline(cutter) => cutter.cut().await,
-            Batches::Ahead(rx) => rx.recv().await.transpose(),
+            Batches::Ahead { rx, .. } => rx.recv().await.transpose(),
         }
     }
 }
