@@ -12,7 +12,7 @@ use rand::Rng;
 mod common;
 
 use common::simulator;
-use common::sinks::{caught_up, log_keys, verify, wait_for, write_config, Daemon, Target};
+use common::sinks::{drain, log_keys, verify, wait_for, write_config, Daemon, Target};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -26,19 +26,6 @@ const NATS: u16 = 4222;
 const SOURCES: &str = "[live.forex]\nsymbols = [\"EUR/USD\", \"GBP/USD\"]\nchannels = [\"C\", \"CA\"]\n\
     [live.crypto]\nsymbols = [\"BTC-USD\"]\nchannels = [\"XQ\", \"XT\", \"XA\"]\n\
     [backfill]\ncrypto = [\"ETH-USD\"]\nforex = [\"EUR/USD\"]\nlookback = \"2days\"\nchunk = \"1day\"\n";
-
-/// Only the sinks: forwards what the log holds and captures nothing new.
-const DRAIN: &str = "[live]\nenabled = false\n[backfill]\nenabled = false\n";
-
-/// Runs the daemon without sources until every sink has every record of the log.
-fn drain(dir: &Path, log: &Path, target: &Target, sim: &str) {
-    let config = write_config(&dir.join("drain.toml"), DRAIN, target, NATS);
-    let daemon = Daemon::start(&config, log, sim, &dir.join("drain.stderr"));
-    wait_for("the sinks to catch up with the log", Duration::from_secs(120), || {
-        caught_up(log)
-    });
-    daemon.stop();
-}
 
 fn assert_verify_matches(config: &Path, log: &Path) {
     let (code, report) = verify(config, log);
@@ -66,7 +53,7 @@ fn every_captured_event_reaches_each_sink_exactly_once() {
     std::thread::sleep(Duration::from_secs(3));
     let stderr = daemon.stop();
     assert!(!stderr.contains("ERROR"), "{stderr}");
-    drain(dir.path(), &log, &target, &addr);
+    drain(dir.path(), &log, &target, &addr, NATS);
 
     let keys = log_keys(&log);
     let live = keys.iter().filter(|k| k.contains(":tick:")).count();
@@ -120,7 +107,7 @@ fn after_repeated_sigkills_during_capture_each_sink_holds_every_captured_event_o
         daemon.this_run().contains("finished part=\"backfill\"")
     });
     daemon.stop();
-    drain(dir.path(), &log, &target, &addr);
+    drain(dir.path(), &log, &target, &addr, NATS);
 
     assert!(
         forwarded_at_kill.iter().any(|c| *c > 0),
@@ -151,8 +138,8 @@ fn two_appliances_with_separate_logs_show_each_event_once() {
     std::thread::sleep(Duration::from_secs(3));
     a.stop();
     b.stop();
-    drain(dir.path(), &log_a, &target, &addr);
-    drain(dir.path(), &log_b, &target, &addr);
+    drain(dir.path(), &log_a, &target, &addr, NATS);
+    drain(dir.path(), &log_b, &target, &addr, NATS);
 
     let (keys_a, keys_b) = (log_keys(&log_a), log_keys(&log_b));
     let both: HashSet<String> = keys_a.intersection(&keys_b).cloned().collect();

@@ -193,6 +193,22 @@ pub fn log_keys(log: &Path) -> HashSet<String> {
     keys
 }
 
+/// Only the sinks: forwards what the log holds and captures nothing new.
+const DRAIN: &str = "[live]\nenabled = false\n[backfill]\nenabled = false\n";
+
+/// Runs the daemon without sources until every sink has every record of the log. A
+/// stopped daemon leaves in the log what was captured after a runner's last batch (the
+/// next start forwards it), so a test comparing the sinks with the whole log drains it
+/// first.
+pub fn drain(dir: &Path, log: &Path, target: &Target, sim: &str, nats_port: u16) {
+    let config = write_config(&dir.join("drain.toml"), DRAIN, target, nats_port);
+    let daemon = Daemon::start(&config, log, sim, &dir.join("drain.stderr"));
+    wait_for("the sinks to catch up with the log", Duration::from_secs(120), || {
+        caught_up(log)
+    });
+    daemon.stop();
+}
+
 /// Whether every sink's cursor in both lanes has reached the lane's last record.
 pub fn caught_up(log: &Path) -> bool {
     let Ok(reader) = Wal::open_read_only(log) else {
