@@ -214,8 +214,7 @@ pub async fn run<S: Sink>(
     batches.close().await;
     // The last acknowledged position reaches the log before the runner ends, even when
     // the loop ended on an error.
-    let moved = cursor.finish().await;
-    moved?;
+    cursor.finish().await?;
     outcome?;
     tracing::info!(
         sink = name,
