@@ -1,9 +1,14 @@
 //! The daemon: the log, the live collectors, the backfill downloader, one sink runner per
 //! (enabled sink, lane) and truncation, started together and stopped by one signal.
 //!
-//! Shutdown: one `watch` flag says stop; each source finishes what it holds (the live
-//! appender drains its queue, the downloader saves its period), then the log's writer
-//! commits everything queued and syncs before the process exits.
+//! Shutdown, in two steps:
+//! 1. one `watch` flag stops the sources, truncation and the backfill runners; each
+//!    source finishes what it holds (the live appender drains its queue, the downloader
+//!    saves its period);
+//! 2. once all of them have ended, a second flag stops the live runners, which first
+//!    forward what the live lane still holds (for up to `sinks.stop_drain`).
+//!
+//! Then the log's writer commits everything queued and syncs before the process exits.
 
 use std::sync::Arc;
 
@@ -30,8 +35,13 @@ pub struct Running {
     pub backfill: Option<Arc<BackfillStats>>,
     /// One per sink runner: (sink, lane).
     pub sinks: Vec<Arc<RunnerStats>>,
+    /// Everything but the live sink runners.
     tasks: JoinSet<anyhow::Result<&'static str>>,
+    /// The live sink runners: stopped last, so that they can forward what the sources
+    /// put in the log before stopping.
+    live_runners: JoinSet<anyhow::Result<&'static str>>,
     stop: watch::Sender<bool>,
+    stop_live_runners: watch::Sender<bool>,
     // Last: dropped after everything that runs on it has been joined.
     _background: BackgroundRuntime,
 }
@@ -142,37 +152,32 @@ fn runner_spec(
         breaker_threshold: sinks.breaker_threshold,
         attempt_timeout: std::time::Duration::from_secs(60),
         permits: (lane != Lane::Live).then(|| permits.clone()),
+        drain_on_stop: match lane {
+            Lane::Live => sinks.stop_drain,
+            _ => std::time::Duration::ZERO,
+        },
     }
 }
 
 /// Starts one runner per (enabled sink, forwarded lane), each with its own connection.
-fn start_sinks(
-    config: &Config,
-    wal: &Wal,
-    shutdown: &watch::Receiver<bool>,
-    tasks: &mut JoinSet<anyhow::Result<&'static str>>,
-    background: &tokio::runtime::Handle,
-) -> anyhow::Result<Vec<Arc<RunnerStats>>> {
-    fn spawn<S: Sink>(
-        sink: S,
-        spec: RunnerSpec,
-        wal: &Wal,
-        shutdown: &watch::Receiver<bool>,
-        tasks: &mut JoinSet<anyhow::Result<&'static str>>,
-        background: &tokio::runtime::Handle,
-    ) -> Arc<RunnerStats> {
+fn start_sinks(config: &Config, wal: &Wal, parts: &mut Parts) -> anyhow::Result<Vec<Arc<RunnerStats>>> {
+    fn spawn<S: Sink>(sink: S, spec: RunnerSpec, wal: &Wal, parts: &mut Parts) -> Arc<RunnerStats> {
         let stats = Arc::new(RunnerStats::new(sink.name(), spec.lane));
-        let (wal, shutdown, out) = (wal.clone(), shutdown.clone(), stats.clone());
         let lane = spec.lane;
+        let shutdown = match lane {
+            Lane::Live => parts.live_shutdown.clone(),
+            _ => parts.shutdown.clone(),
+        };
+        let (wal, out) = (wal.clone(), stats.clone());
         let run = async move {
             runner::run(sink, wal, spec, stats, shutdown).await?;
             Ok("sink runner")
         };
         // Backfill runners (and their connections' tasks) run on the low-priority
-        // runtime; live runners on the main one.
+        // runtime; live runners on the main one, and are stopped last.
         match lane {
-            Lane::Live => tasks.spawn(run),
-            _ => tasks.spawn_on(run, background),
+            Lane::Live => parts.live_runners.spawn(run),
+            _ => parts.tasks.spawn_on(run, &parts.background),
         };
         out
     }
@@ -199,33 +204,30 @@ fn start_sinks(
     for lane in FORWARDED_LANES {
         if sinks.clickhouse.enabled {
             let spec = runner_spec(sinks, sinks.clickhouse.batching(), lane, &permits);
-            stats.push(spawn(
-                ClickHouseSink::new(&sinks.clickhouse),
-                spec,
-                wal,
-                shutdown,
-                tasks,
-                background,
-            ));
+            stats.push(spawn(ClickHouseSink::new(&sinks.clickhouse), spec, wal, parts));
         }
         if sinks.postgres.enabled {
             let spec = runner_spec(sinks, sinks.postgres.batching(), lane, &permits);
             let sink = PostgresSink::new(&sinks.postgres, &log_id);
-            stats.push(spawn(sink, spec, wal, shutdown, tasks, background));
+            stats.push(spawn(sink, spec, wal, parts));
         }
         if sinks.nats.enabled {
             let spec = runner_spec(sinks, sinks.nats.batching(), lane, &permits);
-            stats.push(spawn(
-                NatsSink::new(&sinks.nats),
-                spec,
-                wal,
-                shutdown,
-                tasks,
-                background,
-            ));
+            stats.push(spawn(NatsSink::new(&sinks.nats), spec, wal, parts));
         }
     }
     Ok(stats)
+}
+
+/// Where the parts run, and the flags that stop them.
+struct Parts {
+    /// Everything but the live sink runners.
+    tasks: JoinSet<anyhow::Result<&'static str>>,
+    live_runners: JoinSet<anyhow::Result<&'static str>>,
+    shutdown: watch::Receiver<bool>,
+    live_shutdown: watch::Receiver<bool>,
+    /// The low-priority runtime.
+    background: tokio::runtime::Handle,
 }
 
 /// A runtime for the backfill: the downloader and the backfill sink runners. Its threads
@@ -273,18 +275,25 @@ pub fn start(config: &Config) -> anyhow::Result<Running> {
     let background = BackgroundRuntime::new()?;
     let wal = Wal::open_with(&config.log.data_dir, config.wal_options())?;
     let (stop, shutdown) = watch::channel(false);
-    let mut tasks = JoinSet::new();
+    let (stop_live_runners, live_shutdown) = watch::channel(false);
+    let mut parts = Parts {
+        tasks: JoinSet::new(),
+        live_runners: JoinSet::new(),
+        shutdown: shutdown.clone(),
+        live_shutdown,
+        background: background.handle(),
+    };
     let mut live_stats = Vec::new();
     for spec in live_specs(config)? {
         let stats = Arc::new(LiveStats::default());
         live_stats.push((spec.feed, stats.clone()));
         let (wal, shutdown) = (wal.clone(), shutdown.clone());
-        tasks.spawn(async move {
+        parts.tasks.spawn(async move {
             live::run(spec, wal, stats, shutdown).await?;
             Ok("live collector")
         });
     }
-    let sinks = start_sinks(config, &wal, &shutdown, &mut tasks, &background.handle())?;
+    let sinks = start_sinks(config, &wal, &mut parts)?;
     let jobs = backfill_jobs(config, jiff::Timestamp::now().as_millisecond());
     let backfill = if jobs.is_empty() {
         None
@@ -292,7 +301,7 @@ pub fn start(config: &Config) -> anyhow::Result<Running> {
         let stats = Arc::new(BackfillStats::default());
         let downloader = Downloader::new(backfill_spec(config)?, wal.clone(), stats.clone())?;
         let shutdown = shutdown.clone();
-        tasks.spawn_on(
+        parts.tasks.spawn_on(
             async move {
                 downloader.run(&jobs, shutdown).await?;
                 Ok("backfill")
@@ -304,7 +313,7 @@ pub fn start(config: &Config) -> anyhow::Result<Running> {
     {
         let (wal, mut shutdown) = (wal.clone(), shutdown.clone());
         let (every, retention) = (config.log.truncate_every, config.log.retention);
-        tasks.spawn(async move {
+        parts.tasks.spawn(async move {
             let mut tick = tokio::time::interval(every);
             tick.tick().await;
             loop {
@@ -330,35 +339,51 @@ pub fn start(config: &Config) -> anyhow::Result<Running> {
         live: live_stats,
         backfill,
         sinks,
-        tasks,
+        tasks: parts.tasks,
+        live_runners: parts.live_runners,
         _background: background,
         stop,
+        stop_live_runners,
     })
 }
 
 impl Running {
-    /// Asks every part to stop.
-    pub fn stop(&self) {
-        let _ = self.stop.send(true);
-    }
-
-    /// Waits for a part to end; an error from any part is returned (after stopping the rest).
+    /// Waits for a part to end; `None` once every part has ended.
     pub async fn join_next(&mut self) -> Option<anyhow::Result<&'static str>> {
-        match self.tasks.join_next().await? {
+        let joined = tokio::select! {
+            Some(joined) = self.tasks.join_next() => joined,
+            Some(joined) = self.live_runners.join_next() => joined,
+            else => return None,
+        };
+        match joined {
             Ok(result) => Some(result),
             Err(e) => Some(Err(anyhow::anyhow!("task panicked: {e}"))),
         }
     }
 
-    /// Stops everything, waits for every part, and syncs the log.
+    /// Stops everything (the live runners last, after they forwarded what the sources
+    /// left in the live lane), waits for every part, and syncs the log. The first error
+    /// of a part is returned, after the rest have stopped.
     pub async fn shutdown(mut self) -> anyhow::Result<()> {
-        self.stop();
-        let mut first_error = None;
-        while let Some(result) = self.join_next().await {
+        fn note(
+            joined: Result<anyhow::Result<&'static str>, tokio::task::JoinError>,
+            first: &mut Option<anyhow::Error>,
+        ) {
+            let result = joined.unwrap_or_else(|e| Err(anyhow::anyhow!("task panicked: {e}")));
             if let Err(e) = result {
                 tracing::error!(error = %format!("{e:#}"), "part failed");
-                first_error.get_or_insert(e);
+                first.get_or_insert(e);
             }
+        }
+        let mut first_error = None;
+        let _ = self.stop.send(true);
+        while let Some(joined) = self.tasks.join_next().await {
+            note(joined, &mut first_error);
+        }
+        // The sources have stopped: what the live lane holds now is all there will be.
+        let _ = self.stop_live_runners.send(true);
+        while let Some(joined) = self.live_runners.join_next().await {
+            note(joined, &mut first_error);
         }
         self.wal.shutdown().await?;
         match first_error {

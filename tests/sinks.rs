@@ -12,7 +12,8 @@ use rand::Rng;
 mod common;
 
 use common::simulator;
-use common::sinks::{drain, log_keys, verify, wait_for, write_config, Daemon, Target};
+use common::sinks::{caught_up_in, drain, log_keys, verify, wait_for, write_config, Daemon, Target};
+use tickvault_wal::Lane;
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -53,6 +54,11 @@ fn every_captured_event_reaches_each_sink_exactly_once() {
     std::thread::sleep(Duration::from_secs(3));
     let stderr = daemon.stop();
     assert!(!stderr.contains("ERROR"), "{stderr}");
+    // A graceful stop forwards everything captured live before the process exits.
+    assert!(
+        caught_up_in(&log, &[Lane::Live]),
+        "a live cursor is behind the live lane after the stop: {stderr}"
+    );
     drain(dir.path(), &log, &target, &addr, NATS);
 
     let keys = log_keys(&log);

@@ -24,6 +24,12 @@ pub struct SinksConfig {
     /// it runs, never while it waits to retry). Backfill saturates what it is given; a
     /// limit leaves the servers' CPU to live writes. 0 means no limit. Default 1.
     pub backfill_writes: usize,
+    /// At a graceful stop, once the sources have stopped, how long each live runner may
+    /// go on forwarding what the live lane still holds, so that a stop leaves nothing
+    /// captured live behind (what is left is sent at the next start). A runner whose
+    /// sink is failing stops at once. `0s`: stop between batches. Default `5s`.
+    #[serde(with = "humantime_serde")]
+    pub stop_drain: Duration,
     pub clickhouse: ClickHouseConfig,
     pub postgres: PostgresConfig,
     pub nats: NatsConfig,
@@ -36,6 +42,7 @@ impl Default for SinksConfig {
             retry_max: Duration::from_secs(30),
             breaker_threshold: 3,
             backfill_writes: 1,
+            stop_drain: Duration::from_secs(5),
             clickhouse: ClickHouseConfig::default(),
             postgres: PostgresConfig::default(),
             nats: NatsConfig::default(),
@@ -254,6 +261,9 @@ impl SinksConfig {
         }
         if self.breaker_threshold == 0 {
             return err("sinks.breaker_threshold", "must be at least 1");
+        }
+        if self.stop_drain > Duration::from_secs(60) {
+            return err("sinks.stop_drain", "must be at most 60s (a stop waits for it)");
         }
         let batchings = [
             ("clickhouse", self.clickhouse.batching()),

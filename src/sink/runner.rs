@@ -53,6 +53,9 @@ pub struct RunnerSpec {
     /// runs (never while it waits to retry), so at most this many backfill writes load the
     /// servers at once and the live runners' writes find CPU. `None`: no limit.
     pub permits: Option<Arc<tokio::sync::Semaphore>>,
+    /// When told to stop: how long the runner may go on forwarding what the lane holds at
+    /// that moment (the sources have stopped by then). Zero: stop between batches.
+    pub drain_on_stop: Duration,
 }
 
 /// What a runner did, for the demo, the benchmarks and the tests.
@@ -189,7 +192,12 @@ pub async fn run<S: Sink>(
             let next = tokio::select! {
                 // Stop between batches, never in the middle of one.
                 biased;
-                _ = shutdown.changed() => break,
+                _ = shutdown.changed() => {
+                    if !spec.drain_on_stop.is_zero() && breaker.state() == State::Closed {
+                        position = drain(&mut sink, &wal, &mut batches, &mut cursor, &spec, &mut breaker, &stats, position).await?;
+                    }
+                    break;
+                }
                 // The mover ends only when a move failed (reading the next batch is
                 // abandoned, which is fine: the runner stops).
                 error = cursor.failed() => return Err(error),
@@ -231,6 +239,66 @@ pub async fn run<S: Sink>(
         "sink runner stopped"
     );
     Ok(())
+}
+
+/// Forwards what the lane holds now, until the runner is at the lane's head or
+/// `spec.drain_on_stop` has passed: one attempt per batch, and the first failure ends it
+/// (the batch stays in the log for the next start). Returns the new position.
+#[allow(clippy::too_many_arguments)]
+async fn drain<S: Sink>(
+    sink: &mut S,
+    wal: &Wal,
+    batches: &mut Batches,
+    cursor: &mut CursorMover,
+    spec: &RunnerSpec,
+    breaker: &mut Breaker,
+    stats: &RunnerStats,
+    mut position: u64,
+) -> anyhow::Result<u64> {
+    let (name, lane) = (stats.sink, spec.lane);
+    let head = wal.head(lane);
+    let started = Instant::now();
+    let deadline = started + spec.drain_on_stop;
+    let from = position;
+    while position < head {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        let Ok(next) = tokio::time::timeout(remaining, batches.next()).await else {
+            break;
+        };
+        let Some(batch) = next? else { break };
+        if !batch.rows.is_empty() {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            match attempt(sink, &Op::Write(&batch), spec.attempt_timeout.min(remaining), stats).await {
+                Ok(_) => {
+                    stats.note(breaker.on_success());
+                    stats.record_latency(&batch);
+                }
+                Err(e) => {
+                    stats.failures.fetch_add(1, Ordering::Relaxed);
+                    stats.note(breaker.on_failure(Instant::now(), e.retriable));
+                    tracing::warn!(sink = e.sink, %lane, code = e.code, error = %e.message, "sink write failed while draining at stop");
+                    break;
+                }
+            }
+        }
+        cursor.acknowledged(batch.last_seq)?;
+        position = batch.last_seq;
+        stats.rows.fetch_add(batch.rows.len() as u64, Ordering::Relaxed);
+        stats.batches.fetch_add(1, Ordering::Relaxed);
+    }
+    let elapsed_ms = started.elapsed().as_millis() as u64;
+    if position >= head {
+        tracing::info!(sink = name, %lane, records = position - from, elapsed_ms, "drained the lane at stop");
+    } else {
+        tracing::warn!(
+            sink = name,
+            %lane,
+            left = head - position,
+            elapsed_ms,
+            "stopped before the lane was drained; the next start sends the rest"
+        );
+    }
+    Ok(position)
 }
 
 /// Moves a runner's cursor in the log behind the runner, so that the next batch is
@@ -450,12 +518,6 @@ async fn until_acked<S: Sink>(
                 _ = shutdown.changed() => return None,
             }
         }
-        let attempt = async {
-            match &op {
-                Op::Resume => sink.stored_cursor(stats.lane).await,
-                Op::Write(batch) => sink.write(batch).await.map(|()| None),
-            }
-        };
         let _permit = match &spec.permits {
             Some(permits) => tokio::select! {
                 permit = permits.acquire() => permit.ok(),
@@ -463,23 +525,8 @@ async fn until_acked<S: Sink>(
             },
             None => None,
         };
-        let started = Instant::now();
-        let result = match tokio::time::timeout(spec.attempt_timeout, attempt).await {
-            Ok(result) => result,
-            Err(_) => Err(SinkError::retriable(
-                stats.sink,
-                "timeout",
-                format!("no acknowledgement within {:?}", spec.attempt_timeout),
-            )),
-        };
-        match result {
+        match attempt(sink, &op, spec.attempt_timeout, stats).await {
             Ok(value) => {
-                let elapsed_us = started.elapsed().as_micros() as u64;
-                if matches!(op, Op::Write(_)) {
-                    let mut h = stats.write_us.lock().unwrap_or_else(|p| p.into_inner());
-                    let _ = h.record(elapsed_us.max(1));
-                }
-                tracing::debug!(sink = stats.sink, lane = %stats.lane, elapsed_us, "acknowledged");
                 stats.note(breaker.on_success());
                 return Some(value);
             }
@@ -494,6 +541,39 @@ async fn until_acked<S: Sink>(
             }
         }
     }
+}
+
+/// One attempt at `op`, which fails if the sink does not answer within `timeout`.
+async fn attempt<S: Sink>(
+    sink: &mut S,
+    op: &Op<'_>,
+    timeout: Duration,
+    stats: &RunnerStats,
+) -> Result<Option<u64>, SinkError> {
+    let attempt = async {
+        match op {
+            Op::Resume => sink.stored_cursor(stats.lane).await,
+            Op::Write(batch) => sink.write(batch).await.map(|()| None),
+        }
+    };
+    let started = Instant::now();
+    let value = match tokio::time::timeout(timeout, attempt).await {
+        Ok(result) => result?,
+        Err(_) => {
+            return Err(SinkError::retriable(
+                stats.sink,
+                "timeout",
+                format!("no acknowledgement within {timeout:?}"),
+            ))
+        }
+    };
+    let elapsed_us = started.elapsed().as_micros() as u64;
+    if matches!(op, Op::Write(_)) {
+        let mut h = stats.write_us.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = h.record(elapsed_us.max(1));
+    }
+    tracing::debug!(sink = stats.sink, lane = %stats.lane, elapsed_us, "acknowledged");
+    Ok(value)
 }
 
 #[cfg(test)]
@@ -530,6 +610,7 @@ mod tests {
             breaker_threshold: 3,
             attempt_timeout: Duration::from_secs(10),
             permits: None,
+            drain_on_stop: Duration::ZERO,
         }
     }
 
@@ -620,5 +701,63 @@ mod tests {
         );
         assert_eq!(stats.acked_seq.load(Ordering::Relaxed), 0);
         scenario.teardown();
+    }
+
+    /// Starts a live runner on a log holding 70 records, each write taking 20 ms, and
+    /// tells it to stop once its first batch is acknowledged. Returns the sequences it
+    /// wrote, in order, and its cursor in the log afterwards.
+    async fn stop_after_the_first_batch(drain_on_stop: Duration) -> (Vec<u64>, u64) {
+        let scenario = fail::FailScenario::setup();
+        let dir = tempfile::tempdir().unwrap();
+        let wal = Wal::open(dir.path()).unwrap();
+        append_quotes(&wal, 70, 0).await;
+        let seqs = Arc::new(Mutex::new(Vec::new()));
+        let sink = Recorder {
+            seqs: seqs.clone(),
+            delay: Duration::from_millis(20),
+        };
+        let stats = Arc::new(RunnerStats::new("recorder", Lane::Live));
+        let (stop, shutdown) = watch::channel(false);
+        let spec = RunnerSpec {
+            drain_on_stop,
+            ..spec()
+        };
+        let runner = tokio::spawn(run(sink, wal.clone(), spec, stats.clone(), shutdown));
+        while stats.batches.load(Ordering::Relaxed) == 0 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        stop.send(true).unwrap();
+        tokio::time::timeout(Duration::from_secs(20), runner)
+            .await
+            .expect("the runner stopped")
+            .unwrap()
+            .unwrap();
+        let cursor = wal.reader().cursor("recorder", Lane::Live).unwrap();
+        let seqs = seqs.lock().unwrap().clone();
+        scenario.teardown();
+        (seqs, cursor)
+    }
+
+    #[tokio::test]
+    async fn a_stop_with_a_drain_forwards_everything_the_lane_holds_first() {
+        let (seqs, cursor) = stop_after_the_first_batch(Duration::from_secs(10)).await;
+        assert_eq!(seqs, (1..=70).collect::<Vec<_>>());
+        assert_eq!(cursor, 70);
+    }
+
+    #[tokio::test]
+    async fn a_stop_without_a_drain_ends_between_batches() {
+        let (seqs, cursor) = stop_after_the_first_batch(Duration::ZERO).await;
+        assert!(seqs.len() < 70, "{seqs:?}");
+        assert_eq!(seqs, (1..=cursor).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn a_drain_that_runs_out_of_time_leaves_the_rest_in_the_log_for_the_next_start() {
+        // Time for two or three of the nine batches left; the write in flight at the
+        // deadline is abandoned, and the cursor stays at the last acknowledged one.
+        let (seqs, cursor) = stop_after_the_first_batch(Duration::from_millis(50)).await;
+        assert!(seqs.len() >= 7 && seqs.len() < 70, "{seqs:?}");
+        assert_eq!(seqs, (1..=cursor).collect::<Vec<_>>());
     }
 }

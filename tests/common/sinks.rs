@@ -197,9 +197,9 @@ pub fn log_keys(log: &Path) -> HashSet<String> {
 const DRAIN: &str = "[live]\nenabled = false\n[backfill]\nenabled = false\n";
 
 /// Runs the daemon without sources until every sink has every record of the log. A
-/// stopped daemon leaves in the log what was captured after a runner's last batch (the
-/// next start forwards it), so a test comparing the sinks with the whole log drains it
-/// first.
+/// stopped daemon leaves in the backfill lane what was captured after a runner's last
+/// batch (the next start forwards it; only the live lane is drained at a stop), so a
+/// test comparing the sinks with the whole log drains it first.
 pub fn drain(dir: &Path, log: &Path, target: &Target, sim: &str, nats_port: u16) {
     let config = write_config(&dir.join("drain.toml"), DRAIN, target, nats_port);
     let daemon = Daemon::start(&config, log, sim, &dir.join("drain.stderr"));
@@ -211,11 +211,16 @@ pub fn drain(dir: &Path, log: &Path, target: &Target, sim: &str, nats_port: u16)
 
 /// Whether every sink's cursor in both lanes has reached the lane's last record.
 pub fn caught_up(log: &Path) -> bool {
+    caught_up_in(log, &[Lane::Live, Lane::Backfill])
+}
+
+/// Whether every sink's cursor in `lanes` has reached the lane's last record.
+pub fn caught_up_in(log: &Path, lanes: &[Lane]) -> bool {
     let Ok(reader) = Wal::open_read_only(log) else {
         return false;
     };
     let summary = reader.summary().unwrap();
-    for lane in [Lane::Live, Lane::Backfill] {
+    for &lane in lanes {
         let last = summary
             .lanes
             .iter()
