@@ -221,6 +221,58 @@ async fn a_restart_mid_chunk_resumes_from_the_tracker_without_refetching_finishe
 }
 
 #[tokio::test]
+async fn a_later_run_with_the_same_lookback_fetches_only_the_minutes_that_are_new() {
+    let options = SimOptions::default();
+    let sim = sim::spawn(any_port(), options.clone()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(dir.path()).unwrap();
+    const HOUR: i64 = 3_600_000;
+    // A lookback of two days, cut in mid-chunk at both ends (chunks are three days),
+    // then the same lookback two hours later, as a restart of the daemon would ask.
+    let first = Job {
+        feed: Feed::Crypto,
+        symbol: "BTC-USD".into(),
+        from_ms: MONDAY + 7 * HOUR,
+        to_ms: MONDAY + 2 * DAY + 7 * HOUR,
+    };
+    let second = Job {
+        from_ms: first.from_ms + 2 * HOUR,
+        to_ms: first.to_ms + 2 * HOUR,
+        ..first.clone()
+    };
+    let one = download(&wal, spec(&sim, 1000), std::slice::from_ref(&first)).await;
+    let two = download(&wal, spec(&sim, 1000), std::slice::from_ref(&second)).await;
+
+    let market = Market::new(options.seed, options.quotes_per_minute, options.faults.hole_every);
+    let bars_in = |from: i64, to: i64| {
+        (from / MINUTE_MS..to / MINUTE_MS)
+            .filter(|m| market.bar(Feed::Crypto, "BTC-USD", m * MINUTE_MS).is_some())
+            .count() as u64
+    };
+    assert_eq!(one.bars.load(Ordering::Relaxed), bars_in(first.from_ms, first.to_ms));
+    // Only the two new hours: the chunks already downloaded are skipped or extended.
+    assert_eq!(
+        two.bars.load(Ordering::Relaxed),
+        bars_in(first.to_ms, second.to_ms),
+        "{two:?}"
+    );
+    assert!(two.periods_skipped.load(Ordering::Relaxed) >= 1, "{two:?}");
+    let union = Job {
+        from_ms: first.from_ms,
+        ..second.clone()
+    };
+    assert_exactly_the_markets_bars(&wal, &options, &[union]);
+    let periods = backfill::periods(wal.reader()).unwrap();
+    assert!(
+        periods.iter().all(|p| p.state == PeriodState::Downloaded),
+        "{periods:?}"
+    );
+    assert_eq!(periods.iter().map(|p| p.resume_from_ms).max(), Some(second.to_ms));
+    wal.shutdown().await.unwrap();
+    sim.stop().await.unwrap();
+}
+
+#[tokio::test]
 async fn with_no_sink_draining_backfill_stops_at_the_high_water_mark_while_live_goes_on() {
     let options = SimOptions {
         quotes_per_minute: 1200,

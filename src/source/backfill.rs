@@ -71,23 +71,42 @@ pub struct BackfillStats {
     pub covered_ms: AtomicU64,
 }
 
-/// A period of the tracker, as stored.
+/// A period of the tracker, as stored: one chunk of a symbol's time line, aligned to
+/// whole multiples of `backfill.chunk` since the epoch, so that runs at different times
+/// find the same periods. A period's downloaded range is `[from_ms, resume_from_ms)`:
+/// the first and the last period of a lookback are only partly wanted, and the last one
+/// grows run after run as time passes (only its new minutes are fetched).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Period {
     pub feed: Feed,
     pub symbol: String,
+    /// The chunk's start (the tracker's key).
     pub start_ms: i64,
+    /// The chunk's end (exclusive).
     pub end_ms: i64,
     pub state: PeriodState,
-    /// Where an unfinished period resumes: the `from` of the next page.
+    /// Where the downloaded range begins (absent in trackers written before it was
+    /// recorded: the chunk's start).
+    #[serde(default)]
+    pub from_ms: Option<i64>,
+    /// Where the downloaded range ends: the `from` of the next page to fetch.
     pub resume_from_ms: i64,
     pub bars: u64,
+}
+
+impl Period {
+    /// Where the downloaded range begins.
+    pub fn from_ms(&self) -> i64 {
+        self.from_ms.unwrap_or(self.start_ms)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PeriodState {
+    /// A chain of requests was interrupted at `resume_from_ms`.
     Pending,
+    /// Everything from `from_ms` to `resume_from_ms` is in the log.
     Downloaded,
     Verified,
 }
@@ -116,15 +135,30 @@ async fn save(wal: &Wal, period: &Period) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Splits a job into periods aligned to whole multiples of `chunk` since the epoch, so
-/// the same range always yields the same periods (and a restart finds them again).
-pub fn split(job: &Job, chunk: Duration) -> Vec<(i64, i64)> {
+/// A job's part of one chunk.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Span {
+    /// The chunk, aligned to whole multiples of `backfill.chunk` since the epoch.
+    pub chunk: (i64, i64),
+    /// The part of it the job wants.
+    pub from_ms: i64,
+    pub to_ms: i64,
+}
+
+/// Splits a job into the chunks it touches, aligned to whole multiples of `chunk` since
+/// the epoch, so that any range yields the same chunks (and a later run, whose lookback
+/// has moved on, finds them again).
+pub fn split(job: &Job, chunk: Duration) -> Vec<Span> {
     let chunk = i64::try_from(chunk.as_millis()).unwrap_or(i64::MAX).max(60_000);
     let mut out = Vec::new();
     let mut start = job.from_ms.div_euclid(chunk) * chunk;
     while start < job.to_ms {
-        let end = start + chunk;
-        out.push((start.max(job.from_ms), end.min(job.to_ms)));
+        let end = start.saturating_add(chunk);
+        out.push(Span {
+            chunk: (start, end),
+            from_ms: start.max(job.from_ms),
+            to_ms: end.min(job.to_ms),
+        });
         start = end;
     }
     out
@@ -200,34 +234,46 @@ impl Downloader {
         let known = periods(self.wal.reader())?;
         let mut todo = Vec::new();
         for job in jobs {
-            for (start, end) in split(job, self.spec.chunk) {
+            for span in split(job, self.spec.chunk) {
+                let (start, end) = span.chunk;
                 self.stats.periods_total.fetch_add(1, Ordering::Relaxed);
                 let existing = known
                     .iter()
-                    .find(|p| p.feed == job.feed && p.symbol == job.symbol && p.start_ms == start && p.end_ms == end);
+                    .find(|p| p.feed == job.feed && p.symbol == job.symbol && p.start_ms == start && p.end_ms == end)
+                    // Usable when it downloaded from the span's start or earlier (a
+                    // longer lookback than before fetches the chunk again).
+                    .filter(|p| p.from_ms() <= span.from_ms);
                 match existing {
-                    Some(p) if p.state != PeriodState::Pending => {
+                    Some(p) if p.resume_from_ms >= span.to_ms => {
                         self.stats.periods_skipped.fetch_add(1, Ordering::Relaxed);
                         self.stats.periods_done.fetch_add(1, Ordering::Relaxed);
-                        self.stats.covered_ms.fetch_add((end - start) as u64, Ordering::Relaxed);
+                        self.stats
+                            .covered_ms
+                            .fetch_add((span.to_ms - span.from_ms) as u64, Ordering::Relaxed);
                     }
-                    Some(p) => todo.push(p.clone()),
-                    None => todo.push(Period {
-                        feed: job.feed,
-                        symbol: job.symbol.clone(),
-                        start_ms: start,
-                        end_ms: end,
-                        state: PeriodState::Pending,
-                        resume_from_ms: start,
-                        bars: 0,
-                    }),
+                    // Resumes where it stopped: an interrupted chain, or the newest chunk
+                    // that time has grown since the last run.
+                    Some(p) => todo.push((p.clone(), span)),
+                    None => todo.push((
+                        Period {
+                            feed: job.feed,
+                            symbol: job.symbol.clone(),
+                            start_ms: start,
+                            end_ms: end,
+                            state: PeriodState::Pending,
+                            from_ms: Some(span.from_ms),
+                            resume_from_ms: span.from_ms,
+                            bars: 0,
+                        },
+                        span,
+                    )),
                 }
             }
         }
         let results: Vec<anyhow::Result<()>> = futures_util::stream::iter(todo)
-            .map(|period| {
+            .map(|(period, span)| {
                 let shutdown = shutdown.clone();
-                async move { self.period(period, shutdown).await }
+                async move { self.period(period, span, shutdown).await }
             })
             .buffer_unordered(self.spec.concurrency.max(1))
             .collect()
@@ -238,17 +284,20 @@ impl Downloader {
         Ok(())
     }
 
-    async fn period(&self, mut period: Period, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
+    /// Downloads `span` of `period`, from where the period's downloaded range ends.
+    async fn period(&self, mut period: Period, span: Span, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
         let ticker = symbol::rest_ticker(period.feed, &period.symbol);
+        let until = span.to_ms;
         self.stats
             .covered_ms
-            .fetch_add((period.resume_from_ms - period.start_ms) as u64, Ordering::Relaxed);
+            .fetch_add((period.resume_from_ms - span.from_ms).max(0) as u64, Ordering::Relaxed);
+        period.state = PeriodState::Pending;
         let base = self.spec.rest_url.trim_end_matches('/');
-        // `to` is inclusive at Polygon: stop one millisecond before the period's end.
+        // `to` is inclusive at Polygon: stop one millisecond before the span's end.
         let mut url = format!(
             "{base}/v2/aggs/ticker/{ticker}/range/1/minute/{}/{}?adjusted=true&sort=asc&limit={}",
             period.resume_from_ms,
-            period.end_ms - 1,
+            until - 1,
             self.spec.page_limit
         );
         loop {
@@ -313,10 +362,10 @@ impl Downloader {
             match page.next_url {
                 Some(next) => {
                     url = self.rebase(&next)?;
-                    period.resume_from_ms = next_from(&next).or(last_t.map(|t| t + 60_000)).unwrap_or(period.end_ms);
+                    period.resume_from_ms = next_from(&next).or(last_t.map(|t| t + 60_000)).unwrap_or(until);
                 }
                 None => {
-                    period.resume_from_ms = period.end_ms;
+                    period.resume_from_ms = until;
                     period.state = PeriodState::Downloaded;
                 }
             }
@@ -470,11 +519,25 @@ mod tests {
             from_ms: 10 * day + 5,
             to_ms: 40 * day,
         };
-        let periods = split(&job, Duration::from_secs(7 * 86_400));
-        assert_eq!(periods.first().unwrap().0, 10 * day + 5);
-        assert_eq!(periods.last().unwrap().1, 40 * day);
-        assert!(periods.windows(2).all(|w| w[0].1 == w[1].0));
-        assert!(periods[1..].iter().all(|(s, _)| s % (7 * day) == 0));
+        let week = 7 * day;
+        let spans = split(&job, Duration::from_secs(7 * 86_400));
+        assert_eq!(spans.first().unwrap().from_ms, 10 * day + 5);
+        assert_eq!(spans.last().unwrap().to_ms, 40 * day);
+        assert!(spans.windows(2).all(|w| w[0].to_ms == w[1].from_ms));
+        assert!(spans.windows(2).all(|w| w[0].chunk.1 == w[1].chunk.0));
+        assert!(spans
+            .iter()
+            .all(|s| s.chunk.0 % week == 0 && s.chunk.1 - s.chunk.0 == week));
+        assert!(spans.iter().all(|s| s.chunk.0 <= s.from_ms && s.to_ms <= s.chunk.1));
+        // The same lookback a day later: the same chunks, the first and last cut elsewhere.
+        let later = Job {
+            from_ms: job.from_ms + day,
+            to_ms: job.to_ms + day,
+            ..job.clone()
+        };
+        let chunks = |spans: &[Span]| spans.iter().map(|s| s.chunk).collect::<Vec<_>>();
+        let later = split(&later, Duration::from_secs(7 * 86_400));
+        assert_eq!(chunks(&later), chunks(&spans));
     }
 
     #[test]
