@@ -11,8 +11,16 @@
 //! everything the cursors passed was in the sinks when they were asked.
 //!
 //! Only groups and days the log still holds are compared: what retention truncated from
-//! the log cannot be checked against it (it is counted, not flagged). Memory grows with
-//! the number of distinct keys in the log.
+//! the log cannot be checked against it (it is counted, not flagged). A group and day the
+//! log holds only in part (truncation took its first records) is checked for missing
+//! keys and duplicates, but keys the sink holds beyond the log's are not flagged there:
+//! they are counted as beyond the log's retention. Which days those are:
+//! - the live lane, once truncated: the days that begin before the first retained live
+//!   event was captured (plus an hour for clocks): a live event is captured after it
+//!   happens, so a truncated one cannot belong to a later day;
+//! - the backfill lane, once truncated: every day of bars (history has no such order).
+//!
+//! Memory grows with the number of distinct keys in the log.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
@@ -22,7 +30,7 @@ use tickvault_wal::{Lane, Wal};
 
 use crate::config::Config;
 use crate::daemon::FORWARDED_LANES;
-use crate::event::{Event, EVENT_KIND};
+use crate::event::{Event, EventKind, EVENT_KIND};
 use crate::sink::clickhouse::ClickHouseSink;
 use crate::sink::nats::NatsSink;
 use crate::sink::postgres::PostgresSink;
@@ -81,6 +89,9 @@ pub struct SinkReport {
     pub in_sink: u64,
     /// Groups and days the sink holds that the log no longer has (retention).
     pub groups_not_in_log: u64,
+    /// Keys the sink holds beyond the log's in groups and days the log holds only in part
+    /// (its first records were truncated): not compared, so not differences.
+    pub beyond_retention: u64,
     pub differences: Vec<Difference>,
     /// Set when the sink could not be read; the sink then does not match.
     pub error: Option<String>,
@@ -96,6 +107,8 @@ impl SinkReport {
 pub struct Report {
     pub log_events: u64,
     pub log_keys: u64,
+    /// Per forwarded lane, the lowest sequence truncation kept (1: never truncated).
+    pub first_retained: BTreeMap<String, u64>,
     pub sinks: Vec<SinkReport>,
 }
 
@@ -154,6 +167,7 @@ pub async fn verify(config: &Config, data_dir: &Path) -> anyhow::Result<Report> 
     let reader = Wal::open_read_only(data_dir)?;
     let mut keys: LogKeys = HashMap::new();
     let mut log_events = 0u64;
+    let mut first_live_capture_ns = i64::MAX;
     for lane in FORWARDED_LANES {
         let index = lane_index(lane);
         let last = reader.last_seq(lane)?.unwrap_or(0);
@@ -167,6 +181,9 @@ pub async fn verify(config: &Config, data_dir: &Path) -> anyhow::Result<Report> 
                 return true;
             };
             log_events += 1;
+            if lane == Lane::Live {
+                first_live_capture_ns = first_live_capture_ns.min(event.capture.captured_at_ns);
+            }
             let key = event.natural_key();
             let group = GroupDay {
                 feed: key.feed.name().to_owned(),
@@ -185,6 +202,14 @@ pub async fn verify(config: &Config, data_dir: &Path) -> anyhow::Result<Report> 
         })?;
     }
     let log_keys = keys.values().map(|k| k.len() as u64).sum();
+    let mut first_retained = BTreeMap::new();
+    for lane in FORWARDED_LANES {
+        first_retained.insert(lane.name().to_owned(), reader.first_retained(lane)?);
+    }
+    let partial = Partial {
+        live_from_ms: (first_retained[Lane::Live.name()] > 1).then_some(first_live_capture_ns / 1_000_000),
+        backfill: first_retained[Lane::Backfill.name()] > 1,
+    };
 
     let mut reports = Vec::new();
     for (sink, result) in held {
@@ -199,6 +224,7 @@ pub async fn verify(config: &Config, data_dir: &Path) -> anyhow::Result<Report> 
             passed: 0,
             in_sink: 0,
             groups_not_in_log: 0,
+            beyond_retention: 0,
             differences: Vec::new(),
             error: None,
         };
@@ -223,7 +249,11 @@ pub async fn verify(config: &Config, data_dir: &Path) -> anyhow::Result<Report> 
                     report.in_sink += h.keys;
                     let duplicates = h.rows.saturating_sub(h.keys);
                     let missing = passed.saturating_sub(h.keys);
-                    let extra = h.keys.saturating_sub(passed + pending);
+                    let mut extra = h.keys.saturating_sub(passed + pending);
+                    if extra > 0 && partial.holds_in_part(group) {
+                        report.beyond_retention += extra;
+                        extra = 0;
+                    }
                     if missing > 0 || extra > 0 || duplicates > 0 {
                         report.differences.push(Difference {
                             date: group.date(),
@@ -244,8 +274,31 @@ pub async fn verify(config: &Config, data_dir: &Path) -> anyhow::Result<Report> 
     Ok(Report {
         log_events,
         log_keys,
+        first_retained,
         sinks: reports,
     })
+}
+
+/// Which groups and days the log may hold only in part, because truncation took records
+/// of them.
+struct Partial {
+    /// The live lane was truncated, and its first retained event was captured then
+    /// (`i64::MAX / 1e6` when no live event is left).
+    live_from_ms: Option<i64>,
+    /// The backfill lane was truncated.
+    backfill: bool,
+}
+
+impl Partial {
+    /// How far an event's own time may run ahead of our capture clock.
+    const CLOCKS_MS: i64 = 3_600_000;
+
+    fn holds_in_part(&self, group: &GroupDay) -> bool {
+        let live = self
+            .live_from_ms
+            .is_some_and(|from| group.day * DAY_MS < from.saturating_add(Self::CLOCKS_MS));
+        live || (self.backfill && group.kind == EventKind::Bar.name())
+    }
 }
 
 fn holdings(counts: Vec<GroupCount>) -> HashMap<GroupDay, Held> {
@@ -307,4 +360,62 @@ async fn nats_counts(config: &Config) -> Holdings {
             )
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn group(kind: &str, day: i64) -> GroupDay {
+        GroupDay {
+            feed: "crypto".into(),
+            symbol: "BTC-USD".into(),
+            kind: kind.into(),
+            timeframe: "tick".into(),
+            day,
+        }
+    }
+
+    #[test]
+    fn a_log_never_truncated_holds_every_day_whole() {
+        let p = Partial {
+            live_from_ms: None,
+            backfill: false,
+        };
+        assert!(!p.holds_in_part(&group("quote", 0)));
+        assert!(!p.holds_in_part(&group("bar", 20_000)));
+    }
+
+    #[test]
+    fn a_truncated_live_lane_holds_in_part_only_the_days_before_its_first_capture() {
+        // The first retained live event was captured at 10:00 on day 20,000.
+        let from = 20_000 * DAY_MS + 10 * 3_600_000;
+        let p = Partial {
+            live_from_ms: Some(from),
+            backfill: false,
+        };
+        assert!(p.holds_in_part(&group("quote", 19_000)));
+        assert!(p.holds_in_part(&group("trade", 20_000)));
+        assert!(!p.holds_in_part(&group("quote", 20_001)));
+        // Within the hour allowed for clocks, the next day counts as partial too.
+        let late = Partial {
+            live_from_ms: Some(20_001 * DAY_MS - 60_000),
+            backfill: false,
+        };
+        assert!(late.holds_in_part(&group("quote", 20_001)));
+        assert!(!late.holds_in_part(&group("quote", 20_002)));
+        // Bars are not affected by the live lane's truncation beyond those days.
+        assert!(!p.holds_in_part(&group("bar", 20_001)));
+    }
+
+    #[test]
+    fn a_truncated_backfill_lane_holds_every_day_of_bars_in_part() {
+        let p = Partial {
+            live_from_ms: None,
+            backfill: true,
+        };
+        assert!(p.holds_in_part(&group("bar", 1)));
+        assert!(p.holds_in_part(&group("bar", 30_000)));
+        assert!(!p.holds_in_part(&group("quote", 1)));
+    }
 }

@@ -224,7 +224,7 @@ pub async fn run(
         let sum = |f: fn(&crate::verify::Difference) -> u64| s.differences.iter().map(f).sum::<u64>();
         let (missing, extra, duplicates) = (sum(|d| d.missing), sum(|d| d.extra), sum(|d| d.duplicates));
         println!(
-            "  verify {:<10} {}: {} keys its cursors passed, {} held; {} missing, {} duplicated, {} held that this log does not have{}",
+            "  verify {:<10} {}: {} keys its cursors passed, {} held; {} missing, {} duplicated, {} held that this log does not have{}{}",
             s.sink,
             if s.matches() { "MATCH" } else { "DIFFERS" },
             thousands(s.passed),
@@ -232,6 +232,14 @@ pub async fn run(
             thousands(missing),
             thousands(duplicates),
             thousands(extra),
+            if s.beyond_retention > 0 {
+                format!(
+                    " (and {} from before the log's retention, not compared)",
+                    thousands(s.beyond_retention)
+                )
+            } else {
+                String::new()
+            },
             match (&s.error, extra > 0) {
                 (Some(e), _) => format!(" (cannot read it: {e})"),
                 (None, true) => " (from another log: an earlier demo whose log was deleted, or another appliance)".to_owned(),

@@ -35,6 +35,12 @@ pub async fn run(config_path: &std::path::Path, data_dir: Option<PathBuf>, json:
                     s.groups_not_in_log
                 );
             }
+            if s.beyond_retention > 0 {
+                println!(
+                    "           {} keys held in groups x days the log holds only in part (retention truncated their first records): not compared",
+                    s.beyond_retention
+                );
+            }
             if let Some(e) = &s.error {
                 println!("           cannot read the sink: {e}");
             }

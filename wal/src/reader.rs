@@ -181,6 +181,16 @@ impl LogReader {
         Ok(last)
     }
 
+    /// The lowest sequence truncation has kept (1 when nothing was ever truncated), even
+    /// when the lane is now empty: a lane truncated at least once has it above 1.
+    pub fn first_retained(&self, lane: Lane) -> Result<u64, ReadError> {
+        let low = self
+            .db
+            .get_cf(self.cf(CF_META), store::meta_low_key(lane))
+            .map_err(|source| ReadError::Rocks { lane, source })?;
+        Ok(low.and_then(|v| store::u64_value(&v)).unwrap_or(1).max(1))
+    }
+
     pub fn first_seq(&self, lane: Lane) -> Result<Option<u64>, ReadError> {
         let cf = self.cf(lane.name());
         let mut iter = self.db.raw_iterator_cf(cf);

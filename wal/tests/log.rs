@@ -47,10 +47,13 @@ async fn truncation_never_removes_a_record_a_sink_has_not_passed() {
     wal.move_cursor("clickhouse", Lane::Live, 80).await.unwrap();
     wal.move_cursor("postgres", Lane::Live, 30).await.unwrap();
     now.fetch_add(3_600_000, Ordering::SeqCst);
+    assert_eq!(wal.reader().first_retained(Lane::Live).unwrap(), 1);
     let out = wal.truncate(Duration::from_secs(60)).await.unwrap();
     let live = out.iter().find(|t| t.lane == Lane::Live).unwrap();
     assert_eq!(live.removed, 30, "only what the slowest sink passed");
     assert_eq!(live.first_retained, 31);
+    assert_eq!(wal.reader().first_retained(Lane::Live).unwrap(), 31);
+    assert_eq!(wal.reader().first_retained(Lane::Backfill).unwrap(), 1);
     let read = wal.reader().read(Lane::Live, 0, usize::MAX).unwrap();
     assert_eq!(read.records.first().unwrap().seq, 31);
     assert_eq!(read.records.len(), 70);
@@ -110,6 +113,8 @@ async fn sequences_continue_after_everything_was_truncated_and_the_log_reopened(
     now.fetch_add(10_000, Ordering::SeqCst);
     wal.truncate(Duration::ZERO).await.unwrap();
     assert!(wal.reader().read(Lane::Live, 0, 10).unwrap().records.is_empty());
+    // An emptied lane still tells that it was truncated.
+    assert_eq!(wal.reader().first_retained(Lane::Live).unwrap(), 8);
     wal.shutdown().await.unwrap();
     drop(wal);
     let wal = Wal::open_with(dir.path(), options).unwrap();
