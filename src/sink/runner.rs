@@ -268,6 +268,9 @@ async fn drain<S: Sink>(
         let Some(batch) = next? else { break };
         if !batch.rows.is_empty() {
             let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                break;
+            }
             match attempt(sink, &Op::Write(&batch), spec.attempt_timeout.min(remaining), stats).await {
                 Ok(_) => {
                     stats.note(breaker.on_success());
