@@ -48,9 +48,7 @@ fn every_captured_event_reaches_each_sink_exactly_once() {
     let log = dir.path().join("log");
     let config = write_config(&dir.path().join("run.toml"), SOURCES, &target, NATS);
     let daemon = Daemon::start(&config, &log, &addr, &dir.path().join("run.stderr"));
-    wait_for("the backfill to finish", Duration::from_secs(60), || {
-        daemon.this_run().contains("finished part=\"backfill\"")
-    });
+    daemon.wait_for_backfill(Duration::from_secs(60));
     std::thread::sleep(Duration::from_secs(3));
     let stderr = daemon.stop();
     assert!(!stderr.contains("ERROR"), "{stderr}");
@@ -109,9 +107,7 @@ fn after_repeated_sigkills_during_capture_each_sink_holds_every_captured_event_o
     }
     // Let the last run finish the backfill, then forward everything.
     let daemon = Daemon::start(&config, &log, &addr, &stderr);
-    wait_for("the backfill to finish", Duration::from_secs(120), || {
-        daemon.this_run().contains("finished part=\"backfill\"")
-    });
+    daemon.wait_for_backfill(Duration::from_secs(120));
     daemon.stop();
     drain(dir.path(), &log, &target, &addr, NATS);
 
@@ -139,9 +135,7 @@ fn verify_still_matches_once_truncation_took_the_first_records_of_a_day() {
     // 1. Capture and forward, nothing truncated yet.
     let config = write_config(&dir.path().join("run.toml"), sources, &target, NATS);
     let daemon = Daemon::start(&config, &log, &addr, &dir.path().join("run.stderr"));
-    wait_for("the backfill to finish", Duration::from_secs(60), || {
-        daemon.this_run().contains("finished part=\"backfill\"")
-    });
+    daemon.wait_for_backfill(Duration::from_secs(60));
     std::thread::sleep(Duration::from_secs(2));
     daemon.stop();
     drain(dir.path(), &log, &target, &addr, NATS);
@@ -184,9 +178,8 @@ fn two_appliances_with_separate_logs_show_each_event_once() {
     let config = write_config(&dir.path().join("run.toml"), SOURCES, &target, NATS);
     let a = Daemon::start_with_key(&config, &log_a, &addr, &dir.path().join("a.stderr"), "key-a");
     let b = Daemon::start_with_key(&config, &log_b, &addr, &dir.path().join("b.stderr"), "key-b");
-    let finished = |d: &Daemon| d.this_run().contains("finished part=\"backfill\"");
     wait_for("both backfills", Duration::from_secs(90), || {
-        finished(&a) && finished(&b)
+        a.backfill_finished() && b.backfill_finished()
     });
     std::thread::sleep(Duration::from_secs(3));
     a.stop();

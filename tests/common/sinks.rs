@@ -275,6 +275,16 @@ impl Daemon {
         daemon
     }
 
+    /// Whether this run's backfill has finished.
+    pub fn backfill_finished(&self) -> bool {
+        self.this_run().contains("finished part=\"backfill\"")
+    }
+
+    /// Waits (up to `timeout`) until this run's backfill has finished.
+    pub fn wait_for_backfill(&self, timeout: Duration) {
+        wait_for("the backfill to finish", timeout, || self.backfill_finished());
+    }
+
     /// The output of this run only (the file may hold earlier runs).
     pub fn this_run(&self) -> String {
         let all = self.log();
