@@ -194,7 +194,7 @@ pub async fn run<S: Sink>(
                 biased;
                 _ = shutdown.changed() => {
                     if !spec.drain_on_stop.is_zero() && breaker.state() == State::Closed {
-                        position = drain(&mut sink, &wal, &mut batches, &mut cursor, &spec, &mut breaker, &stats, position).await?;
+                        position = drain(&mut sink, &wal, &mut cursor, &spec, &mut breaker, &stats, position).await?;
                     }
                     break;
                 }
@@ -244,15 +244,13 @@ pub async fn run<S: Sink>(
 /// Forwards what the lane holds now, until the runner is at the lane's head or
 /// `spec.drain_on_stop` has passed: one attempt per batch, and the first failure ends it
 /// (the batch stays in the log for the next start). Returns the new position.
-#[allow(clippy::too_many_arguments)]
 async fn drain<S: Sink>(
     sink: &mut S,
     wal: &Wal,
-    batches: &mut Batches,
     cursor: &mut CursorMover,
     spec: &RunnerSpec,
     breaker: &mut Breaker,
-    stats: &RunnerStats,
+    stats: &Arc<RunnerStats>,
     mut position: u64,
 ) -> anyhow::Result<u64> {
     let (name, lane) = (stats.sink, spec.lane);
@@ -260,9 +258,20 @@ async fn drain<S: Sink>(
     let started = Instant::now();
     let deadline = started + spec.drain_on_stop;
     let from = position;
+    // Cut afresh from the last acknowledged position: the batch being cut when the stop
+    // came was abandoned part way, with what it had read. Nothing more is coming, so a
+    // batch takes what there is without waiting to fill.
+    let mut cutter = Cutter {
+        tail: wal.tail(lane, position),
+        lane,
+        position,
+        batch_rows: spec.batch_rows,
+        flush_interval: Duration::ZERO,
+        stats: stats.clone(),
+    };
     while position < head {
         let remaining = deadline.saturating_duration_since(Instant::now());
-        let Ok(next) = tokio::time::timeout(remaining, batches.next()).await else {
+        let Ok(next) = tokio::time::timeout(remaining, cutter.cut()).await else {
             break;
         };
         let Some(batch) = next? else { break };
@@ -762,5 +771,36 @@ mod tests {
         let (seqs, cursor) = stop_after_the_first_batch(Duration::from_millis(50)).await;
         assert!(seqs.len() >= 7 && seqs.len() < 70, "{seqs:?}");
         assert_eq!(seqs, (1..=cursor).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn a_drain_sends_the_batch_that_was_filling_when_the_stop_came() {
+        let scenario = fail::FailScenario::setup();
+        let dir = tempfile::tempdir().unwrap();
+        let wal = Wal::open(dir.path()).unwrap();
+        let seqs = Arc::new(Mutex::new(Vec::new()));
+        let sink = Recorder {
+            seqs: seqs.clone(),
+            delay: Duration::ZERO,
+        };
+        let stats = Arc::new(RunnerStats::new("recorder", Lane::Live));
+        let (stop, shutdown) = watch::channel(false);
+        // A batch waits up to 10 s to fill to 100 rows: the 5 records below are read into
+        // one, which is still filling when the stop comes.
+        let spec = RunnerSpec {
+            batch_rows: 100,
+            flush_interval: Duration::from_secs(10),
+            drain_on_stop: Duration::from_secs(5),
+            ..spec()
+        };
+        let runner = tokio::spawn(run(sink, wal.clone(), spec, stats.clone(), shutdown));
+        append_quotes(&wal, 5, 0).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(seqs.lock().unwrap().is_empty(), "the batch was sent before it filled");
+        stop.send(true).unwrap();
+        runner.await.unwrap().unwrap();
+        assert_eq!(*seqs.lock().unwrap(), vec![1, 2, 3, 4, 5]);
+        assert_eq!(wal.reader().cursor("recorder", Lane::Live).unwrap(), 5);
+        scenario.teardown();
     }
 }
