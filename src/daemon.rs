@@ -347,6 +347,14 @@ pub fn start(config: &Config) -> anyhow::Result<Running> {
     })
 }
 
+/// How a part's task ended.
+type Joined = Result<anyhow::Result<&'static str>, tokio::task::JoinError>;
+
+/// A part's result; a panic is an error.
+fn outcome(joined: Joined) -> anyhow::Result<&'static str> {
+    joined.unwrap_or_else(|e| Err(anyhow::anyhow!("task panicked: {e}")))
+}
+
 impl Running {
     /// Waits for a part to end; `None` once every part has ended.
     pub async fn join_next(&mut self) -> Option<anyhow::Result<&'static str>> {
@@ -355,22 +363,15 @@ impl Running {
             Some(joined) = self.live_runners.join_next() => joined,
             else => return None,
         };
-        match joined {
-            Ok(result) => Some(result),
-            Err(e) => Some(Err(anyhow::anyhow!("task panicked: {e}"))),
-        }
+        Some(outcome(joined))
     }
 
     /// Stops everything (the live runners last, after they forwarded what the sources
     /// left in the live lane), waits for every part, and syncs the log. The first error
     /// of a part is returned, after the rest have stopped.
     pub async fn shutdown(mut self) -> anyhow::Result<()> {
-        fn note(
-            joined: Result<anyhow::Result<&'static str>, tokio::task::JoinError>,
-            first: &mut Option<anyhow::Error>,
-        ) {
-            let result = joined.unwrap_or_else(|e| Err(anyhow::anyhow!("task panicked: {e}")));
-            if let Err(e) = result {
+        fn note(joined: Joined, first: &mut Option<anyhow::Error>) {
+            if let Err(e) = outcome(joined) {
                 tracing::error!(error = %format!("{e:#}"), "part failed");
                 first.get_or_insert(e);
             }
