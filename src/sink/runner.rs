@@ -209,12 +209,8 @@ pub async fn run<S: Sink>(
                 if acked.is_none() {
                     break;
                 }
-                stats.record_latency(&batch);
             }
-            cursor.acknowledged(batch.last_seq)?;
-            position = batch.last_seq;
-            stats.rows.fetch_add(batch.rows.len() as u64, Ordering::Relaxed);
-            stats.batches.fetch_add(1, Ordering::Relaxed);
+            position = commit(&mut cursor, &stats, &batch)?;
         }
         anyhow::Ok(())
     }
@@ -239,6 +235,18 @@ pub async fn run<S: Sink>(
         "sink runner stopped"
     );
     Ok(())
+}
+
+/// A batch the sink acknowledged (or one with no row to send): its latency is recorded,
+/// the cursor is moved to its end, and it is counted. Returns the new position.
+fn commit(cursor: &mut CursorMover, stats: &RunnerStats, batch: &Batch) -> anyhow::Result<u64> {
+    if !batch.rows.is_empty() {
+        stats.record_latency(batch);
+    }
+    cursor.acknowledged(batch.last_seq)?;
+    stats.rows.fetch_add(batch.rows.len() as u64, Ordering::Relaxed);
+    stats.batches.fetch_add(1, Ordering::Relaxed);
+    Ok(batch.last_seq)
 }
 
 /// Forwards what the lane holds now, until the runner is at the lane's head or
@@ -281,10 +289,7 @@ async fn drain<S: Sink>(
                 break;
             }
             match attempt(sink, &Op::Write(&batch), spec.attempt_timeout.min(remaining), stats).await {
-                Ok(_) => {
-                    stats.note(breaker.on_success());
-                    stats.record_latency(&batch);
-                }
+                Ok(_) => stats.note(breaker.on_success()),
                 Err(e) => {
                     stats.failures.fetch_add(1, Ordering::Relaxed);
                     stats.note(breaker.on_failure(Instant::now(), e.retriable));
@@ -293,10 +298,7 @@ async fn drain<S: Sink>(
                 }
             }
         }
-        cursor.acknowledged(batch.last_seq)?;
-        position = batch.last_seq;
-        stats.rows.fetch_add(batch.rows.len() as u64, Ordering::Relaxed);
-        stats.batches.fetch_add(1, Ordering::Relaxed);
+        position = commit(cursor, stats, &batch)?;
     }
     let elapsed_ms = started.elapsed().as_millis() as u64;
     if position >= head {
@@ -626,6 +628,45 @@ mod tests {
         }
     }
 
+    /// A log in a temporary directory, what a recording sink on it was sent, and the
+    /// runner's stats.
+    struct Fixture {
+        wal: Wal,
+        seqs: Arc<Mutex<Vec<u64>>>,
+        stats: Arc<RunnerStats>,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Fixture {
+        fn new() -> Fixture {
+            let dir = tempfile::tempdir().unwrap();
+            Fixture {
+                wal: Wal::open(dir.path()).unwrap(),
+                seqs: Arc::new(Mutex::new(Vec::new())),
+                stats: Arc::new(RunnerStats::new("recorder", Lane::Live)),
+                _dir: dir,
+            }
+        }
+
+        /// A recording sink whose writes take `delay`.
+        fn sink(&self, delay: Duration) -> Recorder {
+            Recorder {
+                seqs: self.seqs.clone(),
+                delay,
+            }
+        }
+
+        /// What the sink was sent, in order.
+        fn written(&self) -> Vec<u64> {
+            self.seqs.lock().unwrap().clone()
+        }
+
+        /// The runner's cursor in the log.
+        fn cursor(&self) -> u64 {
+            self.wal.reader().cursor("recorder", Lane::Live).unwrap()
+        }
+    }
+
     async fn append_quotes(wal: &Wal, n: usize, from: usize) {
         let mut batch = tickvault_wal::Batch::new();
         for i in from..from + n {
@@ -655,19 +696,19 @@ mod tests {
     async fn the_cursor_ends_at_the_last_acknowledged_position_and_every_record_is_written_once_in_order() {
         // Fail points are global: hold the lock that keeps the other test's out.
         let scenario = fail::FailScenario::setup();
-        let dir = tempfile::tempdir().unwrap();
-        let wal = Wal::open(dir.path()).unwrap();
-        let seqs = Arc::new(Mutex::new(Vec::new()));
-        let sink = Recorder {
-            seqs: seqs.clone(),
-            delay: Duration::from_millis(2),
-        };
-        let stats = Arc::new(RunnerStats::new("recorder", Lane::Live));
+        let f = Fixture::new();
+        let (wal, stats) = (&f.wal, &f.stats);
         let (stop, shutdown) = watch::channel(false);
-        let runner = tokio::spawn(run(sink, wal.clone(), spec(), stats.clone(), shutdown));
+        let runner = tokio::spawn(run(
+            f.sink(Duration::from_millis(2)),
+            wal.clone(),
+            spec(),
+            stats.clone(),
+            shutdown,
+        ));
         // Appends arrive while batches are written and cursors moved.
         for round in 0..40 {
-            append_quotes(&wal, 3, round * 3).await;
+            append_quotes(wal, 3, round * 3).await;
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         let head = wal.head(Lane::Live);
@@ -681,8 +722,8 @@ mod tests {
         }
         stop.send(true).unwrap();
         runner.await.unwrap().unwrap();
-        assert_eq!(wal.reader().cursor("recorder", Lane::Live).unwrap(), head);
-        assert_eq!(*seqs.lock().unwrap(), (1..=head).collect::<Vec<_>>());
+        assert_eq!(f.cursor(), head);
+        assert_eq!(f.written(), (1..=head).collect::<Vec<_>>());
         assert!(stats.batches.load(Ordering::Relaxed) >= head.div_ceil(7));
         scenario.teardown();
     }
@@ -690,19 +731,13 @@ mod tests {
     #[tokio::test]
     async fn a_cursor_move_the_log_refuses_ends_the_runner_with_that_error() {
         let scenario = fail::FailScenario::setup();
-        let dir = tempfile::tempdir().unwrap();
-        let wal = Wal::open(dir.path()).unwrap();
-        append_quotes(&wal, 5, 0).await;
+        let f = Fixture::new();
+        append_quotes(&f.wal, 5, 0).await;
         fail::cfg("wal::cursor_write", "return").unwrap();
-        let sink = Recorder {
-            seqs: Arc::new(Mutex::new(Vec::new())),
-            delay: Duration::ZERO,
-        };
-        let stats = Arc::new(RunnerStats::new("recorder", Lane::Live));
         let (_stop, shutdown) = watch::channel(false);
         let outcome = tokio::time::timeout(
             Duration::from_secs(10),
-            run(sink, wal.clone(), spec(), stats.clone(), shutdown),
+            run(f.sink(Duration::ZERO), f.wal.clone(), spec(), f.stats.clone(), shutdown),
         )
         .await
         .expect("the runner ended");
@@ -711,7 +746,7 @@ mod tests {
             format!("{error:#}").contains("injected cursor write failure"),
             "{error:#}"
         );
-        assert_eq!(stats.acked_seq.load(Ordering::Relaxed), 0);
+        assert_eq!(f.stats.acked_seq.load(Ordering::Relaxed), 0);
         scenario.teardown();
     }
 
@@ -720,22 +755,16 @@ mod tests {
     /// wrote, in order, and its cursor in the log afterwards.
     async fn stop_after_the_first_batch(drain_on_stop: Duration) -> (Vec<u64>, u64) {
         let scenario = fail::FailScenario::setup();
-        let dir = tempfile::tempdir().unwrap();
-        let wal = Wal::open(dir.path()).unwrap();
-        append_quotes(&wal, 70, 0).await;
-        let seqs = Arc::new(Mutex::new(Vec::new()));
-        let sink = Recorder {
-            seqs: seqs.clone(),
-            delay: Duration::from_millis(20),
-        };
-        let stats = Arc::new(RunnerStats::new("recorder", Lane::Live));
+        let f = Fixture::new();
+        append_quotes(&f.wal, 70, 0).await;
         let (stop, shutdown) = watch::channel(false);
         let spec = RunnerSpec {
             drain_on_stop,
             ..spec()
         };
-        let runner = tokio::spawn(run(sink, wal.clone(), spec, stats.clone(), shutdown));
-        while stats.batches.load(Ordering::Relaxed) == 0 {
+        let sink = f.sink(Duration::from_millis(20));
+        let runner = tokio::spawn(run(sink, f.wal.clone(), spec, f.stats.clone(), shutdown));
+        while f.stats.batches.load(Ordering::Relaxed) == 0 {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         stop.send(true).unwrap();
@@ -744,10 +773,9 @@ mod tests {
             .expect("the runner stopped")
             .unwrap()
             .unwrap();
-        let cursor = wal.reader().cursor("recorder", Lane::Live).unwrap();
-        let seqs = seqs.lock().unwrap().clone();
+        let written = (f.written(), f.cursor());
         scenario.teardown();
-        (seqs, cursor)
+        written
     }
 
     #[tokio::test]
@@ -776,14 +804,7 @@ mod tests {
     #[tokio::test]
     async fn a_drain_sends_the_batch_that_was_filling_when_the_stop_came() {
         let scenario = fail::FailScenario::setup();
-        let dir = tempfile::tempdir().unwrap();
-        let wal = Wal::open(dir.path()).unwrap();
-        let seqs = Arc::new(Mutex::new(Vec::new()));
-        let sink = Recorder {
-            seqs: seqs.clone(),
-            delay: Duration::ZERO,
-        };
-        let stats = Arc::new(RunnerStats::new("recorder", Lane::Live));
+        let f = Fixture::new();
         let (stop, shutdown) = watch::channel(false);
         // A batch waits up to 10 s to fill to 100 rows: the 5 records below are read into
         // one, which is still filling when the stop comes.
@@ -793,14 +814,20 @@ mod tests {
             drain_on_stop: Duration::from_secs(5),
             ..spec()
         };
-        let runner = tokio::spawn(run(sink, wal.clone(), spec, stats.clone(), shutdown));
-        append_quotes(&wal, 5, 0).await;
+        let runner = tokio::spawn(run(
+            f.sink(Duration::ZERO),
+            f.wal.clone(),
+            spec,
+            f.stats.clone(),
+            shutdown,
+        ));
+        append_quotes(&f.wal, 5, 0).await;
         tokio::time::sleep(Duration::from_millis(200)).await;
-        assert!(seqs.lock().unwrap().is_empty(), "the batch was sent before it filled");
+        assert!(f.written().is_empty(), "the batch was sent before it filled");
         stop.send(true).unwrap();
         runner.await.unwrap().unwrap();
-        assert_eq!(*seqs.lock().unwrap(), vec![1, 2, 3, 4, 5]);
-        assert_eq!(wal.reader().cursor("recorder", Lane::Live).unwrap(), 5);
+        assert_eq!(f.written(), vec![1, 2, 3, 4, 5]);
+        assert_eq!(f.cursor(), 5);
         scenario.teardown();
     }
 }
