@@ -13,9 +13,15 @@
 #
 # State (pid files, NATS's JetStream store, logs) lives in $TICKVAULT_SERVICES_DIR
 # (default /var/tmp/tickvault-services).
+#
+# TICKVAULT_SERVICES_RAM=1 scripts/services.sh up   puts the data of each server that
+# `up` starts on a tmpfs of its own (in memory, gone at `down`), so that the servers do
+# not share the tickvault log's disk: on a one-disk machine, their writes otherwise
+# queue ahead of the log's fsyncs (benchmarks; BENCHMARKS.md). Needs root.
 set -euo pipefail
 
 STATE="${TICKVAULT_SERVICES_DIR:-/var/tmp/tickvault-services}"
+CH_PID=/var/run/clickhouse-server/tickvault.pid
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo="sudo"
 
@@ -55,6 +61,33 @@ pg_up() { pg_isready -q -h 127.0.0.1 -p 5432; }
 nats_up() { curl -fs -o /dev/null http://127.0.0.1:8222/healthz?js-enabled-only=true; }
 ch_up() { curl -fs -o /dev/null http://127.0.0.1:8123/ping; }
 
+# With TICKVAULT_SERVICES_RAM=1: mounts a tmpfs on DIR, holding what DIR held, owned as
+# DIR was; remembered so that `down` unmounts it once its server has stopped.
+ram_dir() { # dir
+    local dir=$1 copy owner mode
+    [ "${TICKVAULT_SERVICES_RAM:-0}" = 1 ] || return 0
+    mountpoint -q "$dir" && return 0
+    copy=$(mktemp -d)
+    owner=$(stat -c %U:%G "$dir")
+    mode=$(stat -c %a "$dir")
+    $sudo cp -a "$dir/." "$copy/"
+    $sudo mount -t tmpfs -o size=12g,mode=0700 tmpfs "$dir"
+    $sudo cp -a "$copy/." "$dir/"
+    $sudo chown "$owner" "$dir"
+    $sudo chmod "$mode" "$dir"
+    $sudo rm -rf "$copy"
+    echo "$dir" >>"$STATE/ram.mounts"
+    say "data in memory: $dir"
+}
+
+ram_release() {
+    [ -f "$STATE/ram.mounts" ] || return 0
+    while read -r dir; do
+        $sudo umount "$dir" 2>/dev/null && say "unmounted $dir" || true
+    done <"$STATE/ram.mounts"
+    rm -f "$STATE/ram.mounts"
+}
+
 start_postgres() {
     if pg_up; then
         say "postgresql: reusing the server on 127.0.0.1:5432"
@@ -64,6 +97,7 @@ start_postgres() {
         if ! pg_lsclusters -h | awk '{print $1" "$2}' | grep -qx "$version main"; then
             $sudo pg_createcluster "$version" main >/dev/null
         fi
+        ram_dir "/var/lib/postgresql/$version/main"
         $sudo pg_ctlcluster "$version" main start
         touch "$STATE/postgresql.started"
         echo "$version" >"$STATE/postgresql.version"
@@ -93,6 +127,7 @@ start_nats() {
         return 1
     fi
     mkdir -p "$STATE/nats"
+    ram_dir "$STATE/nats"
     setsid nohup nats-server -a 127.0.0.1 -p 4222 -m 8222 -js -sd "$STATE/nats" \
         -P "$STATE/nats.pid" >"$STATE/nats.log" 2>&1 </dev/null &
     wait_for nats 120 nats_up
@@ -108,8 +143,9 @@ start_clickhouse() {
         # owned by the clickhouse user the package created.
         $sudo mkdir -p /var/run/clickhouse-server /var/log/clickhouse-server
         $sudo chown clickhouse:clickhouse /var/run/clickhouse-server /var/log/clickhouse-server /var/lib/clickhouse 2>/dev/null || true
+        ram_dir /var/lib/clickhouse
         as_user clickhouse setsid nohup clickhouse-server --config-file=/etc/clickhouse-server/config.xml \
-            --pid-file=/var/run/clickhouse-server/tickvault.pid >"$STATE/clickhouse.log" 2>&1 </dev/null &
+            --pid-file="$CH_PID" >"$STATE/clickhouse.log" 2>&1 </dev/null &
         wait_for clickhouse 240 ch_up
         touch "$STATE/clickhouse.started"
         say "clickhouse $(curl -fsS 'http://127.0.0.1:8123/?query=SELECT%20version()'): started on 127.0.0.1:8123"
@@ -127,12 +163,20 @@ up() {
 
 down() {
     if [ -f "$STATE/clickhouse.started" ]; then
-        [ -f /var/run/clickhouse-server/tickvault.pid ] && $sudo kill "$(cat /var/run/clickhouse-server/tickvault.pid)" 2>/dev/null || true
+        # Run in the foreground, the server writes no pid file: find it by the command line
+        # `up` gave it.
+        $sudo pkill -f -- "--pid-file=$CH_PID" 2>/dev/null || true
+        for _ in $(seq 40); do pgrep -f -- "--pid-file=$CH_PID" >/dev/null || break; sleep 0.25; done
         rm -f "$STATE/clickhouse.started"
         say "clickhouse: stopped"
     fi
     if [ -f "$STATE/nats.started" ]; then
-        [ -f "$STATE/nats.pid" ] && kill "$(cat "$STATE/nats.pid")" 2>/dev/null || true
+        if [ -f "$STATE/nats.pid" ]; then
+            local pid
+            pid=$(cat "$STATE/nats.pid")
+            kill "$pid" 2>/dev/null || true
+            for _ in $(seq 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
+        fi
         rm -f "$STATE/nats.started"
         say "nats: stopped"
     fi
@@ -141,6 +185,7 @@ down() {
         rm -f "$STATE/postgresql.started"
         say "postgresql: stopped"
     fi
+    ram_release
 }
 
 status() {
