@@ -180,17 +180,32 @@ impl PostgresSink {
     }
 
     /// Drops the database and everything in it (benchmarks and tests start from nothing),
-    /// retrying while a just-closed session (or an autovacuum worker, which only a
-    /// superuser may end) still holds it.
+    /// retrying while a just-closed session still holds it.
+    ///
+    /// `WITH (FORCE)` ends our own sessions, but fails as a whole (42501) while an
+    /// autovacuum worker, which only a superuser may end, is in the database: after a
+    /// large COPY that worker can run for longer than the retries last. A plain `DROP`
+    /// then goes through, since PostgreSQL itself tells autovacuum workers in the
+    /// database to exit.
     pub async fn drop_database(&self) -> Result<(), SinkError> {
         let admin = self.open("postgres").await.map_err(classify)?;
-        let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.config.database);
+        let name = &self.config.database;
+        let (force, plain) = (
+            format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"),
+            format!("DROP DATABASE IF EXISTS {name}"),
+        );
+        let mut sql = &force;
         let mut tries = 0;
         loop {
-            match admin.batch_execute(&sql).await {
+            match admin.batch_execute(sql).await {
                 Ok(()) => return Ok(()),
-                Err(e) if tries < 100 => {
+                Err(e) if tries < 200 => {
                     tries += 1;
+                    if e.code() == Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) {
+                        sql = &plain;
+                    } else {
+                        sql = &force;
+                    }
                     tracing::debug!(error = %e, "database still in use; retrying");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
