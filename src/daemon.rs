@@ -23,6 +23,7 @@ use crate::polygon::symbol;
 use crate::sink::clickhouse::ClickHouseSink;
 use crate::sink::nats::NatsSink;
 use crate::sink::postgres::PostgresSink;
+use crate::sink::priority::Priority;
 use crate::sink::runner::{self, RunnerSpec, RunnerStats, Sink};
 use crate::sink::{config::Batching, SinksConfig};
 use crate::source::backfill::{BackfillSpec, BackfillStats, Downloader, Job};
@@ -133,12 +134,7 @@ pub fn backfill_spec(config: &Config) -> anyhow::Result<BackfillSpec> {
 /// The lanes sinks forward, each with its own runner per sink.
 pub const FORWARDED_LANES: [Lane; 2] = [Lane::Live, Lane::Backfill];
 
-fn runner_spec(
-    sinks: &SinksConfig,
-    batching: Batching,
-    lane: Lane,
-    permits: &Arc<tokio::sync::Semaphore>,
-) -> RunnerSpec {
+fn runner_spec(sinks: &SinksConfig, batching: Batching, lane: Lane, priority: &Arc<Priority>) -> RunnerSpec {
     let (batch_rows, flush_interval) = match lane {
         Lane::Live => (batching.live_batch_rows, batching.live_flush_interval),
         _ => (batching.backfill_batch_rows, batching.backfill_flush_interval),
@@ -151,7 +147,7 @@ fn runner_spec(
         retry_max: sinks.retry_max,
         breaker_threshold: sinks.breaker_threshold,
         attempt_timeout: std::time::Duration::from_secs(60),
-        permits: (lane != Lane::Live).then(|| permits.clone()),
+        priority: Some(priority.clone()),
         drain_on_stop: match lane {
             Lane::Live => sinks.stop_drain,
             _ => std::time::Duration::ZERO,
@@ -182,10 +178,7 @@ fn start_sinks(config: &Config, wal: &Wal, parts: &mut Parts) -> anyhow::Result<
         out
     }
     let sinks = &config.sinks;
-    let permits = Arc::new(tokio::sync::Semaphore::new(match sinks.backfill_writes {
-        0 => tokio::sync::Semaphore::MAX_PERMITS,
-        n => n,
-    }));
+    let priority = Arc::new(Priority::new(sinks.backfill_writes, sinks.backfill_duty));
     let log_id = wal.reader().log_id()?;
     let enabled = sinks.enabled();
     for cursor in wal.reader().cursors()? {
@@ -203,16 +196,16 @@ fn start_sinks(config: &Config, wal: &Wal, parts: &mut Parts) -> anyhow::Result<
     let mut stats = Vec::new();
     for lane in FORWARDED_LANES {
         if sinks.clickhouse.enabled {
-            let spec = runner_spec(sinks, sinks.clickhouse.batching(), lane, &permits);
+            let spec = runner_spec(sinks, sinks.clickhouse.batching(), lane, &priority);
             stats.push(spawn(ClickHouseSink::new(&sinks.clickhouse), spec, wal, parts));
         }
         if sinks.postgres.enabled {
-            let spec = runner_spec(sinks, sinks.postgres.batching(), lane, &permits);
+            let spec = runner_spec(sinks, sinks.postgres.batching(), lane, &priority);
             let sink = PostgresSink::new(&sinks.postgres, &log_id);
             stats.push(spawn(sink, spec, wal, parts));
         }
         if sinks.nats.enabled {
-            let spec = runner_spec(sinks, sinks.nats.batching(), lane, &permits);
+            let spec = runner_spec(sinks, sinks.nats.batching(), lane, &priority);
             stats.push(spawn(NatsSink::new(&sinks.nats), spec, wal, parts));
         }
     }

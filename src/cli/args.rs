@@ -179,6 +179,10 @@ pub enum BenchCommand {
             default_values_t = ["clickhouse".to_owned(), "postgres".to_owned(), "nats".to_owned()]
         )]
         sinks: Vec<String>,
+        /// `sinks.backfill_duty` for every window (default: the config's default, 0.5),
+        /// e.g. 1 to measure backfill that never pauses for live.
+        #[arg(long)]
+        backfill_duty: Option<f64>,
     },
     /// Durable appends (1 and 4 producers) against naive synced single puts, and replay reads.
     Wal {

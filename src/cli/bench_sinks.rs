@@ -125,6 +125,10 @@ struct Window {
     write_p99: f64,
     /// Backfill rows not yet forwarded to this sink at the end.
     behind: u64,
+    /// Backfill rows this sink was sent during the window.
+    forwarded: u64,
+    /// Time its backfill runner held the backfill permit idle for live, ms.
+    yielded_ms: u64,
 }
 
 /// Live figures per sink over one window, and the log's share: frame received to
@@ -141,17 +145,19 @@ async fn live_window(config: &Config, seconds: u64) -> anyhow::Result<(Vec<Windo
         .map_or((0.0, 0.0), |(_, live)| (live.latency_ms(0.5), live.latency_ms(0.99)));
     let mut out = Vec::new();
     for s in running.sinks.iter().filter(|s| s.lane == Lane::Live) {
-        let acked = running
+        let backfill = running
             .sinks
             .iter()
-            .find(|b| b.sink == s.sink && b.lane == Lane::Backfill)
-            .map_or(0, |b| b.acked_seq.load(Ordering::Relaxed));
+            .find(|b| b.sink == s.sink && b.lane == Lane::Backfill);
+        let acked = backfill.map_or(0, |b| b.acked_seq.load(Ordering::Relaxed));
         out.push(Window {
             sink: s.sink,
             p50: s.latency_ms(0.5),
             p99: s.latency_ms(0.99),
             write_p99: s.write_ms(0.99),
             behind: backlog.saturating_sub(acked),
+            forwarded: backfill.map_or(0, |b| b.rows.load(Ordering::Relaxed)),
+            yielded_ms: backfill.map_or(0, |b| b.yielded_ms.load(Ordering::Relaxed)),
         });
     }
     running.shutdown().await?;
@@ -175,7 +181,12 @@ pub async fn sinks(
     rounds: u32,
     part: SinkBenchPart,
     measured: &[String],
+    duty: Option<f64>,
 ) -> anyhow::Result<ExitCode> {
+    if let Some(duty) = duty.filter(|d| !(0.05..=1.0).contains(d)) {
+        eprintln!("bench sinks: --backfill-duty {duty}: must be between 0.05 and 1");
+        return Ok(ExitCode::from(2));
+    }
     let _ = std::fs::remove_dir_all(dir.join("sinks"));
     let dir = dir.join("sinks");
     std::fs::create_dir_all(&dir)?;
@@ -186,11 +197,15 @@ pub async fn sinks(
         config.sinks.clickhouse.enabled &= on("clickhouse");
         config.sinks.postgres.enabled &= on("postgres");
         config.sinks.nats.enabled &= on("nats");
+        if let Some(duty) = duty {
+            config.sinks.backfill_duty = duty;
+        }
     };
     if part != SinkBenchPart::Throughput {
         println!(
             "bench sinks: live crypto BTC-USD, ETH-USD quotes and trades (~400 events/s); \
-             {rounds} rounds of an idle then a backfill window, {seconds} s each"
+             {rounds} rounds of an idle then a backfill window, {seconds} s each; sinks.backfill_duty {}",
+            duty.unwrap_or(crate::sink::SinksConfig::default().backfill_duty)
         );
         let (mut idle, mut busy) = (Vec::new(), Vec::new());
         let (mut idle_log, mut busy_log) = (Vec::new(), Vec::new());
@@ -211,7 +226,7 @@ pub async fn sinks(
         }
         println!("\nlive capture-to-sink-commit latency (ms), median of the rounds; (w) the sink's write alone");
         println!(
-            "  sink         idle p50   idle p99 (w p99) | backfill p50  backfill p99 (w p99) | p99 ratio | ratio per round | backfill rows queued at the end"
+            "  sink         idle p50   idle p99 (w p99) | backfill p50  backfill p99 (w p99) | p99 ratio | ratio per round | backfill rows forwarded, yielded s, queued at the end"
         );
         let sinks: Vec<&'static str> = idle
             .first()
@@ -229,8 +244,10 @@ pub async fn sinks(
             let (bp50, bp99, bw99) = (of(&busy, |w| w.p50), of(&busy, |w| w.p99), of(&busy, |w| w.write_p99));
             let ratios: Vec<String> = ip99.iter().zip(&bp99).map(|(i, b)| format!("{:.1}x", b / i)).collect();
             let behind = of(&busy, |w| w.behind as f64);
+            let forwarded = of(&busy, |w| w.forwarded as f64);
+            let yielded = of(&busy, |w| w.yielded_ms as f64 / 1000.0);
             println!(
-                "  {sink:<10} {:>10.1} {:>10.1} {:>7.1} | {:>12.1} {:>13.1} {:>7.1} | {:>8.2}x | {:<15} | {:.0}",
+                "  {sink:<10} {:>10.1} {:>10.1} {:>7.1} | {:>12.1} {:>13.1} {:>7.1} | {:>8.2}x | {:<15} | {:.0}, {:.1} s, {:.0}",
                 median(&ip50),
                 median(&ip99),
                 median(&iw99),
@@ -239,6 +256,8 @@ pub async fn sinks(
                 median(&bw99),
                 median(&bp99) / median(&ip99),
                 ratios.join(" "),
+                median(&forwarded),
+                median(&yielded),
                 median(&behind)
             );
         }

@@ -136,6 +136,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 rounds,
                 part,
                 sinks,
+                backfill_duty,
             } => runtime()?.block_on(super::bench_sinks::sinks(
                 &dir,
                 seconds,
@@ -143,6 +144,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 rounds.max(1),
                 part,
                 &sinks,
+                backfill_duty,
             )),
             BenchCommand::Wal {
                 dir,

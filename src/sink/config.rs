@@ -24,6 +24,12 @@ pub struct SinksConfig {
     /// it runs, never while it waits to retry). Backfill saturates what it is given; a
     /// limit leaves the servers' CPU to live writes. 0 means no limit. Default 1.
     pub backfill_writes: usize,
+    /// While live rows flow, the share of time backfill writes may take, across all
+    /// sinks: after a backfill write that took `d`, no backfill write starts for
+    /// `d * (1 - duty) / duty` (at most 5 s), so that live writes find the servers' CPU
+    /// and disk free. With no live rows flowing, backfill goes at full speed. Between
+    /// 0.05 and 1; 1 means no pause. Default 0.5.
+    pub backfill_duty: f64,
     /// At a graceful stop, once the sources have stopped, how long each live runner may
     /// go on forwarding what the live lane still holds, so that a stop leaves nothing
     /// captured live behind (what is left is sent at the next start). A runner whose
@@ -42,6 +48,7 @@ impl Default for SinksConfig {
             retry_max: Duration::from_secs(30),
             breaker_threshold: 3,
             backfill_writes: 1,
+            backfill_duty: 0.5,
             stop_drain: Duration::from_secs(5),
             clickhouse: ClickHouseConfig::default(),
             postgres: PostgresConfig::default(),
@@ -261,6 +268,12 @@ impl SinksConfig {
         }
         if self.breaker_threshold == 0 {
             return err("sinks.breaker_threshold", "must be at least 1");
+        }
+        if !(0.05..=1.0).contains(&self.backfill_duty) {
+            return err(
+                "sinks.backfill_duty",
+                "must be between 0.05 and 1 (1: backfill never pauses)",
+            );
         }
         if self.stop_drain > Duration::from_secs(60) {
             return err("sinks.stop_drain", "must be at most 60s (a stop waits for it)");

@@ -14,6 +14,7 @@ pub mod config;
 pub mod error;
 pub mod nats;
 pub mod postgres;
+pub mod priority;
 pub mod row;
 pub mod runner;
 

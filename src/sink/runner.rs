@@ -17,6 +17,7 @@ use tickvault_wal::{Lane, ReadBatch, Tail, Wal};
 use tokio::sync::watch;
 
 use super::breaker::{Breaker, State, Transition};
+use super::priority::Priority;
 use super::{Batch, Pushed, SinkError};
 
 /// A destination. Each runner owns one (and so one connection); connections are made
@@ -49,10 +50,11 @@ pub struct RunnerSpec {
     pub breaker_threshold: u32,
     /// One attempt that takes longer than this counts as failed (and is retried).
     pub attempt_timeout: Duration,
-    /// Shared by the backfill runners of every sink: an attempt holds a permit while it
-    /// runs (never while it waits to retry), so at most this many backfill writes load the
-    /// servers at once and the live runners' writes find CPU. `None`: no limit.
-    pub permits: Option<Arc<tokio::sync::Semaphore>>,
+    /// Shared by every runner of a daemon: live runners report acknowledged batches to
+    /// it; a backfill attempt holds one of its permits while it runs (never while it
+    /// waits to retry) and, while live rows flow, keeps it idle for a pause after (see
+    /// [`Priority`]). `None`: no limit and no pause.
+    pub priority: Option<Arc<Priority>>,
     /// When told to stop: how long the runner may go on forwarding what the lane holds at
     /// that moment (the sources have stopped by then). Zero: stop between batches.
     pub drain_on_stop: Duration,
@@ -67,6 +69,8 @@ pub struct RunnerStats {
     /// The cursor: the last log position the sink acknowledged.
     pub acked_seq: AtomicU64,
     pub failures: AtomicU64,
+    /// Time this backfill runner held its permit idle so that live writes ran alone, ms.
+    pub yielded_ms: AtomicU64,
     /// Non-event records in the lane (drill records), covered but not sent.
     pub skipped: AtomicU64,
     pub undecodable: AtomicU64,
@@ -89,6 +93,7 @@ impl RunnerStats {
             batches: AtomicU64::new(0),
             acked_seq: AtomicU64::new(0),
             failures: AtomicU64::new(0),
+            yielded_ms: AtomicU64::new(0),
             skipped: AtomicU64::new(0),
             undecodable: AtomicU64::new(0),
             corrupt: AtomicU64::new(0),
@@ -210,7 +215,7 @@ pub async fn run<S: Sink>(
                     break;
                 }
             }
-            position = commit(&mut cursor, &stats, &batch)?;
+            position = commit(&mut cursor, &spec, &stats, &batch)?;
         }
         anyhow::Ok(())
     }
@@ -239,9 +244,12 @@ pub async fn run<S: Sink>(
 
 /// A batch the sink acknowledged (or one with no row to send): its latency is recorded,
 /// the cursor is moved to its end, and it is counted. Returns the new position.
-fn commit(cursor: &mut CursorMover, stats: &RunnerStats, batch: &Batch) -> anyhow::Result<u64> {
+fn commit(cursor: &mut CursorMover, spec: &RunnerSpec, stats: &RunnerStats, batch: &Batch) -> anyhow::Result<u64> {
     if !batch.rows.is_empty() {
         stats.record_latency(batch);
+        if let (Lane::Live, Some(priority)) = (spec.lane, &spec.priority) {
+            priority.live_acknowledged();
+        }
     }
     cursor.acknowledged(batch.last_seq)?;
     stats.rows.fetch_add(batch.rows.len() as u64, Ordering::Relaxed);
@@ -298,7 +306,7 @@ async fn drain<S: Sink>(
                 }
             }
         }
-        position = commit(cursor, stats, &batch)?;
+        position = commit(cursor, spec, stats, &batch)?;
     }
     let elapsed_ms = started.elapsed().as_millis() as u64;
     if position >= head {
@@ -532,14 +540,33 @@ async fn until_acked<S: Sink>(
                 _ = shutdown.changed() => return None,
             }
         }
-        let _permit = match &spec.permits {
-            Some(permits) => tokio::select! {
-                permit = permits.acquire() => permit.ok(),
+        let priority = spec.priority.as_deref().filter(|_| spec.lane != Lane::Live);
+        let permit = match priority {
+            Some(priority) => tokio::select! {
+                permit = priority.acquire() => Some(permit),
                 _ = shutdown.changed() => return None,
             },
             None => None,
         };
-        match attempt(sink, &op, spec.attempt_timeout, stats).await {
+        let started = Instant::now();
+        let outcome = attempt(sink, &op, spec.attempt_timeout, stats).await;
+        if let (Some(priority), Some(_)) = (priority, &permit) {
+            // Live rows are flowing: leave the servers to them for a while, holding the
+            // permit so that no other sink's backfill write starts meanwhile.
+            let pause = priority.pause_after(started.elapsed());
+            if !pause.is_zero() && !*shutdown.borrow() {
+                let (mut stop, paused) = (shutdown.clone(), Instant::now());
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = stop.changed() => {}
+                }
+                stats
+                    .yielded_ms
+                    .fetch_add(paused.elapsed().as_millis() as u64, Ordering::Relaxed);
+            }
+        }
+        drop(permit);
+        match outcome {
             Ok(value) => {
                 stats.note(breaker.on_success());
                 return Some(value);
@@ -623,7 +650,7 @@ mod tests {
             retry_max: Duration::from_millis(10),
             breaker_threshold: 3,
             attempt_timeout: Duration::from_secs(10),
-            permits: None,
+            priority: None,
             drain_on_stop: Duration::ZERO,
         }
     }
@@ -668,6 +695,10 @@ mod tests {
     }
 
     async fn append_quotes(wal: &Wal, n: usize, from: usize) {
+        append_to(wal, Lane::Live, n, from).await;
+    }
+
+    async fn append_to(wal: &Wal, lane: Lane, n: usize, from: usize) {
         let mut batch = tickvault_wal::Batch::new();
         for i in from..from + n {
             let event = Event {
@@ -689,7 +720,118 @@ mod tests {
             };
             batch.push(EVENT_KIND, &event.to_payload().unwrap()).unwrap();
         }
-        wal.append(Lane::Live, batch).await.unwrap();
+        wal.append(lane, batch).await.unwrap();
+    }
+
+    /// Records when each of its writes ran; each takes `delay`.
+    struct Timed {
+        name: &'static str,
+        writes: Arc<Mutex<Vec<(Instant, Instant)>>>,
+        delay: Duration,
+    }
+
+    impl Sink for Timed {
+        fn name(&self) -> &'static str {
+            self.name
+        }
+
+        async fn write(&mut self, _batch: &Batch) -> Result<(), SinkError> {
+            let started = Instant::now();
+            tokio::time::sleep(self.delay).await;
+            self.writes.lock().unwrap().push((started, Instant::now()));
+            Ok(())
+        }
+    }
+
+    /// Two backfill runners (two sinks) forward 100 records each in batches of 10, each
+    /// write taking 20 ms, sharing one priority of 1 permit and a duty of 0.5; a task
+    /// says live rows flow when `live` is set. Returns every write's time span, sorted,
+    /// and the time both runners yielded, ms.
+    async fn two_backfill_runners(live: bool) -> (Vec<(Instant, Instant)>, u64) {
+        let scenario = fail::FailScenario::setup();
+        let dir = tempfile::tempdir().unwrap();
+        let wal = Wal::open(dir.path()).unwrap();
+        append_to(&wal, Lane::Backfill, 100, 0).await;
+        let priority = Arc::new(Priority::new(1, 0.5));
+        let writes = Arc::new(Mutex::new(Vec::new()));
+        let (stop, shutdown) = watch::channel(false);
+        let spec = RunnerSpec {
+            lane: Lane::Backfill,
+            batch_rows: 10,
+            priority: Some(priority.clone()),
+            ..spec()
+        };
+        let flowing = {
+            let priority = priority.clone();
+            tokio::spawn(async move {
+                if live {
+                    loop {
+                        priority.live_acknowledged();
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                }
+            })
+        };
+        let mut runners = Vec::new();
+        let mut all = Vec::new();
+        for name in ["first", "second"] {
+            let stats = Arc::new(RunnerStats::new(name, Lane::Backfill));
+            let sink = Timed {
+                name,
+                writes: writes.clone(),
+                delay: Duration::from_millis(20),
+            };
+            runners.push(tokio::spawn(run(
+                sink,
+                wal.clone(),
+                spec.clone(),
+                stats.clone(),
+                shutdown.clone(),
+            )));
+            all.push(stats);
+        }
+        let started = Instant::now();
+        while all.iter().any(|s| s.acked_seq.load(Ordering::Relaxed) < 100) {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "the runners did not finish"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        stop.send(true).unwrap();
+        for runner in runners {
+            runner.await.unwrap().unwrap();
+        }
+        flowing.abort();
+        let mut spans = writes.lock().unwrap().clone();
+        spans.sort();
+        let yielded = all.iter().map(|s| s.yielded_ms.load(Ordering::Relaxed)).sum();
+        scenario.teardown();
+        (spans, yielded)
+    }
+
+    #[tokio::test]
+    async fn while_live_rows_flow_backfill_writes_of_all_sinks_leave_idle_time_after_each() {
+        let (spans, yielded) = two_backfill_runners(true).await;
+        assert_eq!(spans.len(), 20, "10 batches per runner");
+        // One permit: no two backfill writes overlap, and after each comes a pause at
+        // least as long as the write (duty 0.5) in which no backfill write of any sink runs.
+        for pair in spans.windows(2) {
+            let gap = pair[1].0.saturating_duration_since(pair[0].1);
+            assert!(gap >= Duration::from_millis(20), "gap {gap:?} after a 20 ms write");
+        }
+        assert!(yielded >= 19 * 20, "yielded {yielded} ms");
+    }
+
+    #[tokio::test]
+    async fn with_no_live_rows_flowing_backfill_goes_at_full_speed() {
+        let (spans, yielded) = two_backfill_runners(false).await;
+        assert_eq!(spans.len(), 20);
+        assert_eq!(yielded, 0);
+        // Still one write at a time.
+        for pair in spans.windows(2) {
+            assert!(pair[1].0 >= pair[0].1, "backfill writes overlapped");
+        }
     }
 
     #[tokio::test]
