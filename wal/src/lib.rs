@@ -23,7 +23,10 @@
 //! 6. **Live before backfill.** A group commit takes at most a few thousand backfill
 //!    records; the rest wait, in order, for the next group, while live appends queued
 //!    behind them join the current one. A live append never waits behind a deep
-//!    backfill queue, only behind one bounded group.
+//!    backfill queue, only behind one bounded group. A group that carries a live append
+//!    takes still fewer: its first backfill append and others up to 2,048 records in
+//!    all, the rest sent back, in order, to the next group; so a live record's fsync
+//!    carries little besides it.
 //! 7. **A failed write poisons the log.** After a failed fsync the kernel may have
 //!    dropped dirty pages; the log cannot know what reached the disk, so it refuses all
 //!    further writes (and says why) until the process restarts and RocksDB recovers

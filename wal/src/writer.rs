@@ -139,6 +139,15 @@ pub(crate) enum Command {
 /// whole). About 2-5 ms of memtable inserts on the appliance's hardware.
 pub(crate) const BACKFILL_PER_GROUP: usize = 8_192;
 
+/// Backfill records a group that carries a live append takes at most (beyond its first
+/// backfill append, which always goes, so that backfill never stalls): the group's write
+/// and fsync then carry little more than the live records.
+pub(crate) const BACKFILL_WITH_LIVE: usize = 2_048;
+
+fn is_live(cmd: &Command) -> bool {
+    matches!(cmd, Command::Append { lane: Lane::Live, .. })
+}
+
 fn is_backfill(cmd: &Command) -> bool {
     matches!(
         cmd,
@@ -166,6 +175,39 @@ impl Command {
             Command::Append { batch, .. } => batch.len().max(1),
             _ => 1,
         }
+    }
+}
+
+/// A group that carries a live append keeps backfill appends only up to
+/// [`BACKFILL_WITH_LIVE`] records (and always its first one); the rest go back to the head
+/// of the deferred queue, in order, for the next group. Once one is sent back, every later
+/// one is too, so the backfill lane keeps its order. A group with a shutdown is left as it
+/// is: the shutdown must stay behind every deferred append.
+fn make_room_for_live(group: &mut Vec<Command>, deferred: &mut VecDeque<Command>) {
+    if !group.iter().any(is_live) || group.iter().any(|c| matches!(c, Command::Shutdown { .. })) {
+        return;
+    }
+    let (mut kept, mut first, mut sending_back) = (0usize, true, false);
+    let mut back = Vec::new();
+    let mut rest = Vec::with_capacity(group.len());
+    for cmd in group.drain(..) {
+        if !is_backfill(&cmd) {
+            rest.push(cmd);
+            continue;
+        }
+        let n = backfill_records(&cmd);
+        if !sending_back && (first || kept + n <= BACKFILL_WITH_LIVE) {
+            kept += n;
+            first = false;
+            rest.push(cmd);
+        } else {
+            sending_back = true;
+            back.push(cmd);
+        }
+    }
+    *group = rest;
+    for cmd in back.into_iter().rev() {
+        deferred.push_front(cmd);
     }
 }
 
@@ -345,6 +387,7 @@ impl Writer {
                     group.push(cmd);
                 }
             }
+            make_room_for_live(&mut group, &mut deferred);
             if self.commit_group(&mut group) {
                 break;
             }

@@ -394,4 +394,60 @@ mod failpoints {
         wal.shutdown().await.unwrap();
         scenario.teardown();
     }
+
+    #[tokio::test]
+    async fn a_live_append_shares_its_group_with_at_most_a_couple_of_thousand_backfill_records() {
+        let _serial = SERIAL.lock().await;
+        let scenario = fail::FailScenario::setup();
+        let dir = tempfile::tempdir().unwrap();
+        let wal = Wal::open(dir.path()).unwrap();
+        fail::cfg("wal::sync", "1*sleep(400)").unwrap();
+        let priming = tokio::spawn({
+            let wal = wal.clone();
+            async move { wal.append(Lane::Live, batch(1, "prime")).await.unwrap() }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Ten small backfill appends queue up, then a live one behind them: without the
+        // rule the live record would ride with eight of them (the 8,192-record cap).
+        let mut backfills = Vec::new();
+        for i in 0..10 {
+            let wal = wal.clone();
+            backfills.push(tokio::spawn(async move {
+                wal.append(Lane::Backfill, batch(1_000, &format!("b{i}")))
+                    .await
+                    .unwrap()
+            }));
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let live = tokio::spawn({
+            let wal = wal.clone();
+            async move { wal.append(Lane::Live, batch(1, "tick")).await.unwrap() }
+        });
+        priming.await.unwrap();
+        let live = live.await.unwrap();
+        fail::remove("wal::sync");
+        assert!(
+            live.group_records <= 2_001,
+            "live append committed in a group of {}",
+            live.group_records
+        );
+        // The backfill appends sent back kept their order and dense sequences.
+        let mut expected_first = 1;
+        for (i, b) in backfills.into_iter().enumerate() {
+            let outcome = b.await.unwrap();
+            assert_eq!(
+                (outcome.first_seq, outcome.last_seq),
+                (expected_first, expected_first + 999),
+                "append {i}"
+            );
+            expected_first += 1_000;
+        }
+        let read = wal.reader().read(Lane::Backfill, 0, usize::MAX).unwrap();
+        assert_eq!(read.records.len(), 10_000);
+        for (i, record) in read.records.iter().enumerate().step_by(1_000) {
+            assert_eq!(record.payload, format!("b{}-0", i / 1_000).as_bytes());
+        }
+        wal.shutdown().await.unwrap();
+        scenario.teardown();
+    }
 }
