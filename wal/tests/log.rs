@@ -340,13 +340,14 @@ mod failpoints {
         scenario.teardown();
     }
 
-    #[tokio::test]
-    async fn a_live_append_does_not_wait_behind_a_deep_backfill_queue() {
-        let _serial = SERIAL.lock().await;
-        let scenario = fail::FailScenario::setup();
-        let dir = tempfile::tempdir().unwrap();
-        let wal = Wal::open(dir.path()).unwrap();
-        // Hold the writer in its first commit while the queue fills up behind it.
+    /// Holds the writer in its first commit (400 ms) while `appends` backfill appends of
+    /// `records` each queue up behind it, in order, then a live append of one record.
+    /// Returns the live append's outcome and the backfill appends', in order.
+    async fn live_behind_queued_backfill(
+        wal: &Wal,
+        appends: usize,
+        records: usize,
+    ) -> (tickvault_wal::AppendOutcome, Vec<tickvault_wal::AppendOutcome>) {
         fail::cfg("wal::sync", "1*sleep(400)").unwrap();
         let priming = tokio::spawn({
             let wal = wal.clone();
@@ -354,10 +355,10 @@ mod failpoints {
         });
         tokio::time::sleep(Duration::from_millis(50)).await;
         let mut backfills = Vec::new();
-        for i in 0..10 {
+        for i in 0..appends {
             let wal = wal.clone();
             backfills.push(tokio::spawn(async move {
-                wal.append(Lane::Backfill, batch(10_000, &format!("b{i}")))
+                wal.append(Lane::Backfill, batch(records, &format!("b{i}")))
                     .await
                     .unwrap()
             }));
@@ -371,26 +372,45 @@ mod failpoints {
         priming.await.unwrap();
         let live = live.await.unwrap();
         fail::remove("wal::sync");
+        let mut outcomes = Vec::new();
+        for b in backfills {
+            outcomes.push(b.await.unwrap());
+        }
+        (live, outcomes)
+    }
+
+    /// Every backfill append got the next dense range of sequences, in the order sent,
+    /// and the lane holds each append's records where its range says.
+    fn assert_backfill_in_order(wal: &Wal, outcomes: &[tickvault_wal::AppendOutcome], records: u64) {
+        for (i, outcome) in outcomes.iter().enumerate() {
+            let first = 1 + i as u64 * records;
+            assert_eq!(
+                (outcome.first_seq, outcome.last_seq),
+                (first, first + records - 1),
+                "append {i}"
+            );
+        }
+        let read = wal.reader().read(Lane::Backfill, 0, usize::MAX).unwrap();
+        assert_eq!(read.records.len() as u64, outcomes.len() as u64 * records);
+        for (i, record) in read.records.iter().enumerate().step_by(records as usize) {
+            assert_eq!(record.payload, format!("b{}-0", i as u64 / records).as_bytes());
+        }
+    }
+
+    #[tokio::test]
+    async fn a_live_append_does_not_wait_behind_a_deep_backfill_queue() {
+        let _serial = SERIAL.lock().await;
+        let scenario = fail::FailScenario::setup();
+        let dir = tempfile::tempdir().unwrap();
+        let wal = Wal::open(dir.path()).unwrap();
+        let (live, backfills) = live_behind_queued_backfill(&wal, 10, 10_000).await;
         // The live record rode with at most one backfill append, not with all 100,000.
         assert!(
             live.group_records <= 10_001,
             "live append committed in a group of {}",
             live.group_records
         );
-        // Backfill kept its order and its dense sequences.
-        let mut expected_first = 1;
-        for (i, b) in backfills.into_iter().enumerate() {
-            let outcome = b.await.unwrap();
-            assert_eq!(
-                (outcome.first_seq, outcome.last_seq),
-                (expected_first, expected_first + 9_999),
-                "append {i}"
-            );
-            expected_first += 10_000;
-        }
-        let read = wal.reader().read(Lane::Backfill, 0, usize::MAX).unwrap();
-        assert_eq!(read.records.len(), 100_000);
-        assert_eq!(read.records[10_000].payload, b"b1-0");
+        assert_backfill_in_order(&wal, &backfills, 10_000);
         wal.shutdown().await.unwrap();
         scenario.teardown();
     }
@@ -401,52 +421,16 @@ mod failpoints {
         let scenario = fail::FailScenario::setup();
         let dir = tempfile::tempdir().unwrap();
         let wal = Wal::open(dir.path()).unwrap();
-        fail::cfg("wal::sync", "1*sleep(400)").unwrap();
-        let priming = tokio::spawn({
-            let wal = wal.clone();
-            async move { wal.append(Lane::Live, batch(1, "prime")).await.unwrap() }
-        });
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        // Ten small backfill appends queue up, then a live one behind them: without the
-        // rule the live record would ride with eight of them (the 8,192-record cap).
-        let mut backfills = Vec::new();
-        for i in 0..10 {
-            let wal = wal.clone();
-            backfills.push(tokio::spawn(async move {
-                wal.append(Lane::Backfill, batch(1_000, &format!("b{i}")))
-                    .await
-                    .unwrap()
-            }));
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-        let live = tokio::spawn({
-            let wal = wal.clone();
-            async move { wal.append(Lane::Live, batch(1, "tick")).await.unwrap() }
-        });
-        priming.await.unwrap();
-        let live = live.await.unwrap();
-        fail::remove("wal::sync");
+        // Without the rule the live record would ride with eight of the ten (the
+        // 8,192-record cap of any group).
+        let (live, backfills) = live_behind_queued_backfill(&wal, 10, 1_000).await;
         assert!(
             live.group_records <= 2_001,
             "live append committed in a group of {}",
             live.group_records
         );
-        // The backfill appends sent back kept their order and dense sequences.
-        let mut expected_first = 1;
-        for (i, b) in backfills.into_iter().enumerate() {
-            let outcome = b.await.unwrap();
-            assert_eq!(
-                (outcome.first_seq, outcome.last_seq),
-                (expected_first, expected_first + 999),
-                "append {i}"
-            );
-            expected_first += 1_000;
-        }
-        let read = wal.reader().read(Lane::Backfill, 0, usize::MAX).unwrap();
-        assert_eq!(read.records.len(), 10_000);
-        for (i, record) in read.records.iter().enumerate().step_by(1_000) {
-            assert_eq!(record.payload, format!("b{}-0", i / 1_000).as_bytes());
-        }
+        // The appends sent back to the next group kept their order and dense sequences.
+        assert_backfill_in_order(&wal, &backfills, 1_000);
         wal.shutdown().await.unwrap();
         scenario.teardown();
     }
