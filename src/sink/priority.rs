@@ -10,7 +10,7 @@
 //!   sink waits to retry.
 //! - **Duty**: while live rows flow (a live runner had a batch acknowledged within the
 //!   last [`LIVE_FLOWING`]), backfill writes take at most `sinks.backfill_duty` of the
-//!   time. After an attempt that took `d`, the permit is held, idle, for
+//!   time. After an acknowledged attempt that took `d`, the permit is held, idle, for
 //!   `d * (1 - duty) / duty` (at most [`MAX_PAUSE`]), so no backfill write of any sink runs
 //!   then and the servers are left to the live writes. With no live rows flowing (a
 //!   closed market, a backfill-only run) backfill goes at full speed.

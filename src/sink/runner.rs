@@ -550,9 +550,11 @@ async fn until_acked<S: Sink>(
         };
         let started = Instant::now();
         let outcome = attempt(sink, &op, spec.attempt_timeout, stats).await;
-        if let (Some(priority), Some(_)) = (priority, &permit) {
+        if let (Some(priority), Some(_), Ok(_)) = (priority, &permit, &outcome) {
             // Live rows are flowing: leave the servers to them for a while, holding the
-            // permit so that no other sink's backfill write starts meanwhile.
+            // permit so that no other sink's backfill write starts meanwhile. Only after
+            // an acknowledged write: a failing sink waits out its backoff without the
+            // permit, and a timed-out attempt must not hold back the other sinks.
             let pause = priority.pause_after(started.elapsed());
             if !pause.is_zero() && !*shutdown.borrow() {
                 let (mut stop, paused) = (shutdown.clone(), Instant::now());
