@@ -183,8 +183,13 @@ pub async fn sinks(
     measured: &[String],
     duty: Option<f64>,
 ) -> anyhow::Result<ExitCode> {
-    if let Some(duty) = duty.filter(|d| !(0.05..=1.0).contains(d)) {
-        eprintln!("bench sinks: --backfill-duty {duty}: must be between 0.05 and 1");
+    let range = crate::sink::config::BACKFILL_DUTY;
+    if let Some(duty) = duty.filter(|d| !range.contains(d)) {
+        eprintln!(
+            "bench sinks: --backfill-duty {duty}: must be between {} and {}",
+            range.start(),
+            range.end()
+        );
         return Ok(ExitCode::from(2));
     }
     let _ = std::fs::remove_dir_all(dir.join("sinks"));

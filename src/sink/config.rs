@@ -41,6 +41,9 @@ pub struct SinksConfig {
     pub nats: NatsConfig,
 }
 
+/// The values `sinks.backfill_duty` may take.
+pub const BACKFILL_DUTY: std::ops::RangeInclusive<f64> = 0.05..=1.0;
+
 impl Default for SinksConfig {
     fn default() -> Self {
         SinksConfig {
@@ -269,7 +272,7 @@ impl SinksConfig {
         if self.breaker_threshold == 0 {
             return err("sinks.breaker_threshold", "must be at least 1");
         }
-        if !(0.05..=1.0).contains(&self.backfill_duty) {
+        if !BACKFILL_DUTY.contains(&self.backfill_duty) {
             return err(
                 "sinks.backfill_duty",
                 "must be between 0.05 and 1 (1: backfill never pauses)",

@@ -28,8 +28,8 @@ use tokio::time::Instant;
 
 /// Live rows count as flowing for this long after a live batch was acknowledged.
 pub const LIVE_FLOWING: Duration = Duration::from_secs(1);
-/// The longest pause after one backfill attempt (an attempt that ran into its timeout
-/// would otherwise buy minutes of pause).
+/// The longest pause after one backfill write (a write acknowledged just before the
+/// attempt timeout, 60 s, would otherwise buy a minute of pause).
 pub const MAX_PAUSE: Duration = Duration::from_secs(5);
 
 /// Shared by every runner of a daemon: live runners say when they forwarded rows,
@@ -81,8 +81,8 @@ impl Priority {
         self.permits.acquire().await.expect("the semaphore is never closed")
     }
 
-    /// Backfill permits free now (for tests and the demo).
-    pub fn available_permits(&self) -> usize {
+    #[cfg(test)]
+    fn available_permits(&self) -> usize {
         self.permits.available_permits()
     }
 

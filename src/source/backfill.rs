@@ -111,8 +111,9 @@ pub enum PeriodState {
     Verified,
 }
 
-/// Bars per append to the log (see where pages are appended).
-const APPEND_BARS: usize = 2_048;
+/// Bars per append to the log: as many as a group commit that carries a live append
+/// takes beside it, so that such a group takes exactly one of these.
+const APPEND_BARS: usize = tickvault_wal::BACKFILL_WITH_LIVE;
 
 const PERIOD_PREFIX: &str = "backfill/period/";
 
@@ -327,9 +328,8 @@ impl Downloader {
             let count = page.results.len() as u64;
             let captured_at_ns = i64::try_from(jiff::Timestamp::now().as_nanosecond()).unwrap_or(i64::MAX);
             let mut last_t = None;
-            // Appends of about 2,000 bars: a group commit that carries a live append takes
-            // at most one such append of backfill (see the log's writer), so live records
-            // never share an fsync with more than ~200 KB of bars.
+            // Small appends: a group commit that carries a live append takes one of them at
+            // most, so live records never share an fsync with more than ~200 KB of bars.
             for chunk in page.results.chunks(APPEND_BARS) {
                 let mut batch = Batch::with_capacity(chunk.len(), chunk.len() * 96);
                 for bar in chunk {

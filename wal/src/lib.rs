@@ -86,7 +86,7 @@ pub use lane::{Lane, UnknownLane};
 pub use reader::{CheckReport, CursorInfo, LaneSummary, LogReader, ReadBatch, Record, Summary, Tail};
 pub use record::{DecodeError, EncodeError, RecordKind, FORMAT_VERSION};
 pub use store::Space;
-pub use writer::{AppendOutcome, Batch, LaneTruncation};
+pub use writer::{AppendOutcome, Batch, LaneTruncation, BACKFILL_WITH_LIVE};
 
 #[cfg(feature = "failpoints")]
 pub use store::stamp_format_version_for_test;

@@ -142,7 +142,7 @@ pub(crate) const BACKFILL_PER_GROUP: usize = 8_192;
 /// Backfill records a group that carries a live append takes at most (beyond its first
 /// backfill append, which always goes, so that backfill never stalls): the group's write
 /// and fsync then carry little more than the live records.
-pub(crate) const BACKFILL_WITH_LIVE: usize = 2_048;
+pub const BACKFILL_WITH_LIVE: usize = 2_048;
 
 fn is_live(cmd: &Command) -> bool {
     matches!(cmd, Command::Append { lane: Lane::Live, .. })
