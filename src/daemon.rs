@@ -10,7 +10,6 @@
 //!
 //! Then the log's writer commits everything queued and syncs before the process exits.
 
-use std::future::Future;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -135,13 +134,7 @@ pub fn backfill_spec(config: &Config) -> anyhow::Result<BackfillSpec> {
 /// The lanes sinks forward, each with its own runner per sink.
 pub const FORWARDED_LANES: [Lane; 2] = [Lane::Live, Lane::Backfill];
 
-fn runner_spec(
-    sinks: &SinksConfig,
-    batching: Batching,
-    lane: Lane,
-    priority: &Arc<Priority>,
-    background: &tokio::runtime::Handle,
-) -> RunnerSpec {
+fn runner_spec(sinks: &SinksConfig, batching: Batching, lane: Lane, priority: &Arc<Priority>) -> RunnerSpec {
     let (batch_rows, flush_interval) = match lane {
         Lane::Live => (batching.live_batch_rows, batching.live_flush_interval),
         _ => (batching.backfill_batch_rows, batching.backfill_flush_interval),
@@ -159,15 +152,13 @@ fn runner_spec(
             Lane::Live => sinks.stop_drain,
             _ => std::time::Duration::ZERO,
         },
-        read_ahead: Some(background.clone()),
     }
 }
 
 /// Starts one runner per (enabled sink, forwarded lane), each with its own connection.
 fn start_sinks(config: &Config, wal: &Wal, parts: &mut Parts) -> anyhow::Result<Vec<Arc<RunnerStats>>> {
     fn spawn<S: Sink>(sink: S, spec: RunnerSpec, wal: &Wal, parts: &mut Parts) -> Arc<RunnerStats> {
-        let sink_name = sink.name();
-        let stats = Arc::new(RunnerStats::new(sink_name, spec.lane));
+        let stats = Arc::new(RunnerStats::new(sink.name(), spec.lane));
         let lane = spec.lane;
         let shutdown = match lane {
             Lane::Live => parts.live_shutdown.clone(),
@@ -178,12 +169,11 @@ fn start_sinks(config: &Config, wal: &Wal, parts: &mut Parts) -> anyhow::Result<
             runner::run(sink, wal, spec, stats, shutdown).await?;
             Ok("sink runner")
         };
-        // A backfill runner (and its connection's tasks) runs on a low-priority thread of
-        // its own, its read-ahead on the low-priority runtime; live runners on the main
-        // runtime, and are stopped last.
+        // Backfill runners (and their connections' tasks) run on the low-priority
+        // runtime; live runners on the main one, and are stopped last.
         match lane {
             Lane::Live => parts.live_runners.spawn(run),
-            _ => parts.tasks.spawn(parts.dedicated.spawn(thread_name(sink_name), run)),
+            _ => parts.tasks.spawn_on(run, &parts.background),
         };
         out
     }
@@ -206,16 +196,16 @@ fn start_sinks(config: &Config, wal: &Wal, parts: &mut Parts) -> anyhow::Result<
     let mut stats = Vec::new();
     for lane in FORWARDED_LANES {
         if sinks.clickhouse.enabled {
-            let spec = runner_spec(sinks, sinks.clickhouse.batching(), lane, &priority, &parts.background);
+            let spec = runner_spec(sinks, sinks.clickhouse.batching(), lane, &priority);
             stats.push(spawn(ClickHouseSink::new(&sinks.clickhouse), spec, wal, parts));
         }
         if sinks.postgres.enabled {
-            let spec = runner_spec(sinks, sinks.postgres.batching(), lane, &priority, &parts.background);
+            let spec = runner_spec(sinks, sinks.postgres.batching(), lane, &priority);
             let sink = PostgresSink::new(&sinks.postgres, &log_id);
             stats.push(spawn(sink, spec, wal, parts));
         }
         if sinks.nats.enabled {
-            let spec = runner_spec(sinks, sinks.nats.batching(), lane, &priority, &parts.background);
+            let spec = runner_spec(sinks, sinks.nats.batching(), lane, &priority);
             stats.push(spawn(NatsSink::new(&sinks.nats), spec, wal, parts));
         }
     }
@@ -231,21 +221,13 @@ struct Parts {
     live_shutdown: watch::Receiver<bool>,
     /// The low-priority runtime.
     background: tokio::runtime::Handle,
-    /// The low-priority threads of the backfill runners.
-    dedicated: Dedicated,
 }
 
-/// A runtime for the backfill: the downloader and the backfill runners' read-ahead; and
-/// the backfill runners' threads ([`Dedicated`]). Its threads run at a lower CPU priority
-/// (nice 10), so that on a busy box the scheduler gives the live path (collectors, the
-/// log's writer, live runners) the CPU first: live data is never held up by backfill, not
-/// even by its parsing and encoding.
-pub struct BackgroundRuntime {
-    runtime: Option<tokio::runtime::Runtime>,
-    /// Dropped with the runtime: what still runs on a dedicated thread is dropped too.
-    _gone: watch::Sender<()>,
-    dedicated: Dedicated,
-}
+/// A runtime for the backfill: the downloader and the backfill sink runners. Its threads
+/// run at a lower CPU priority (nice 10), so that on a busy box the scheduler gives the
+/// live path (collectors, the log's writer, live runners) the CPU first: live data is
+/// never held up by backfill, not even by its parsing and encoding.
+pub struct BackgroundRuntime(Option<tokio::runtime::Runtime>);
 
 impl BackgroundRuntime {
     pub fn new() -> anyhow::Result<BackgroundRuntime> {
@@ -255,80 +237,21 @@ impl BackgroundRuntime {
             .on_thread_start(lower_priority)
             .enable_all()
             .build()?;
-        let (gone, dedicated) = watch::channel(());
-        Ok(BackgroundRuntime {
-            runtime: Some(runtime),
-            _gone: gone,
-            dedicated: Dedicated { gone: dedicated },
-        })
+        Ok(BackgroundRuntime(Some(runtime)))
     }
 
     pub fn handle(&self) -> tokio::runtime::Handle {
-        self.runtime.as_ref().expect("present until dropped").handle().clone()
+        self.0.as_ref().expect("present until dropped").handle().clone()
     }
 }
 
 impl Drop for BackgroundRuntime {
     fn drop(&mut self) {
         // Dropping a runtime blocks, which an async context forbids: let it wind down.
-        if let Some(runtime) = self.runtime.take() {
+        if let Some(runtime) = self.0.take() {
             runtime.shutdown_background();
         }
     }
-}
-
-/// Runs futures on low-priority threads of their own, each with a single-threaded
-/// runtime. A backfill runner and its connection's tasks then share one thread: a write
-/// and the server's answer to it never wait for another thread to wake. Measured with
-/// JetStream, where each message is a request and its acknowledgement (BENCHMARKS.md,
-/// "A thread per backfill runner").
-#[derive(Clone)]
-struct Dedicated {
-    /// Closed when the [`BackgroundRuntime`] is dropped.
-    gone: watch::Receiver<()>,
-}
-
-impl Dedicated {
-    /// Starts `run` on a new thread called `name`; the future returned ends with it.
-    fn spawn<F>(&self, name: String, run: F) -> impl Future<Output = anyhow::Result<&'static str>> + Send + 'static
-    where
-        F: Future<Output = anyhow::Result<&'static str>> + Send + 'static,
-    {
-        let (done, outcome) = tokio::sync::oneshot::channel();
-        let mut gone = self.gone.clone();
-        let started = std::thread::Builder::new().name(name.clone()).spawn(move || {
-            lower_priority();
-            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
-                Ok(runtime) => runtime,
-                Err(e) => {
-                    let _ = done.send(Err(e.into()));
-                    return;
-                }
-            };
-            let ran = runtime.block_on(async move {
-                tokio::select! {
-                    ran = run => Some(ran),
-                    _ = gone.changed() => None,
-                }
-            });
-            if let Some(ran) = ran {
-                let _ = done.send(ran);
-            }
-        });
-        async move {
-            started.with_context(|| format!("starting thread {name}"))?;
-            outcome.await.unwrap_or_else(|_| {
-                Err(anyhow::anyhow!(
-                    "thread {name} ended without an outcome: it panicked, or the daemon was dropped"
-                ))
-            })
-        }
-    }
-}
-
-/// A backfill runner's thread (Linux keeps 15 bytes of a thread's name).
-fn thread_name(sink: &str) -> String {
-    format!("bf-{sink}")
 }
 
 /// Lowers the calling thread's CPU priority (Linux: nice applies per thread).
@@ -352,7 +275,6 @@ pub fn start(config: &Config) -> anyhow::Result<Running> {
         shutdown: shutdown.clone(),
         live_shutdown,
         background: background.handle(),
-        dedicated: background.dedicated.clone(),
     };
     let mut live_stats = Vec::new();
     for spec in live_specs(config)? {
@@ -462,55 +384,5 @@ impl Running {
             Some(e) => Err(e),
             None => Ok(()),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn a_dedicated_thread_runs_at_low_priority_and_hands_back_its_outcome() {
-        let background = BackgroundRuntime::new().unwrap();
-        let ran = background.dedicated.spawn(thread_name("test"), async {
-            let name = std::thread::current().name().map(str::to_owned);
-            // SAFETY: getpriority reads its integer arguments; `who` 0 is this thread.
-            let nice = unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) };
-            anyhow::ensure!(name.as_deref() == Some("bf-test"), "named {name:?}");
-            anyhow::ensure!(nice >= 10, "nice {nice}");
-            Ok("done")
-        });
-        assert_eq!(ran.await.unwrap(), "done");
-    }
-
-    #[tokio::test]
-    async fn a_panic_on_a_dedicated_thread_is_an_error() {
-        let background = BackgroundRuntime::new().unwrap();
-        let ran = background.dedicated.spawn(thread_name("test"), async {
-            let outcome: anyhow::Result<&'static str> = Ok("never");
-            if outcome.is_ok() {
-                panic!("on purpose");
-            }
-            outcome
-        });
-        let error = ran.await.unwrap_err().to_string();
-        assert!(error.contains("bf-test") && error.contains("panicked"), "{error}");
-    }
-
-    #[tokio::test]
-    async fn dropping_the_background_runtime_ends_what_runs_on_its_threads() {
-        let background = BackgroundRuntime::new().unwrap();
-        let (held, released) = tokio::sync::oneshot::channel::<()>();
-        let ran = background.dedicated.spawn(thread_name("test"), async move {
-            let _held = held;
-            std::future::pending::<()>().await;
-            Ok("never")
-        });
-        drop(background);
-        // The future was dropped on its thread, and with it what it held.
-        assert!(tokio::time::timeout(std::time::Duration::from_secs(10), released)
-            .await
-            .is_ok());
-        assert!(ran.await.is_err(), "a dropped future has no outcome");
     }
 }

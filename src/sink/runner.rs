@@ -58,11 +58,6 @@ pub struct RunnerSpec {
     /// When told to stop: how long the runner may go on forwarding what the lane holds at
     /// that moment (the sources have stopped by then). Zero: stop between batches.
     pub drain_on_stop: Duration,
-    /// Where a backfill runner reads ahead (reads and decodes the next batch from the log
-    /// while the sink writes this one): a runtime with threads of its own, so that the
-    /// reading, which blocks its thread, does not stall the runner's connection. `None`:
-    /// the runner's own runtime.
-    pub read_ahead: Option<tokio::runtime::Handle>,
 }
 
 /// What a runner did, for the demo, the benchmarks and the tests.
@@ -429,7 +424,7 @@ impl Batches {
         }
         // Capacity 1: one batch waits while one is written; memory stays at two batches.
         let (tx, rx) = tokio::sync::mpsc::channel(1);
-        let read_ahead = async move {
+        let task = tokio::spawn(async move {
             let mut cutter = cutter;
             let mut shutdown = shutdown;
             loop {
@@ -451,11 +446,7 @@ impl Batches {
                     }
                 }
             }
-        };
-        let task = match &spec.read_ahead {
-            Some(runtime) => runtime.spawn(read_ahead),
-            None => tokio::spawn(read_ahead),
-        };
+        });
         Batches::Ahead { rx, task }
     }
 
@@ -663,7 +654,6 @@ mod tests {
             attempt_timeout: Duration::from_secs(10),
             priority: None,
             drain_on_stop: Duration::ZERO,
-            read_ahead: None,
         }
     }
 
