@@ -24,6 +24,11 @@ impl Row {
 }
 
 /// The baseline: what a plain loop of single synced RocksDB puts achieves.
+/// The cores this process may run on, as every benchmark reports them.
+pub fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 fn naive_synced_puts(path: &Path, records: u64, payload_bytes: usize) -> anyhow::Result<Row> {
     let db = rocksdb::DB::open_default(path)?;
     let mut opts = rocksdb::WriteOptions::default();
@@ -126,7 +131,7 @@ pub async fn wal(dir: &Path, records: u64, payload_bytes: usize, naive_records: 
     let (read, scan) = replay(&wal4)?;
     wal4.shutdown().await?;
 
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let cores = cores();
     println!(
         "## tickvault bench wal: {payload_bytes}-byte payloads, {records} records per group-commit run, {cores} cores, log on {}",
         dir.display()

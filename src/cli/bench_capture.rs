@@ -161,7 +161,7 @@ pub async fn capture(
 ) -> anyhow::Result<ExitCode> {
     std::fs::create_dir_all(dir)?;
     let tmp = tempfile::Builder::new().prefix("capture-bench-").tempdir_in(dir)?;
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let cores = super::bench::cores();
     println!(
         "## tickvault bench capture: {cores} cores, simulator on loopback, log in {}",
         dir.display()

@@ -328,7 +328,7 @@ pub async fn sinks(
             / clock_ticks();
         let done = stats.rows.load(Ordering::Relaxed).max(1) as f64;
         let (ours, theirs) = (cpu * 1e6 / done, server_cpu * 1e6 / done);
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        let cores = super::bench::cores() as f64;
         let server = if now.is_empty() {
             "the server is not on this machine".to_owned()
         } else {
