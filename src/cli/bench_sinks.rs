@@ -326,8 +326,9 @@ pub async fn sinks(
             .map(|(pid, ticks)| ticks.saturating_sub(server_cpu.get(pid).copied().unwrap_or(0)))
             .sum::<u64>() as f64
             / clock_ticks();
-        let done = stats.rows.load(Ordering::Relaxed).max(1) as f64;
-        let (ours, theirs) = (cpu * 1e6 / done, server_cpu * 1e6 / done);
+        let done = stats.rows.load(Ordering::Relaxed);
+        let per_row = |seconds: f64| seconds * 1e6 / done.max(1) as f64;
+        let (ours, theirs) = (per_row(cpu), per_row(server_cpu));
         let cores = super::bench::cores() as f64;
         let server = if now.is_empty() {
             "the server is not on this machine".to_owned()
@@ -339,7 +340,7 @@ pub async fn sinks(
         };
         println!(
             "  {sink:<10} {done} rows in {secs:.2} s = {:.0} rows/s ({} batches); CPU per row (us): tickvault's {ours:.2}, {server}",
-            done / secs,
+            done as f64 / secs,
             stats.batches.load(Ordering::Relaxed),
         );
         running.shutdown().await?;
