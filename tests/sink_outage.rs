@@ -1,17 +1,25 @@
-//! A sink server goes away and comes back, under load. This binary runs its own NATS
-//! server (the shared ones stay up for the other tests): it is stopped for a while and
-//! started again on the same port and store.
+//! A sink server goes away and comes back, under load, once for each sink. NATS: this
+//! binary runs its own nats-server (the shared ones stay up for the other tests), stopped
+//! for a while and started again on the same port and store. PostgreSQL and ClickHouse:
+//! the daemon reaches the shared server through a relay that is cut off (connections
+//! broken half way, new ones refused, as by a stopped server or a lost network) and then
+//! restored; stopping the shared servers would stop them for everything else using them.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use tickvault_wal::{Lane, Wal};
 
 mod common;
 
-use common::sinks::{caught_up, drain, log_keys, verify, wait_for, write_config, Daemon, Target};
+use common::proxy::Proxy;
+use common::sinks::{caught_up, drain, log_keys, verify, wait_for, write_config_at, Daemon, Ports, Target, SINKS};
 use common::{simulator, Child};
+
+/// One outage at a time: each drives a daemon, and they share the simulator's CPU.
+static SERIAL: Mutex<()> = Mutex::new(());
 
 fn nats_server(port: u16, store: &Path) -> Child {
     let child = Child(
@@ -33,78 +41,170 @@ fn cursor(log: &Path, sink: &str, lane: Lane) -> u64 {
     Wal::open_read_only(log).unwrap().cursor(sink, lane).unwrap()
 }
 
-#[test]
-fn a_sink_that_goes_down_holds_its_cursor_while_the_others_go_on_and_catches_up_when_back() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
         .unwrap()
-        .port();
+        .port()
+}
+
+/// How the sink under test goes away and comes back.
+enum Outage {
+    /// A nats-server of this test's own, stopped and started again.
+    Nats {
+        port: u16,
+        store: PathBuf,
+        server: Option<Child>,
+    },
+    /// A relay in front of the shared server, cut and restored.
+    Relay(Proxy),
+}
+
+impl Outage {
+    fn new(sink: &str, dir: &Path) -> Outage {
+        match sink {
+            "nats" => {
+                let (port, store) = (free_port(), dir.join("nats"));
+                let server = Some(nats_server(port, &store));
+                Outage::Nats { port, store, server }
+            }
+            "postgres" => Outage::Relay(Proxy::start(Ports::SHARED.postgres)),
+            "clickhouse" => Outage::Relay(Proxy::start(Ports::SHARED.clickhouse)),
+            other => panic!("no sink {other}"),
+        }
+    }
+
+    /// Where the daemon reaches each sink.
+    fn ports(&self, sink: &str) -> Ports {
+        let mut ports = Ports::SHARED;
+        match (self, sink) {
+            (Outage::Nats { port, .. }, _) => ports.nats = *port,
+            (Outage::Relay(p), "postgres") => ports.postgres = p.port,
+            (Outage::Relay(p), _) => ports.clickhouse = p.port,
+        }
+        ports
+    }
+
+    fn down(&mut self) {
+        match self {
+            Outage::Nats { server, .. } => drop(server.take()),
+            Outage::Relay(p) => p.cut(),
+        }
+    }
+
+    fn up(&mut self) {
+        match self {
+            Outage::Nats { port, store, server } => *server = Some(nats_server(*port, store)),
+            Outage::Relay(p) => p.restore(),
+        }
+    }
+}
+
+#[test]
+fn nats_going_down_holds_its_cursor_while_the_others_go_on_and_it_catches_up_when_back() {
+    outage("nats");
+}
+
+#[test]
+fn postgres_cut_off_holds_its_cursor_while_the_others_go_on_and_it_catches_up_when_back() {
+    outage("postgres");
+}
+
+#[test]
+fn clickhouse_cut_off_holds_its_cursor_while_the_others_go_on_and_it_catches_up_when_back() {
+    outage("clickhouse");
+}
+
+fn outage(sink: &str) {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
     let dir = tempfile::tempdir().unwrap();
-    let store = dir.path().join("nats");
-    let mut nats = Some(nats_server(port, &store));
-    let target = Target::new("outage");
+    let mut outage = Outage::new(sink, dir.path());
+    let ports = outage.ports(sink);
+    let target = Target::new(&format!("outage_{sink}"));
     let (_sim, addr) = simulator(&["--always-open", "--quotes-per-minute", "1200"]);
     let log = dir.path().join("log");
+    // 120 days of bars (172,800): the outage comes while the backfill is being
+    // forwarded, beside the live writes.
     let sources = "[live.crypto]\nsymbols = [\"BTC-USD\", \"ETH-USD\"]\nchannels = [\"XQ\", \"XT\"]\n\
-        [backfill]\ncrypto = [\"BTC-USD\"]\nlookback = \"1day\"\nchunk = \"1day\"\n";
-    let config = write_config(&dir.path().join("run.toml"), sources, &target, port);
+        [backfill]\ncrypto = [\"BTC-USD\"]\nlookback = \"120days\"\nchunk = \"60days\"\n";
+    let config = write_config_at(&dir.path().join("run.toml"), sources, &target, ports);
     let daemon = Daemon::start(&config, &log, &addr, &dir.path().join("run.stderr"));
-    wait_for("the sinks to catch up", Duration::from_secs(60), || caught_up(&log));
+    wait_for(
+        &format!("{sink}'s first backfill write"),
+        Duration::from_secs(60),
+        || cursor(&log, sink, Lane::Backfill) > 0,
+    );
 
     // The outage.
-    drop(nats.take());
+    outage.down();
     std::thread::sleep(Duration::from_millis(500));
-    let before = [
-        cursor(&log, "nats", Lane::Live),
-        cursor(&log, "postgres", Lane::Live),
-        cursor(&log, "clickhouse", Lane::Live),
-    ];
+    let cursors = |lane| SINKS.map(|s| cursor(&log, s, lane));
+    let (before, backfill_before) = (cursors(Lane::Live), cursors(Lane::Backfill));
     std::thread::sleep(Duration::from_secs(6));
-    let during = [
-        cursor(&log, "nats", Lane::Live),
-        cursor(&log, "postgres", Lane::Live),
-        cursor(&log, "clickhouse", Lane::Live),
-    ];
-    let head = Wal::open_read_only(&log)
-        .unwrap()
-        .last_seq(Lane::Live)
-        .unwrap()
-        .unwrap_or(0);
-    assert_eq!(during[0], before[0], "the NATS cursor moved while NATS was down");
-    assert!(
-        during[1] > before[1] && during[2] > before[2],
-        "PostgreSQL and ClickHouse were held up: cursors {before:?} -> {during:?}"
-    );
-    assert!(head > during[0], "live capture went on during the outage");
+    let (during, backfill_during) = (cursors(Lane::Live), cursors(Lane::Backfill));
+    let reader = Wal::open_read_only(&log).unwrap();
+    let head = |lane| reader.last_seq(lane).unwrap().unwrap_or(0);
+    for (i, s) in SINKS.iter().enumerate() {
+        if *s == sink {
+            assert_eq!(
+                during[i], before[i],
+                "the {sink} live cursor moved while {sink} was down"
+            );
+            assert!(head(Lane::Live) > during[i], "live capture went on during the outage");
+            assert_eq!(
+                backfill_during[i], backfill_before[i],
+                "the {sink} backfill cursor moved while {sink} was down"
+            );
+            assert!(
+                head(Lane::Backfill) > backfill_during[i],
+                "{sink}'s backfill was through before the outage began: nothing was held"
+            );
+        } else {
+            assert!(
+                during[i] > before[i],
+                "{s}'s live lane was held up by {sink}'s outage: cursors of {SINKS:?} {before:?} -> {during:?}"
+            );
+            assert!(
+                backfill_during[i] > backfill_before[i] || backfill_during[i] == head(Lane::Backfill),
+                "{s}'s backfill was held up by {sink}'s outage: cursors of {SINKS:?} {backfill_before:?} -> {backfill_during:?}"
+            );
+        }
+    }
 
-    nats = Some(nats_server(port, &store));
-    wait_for("NATS to catch up after its return", Duration::from_secs(90), || {
-        caught_up(&log)
-    });
+    outage.up();
+    wait_for(
+        &format!("{sink} to catch up after its return"),
+        Duration::from_secs(90),
+        || caught_up(&log),
+    );
     let stderr = daemon.stop();
+
+    // An outage is a retriable failure, never a refused write.
+    assert!(!stderr.contains("ERROR"), "{stderr}");
 
     // The breaker went open, then half-open (a trial), then closed.
     let transitions: Vec<&str> = stderr
         .lines()
-        .filter(|l| l.contains("sink breaker") && l.contains("sink=\"nats\"") && l.contains("lane=live"))
+        .filter(|l| l.contains("sink breaker") && l.contains(&format!("sink=\"{sink}\"")) && l.contains("lane=live"))
         .map(|l| l.rsplit("to=").next().unwrap_or(""))
         .collect();
     let joined = transitions.join(" ");
     let open = joined.find("\"open\"").expect(&joined);
     let half = joined[open..].find("\"half-open\"").map(|i| i + open).expect(&joined);
     assert!(joined[half..].contains("\"closed\""), "{joined}");
-    assert!(
-        !stderr.contains("sink=\"postgres\" lane=live from"),
-        "PostgreSQL's breaker moved: {stderr}"
-    );
+    for other in SINKS.iter().filter(|s| **s != sink) {
+        assert!(
+            !stderr.contains(&format!("sink=\"{other}\" lane=live from")),
+            "{other}'s breaker moved during {sink}'s outage: {stderr}"
+        );
+    }
 
     // Nothing lost, nothing twice, in any sink (once what was captured after the
     // runners' last batches is forwarded too).
-    drain(dir.path(), &log, &target, &addr, port);
+    drain(dir.path(), &log, &target, &addr, ports.nats);
     let keys = log_keys(&log);
-    target.assert_exactly(port, &keys);
+    target.assert_exactly(ports.nats, &keys);
     let (code, report) = verify(&config, &log);
     assert_eq!(code, 0, "{report:#}");
-    drop(nats);
 }

@@ -55,4 +55,5 @@ fn simulator_with(mut command: Command, extra: &[&str]) -> (Child, String) {
     panic!("the simulator did not start on {addr}");
 }
 
+pub mod proxy;
 pub mod sinks;

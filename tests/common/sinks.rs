@@ -21,6 +21,23 @@ pub fn rt() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+/// The loopback ports a config sends each sink's writes to.
+#[derive(Clone, Copy, Debug)]
+pub struct Ports {
+    pub clickhouse: u16,
+    pub postgres: u16,
+    pub nats: u16,
+}
+
+impl Ports {
+    /// The servers `scripts/services.sh up` starts, on their default ports.
+    pub const SHARED: Ports = Ports {
+        clickhouse: 8123,
+        postgres: 5432,
+        nats: 4222,
+    };
+}
+
 /// Where one test's events go: database `tv_<test>` in ClickHouse and PostgreSQL, stream
 /// `TV_<TEST>` on subjects `tv_<test>.>` in JetStream. Emptied when made.
 pub struct Target {
@@ -62,13 +79,25 @@ impl Target {
 
     /// The `[sinks]` part of a config sending everything to this target.
     pub fn sinks_toml(&self, nats_port: u16) -> String {
+        self.sinks_toml_at(Ports {
+            nats: nats_port,
+            ..Ports::SHARED
+        })
+    }
+
+    /// As [`Target::sinks_toml`], with the servers reached on `ports` (a relay of
+    /// [`super::proxy`], say).
+    pub fn sinks_toml_at(&self, ports: Ports) -> String {
         format!(
             "[sinks]\nretry_min = \"50ms\"\nretry_max = \"1s\"\n\
-             [sinks.clickhouse]\nenabled = true\ndatabase = \"{n}\"\n\
-             [sinks.postgres]\nenabled = true\ndatabase = \"{n}\"\n\
-             [sinks.nats]\nenabled = true\nurl = \"nats://127.0.0.1:{nats_port}\"\nstream = \"{s}\"\nsubject_prefix = \"{n}\"\n",
+             [sinks.clickhouse]\nenabled = true\nurl = \"http://127.0.0.1:{ch}\"\ndatabase = \"{n}\"\n\
+             [sinks.postgres]\nenabled = true\nport = {pg}\ndatabase = \"{n}\"\n\
+             [sinks.nats]\nenabled = true\nurl = \"nats://127.0.0.1:{nats}\"\nstream = \"{s}\"\nsubject_prefix = \"{n}\"\n",
             n = self.name,
-            s = self.stream
+            s = self.stream,
+            ch = ports.clickhouse,
+            pg = ports.postgres,
+            nats = ports.nats,
         )
     }
 
@@ -244,6 +273,12 @@ pub fn caught_up_in(log: &Path, lanes: &[Lane]) -> bool {
 /// Writes a config: the test's own body (log, live, backfill) and the target's sinks.
 pub fn write_config(path: &Path, body: &str, target: &Target, nats_port: u16) -> PathBuf {
     std::fs::write(path, format!("{body}\n{}", target.sinks_toml(nats_port))).unwrap();
+    path.to_owned()
+}
+
+/// As [`write_config`], with the sinks reached on `ports`.
+pub fn write_config_at(path: &Path, body: &str, target: &Target, ports: Ports) -> PathBuf {
+    std::fs::write(path, format!("{body}\n{}", target.sinks_toml_at(ports))).unwrap();
     path.to_owned()
 }
 
