@@ -2,7 +2,8 @@
 //! a batch sent again (a retry after a lost acknowledgement) and a batch overlapping
 //! what a sink holds (a redundant appliance, a key on both lanes) leave each key once.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
 
 use tickvault::config::Config;
 use tickvault::sink::clickhouse::ClickHouseSink;
@@ -13,6 +14,7 @@ use tickvault_wal::Lane;
 
 mod common;
 
+use common::proxy::Proxy;
 use common::sinks::{rt, Target, PG_PASSWORD};
 
 /// Events of BTC-USD at log positions `from..to`, a quote, a trade and a minute bar in
@@ -119,6 +121,85 @@ fn batches_sent_again_or_overlapping_leave_each_key_once_in_every_sink() {
         send(&mut NatsSink::new(&config.sinks.nats), &overlapping()).await;
     });
     assert_each_key_once(&target);
+}
+
+/// A batch whose write broke off half way is resent from its first unacknowledged
+/// message: after an outage longer than the stream's duplicate window, the messages
+/// acknowledged before it are not stored a second time (only those whose PubAcks were
+/// outstanding at the break can be).
+#[test]
+fn nats_resends_a_failed_batch_from_its_first_unacknowledged_message() {
+    let target = Target::new("nats_resume");
+    let relay = Proxy::start(4222);
+    let mut nats = config(&target).sinks.nats;
+    nats.url = format!("nats://127.0.0.1:{}", relay.port);
+    nats.duplicate_window = Duration::from_secs(2);
+    let batch = events(0, 50_000);
+    rt().block_on(async {
+        let direct = async_nats::jetstream::new(async_nats::connect("127.0.0.1:4222").await.unwrap());
+        let stored = || async {
+            match direct.get_stream(&target.stream).await {
+                Ok(mut s) => s.info().await.map_or(0, |i| i.state.messages),
+                Err(_) => 0,
+            }
+        };
+        let mut sink = NatsSink::new(&nats);
+        let write = {
+            let batch = batch.clone();
+            tokio::spawn(async move {
+                let result = sink.write(&batch).await;
+                (sink, result)
+            })
+        };
+        let started = Instant::now();
+        while stored().await < 5_000 {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "the batch is not being stored"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        relay.cut();
+        let (mut sink, result) = write.await.unwrap();
+        assert!(result.is_err(), "the write went through the cut");
+        let acked = sink
+            .acknowledged_of_failed_batch()
+            .expect("the failed batch is remembered");
+        let before = stored().await;
+        assert!(
+            acked >= 4_000 && before >= acked as u64,
+            "acknowledged {acked}, stored {before}"
+        );
+
+        // Past the duplicate window, the sink comes back and the runner would resend.
+        tokio::time::sleep(Duration::from_millis(2_500)).await;
+        relay.restore();
+        let started = Instant::now();
+        while let Err(e) = sink.write(&batch).await {
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "the retry keeps failing: {e}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(sink.acknowledged_of_failed_batch(), None);
+
+        let (mut keys, mut total) = (HashSet::new(), 0);
+        NatsSink::new(&config(&target).sinks.nats)
+            .scan(|row| {
+                total += 1;
+                keys.insert(row.key_string());
+            })
+            .await
+            .unwrap();
+        assert_eq!(keys.len(), batch.rows.len(), "every message is in the stream");
+        let twice = total - keys.len();
+        eprintln!("acknowledged {acked} of {before} stored at the break; {twice} stored twice");
+        assert!(
+            twice as u64 <= before - acked as u64 && twice <= 512,
+            "{twice} stored twice: {acked} were acknowledged of {before} stored at the break"
+        );
+    });
 }
 
 #[test]

@@ -1,7 +1,8 @@
 //! NATS JetStream: one message per event on `<prefix>.<lane>.<symbol>.<timeframe>`, the
 //! natural key as `Nats-Msg-Id` so the stream drops a replayed or redundant copy within
 //! its duplicate window, and every publish awaited until its PubAck (the stream has it on
-//! disk). Publishes are pipelined, a bounded window of acknowledgements outstanding.
+//! disk). Publishes are pipelined, a bounded window of acknowledgements outstanding. The
+//! retry of a batch that broke off starts at its first unacknowledged message.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -27,6 +28,42 @@ const BACKFILL_ACK_WINDOW: usize = 512;
 pub struct NatsSink {
     config: NatsConfig,
     context: Option<jetstream::Context>,
+    /// The last batch whose write failed, and how many of its first rows JetStream had
+    /// acknowledged by then.
+    resume: Option<Resume>,
+}
+
+/// Where the retry of a failed batch starts: the runner resends the identical batch, and
+/// the rows before `acked` are in the stream (their PubAcks came, in order), so only the
+/// rest is published again. That keeps a retry after an outage longer than the stream's
+/// `duplicate_window` from storing those rows twice; only the PubAcks outstanding at the
+/// failure (at most the window, 512 or 4,096) can be.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Resume {
+    batch: BatchId,
+    acked: usize,
+}
+
+/// A batch by its place in the log: lane, first row's and last position, rows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct BatchId(Lane, u64, u64, usize);
+
+impl BatchId {
+    fn of(batch: &Batch) -> BatchId {
+        let first = batch.rows.first().map_or(0, |r| r.seq);
+        BatchId(batch.lane, first, batch.last_seq, batch.rows.len())
+    }
+}
+
+impl Resume {
+    /// The first row of `batch` to publish: past the acknowledged ones if it is the
+    /// batch that failed, else the first.
+    fn start(last_failure: Option<Resume>, batch: &Batch) -> usize {
+        match last_failure {
+            Some(r) if r.batch == BatchId::of(batch) => r.acked,
+            _ => 0,
+        }
+    }
 }
 
 impl NatsSink {
@@ -34,7 +71,14 @@ impl NatsSink {
         NatsSink {
             config: config.clone(),
             context: None,
+            resume: None,
         }
+    }
+
+    /// How many rows of the last failed batch JetStream had acknowledged, which its
+    /// retry skips (none after a success).
+    pub fn acknowledged_of_failed_batch(&self) -> Option<usize> {
+        self.resume.map(|r| r.acked)
     }
 
     /// The subject of a row: tokens may not hold `.`, `*`, `>` or whitespace.
@@ -150,7 +194,25 @@ impl NatsSink {
         Ok(seen)
     }
 
+    /// Publishes `batch` (from its first unacknowledged row, when it is the batch that
+    /// failed last) and awaits every PubAck.
     async fn publish(&mut self, batch: &Batch) -> Result<(), SinkError> {
+        let start = Resume::start(self.resume, batch);
+        if start > 0 {
+            tracing::debug!(lane = %batch.lane, last_seq = batch.last_seq, acked = start, rows = batch.rows.len(),
+                "resending a batch from its first unacknowledged row");
+        }
+        let mut acked = start;
+        let result = self.publish_from(batch, &mut acked).await;
+        self.resume = result.is_err().then(|| Resume {
+            batch: BatchId::of(batch),
+            acked,
+        });
+        result
+    }
+
+    /// Publishes `batch.rows[*acked..]`, counting in `acked` the rows acknowledged.
+    async fn publish_from(&mut self, batch: &Batch, acked: &mut usize) -> Result<(), SinkError> {
         let prefix = self.config.subject_prefix.clone();
         let context = self.context().await?.clone();
         // While the client is reconnecting it would buffer publishes and each would wait
@@ -167,10 +229,11 @@ impl NatsSink {
             _ => BACKFILL_ACK_WINDOW,
         };
         let mut pending = VecDeque::with_capacity(window);
-        for row in &batch.rows {
+        for row in &batch.rows[*acked..] {
             if pending.len() >= window {
                 if let Some(ack) = pending.pop_front() {
                     await_ack(ack).await?;
+                    *acked += 1;
                 }
             }
             let payload = serde_json::to_vec(&Message::from(row)).map_err(|e| SinkError::fatal(NAME, "encode", e))?;
@@ -185,6 +248,7 @@ impl NatsSink {
         }
         while let Some(ack) = pending.pop_front() {
             await_ack(ack).await?;
+            *acked += 1;
         }
         Ok(())
     }
@@ -320,6 +384,49 @@ mod tests {
         assert_eq!(NatsSink::subject("market", &live), "market.live.BRK_B.1m");
         let backfill = bar("EUR/USD", tickvault_wal::Lane::Backfill);
         assert_eq!(NatsSink::subject("market", &backfill), "market.backfill.EUR/USD.1m");
+    }
+
+    #[test]
+    fn a_retry_starts_after_the_acknowledged_rows_only_for_the_batch_that_failed() {
+        let batch = |lane, first: u64, last: u64| {
+            let mut b = Batch::new(lane, first - 1);
+            for seq in first..=last {
+                b.rows.push(Row::from_event(
+                    seq,
+                    &crate::event::Event {
+                        capture: crate::event::Capture {
+                            feed: crate::event::Feed::Crypto,
+                            lane,
+                            captured_at_ns: 0,
+                        },
+                        body: crate::event::Body::Trade(crate::event::Trade {
+                            symbol: "BTC-USD".into(),
+                            ts_ms: seq as i64,
+                            ordinal: 0,
+                            price: 1.0,
+                            size: 1.0,
+                            exchange: None,
+                            trade_id: None,
+                            conditions: vec![],
+                        }),
+                    },
+                ));
+            }
+            b.last_seq = last;
+            b
+        };
+        let failed = batch(Lane::Backfill, 101, 200);
+        let resume = Some(Resume {
+            batch: BatchId::of(&failed),
+            acked: 40,
+        });
+        assert_eq!(Resume::start(resume, &failed), 40);
+        assert_eq!(Resume::start(resume, &batch(Lane::Backfill, 101, 200)), 40);
+        // Another batch: from its first row.
+        assert_eq!(Resume::start(None, &failed), 0);
+        assert_eq!(Resume::start(resume, &batch(Lane::Live, 101, 200)), 0);
+        assert_eq!(Resume::start(resume, &batch(Lane::Backfill, 101, 199)), 0);
+        assert_eq!(Resume::start(resume, &batch(Lane::Backfill, 100, 200)), 0);
     }
 
     #[test]
