@@ -16,7 +16,10 @@
 //!    through the same group commit, and can never pass the lane's head.
 //! 4. **Truncation keeps what someone still needs.** A record is removed only when every
 //!    cursor on its lane has passed it *and* it is older than the replay retention (so
-//!    offline replay has a window even when every sink is current).
+//!    offline replay has a window even when every sink is current). The disk space comes
+//!    back too: once a lane's truncations removed 100,000 records, a helper thread drops
+//!    the files they emptied and compacts the rest of the range, after the truncation
+//!    is committed (a lane that gets no more writes would otherwise keep them).
 //! 5. **One writer.** A single thread owns every write; producers reach it over a
 //!    bounded channel (backpressure, not unbounded memory) and wait on one-shot replies.
 //!    Readers share the database handle and never write.
@@ -255,7 +258,8 @@ impl Wal {
         self.call(|reply| Command::DeleteCursor { sink, lane, reply }).await
     }
 
-    /// Removes what every cursor passed and what is older than `retention`.
+    /// Removes what every cursor passed and what is older than `retention` (its disk
+    /// space is reclaimed behind the writer, see invariant 4).
     pub async fn truncate(&self, retention: Duration) -> Result<Vec<LaneTruncation>, WriteError> {
         self.call(|reply| Command::Truncate { retention, reply }).await
     }

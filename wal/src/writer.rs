@@ -238,7 +238,16 @@ pub(crate) struct Writer {
     clock: Clock,
     max_group: usize,
     max_deferred: usize,
+    /// The thread dropping the files of the last truncation (see [`Writer::reclaim`]).
+    reclaimer: Option<std::thread::JoinHandle<()>>,
+    /// Records truncated per lane since its space was last reclaimed.
+    unreclaimed: [u64; 3],
 }
+
+/// Records a lane's truncations remove before their disk space is reclaimed at once (a
+/// lane that keeps receiving writes gets it back from RocksDB's own compactions anyway;
+/// this bounds how often the reclaiming compaction runs beside live appends).
+const RECLAIM_AFTER: u64 = 100_000;
 
 fn rocks_cause(e: &rocksdb::Error) -> String {
     e.to_string()
@@ -271,6 +280,8 @@ impl Writer {
                 clock,
                 max_group: max_group.max(1),
                 max_deferred: 1024,
+                reclaimer: None,
+                unreclaimed: [0; 3],
             },
             shared,
         ))
@@ -391,6 +402,9 @@ impl Writer {
             if self.commit_group(&mut group) {
                 break;
             }
+        }
+        if let Some(reclaimer) = self.reclaimer.take() {
+            let _ = reclaimer.join();
         }
         // Senders gone or shutdown asked: make sure the RocksDB WAL is on disk.
         if let Err(e) = self.db.flush_wal(true) {
@@ -537,6 +551,16 @@ impl Writer {
         let result = self.write(batch, low_priority, touches_cursor);
         match result {
             Ok(()) => {
+                let truncated: Vec<(Lane, u64, u64)> = done
+                    .iter()
+                    .filter_map(|d| match d {
+                        Done::Truncate(_, outcome) => Some(outcome),
+                        _ => None,
+                    })
+                    .flatten()
+                    .filter(|t| t.removed > 0)
+                    .map(|t| (t.lane, t.first_retained - 1, t.removed))
+                    .collect();
                 self.state = next;
                 self.shared.group_commits.fetch_add(1, Ordering::Relaxed);
                 for lane in Lane::ALL {
@@ -550,6 +574,7 @@ impl Writer {
                 for d in done {
                     d.succeed(&self.state, group_records);
                 }
+                self.reclaim(truncated);
             }
             Err(err) => {
                 self.poison(&err);
@@ -559,6 +584,66 @@ impl Writer {
             }
         }
         stop
+    }
+
+    /// Gives the disk space of truncated records back: drops the lane's SST files that
+    /// hold nothing above `upto` (all of them removed, and durably so: the truncation is
+    /// committed). The range deletion alone frees space only when compaction next runs
+    /// over those files, which in a lane that no longer receives writes (a finished
+    /// backfill) may be never. Off the writer thread, so appends do not wait for it; a
+    /// truncation that comes while the last one's files are still being dropped leaves
+    /// its files to the next (each covers everything below its lane's low).
+    fn reclaim(&mut self, truncated: Vec<(Lane, u64, u64)>) {
+        let mut due = Vec::new();
+        for (lane, upto, removed) in truncated {
+            self.unreclaimed[lane.index()] += removed;
+            if self.unreclaimed[lane.index()] >= RECLAIM_AFTER {
+                due.push((lane, upto));
+            }
+        }
+        if due.is_empty() || self.reclaimer.as_ref().is_some_and(|r| !r.is_finished()) {
+            return;
+        }
+        for (lane, _) in &due {
+            self.unreclaimed[lane.index()] = 0;
+        }
+        let truncated = due;
+        if let Some(done) = self.reclaimer.take() {
+            let _ = done.join();
+        }
+        let db = self.db.clone();
+        let spawned = std::thread::Builder::new().name("wal-reclaim".into()).spawn(move || {
+            for (lane, upto) in truncated {
+                let lane_cf = cf(&db, lane.name());
+                let size = || {
+                    db.property_int_value_cf(lane_cf, "rocksdb.total-sst-files-size")
+                        .ok()
+                        .flatten()
+                        .unwrap_or(0)
+                };
+                let before = size();
+                // Both ends inclusive: `upto` is the last removed sequence. RocksDB
+                // drops whole files this way only below level 0.
+                if let Err(e) = db.delete_file_in_range_cf(lane_cf, store::seq_key(0), store::seq_key(upto)) {
+                    tracing::warn!(lane = %lane, error = %e, "dropping truncated log files failed");
+                }
+                // What is left of the range (level 0, files reaching past it) goes
+                // through a compaction of the range, which the deletion empties.
+                // Not exclusive: automatic compactions (which keep writes from
+                // stalling) go on beside it.
+                let mut opts = rocksdb::CompactOptions::default();
+                opts.set_exclusive_manual_compaction(false);
+                db.compact_range_cf_opt(lane_cf, Some(store::seq_key(0)), Some(store::seq_key(upto + 1)), &opts);
+                let after = size();
+                if after < before {
+                    tracing::info!(lane = %lane, freed_bytes = before - after, "log space reclaimed");
+                }
+            }
+        });
+        match spawned {
+            Ok(handle) => self.reclaimer = Some(handle),
+            Err(e) => tracing::warn!(error = %e, "could not start the thread dropping truncated log files"),
+        }
     }
 
     fn write(&self, batch: WriteBatch, low_priority: bool, touches_cursor: bool) -> Result<(), WriteError> {

@@ -435,3 +435,58 @@ mod failpoints {
         scenario.teardown();
     }
 }
+
+/// The on-disk size of the lane's data as the log reports it (`wal summary`).
+fn lane_bytes(wal: &Wal, lane: Lane) -> u64 {
+    let summary = wal.reader().summary().unwrap();
+    summary.lanes.iter().find(|l| l.lane == lane).unwrap().bytes
+}
+
+#[tokio::test]
+async fn truncating_a_finished_backfill_gives_its_disk_space_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let (now, options) = manual_clock();
+    let wal = Wal::open_with(dir.path(), options.clone()).unwrap();
+    // About 50 MB that does not compress: more than a memtable, so SST files hold it.
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    for _ in 0..120 {
+        let mut b = Batch::new();
+        for _ in 0..2_000 {
+            let record: Vec<u8> = (0..25)
+                .flat_map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    state.to_le_bytes()
+                })
+                .collect();
+            b.push(RecordKind(1), &record).unwrap();
+        }
+        wal.append(Lane::Backfill, b).await.unwrap();
+    }
+    let head = wal.head(Lane::Backfill);
+    wal.move_cursor("s", Lane::Backfill, head).await.unwrap();
+    wal.shutdown().await.unwrap();
+    drop(wal);
+    // Reopening flushes what the memtables held: now it is all in SST files.
+    let wal = Wal::open_with(dir.path(), options).unwrap();
+    let before = lane_bytes(&wal, Lane::Backfill);
+    assert!(before > 40 << 20, "{before} bytes");
+
+    // The lane gets no more writes, so no compaction would ever run over its files.
+    now.fetch_add(10_000, Ordering::SeqCst);
+    let out = wal.truncate(Duration::ZERO).await.unwrap();
+    let removed: u64 = out.iter().filter(|t| t.lane == Lane::Backfill).map(|t| t.removed).sum();
+    assert_eq!(removed, head);
+    let started = std::time::Instant::now();
+    while lane_bytes(&wal, Lane::Backfill) > before / 10 {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the truncated lane still takes {} of {before} bytes",
+            lane_bytes(&wal, Lane::Backfill)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(wal.reader().read(Lane::Backfill, 0, 10).unwrap().records.is_empty());
+    wal.shutdown().await.unwrap();
+}
