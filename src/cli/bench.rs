@@ -23,12 +23,12 @@ impl Row {
     }
 }
 
-/// The baseline: what a plain loop of single synced RocksDB puts achieves.
 /// The cores this process may run on, as every benchmark reports them.
 pub fn cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
+/// The baseline: what a plain loop of single synced RocksDB puts achieves.
 fn naive_synced_puts(path: &Path, records: u64, payload_bytes: usize) -> anyhow::Result<Row> {
     let db = rocksdb::DB::open_default(path)?;
     let mut opts = rocksdb::WriteOptions::default();
