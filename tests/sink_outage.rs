@@ -41,6 +41,26 @@ fn cursor(log: &Path, sink: &str, lane: Lane) -> u64 {
     Wal::open_read_only(log).unwrap().cursor(sink, lane).unwrap()
 }
 
+/// One look at the log: every sink's cursor on each lane, and the lanes' heads.
+struct Positions {
+    live: [u64; 3],
+    backfill: [u64; 3],
+    live_head: u64,
+    backfill_head: u64,
+}
+
+fn positions(log: &Path) -> Positions {
+    let reader = Wal::open_read_only(log).unwrap();
+    let cursors = |lane| SINKS.map(|s| reader.cursor(s, lane).unwrap());
+    let head = |lane| reader.last_seq(lane).unwrap().unwrap_or(0);
+    Positions {
+        live: cursors(Lane::Live),
+        backfill: cursors(Lane::Backfill),
+        live_head: head(Lane::Live),
+        backfill_head: head(Lane::Backfill),
+    }
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -139,35 +159,39 @@ fn outage(sink: &str) {
     // The outage.
     outage.down();
     std::thread::sleep(Duration::from_millis(500));
-    let cursors = |lane| SINKS.map(|s| cursor(&log, s, lane));
-    let (before, backfill_before) = (cursors(Lane::Live), cursors(Lane::Backfill));
+    let before = positions(&log);
     std::thread::sleep(Duration::from_secs(6));
-    let (during, backfill_during) = (cursors(Lane::Live), cursors(Lane::Backfill));
-    let reader = Wal::open_read_only(&log).unwrap();
-    let head = |lane| reader.last_seq(lane).unwrap().unwrap_or(0);
+    let during = positions(&log);
     for (i, s) in SINKS.iter().enumerate() {
         if *s == sink {
             assert_eq!(
-                during[i], before[i],
+                during.live[i], before.live[i],
                 "the {sink} live cursor moved while {sink} was down"
             );
-            assert!(head(Lane::Live) > during[i], "live capture went on during the outage");
+            assert!(
+                during.live_head > during.live[i],
+                "live capture went on during the outage"
+            );
             assert_eq!(
-                backfill_during[i], backfill_before[i],
+                during.backfill[i], before.backfill[i],
                 "the {sink} backfill cursor moved while {sink} was down"
             );
             assert!(
-                head(Lane::Backfill) > backfill_during[i],
+                during.backfill_head > during.backfill[i],
                 "{sink}'s backfill was through before the outage began: nothing was held"
             );
         } else {
             assert!(
-                during[i] > before[i],
-                "{s}'s live lane was held up by {sink}'s outage: cursors of {SINKS:?} {before:?} -> {during:?}"
+                during.live[i] > before.live[i],
+                "{s}'s live lane was held up by {sink}'s outage: cursors of {SINKS:?} {:?} -> {:?}",
+                before.live,
+                during.live
             );
             assert!(
-                backfill_during[i] > backfill_before[i] || backfill_during[i] == head(Lane::Backfill),
-                "{s}'s backfill was held up by {sink}'s outage: cursors of {SINKS:?} {backfill_before:?} -> {backfill_during:?}"
+                during.backfill[i] > before.backfill[i] || during.backfill[i] == during.backfill_head,
+                "{s}'s backfill was held up by {sink}'s outage: cursors of {SINKS:?} {:?} -> {:?}",
+                before.backfill,
+                during.backfill
             );
         }
     }

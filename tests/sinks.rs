@@ -140,11 +140,7 @@ fn after_repeated_sigkills_during_capture_each_sink_holds_every_captured_event_o
     drain(dir.path(), &log, &target, &addr, NATS);
 
     // Some kill landed after forwarding began and before the backfill was through.
-    let backfill_head = tickvault_wal::Wal::open_read_only(&log)
-        .unwrap()
-        .last_seq(Lane::Backfill)
-        .unwrap()
-        .unwrap_or(0);
+    let backfill_head = pg_backfill().1;
     eprintln!("PostgreSQL's backfill cursor at each kill: {forwarded_at_kill:?} of {backfill_head}");
     assert!(
         forwarded_at_kill.iter().any(|c| *c > 0 && *c < backfill_head),
