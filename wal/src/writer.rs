@@ -586,13 +586,15 @@ impl Writer {
         stop
     }
 
-    /// Gives the disk space of truncated records back: drops the lane's SST files that
-    /// hold nothing above `upto` (all of them removed, and durably so: the truncation is
-    /// committed). The range deletion alone frees space only when compaction next runs
-    /// over those files, which in a lane that no longer receives writes (a finished
-    /// backfill) may be never. Off the writer thread, so appends do not wait for it; a
-    /// truncation that comes while the last one's files are still being dropped leaves
-    /// its files to the next (each covers everything below its lane's low).
+    /// Gives the disk space of truncated records back, once a lane's truncations have
+    /// removed [`RECLAIM_AFTER`] records: `truncated` is (lane, last removed sequence,
+    /// records removed) of a committed truncation. Drops the lane's SST files that hold
+    /// nothing above the last removed sequence, then compacts the rest of that range.
+    /// The range deletion alone frees space only when compaction next runs over those
+    /// files, which in a lane that no longer receives writes (a finished backfill) may be
+    /// never. Off the writer thread, so appends do not wait for it; a truncation that
+    /// comes while the last reclaim still runs leaves its range to the next (each covers
+    /// everything below its lane's low).
     fn reclaim(&mut self, truncated: Vec<(Lane, u64, u64)>) {
         let mut due = Vec::new();
         for (lane, upto, removed) in truncated {
@@ -607,13 +609,12 @@ impl Writer {
         for (lane, _) in &due {
             self.unreclaimed[lane.index()] = 0;
         }
-        let truncated = due;
         if let Some(done) = self.reclaimer.take() {
             let _ = done.join();
         }
         let db = self.db.clone();
         let spawned = std::thread::Builder::new().name("wal-reclaim".into()).spawn(move || {
-            for (lane, upto) in truncated {
+            for (lane, upto) in due {
                 let lane_cf = cf(&db, lane.name());
                 let size = || {
                     db.property_int_value_cf(lane_cf, "rocksdb.total-sst-files-size")
