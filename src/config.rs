@@ -167,6 +167,12 @@ pub struct BackfillConfig {
     pub max_attempts: u32,
     /// Requests to Polygon running at once. Default 2.
     pub concurrency: usize,
+    /// While live events are being captured, the share of the time the backfill's
+    /// appends to the log may take, in (0, 1]: after a page's appends took `d`, the next
+    /// page's wait `d * (1 - duty) / duty` (at most 5 s), so that live appends find the
+    /// disk and the cores free. With no live event in the last second (a closed market,
+    /// a backfill-only run) backfill goes at full speed. 1 never pauses. Default 0.5.
+    pub live_duty: f64,
 }
 
 impl Default for BackfillConfig {
@@ -181,6 +187,7 @@ impl Default for BackfillConfig {
             page_limit: 50_000,
             max_attempts: 8,
             concurrency: 2,
+            live_duty: 0.5,
         }
     }
 }
@@ -426,6 +433,13 @@ impl Config {
                 file,
                 "backfill.concurrency",
                 "must be between 1 and 16",
+            ));
+        }
+        if !crate::sink::config::BACKFILL_DUTY.contains(&backfill.live_duty) {
+            return Err(ConfigError::field(
+                file,
+                "backfill.live_duty",
+                "must be between 0.05 and 1 (1: backfill never pauses)",
             ));
         }
         self.sinks.validate(file)

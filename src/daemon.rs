@@ -126,6 +126,7 @@ pub fn backfill_spec(config: &Config) -> anyhow::Result<BackfillSpec> {
         concurrency: config.backfill.concurrency,
         requests_per_minute: config.polygon.requests_per_minute,
         high_water: config.log.backfill_high_water,
+        live_duty: config.backfill.live_duty,
         retry_min: std::time::Duration::from_millis(500),
         retry_max: std::time::Duration::from_secs(60),
     })

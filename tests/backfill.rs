@@ -34,6 +34,7 @@ fn spec(sim: &sim::SimHandle, page_limit: u32) -> BackfillSpec {
         concurrency: 2,
         requests_per_minute: 0,
         high_water: 5_000_000,
+        live_duty: 1.0,
         retry_min: Duration::from_millis(20),
         retry_max: Duration::from_millis(200),
     }
@@ -334,6 +335,63 @@ async fn with_no_sink_draining_backfill_stops_at_the_high_water_mark_while_live_
     assert!(waiting, "the downloader did not say it was waiting for sinks");
     assert!(live_5s > live_3s, "live capture stalled: {live_3s} then {live_5s}");
     wal.shutdown().await.unwrap();
+    sim.stop().await.unwrap();
+}
+
+/// Downloads `jobs` while, if `live`, another task appends to the live lane every 20 ms;
+/// the stats and the live records appended.
+async fn download_beside_live(wal: &Wal, spec: BackfillSpec, jobs: &[Job], live: bool) -> (Arc<BackfillStats>, u64) {
+    let (stop, mut stopped) = tokio::sync::watch::channel(false);
+    let producer = {
+        let wal = wal.clone();
+        tokio::spawn(async move {
+            let mut appended = 0;
+            while live && !*stopped.borrow() {
+                let mut batch = tickvault_wal::Batch::with_capacity(1, 16);
+                batch.push(tickvault::event::EVENT_KIND, b"a live event").unwrap();
+                wal.append(Lane::Live, batch).await.unwrap();
+                appended += 1;
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                    _ = stopped.changed() => {}
+                }
+            }
+            appended
+        })
+    };
+    if live {
+        // Live is flowing before the first page comes.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let stats = download(wal, spec, jobs).await;
+    // With no live, the producer has already gone, and its receiver with it.
+    let _ = stop.send(true);
+    (stats, producer.await.unwrap())
+}
+
+#[tokio::test]
+async fn while_live_flows_the_backfill_capture_pauses_to_its_duty_and_still_lands_every_bar() {
+    let options = SimOptions::default();
+    let sim = sim::spawn(any_port(), options.clone()).await.unwrap();
+    let jobs = [job(Feed::Crypto, "BTC-USD", 10)];
+    for (live, duty, pauses) in [(true, 0.25, true), (false, 0.25, false), (true, 1.0, false)] {
+        let dir = tempfile::tempdir().unwrap();
+        let wal = Wal::open(dir.path()).unwrap();
+        let mut paced = spec(&sim, 2_000);
+        paced.live_duty = duty;
+        let started = std::time::Instant::now();
+        let (stats, live_records) = download_beside_live(&wal, paced, &jobs, live).await;
+        let took = started.elapsed();
+        let paused = Duration::from_millis(stats.paused_ms.load(Ordering::Relaxed));
+        let case = format!("live {live}, duty {duty}: paused {paused:?} of {took:?}, {live_records} live records");
+        assert_eq!(!paused.is_zero(), pauses, "{case}");
+        // Pauses are taken one after the other (one page's appends at a time), inside
+        // the download.
+        assert!(paused < took, "{case}");
+        assert_eq!(wal.head(Lane::Live), live_records, "{case}");
+        assert_exactly_the_markets_bars(&wal, &options, &jobs);
+        wal.shutdown().await.unwrap();
+    }
     sim.stop().await.unwrap();
 }
 

@@ -183,6 +183,10 @@ pub enum BenchCommand {
         /// e.g. 1 to measure backfill that never pauses for live.
         #[arg(long)]
         backfill_duty: Option<f64>,
+        /// `backfill.live_duty` for every window (default: the config's default, 0.5), e.g.
+        /// 1 for a capture that never pauses for live.
+        #[arg(long)]
+        capture_duty: Option<f64>,
     },
     /// Durable appends (1 and 4 producers) against naive synced single puts, and replay reads.
     Wal {

@@ -131,9 +131,12 @@ struct Window {
     yielded_ms: u64,
 }
 
-/// Live figures per sink over one window, and the log's share: frame received to
-/// durable, p50 and p99 (ms).
-async fn live_window(config: &Config, seconds: u64) -> anyhow::Result<(Vec<Window>, (f64, f64))> {
+/// The log's side of one window: frame received to durable, p50 and p99 (ms); backfill
+/// bars captured; ms the capture paused for live.
+type LogWindow = (f64, f64, u64, u64);
+
+/// Live figures per sink over one window, and the log's.
+async fn live_window(config: &Config, seconds: u64) -> anyhow::Result<(Vec<Window>, LogWindow)> {
     reset(config).await?;
     settle(config).await;
     let running = daemon::start(config)?;
@@ -143,6 +146,11 @@ async fn live_window(config: &Config, seconds: u64) -> anyhow::Result<(Vec<Windo
         .live
         .first()
         .map_or((0.0, 0.0), |(_, live)| (live.latency_ms(0.5), live.latency_ms(0.99)));
+    let paused = running
+        .backfill
+        .as_ref()
+        .map_or(0, |b| b.paused_ms.load(Ordering::Relaxed));
+    let durable = (durable.0, durable.1, backlog, paused);
     let mut out = Vec::new();
     for s in running.sinks.iter().filter(|s| s.lane == Lane::Live) {
         let backfill = running
@@ -174,6 +182,14 @@ fn median(values: &[f64]) -> f64 {
     }
 }
 
+/// The duties the windows run with (`None`: the config's default).
+pub struct Duties {
+    /// `sinks.backfill_duty`.
+    pub forwarding: Option<f64>,
+    /// `backfill.live_duty`.
+    pub capture: Option<f64>,
+}
+
 pub async fn sinks(
     dir: &Path,
     seconds: u64,
@@ -181,16 +197,21 @@ pub async fn sinks(
     rounds: u32,
     part: SinkBenchPart,
     measured: &[String],
-    duty: Option<f64>,
+    duties: Duties,
 ) -> anyhow::Result<ExitCode> {
     let range = crate::sink::config::BACKFILL_DUTY;
-    if let Some(duty) = duty.filter(|d| !range.contains(d)) {
-        eprintln!(
-            "bench sinks: --backfill-duty {duty}: must be between {} and {}",
-            range.start(),
-            range.end()
-        );
-        return Ok(ExitCode::from(2));
+    for (flag, duty) in [
+        ("--backfill-duty", duties.forwarding),
+        ("--capture-duty", duties.capture),
+    ] {
+        if let Some(duty) = duty.filter(|d| !range.contains(d)) {
+            eprintln!(
+                "bench sinks: {flag} {duty}: must be between {} and {}",
+                range.start(),
+                range.end()
+            );
+            return Ok(ExitCode::from(2));
+        }
     }
     let _ = std::fs::remove_dir_all(dir.join("sinks"));
     let dir = dir.join("sinks");
@@ -202,15 +223,24 @@ pub async fn sinks(
         config.sinks.clickhouse.enabled &= on("clickhouse");
         config.sinks.postgres.enabled &= on("postgres");
         config.sinks.nats.enabled &= on("nats");
-        if let Some(duty) = duty {
+        if let Some(duty) = duties.forwarding {
             config.sinks.backfill_duty = duty;
+        }
+        if let Some(duty) = duties.capture {
+            config.backfill.live_duty = duty;
         }
     };
     if part != SinkBenchPart::Throughput {
         println!(
             "bench sinks: live crypto BTC-USD, ETH-USD quotes and trades (~400 events/s); \
-             {rounds} rounds of an idle then a backfill window, {seconds} s each; sinks.backfill_duty {}",
-            duty.unwrap_or(crate::sink::SinksConfig::default().backfill_duty)
+             {rounds} rounds of an idle then a backfill window, {seconds} s each; sinks.backfill_duty {}, \
+             backfill.live_duty {}",
+            duties
+                .forwarding
+                .unwrap_or(crate::sink::SinksConfig::default().backfill_duty),
+            duties
+                .capture
+                .unwrap_or(crate::config::BackfillConfig::default().live_duty)
         );
         let (mut idle, mut busy) = (Vec::new(), Vec::new());
         let (mut idle_log, mut busy_log) = (Vec::new(), Vec::new());
@@ -266,14 +296,20 @@ pub async fn sinks(
                 median(&behind)
             );
         }
-        let log = |d: &[(f64, f64)]| {
-            let (p50, p99): (Vec<f64>, Vec<f64>) = d.iter().copied().unzip();
+        let log = |d: &[LogWindow]| {
+            let p50: Vec<f64> = d.iter().map(|w| w.0).collect();
+            let p99: Vec<f64> = d.iter().map(|w| w.1).collect();
             format!("p50 {:.1} / p99 {:.1}", median(&p50), median(&p99))
         };
+        let captured: Vec<f64> = busy_log.iter().map(|w| w.2 as f64).collect();
+        let paused: Vec<f64> = busy_log.iter().map(|w| w.3 as f64 / 1000.0).collect();
         println!(
-            "  the log's share (frame received to durable): idle {}, backfill {}",
+            "  the log's share (frame received to durable): idle {}, backfill {}; \
+             backfill bars captured {:.0}, the capture paused for live {:.1} s",
             log(&idle_log),
-            log(&busy_log)
+            log(&busy_log),
+            median(&captured),
+            median(&paused)
         );
     }
     if part == SinkBenchPart::Latency {

@@ -343,13 +343,15 @@ fn summary(
     }
     if let Some(b) = backfill {
         println!(
-            "  backfill: {} of {} periods done, {} bars in {} requests ({} retries, {} rate-limited)",
+            "  backfill: {} of {} periods done, {} bars in {} requests ({} retries, {} rate-limited); \
+             its capture paused {:.1} s for live",
             b.periods_done.load(Ordering::Relaxed),
             b.periods_total.load(Ordering::Relaxed),
             thousands(b.bars.load(Ordering::Relaxed)),
             b.requests.load(Ordering::Relaxed),
             b.retries.load(Ordering::Relaxed),
-            b.rate_limited.load(Ordering::Relaxed)
+            b.rate_limited.load(Ordering::Relaxed),
+            b.paused_ms.load(Ordering::Relaxed) as f64 / 1000.0
         );
         let tracked = backfill::periods(&reader)?;
         let done = tracked

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use clap::Parser;
 
 use super::args::{BenchCommand, Cli, Command, WalCommand};
+use super::bench_sinks::Duties;
 use crate::config::ConfigError;
 
 pub fn main() -> ExitCode {
@@ -137,6 +138,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 part,
                 sinks,
                 backfill_duty,
+                capture_duty,
             } => runtime()?.block_on(super::bench_sinks::sinks(
                 &dir,
                 seconds,
@@ -144,7 +146,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 rounds.max(1),
                 part,
                 &sinks,
-                backfill_duty,
+                Duties {
+                    forwarding: backfill_duty,
+                    capture: capture_duty,
+                },
             )),
             BenchCommand::Wal {
                 dir,

@@ -88,11 +88,21 @@ impl Priority {
 
     /// How long to hold the permit idle after a backfill attempt that took `took`.
     pub fn pause_after(&self, took: Duration) -> Duration {
-        if self.duty >= 1.0 || !self.live_flowing() {
+        if !self.live_flowing() {
             return Duration::ZERO;
         }
-        took.mul_f64((1.0 - self.duty) / self.duty).min(MAX_PAUSE)
+        pause_for(took, self.duty)
     }
+}
+
+/// The idle time after work that took `took` which keeps that work to `duty` of the
+/// time (at most [`MAX_PAUSE`]); zero for a duty of 1. Also paces the backfill's
+/// capture (`backfill.live_duty`).
+pub fn pause_for(took: Duration, duty: f64) -> Duration {
+    if duty >= 1.0 {
+        return Duration::ZERO;
+    }
+    took.mul_f64((1.0 - duty) / duty.max(f64::MIN_POSITIVE)).min(MAX_PAUSE)
 }
 
 #[cfg(test)]
@@ -119,6 +129,15 @@ mod tests {
         let tight = Priority::new(1, 0.1);
         tight.live_acknowledged();
         assert_eq!(tight.pause_after(Duration::from_secs(60)), MAX_PAUSE);
+    }
+
+    #[test]
+    fn a_pause_keeps_the_work_to_its_duty() {
+        let took = Duration::from_millis(100);
+        assert_eq!(pause_for(took, 1.0), Duration::ZERO);
+        assert_eq!(pause_for(took, 0.5), took);
+        assert_eq!(pause_for(took, 0.25), Duration::from_millis(300));
+        assert_eq!(pause_for(Duration::from_secs(10), 0.5), MAX_PAUSE);
     }
 
     #[tokio::test]

@@ -23,11 +23,14 @@ use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use serde::{Deserialize, Serialize};
 use tickvault_wal::{Batch, Lane, Space, Wal};
 use tokio::sync::watch;
+// tokio's clock, so that tests with paused time drive it.
+use tokio::time::Instant;
 
 use crate::backoff::Backoff;
 use crate::config::Secret;
 use crate::event::{Bar, Body, Capture, Event, Feed, Timeframe, EVENT_KIND};
 use crate::polygon::symbol;
+use crate::sink::priority::{pause_for, LIVE_FLOWING};
 
 /// One symbol's backfill over `from_ms..to_ms`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -49,6 +52,8 @@ pub struct BackfillSpec {
     pub concurrency: usize,
     pub requests_per_minute: u32,
     pub high_water: u64,
+    /// `backfill.live_duty`.
+    pub live_duty: f64,
     pub retry_min: Duration,
     pub retry_max: Duration,
 }
@@ -67,6 +72,8 @@ pub struct BackfillStats {
     pub rate_limited: AtomicU64,
     pub server_errors: AtomicU64,
     pub waiting_for_backlog: AtomicBool,
+    /// Milliseconds the appends paused for live (`backfill.live_duty`).
+    pub paused_ms: AtomicU64,
     /// Milliseconds of market time covered by finished pages (for progress bars).
     pub covered_ms: AtomicU64,
 }
@@ -197,9 +204,35 @@ enum Fetch {
     Refused(String),
 }
 
+/// Paces the backfill's appends while live events are captured (`backfill.live_duty`):
+/// one page's appends at a time across the downloader's requests, each followed, while
+/// live flows, by a pause in proportion to how long it took. Live is flowing when the
+/// live lane's head moved within the last [`LIVE_FLOWING`].
+struct Pacer {
+    duty: f64,
+    seen: tokio::sync::Mutex<LiveSeen>,
+}
+
+struct LiveSeen {
+    head: u64,
+    moved_at: Option<Instant>,
+}
+
+impl LiveSeen {
+    /// Whether live events were captured within the last [`LIVE_FLOWING`] (as of `now`).
+    fn flowing(&mut self, head: u64, now: Instant) -> bool {
+        if head != self.head {
+            self.head = head;
+            self.moved_at = Some(now);
+        }
+        self.moved_at.is_some_and(|at| now.duration_since(at) <= LIVE_FLOWING)
+    }
+}
+
 pub struct Downloader {
     spec: BackfillSpec,
     wal: Wal,
+    pacer: Pacer,
     http: reqwest::Client,
     limiter: DefaultDirectRateLimiter,
     pub stats: Arc<BackfillStats>,
@@ -224,8 +257,16 @@ impl Downloader {
             }
             None => Quota::per_second(NonZeroU32::new(100).unwrap_or(NonZeroU32::MIN)),
         };
+        let pacer = Pacer {
+            duty: spec.live_duty,
+            seen: tokio::sync::Mutex::new(LiveSeen {
+                head: wal.head(Lane::Live),
+                moved_at: None,
+            }),
+        };
         Ok(Downloader {
             spec,
+            pacer,
             wal,
             http,
             limiter: RateLimiter::direct(quota),
@@ -328,6 +369,9 @@ impl Downloader {
             let count = page.results.len() as u64;
             let captured_at_ns = i64::try_from(jiff::Timestamp::now().as_nanosecond()).unwrap_or(i64::MAX);
             let mut last_t = None;
+            // One page's appends at a time, and while live flows a pause after them.
+            let mut seen = self.pacer.seen.lock().await;
+            let started = Instant::now();
             // Small appends: a group commit that carries a live append takes one of them at
             // most, so live records never share an fsync with more than ~200 KB of bars.
             for chunk in page.results.chunks(APPEND_BARS) {
@@ -361,6 +405,19 @@ impl Downloader {
                     .context("appending backfill bars")?;
             }
             drop(page.results);
+            if seen.flowing(self.wal.head(Lane::Live), Instant::now()) {
+                let pause = pause_for(started.elapsed(), self.pacer.duty);
+                if !pause.is_zero() {
+                    self.stats
+                        .paused_ms
+                        .fetch_add(pause.as_millis() as u64, Ordering::Relaxed);
+                    tokio::select! {
+                        _ = tokio::time::sleep(pause) => {}
+                        _ = shutdown.changed() => {}
+                    }
+                }
+            }
+            drop(seen);
             self.stats.pages.fetch_add(1, Ordering::Relaxed);
             self.stats.bars.fetch_add(count, Ordering::Relaxed);
             period.bars += count;
@@ -515,6 +572,23 @@ fn next_from(next: &str) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn live_flows_for_a_second_after_the_live_head_last_moved() {
+        let t0 = Instant::now();
+        let mut seen = LiveSeen {
+            head: 7,
+            moved_at: None,
+        };
+        assert!(
+            !seen.flowing(7, t0),
+            "the head the downloader started with is not live flowing"
+        );
+        assert!(seen.flowing(8, t0));
+        assert!(seen.flowing(8, t0 + LIVE_FLOWING));
+        assert!(!seen.flowing(8, t0 + LIVE_FLOWING + Duration::from_millis(1)));
+        assert!(seen.flowing(9, t0 + Duration::from_secs(5)));
+    }
 
     #[test]
     fn periods_are_aligned_so_the_same_range_splits_the_same_way() {
