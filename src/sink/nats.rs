@@ -2,9 +2,10 @@
 //! natural key as `Nats-Msg-Id` so the stream drops a replayed or redundant copy within
 //! its duplicate window, and every publish awaited until its PubAck (the stream has it on
 //! disk). Publishes are pipelined, a bounded window of acknowledgements outstanding. The
-//! retry of a batch that broke off starts at its first unacknowledged message.
+//! retry of a batch that broke off starts at its first unacknowledged message, and skips
+//! the messages the stream stored although their PubAcks never came.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, message::PublishMessage, stream};
@@ -24,6 +25,9 @@ const ACK_WINDOW: usize = 4_096;
 /// live p99 during the backfill 13-28 ms with 512 against 60 ms with 4,096; backfill
 /// 79,000-86,000 rows/s with 512 against 92,000-94,000 with 4,096. Live comes first.
 const BACKFILL_ACK_WINDOW: usize = 512;
+/// How long after a batch broke off the server may still have stored one of its
+/// messages: the PubAck timeout (a server that stalled answers late).
+const STORED_LATE: Duration = Duration::from_secs(5);
 
 pub struct NatsSink {
     config: NatsConfig,
@@ -31,17 +35,30 @@ pub struct NatsSink {
     /// The last batch whose write failed, and how many of its first rows JetStream had
     /// acknowledged by then.
     resume: Option<Resume>,
+    /// The highest stream sequence known to hold an earlier message than any this sink
+    /// has yet to publish: the last PubAck's, or the stream's last when connected.
+    stream_seq: u64,
+    /// Rows of failed batches that their retry found in the stream without a PubAck.
+    found_unacknowledged: u64,
 }
 
 /// Where the retry of a failed batch starts: the runner resends the identical batch, and
 /// the rows before `acked` are in the stream (their PubAcks came, in order), so only the
-/// rest is published again. That keeps a retry after an outage longer than the stream's
-/// `duplicate_window` from storing those rows twice; only the PubAcks outstanding at the
-/// failure (at most the window, 512 or 4,096) can be.
+/// rest is published again. The `in_flight` rows after them had been published with
+/// their PubAcks outstanding: the stream may hold some. The retry looks for those in the
+/// stream (after `after_seq`, up to [`STORED_LATE`] past the failure) and skips the ones
+/// it finds. Both keep a retry after an outage longer than the stream's
+/// `duplicate_window` from storing rows twice.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Resume {
     batch: BatchId,
     acked: usize,
+    in_flight: usize,
+    /// The stream sequence below every message of the batch not acknowledged.
+    after_seq: u64,
+    /// When the write failed: ns since the epoch (compared with the stream's own
+    /// timestamps).
+    failed_at_ns: i128,
 }
 
 /// A batch by its place in the log: lane, first row's and last position, rows.
@@ -72,6 +89,8 @@ impl NatsSink {
             config: config.clone(),
             context: None,
             resume: None,
+            stream_seq: 0,
+            found_unacknowledged: 0,
         }
     }
 
@@ -79,6 +98,12 @@ impl NatsSink {
     /// retry skips (none after a success).
     pub fn acknowledged_of_failed_batch(&self) -> Option<usize> {
         self.resume.map(|r| r.acked)
+    }
+
+    /// Rows of failed batches whose retries found them in the stream although their
+    /// PubAcks had not come, and did not publish again.
+    pub fn found_unacknowledged(&self) -> u64 {
+        self.found_unacknowledged
     }
 
     /// The subject of a row: tokens may not hold `.`, `*`, `>` or whitespace.
@@ -125,7 +150,7 @@ impl NatsSink {
     pub async fn context(&mut self) -> Result<&jetstream::Context, SinkError> {
         if self.context.is_none() {
             let context = self.connect().await?;
-            context
+            let stream = context
                 .get_or_create_stream(stream::Config {
                     name: self.config.stream.clone(),
                     subjects: vec![format!("{}.>", self.config.subject_prefix)],
@@ -142,6 +167,7 @@ impl NatsSink {
                         SinkError::retriable(NAME, "stream", text)
                     }
                 })?;
+            self.stream_seq = self.stream_seq.max(stream.cached_info().state.last_sequence);
             self.context = Some(context);
         }
         Ok(self.context.as_ref().expect("connected above"))
@@ -194,25 +220,111 @@ impl NatsSink {
         Ok(seen)
     }
 
-    /// Publishes `batch` (from its first unacknowledged row, when it is the batch that
-    /// failed last) and awaits every PubAck.
+    /// Publishes `batch` (from its first unacknowledged row, and without the rows the
+    /// stream holds unacknowledged, when it is the batch that failed last) and awaits
+    /// every PubAck.
     async fn publish(&mut self, batch: &Batch) -> Result<(), SinkError> {
-        let start = Resume::start(self.resume, batch);
-        if start > 0 {
-            tracing::debug!(lane = %batch.lane, last_seq = batch.last_seq, acked = start, rows = batch.rows.len(),
-                "resending a batch from its first unacknowledged row");
+        let last_failure = self.resume.filter(|r| r.batch == BatchId::of(batch));
+        let start = Resume::start(last_failure, batch);
+        let stored = match last_failure {
+            Some(r) if r.in_flight > 0 => {
+                let ids = self.stored_unacknowledged(batch, &r).await?;
+                self.found_unacknowledged += ids.len() as u64;
+                ids
+            }
+            _ => HashSet::new(),
+        };
+        if start > 0 || !stored.is_empty() {
+            tracing::debug!(lane = %batch.lane, last_seq = batch.last_seq, acked = start, stored_unacknowledged = stored.len(),
+                rows = batch.rows.len(), "resending a batch from its first unacknowledged row");
         }
-        let mut acked = start;
-        let result = self.publish_from(batch, &mut acked).await;
-        self.resume = result.is_err().then(|| Resume {
-            batch: BatchId::of(batch),
-            acked,
-        });
+        let mut progress = Progress {
+            acked: start,
+            sent: start,
+        };
+        let result = self.publish_from(batch, &mut progress, &stored).await;
+        self.resume = match &result {
+            Ok(()) => None,
+            Err(_) => Some(Resume {
+                batch: BatchId::of(batch),
+                acked: progress.acked,
+                in_flight: progress.sent - progress.acked,
+                after_seq: self.stream_seq,
+                failed_at_ns: jiff::Timestamp::now().as_nanosecond(),
+            }),
+        };
         result
     }
 
-    /// Publishes `batch.rows[*acked..]`, counting in `acked` the rows acknowledged.
-    async fn publish_from(&mut self, batch: &Batch, acked: &mut usize) -> Result<(), SinkError> {
+    /// The message ids of `resume`'s in-flight rows of `batch` that the stream holds: it
+    /// reads the stream's headers from `after_seq` on, up to [`STORED_LATE`] past the
+    /// failure, and stops early once it found them all.
+    async fn stored_unacknowledged(&mut self, batch: &Batch, resume: &Resume) -> Result<HashSet<String>, SinkError> {
+        let end = (resume.acked + resume.in_flight).min(batch.rows.len());
+        let wanted: HashSet<String> = batch.rows[resume.acked..end].iter().map(|r| r.key_string()).collect();
+        let (name, filter) = (self.config.stream.clone(), format!("{}.>", self.config.subject_prefix));
+        let context = self.context().await?.clone();
+        let stream = context
+            .get_stream(&name)
+            .await
+            .map_err(|e| SinkError::retriable(NAME, "stream", e))?;
+        let last = stream.cached_info().state.last_sequence;
+        let mut found = HashSet::new();
+        if last <= resume.after_seq || wanted.is_empty() {
+            return Ok(found);
+        }
+        let consumer = stream
+            .create_consumer(jetstream::consumer::pull::OrderedConfig {
+                filter_subject: filter,
+                deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence {
+                    start_sequence: resume.after_seq + 1,
+                },
+                headers_only: true,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| SinkError::retriable(NAME, "consumer", e))?;
+        let mut messages = consumer
+            .messages()
+            .await
+            .map_err(|e| SinkError::retriable(NAME, "consumer", e))?;
+        let until_ns = resume.failed_at_ns + STORED_LATE.as_nanos() as i128;
+        while found.len() < wanted.len() {
+            // No message for a while: the rest of the range is gone (removed by the
+            // stream's limits), or the server is slow; what was not found is sent.
+            let message = match tokio::time::timeout(Duration::from_secs(5), messages.next()).await {
+                Ok(Some(Ok(m))) => m,
+                Ok(Some(Err(e))) => return Err(SinkError::retriable(NAME, "consumer", e)),
+                Ok(None) | Err(_) => break,
+            };
+            let info = message.info().map_err(|e| SinkError::retriable(NAME, "consumer", e))?;
+            if info.published.unix_timestamp_nanos() > until_ns {
+                break;
+            }
+            let sequence = info.stream_sequence;
+            let id = message
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
+                .map(|v| v.as_str().to_owned());
+            if let Some(id) = id.filter(|id| wanted.contains(id)) {
+                found.insert(id);
+            }
+            if sequence >= last {
+                break;
+            }
+        }
+        Ok(found)
+    }
+
+    /// Publishes `batch.rows[progress.acked..]` but the rows in `stored`, counting the
+    /// rows sent and acknowledged (or found stored) in `progress`.
+    async fn publish_from(
+        &mut self,
+        batch: &Batch,
+        progress: &mut Progress,
+        stored: &HashSet<String>,
+    ) -> Result<(), SinkError> {
         let prefix = self.config.subject_prefix.clone();
         let context = self.context().await?.clone();
         // While the client is reconnecting it would buffer publishes and each would wait
@@ -228,30 +340,58 @@ impl NatsSink {
             Lane::Live => ACK_WINDOW,
             _ => BACKFILL_ACK_WINDOW,
         };
+        // In row order; `None`: a row the stream already holds, not published again.
         let mut pending = VecDeque::with_capacity(window);
-        for row in &batch.rows[*acked..] {
+        for row in &batch.rows[progress.acked..] {
             if pending.len() >= window {
                 if let Some(ack) = pending.pop_front() {
-                    await_ack(ack).await?;
-                    *acked += 1;
+                    self.acknowledged(ack, progress).await?;
                 }
             }
+            let id = row.key_string();
+            if stored.contains(&id) {
+                progress.sent += 1;
+                pending.push_back(None);
+                continue;
+            }
             let payload = serde_json::to_vec(&Message::from(row)).map_err(|e| SinkError::fatal(NAME, "encode", e))?;
-            let message = PublishMessage::build()
-                .payload(payload.into())
-                .message_id(row.key_string());
+            let message = PublishMessage::build().payload(payload.into()).message_id(id);
+            // Counted before the send: a publish that fails half way may have reached
+            // the server.
+            progress.sent += 1;
             let ack = context
                 .send_publish(Self::subject(&prefix, row), message)
                 .await
                 .map_err(|e| SinkError::retriable(NAME, "publish", e))?;
-            pending.push_back(ack);
+            pending.push_back(Some(ack));
         }
         while let Some(ack) = pending.pop_front() {
-            await_ack(ack).await?;
-            *acked += 1;
+            self.acknowledged(ack, progress).await?;
         }
         Ok(())
     }
+
+    /// Waits for the next row's PubAck (none for a row found stored) and counts it.
+    async fn acknowledged(
+        &mut self,
+        ack: Option<jetstream::context::PublishAckFuture>,
+        progress: &mut Progress,
+    ) -> Result<(), SinkError> {
+        if let Some(ack) = ack {
+            let ack = await_ack(ack).await?;
+            // A duplicate's answer carries the first copy's (older) sequence.
+            self.stream_seq = self.stream_seq.max(ack.sequence);
+        }
+        progress.acked += 1;
+        Ok(())
+    }
+}
+
+/// How far a batch's publishing got: rows before `acked` are in the stream; rows from
+/// `acked` to `sent` were published with their PubAcks outstanding.
+struct Progress {
+    acked: usize,
+    sent: usize,
 }
 
 /// A row as a JetStream message: JSON, the fields an event does not have left out (a
@@ -335,8 +475,8 @@ impl<'a> From<&'a Row> for Message<'a> {
 
 /// Waits for one PubAck. A "duplicate" answer is a success: the stream already holds
 /// that natural key (a replay, or a redundant appliance's copy).
-async fn await_ack(ack: jetstream::context::PublishAckFuture) -> Result<(), SinkError> {
-    ack.await.map(drop).map_err(|e| SinkError::retriable(NAME, "puback", e))
+async fn await_ack(ack: jetstream::context::PublishAckFuture) -> Result<jetstream::publish::PublishAck, SinkError> {
+    ack.await.map_err(|e| SinkError::retriable(NAME, "puback", e))
 }
 
 impl Sink for NatsSink {
@@ -419,6 +559,9 @@ mod tests {
         let resume = Some(Resume {
             batch: BatchId::of(&failed),
             acked: 40,
+            in_flight: 10,
+            after_seq: 7,
+            failed_at_ns: 0,
         });
         assert_eq!(Resume::start(resume, &failed), 40);
         assert_eq!(Resume::start(resume, &batch(Lane::Backfill, 101, 200)), 40);

@@ -1,8 +1,10 @@
 //! A TCP relay in front of a real server that a test can cut off and restore: down, it
 //! closes its listening socket (new connections are refused, as by a stopped server) and
-//! shuts every relayed connection both ways (a write in flight breaks off half way).
+//! shuts every relayed connection both ways (a write in flight breaks off half way). It
+//! can also drop what the server sends while still passing on what the client sends (a
+//! server that takes writes and whose answers are lost).
 
-use std::io::ErrorKind;
+use std::io::{ErrorKind, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -11,6 +13,8 @@ use std::time::{Duration, Instant};
 
 struct Shared {
     up: AtomicBool,
+    /// Drop the server's bytes.
+    muted: AtomicBool,
     stop: AtomicBool,
     connections: Mutex<Vec<TcpStream>>,
 }
@@ -28,13 +32,14 @@ impl Proxy {
         let port = listener.local_addr().unwrap().port();
         let shared = Arc::new(Shared {
             up: AtomicBool::new(true),
+            muted: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             connections: Mutex::new(Vec::new()),
         });
         let thread = {
             let shared = shared.clone();
             listener.set_nonblocking(true).unwrap();
-            std::thread::spawn(move || accept_loop(Some(listener), port, upstream, &shared))
+            std::thread::spawn(move || accept_loop(Some(listener), port, upstream, shared))
         };
         Proxy {
             port,
@@ -57,8 +62,15 @@ impl Proxy {
         }
     }
 
-    /// Takes connections again, on the same port.
+    /// From now on drops what the server sends on every connection (its answers are
+    /// lost) while the client's bytes still reach it.
+    pub fn mute_replies(&self) {
+        self.shared.muted.store(true, Ordering::SeqCst);
+    }
+
+    /// Takes connections again, on the same port, and passes the server's answers on.
     pub fn restore(&self) {
+        self.shared.muted.store(false, Ordering::SeqCst);
         self.shared.up.store(true, Ordering::SeqCst);
     }
 }
@@ -75,7 +87,7 @@ impl Drop for Proxy {
     }
 }
 
-fn accept_loop(mut listener: Option<TcpListener>, port: u16, upstream: u16, shared: &Shared) {
+fn accept_loop(mut listener: Option<TcpListener>, port: u16, upstream: u16, shared: Arc<Shared>) {
     while !shared.stop.load(Ordering::SeqCst) {
         let up = shared.up.load(Ordering::SeqCst);
         if !up {
@@ -102,8 +114,8 @@ fn accept_loop(mut listener: Option<TcpListener>, port: u16, upstream: u16, shar
                 let mut open = shared.connections.lock().unwrap();
                 open.push(client.try_clone().unwrap());
                 open.push(server.try_clone().unwrap());
-                relay(client.try_clone().unwrap(), server.try_clone().unwrap());
-                relay(server, client);
+                relay(client.try_clone().unwrap(), server.try_clone().unwrap(), None);
+                relay(server, client, Some(shared.clone()));
             }
             Err(e) if e.kind() == ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(2)),
             Err(e) => panic!("the relay on {port}: {e}"),
@@ -111,10 +123,23 @@ fn accept_loop(mut listener: Option<TcpListener>, port: u16, upstream: u16, shar
     }
 }
 
-/// Copies `from` to `to` on a thread of its own until either side ends.
-fn relay(mut from: TcpStream, mut to: TcpStream) {
+/// Copies `from` to `to` on a thread of its own until either side ends; with `mute`,
+/// drops the bytes while the relay is muted.
+fn relay(mut from: TcpStream, mut to: TcpStream, mute: Option<Arc<Shared>>) {
     std::thread::spawn(move || {
-        let _ = std::io::copy(&mut from, &mut to);
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match from.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if mute.as_ref().is_some_and(|m| m.muted.load(Ordering::SeqCst)) {
+                continue;
+            }
+            if to.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
         let _ = from.shutdown(Shutdown::Both);
         let _ = to.shutdown(Shutdown::Both);
     });
