@@ -8,7 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tickvault_wal::{Lane, Wal};
 
@@ -160,8 +160,25 @@ fn outage(sink: &str) {
     outage.down();
     std::thread::sleep(Duration::from_millis(500));
     let before = positions(&log);
-    std::thread::sleep(Duration::from_secs(6));
-    let during = positions(&log);
+    // Down for at least 6 s, and until every other sink has moved both its cursors (a
+    // loaded machine can take longer to get a backfill write through; 60 s at most).
+    let down_since = Instant::now();
+    let during = loop {
+        std::thread::sleep(Duration::from_millis(250));
+        let now = positions(&log);
+        let others_moved = SINKS.iter().enumerate().filter(|(_, s)| **s != sink).all(|(i, _)| {
+            now.live[i] > before.live[i]
+                && (now.backfill[i] > before.backfill[i] || now.backfill[i] == now.backfill_head)
+        });
+        let long = down_since.elapsed();
+        if (others_moved && long >= Duration::from_secs(6)) || long >= Duration::from_secs(60) {
+            eprintln!(
+                "{sink} down for {long:?}: cursors of {SINKS:?}, live {:?} -> {:?}, backfill {:?} -> {:?} (head {})",
+                before.live, now.live, before.backfill, now.backfill, now.backfill_head
+            );
+            break now;
+        }
+    };
     for (i, s) in SINKS.iter().enumerate() {
         if *s == sink {
             assert_eq!(
