@@ -81,6 +81,35 @@ impl Resume {
             _ => 0,
         }
     }
+
+    /// Where the next retry starts after an attempt at `batch` failed with `progress`.
+    /// When it was itself the retry of `last` (the same batch) and did not get every
+    /// row `last` had in flight acknowledged, those rows may still be in the stream
+    /// below the sequence of its newest PubAck: the range to look in keeps `last`'s start
+    /// and reaches to whichever in-flight row is further.
+    fn after_failure(
+        last: Option<Resume>,
+        batch: BatchId,
+        progress: &Progress,
+        stream_seq: u64,
+        now_ns: i128,
+    ) -> Resume {
+        let (mut after_seq, mut in_flight_end) = (stream_seq, progress.sent);
+        if let Some(last) = last.filter(|l| l.batch == batch) {
+            let last_end = last.acked + last.in_flight;
+            if progress.acked < last_end {
+                after_seq = after_seq.min(last.after_seq);
+                in_flight_end = in_flight_end.max(last_end);
+            }
+        }
+        Resume {
+            batch,
+            acked: progress.acked,
+            in_flight: in_flight_end - progress.acked,
+            after_seq,
+            failed_at_ns: now_ns,
+        }
+    }
 }
 
 impl NatsSink {
@@ -173,6 +202,21 @@ impl NatsSink {
         Ok(self.context.as_ref().expect("connected above"))
     }
 
+    /// The JetStream context, or a retriable error at once while the client is
+    /// reconnecting: it would buffer requests and publishes meanwhile, and each would
+    /// wait out its timeout, so the breaker would count a failure only every 5 s.
+    async fn connected(&mut self) -> Result<jetstream::Context, SinkError> {
+        let context = self.context().await?.clone();
+        if context.client().connection_state() != async_nats::connection::State::Connected {
+            return Err(SinkError::retriable(
+                NAME,
+                "disconnected",
+                "not connected to the NATS server",
+            ));
+        }
+        Ok(context)
+    }
+
     /// Calls `visit` with every row in the stream, in stream order (for `verify`).
     pub async fn scan(&mut self, mut visit: impl FnMut(Row)) -> Result<u64, SinkError> {
         let (name, filter) = (self.config.stream.clone(), format!("{}.>", self.config.subject_prefix));
@@ -245,13 +289,13 @@ impl NatsSink {
         let result = self.publish_from(batch, &mut progress, &stored).await;
         self.resume = match &result {
             Ok(()) => None,
-            Err(_) => Some(Resume {
-                batch: BatchId::of(batch),
-                acked: progress.acked,
-                in_flight: progress.sent - progress.acked,
-                after_seq: self.stream_seq,
-                failed_at_ns: jiff::Timestamp::now().as_nanosecond(),
-            }),
+            Err(_) => Some(Resume::after_failure(
+                last_failure,
+                BatchId::of(batch),
+                &progress,
+                self.stream_seq,
+                jiff::Timestamp::now().as_nanosecond(),
+            )),
         };
         result
     }
@@ -263,7 +307,7 @@ impl NatsSink {
         let end = (resume.acked + resume.in_flight).min(batch.rows.len());
         let wanted: HashSet<String> = batch.rows[resume.acked..end].iter().map(|r| r.key_string()).collect();
         let (name, filter) = (self.config.stream.clone(), format!("{}.>", self.config.subject_prefix));
-        let context = self.context().await?.clone();
+        let context = self.connected().await?;
         let stream = context
             .get_stream(&name)
             .await
@@ -326,16 +370,7 @@ impl NatsSink {
         stored: &HashSet<String>,
     ) -> Result<(), SinkError> {
         let prefix = self.config.subject_prefix.clone();
-        let context = self.context().await?.clone();
-        // While the client is reconnecting it would buffer publishes and each would wait
-        // out its ack timeout: fail fast instead and let the breaker pace the retries.
-        if context.client().connection_state() != async_nats::connection::State::Connected {
-            return Err(SinkError::retriable(
-                NAME,
-                "disconnected",
-                "not connected to the NATS server",
-            ));
-        }
+        let context = self.connected().await?;
         let window = match batch.lane {
             Lane::Live => ACK_WINDOW,
             _ => BACKFILL_ACK_WINDOW,
@@ -570,6 +605,48 @@ mod tests {
         assert_eq!(Resume::start(resume, &batch(Lane::Live, 101, 200)), 0);
         assert_eq!(Resume::start(resume, &batch(Lane::Backfill, 101, 199)), 0);
         assert_eq!(Resume::start(resume, &batch(Lane::Backfill, 100, 200)), 0);
+    }
+
+    #[test]
+    fn a_retry_that_fails_before_its_rows_in_flight_are_acknowledged_keeps_looking_from_where_they_were() {
+        let batch = BatchId(Lane::Backfill, 1, 1_000, 1_000);
+        let first = Resume::after_failure(
+            None,
+            batch,
+            &Progress {
+                acked: 600,
+                sent: 1_000,
+            },
+            5_600,
+            1,
+        );
+        assert_eq!((first.acked, first.in_flight, first.after_seq), (600, 400, 5_600));
+        // The retry failed at once (the server still down): nothing learnt, nothing lost.
+        let again = Resume::after_failure(Some(first), batch, &Progress { acked: 600, sent: 600 }, 5_600, 2);
+        assert_eq!(
+            (again.acked, again.in_flight, again.after_seq, again.failed_at_ns),
+            (600, 400, 5_600, 2)
+        );
+        // The retry got 100 more acknowledged (newer sequences), then failed: rows 700
+        // to 1,000 of the first attempt may still be in the stream at their old places.
+        let partly = Resume::after_failure(Some(first), batch, &Progress { acked: 700, sent: 800 }, 9_000, 3);
+        assert_eq!((partly.acked, partly.in_flight, partly.after_seq), (700, 300, 5_600));
+        // Past every row the first attempt had in flight: from the newest PubAck on.
+        let past = Resume::after_failure(
+            Some(first),
+            batch,
+            &Progress {
+                acked: 1_000,
+                sent: 1_000,
+            },
+            9_400,
+            4,
+        );
+        assert_eq!((past.acked, past.in_flight, past.after_seq), (1_000, 0, 9_400));
+        // Another batch: its own range only.
+        let other = BatchId(Lane::Backfill, 1_001, 2_000, 1_000);
+        let fresh = Resume::after_failure(Some(first), other, &Progress { acked: 10, sent: 50 }, 9_500, 5);
+        assert_eq!((fresh.acked, fresh.in_flight, fresh.after_seq), (10, 40, 9_500));
     }
 
     #[test]
