@@ -168,8 +168,8 @@ pub struct BackfillConfig {
     /// Requests to Polygon running at once. Default 2.
     pub concurrency: usize,
     /// While live events are being captured, the share of the time the backfill's
-    /// appends to the log may take, in (0, 1]: after a page's appends took `d`, the next
-    /// page's wait `d * (1 - duty) / duty` (at most 5 s), so that live appends find the
+    /// appends to the log may take, in [0.05, 1]: after a page's appends took `d`, the
+    /// next page waits `d * (1 - duty) / duty` (at most 5 s), so that live appends find the
     /// disk and the cores free. With no live event in the last second (a closed market,
     /// a backfill-only run) backfill goes at full speed. 1 never pauses. Default 0.5.
     pub live_duty: f64,
@@ -524,6 +524,11 @@ mod tests {
         let config = Config::parse("t", "[log]\nmax_group_records = 0\n").unwrap();
         let err = config.validate("t").unwrap_err();
         assert_eq!(err.location, "field `log.max_group_records`");
+        for duty in ["0", "1.5"] {
+            let config = Config::parse("t", &format!("[backfill]\nlive_duty = {duty}\n")).unwrap();
+            let err = config.validate("t").unwrap_err();
+            assert_eq!(err.location, "field `backfill.live_duty`", "{duty}");
+        }
     }
 
     #[test]

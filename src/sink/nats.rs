@@ -233,17 +233,14 @@ impl NatsSink {
         if total == 0 {
             return Ok(0);
         }
-        let consumer = stream
-            .create_consumer(jetstream::consumer::pull::OrderedConfig {
+        let mut messages = ordered(
+            &stream,
+            jetstream::consumer::pull::OrderedConfig {
                 filter_subject: filter,
                 ..Default::default()
-            })
-            .await
-            .map_err(|e| SinkError::retriable(NAME, "consumer", e))?;
-        let mut messages = consumer
-            .messages()
-            .await
-            .map_err(|e| SinkError::retriable(NAME, "consumer", e))?;
+            },
+        )
+        .await?;
         let mut seen = 0;
         while seen < total {
             let message = match tokio::time::timeout(Duration::from_secs(10), messages.next()).await {
@@ -317,21 +314,18 @@ impl NatsSink {
         if last <= resume.after_seq || wanted.is_empty() {
             return Ok(found);
         }
-        let consumer = stream
-            .create_consumer(jetstream::consumer::pull::OrderedConfig {
+        let mut messages = ordered(
+            &stream,
+            jetstream::consumer::pull::OrderedConfig {
                 filter_subject: filter,
                 deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence {
                     start_sequence: resume.after_seq + 1,
                 },
                 headers_only: true,
                 ..Default::default()
-            })
-            .await
-            .map_err(|e| SinkError::retriable(NAME, "consumer", e))?;
-        let mut messages = consumer
-            .messages()
-            .await
-            .map_err(|e| SinkError::retriable(NAME, "consumer", e))?;
+            },
+        )
+        .await?;
         let until_ns = resume.failed_at_ns + STORED_LATE.as_nanos() as i128;
         while found.len() < wanted.len() {
             // No message for a while: the rest of the range is gone (removed by the
@@ -506,6 +500,20 @@ impl<'a> From<&'a Row> for Message<'a> {
             conditions: &r.conditions,
         }
     }
+}
+
+/// The messages of an ordered (ephemeral, in stream order) consumer on `stream`.
+async fn ordered(
+    stream: &stream::Stream,
+    config: jetstream::consumer::pull::OrderedConfig,
+) -> Result<jetstream::consumer::pull::Ordered, SinkError> {
+    stream
+        .create_consumer(config)
+        .await
+        .map_err(|e| SinkError::retriable(NAME, "consumer", e))?
+        .messages()
+        .await
+        .map_err(|e| SinkError::retriable(NAME, "consumer", e))
 }
 
 /// Waits for one PubAck. A "duplicate" answer is a success: the stream already holds
