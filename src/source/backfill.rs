@@ -204,15 +204,9 @@ enum Fetch {
     Refused(String),
 }
 
-/// Paces the backfill's appends while live events are captured (`backfill.live_duty`):
-/// one page's appends at a time across the downloader's requests, each followed, while
-/// live flows, by a pause in proportion to how long it took. Live is flowing when the
-/// live lane's head moved within the last [`LIVE_FLOWING`].
-struct Pacer {
-    duty: f64,
-    seen: tokio::sync::Mutex<LiveSeen>,
-}
-
+/// What the downloader last saw of the live lane, for pacing its appends while live
+/// events are captured (`backfill.live_duty`): live is flowing when the live lane's head
+/// moved within the last [`LIVE_FLOWING`].
 struct LiveSeen {
     head: u64,
     moved_at: Option<Instant>,
@@ -232,7 +226,9 @@ impl LiveSeen {
 pub struct Downloader {
     spec: BackfillSpec,
     wal: Wal,
-    pacer: Pacer,
+    /// Held for one page's appends (and its pause), so pages are appended one at a time
+    /// across the downloader's requests.
+    live: tokio::sync::Mutex<LiveSeen>,
     http: reqwest::Client,
     limiter: DefaultDirectRateLimiter,
     pub stats: Arc<BackfillStats>,
@@ -257,16 +253,13 @@ impl Downloader {
             }
             None => Quota::per_second(NonZeroU32::new(100).unwrap_or(NonZeroU32::MIN)),
         };
-        let pacer = Pacer {
-            duty: spec.live_duty,
-            seen: tokio::sync::Mutex::new(LiveSeen {
-                head: wal.head(Lane::Live),
-                moved_at: None,
-            }),
-        };
+        let live = tokio::sync::Mutex::new(LiveSeen {
+            head: wal.head(Lane::Live),
+            moved_at: None,
+        });
         Ok(Downloader {
             spec,
-            pacer,
+            live,
             wal,
             http,
             limiter: RateLimiter::direct(quota),
@@ -370,7 +363,7 @@ impl Downloader {
             let captured_at_ns = i64::try_from(jiff::Timestamp::now().as_nanosecond()).unwrap_or(i64::MAX);
             let mut last_t = None;
             // One page's appends at a time, and while live flows a pause after them.
-            let mut seen = self.pacer.seen.lock().await;
+            let mut seen = self.live.lock().await;
             let started = Instant::now();
             // Small appends: a group commit that carries a live append takes one of them at
             // most, so live records never share an fsync with more than ~200 KB of bars.
@@ -406,7 +399,7 @@ impl Downloader {
             }
             drop(page.results);
             if seen.flowing(self.wal.head(Lane::Live), Instant::now()) {
-                let pause = pause_for(started.elapsed(), self.pacer.duty);
+                let pause = pause_for(started.elapsed(), self.spec.live_duty);
                 if !pause.is_zero() {
                     self.stats
                         .paused_ms
