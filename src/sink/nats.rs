@@ -73,13 +73,10 @@ impl BatchId {
 }
 
 impl Resume {
-    /// The first row of `batch` to publish: past the acknowledged ones if it is the
-    /// batch that failed, else the first.
-    fn start(last_failure: Option<Resume>, batch: &Batch) -> usize {
-        match last_failure {
-            Some(r) if r.batch == BatchId::of(batch) => r.acked,
-            _ => 0,
-        }
+    /// `last_failure` if it was of `batch`: then its retry starts past the acknowledged
+    /// rows and looks for the ones in flight; any other batch starts at its first row.
+    fn for_batch(last_failure: Option<Resume>, batch: &Batch) -> Option<Resume> {
+        last_failure.filter(|r| r.batch == BatchId::of(batch))
     }
 
     /// Where the next retry starts after an attempt at `batch` failed with `progress`.
@@ -182,7 +179,7 @@ impl NatsSink {
             let stream = context
                 .get_or_create_stream(stream::Config {
                     name: self.config.stream.clone(),
-                    subjects: vec![format!("{}.>", self.config.subject_prefix)],
+                    subjects: vec![self.subjects()],
                     storage: stream::StorageType::File,
                     duplicate_window: self.config.duplicate_window,
                     ..Default::default()
@@ -217,14 +214,23 @@ impl NatsSink {
         Ok(context)
     }
 
+    /// The subjects of the stream: every one under the prefix.
+    fn subjects(&self) -> String {
+        format!("{}.>", self.config.subject_prefix)
+    }
+
+    /// The sink's stream, through `context`.
+    async fn stream(&self, context: &jetstream::Context) -> Result<stream::Stream, SinkError> {
+        context
+            .get_stream(&self.config.stream)
+            .await
+            .map_err(|e| SinkError::retriable(NAME, "stream", e))
+    }
+
     /// Calls `visit` with every row in the stream, in stream order (for `verify`).
     pub async fn scan(&mut self, mut visit: impl FnMut(Row)) -> Result<u64, SinkError> {
-        let (name, filter) = (self.config.stream.clone(), format!("{}.>", self.config.subject_prefix));
-        let context = self.context().await?;
-        let stream = context
-            .get_stream(&name)
-            .await
-            .map_err(|e| SinkError::retriable(NAME, "stream", e))?;
+        let context = self.context().await?.clone();
+        let stream = self.stream(&context).await?;
         let info = stream
             .get_info()
             .await
@@ -236,7 +242,7 @@ impl NatsSink {
         let mut messages = ordered(
             &stream,
             jetstream::consumer::pull::OrderedConfig {
-                filter_subject: filter,
+                filter_subject: self.subjects(),
                 ..Default::default()
             },
         )
@@ -265,8 +271,8 @@ impl NatsSink {
     /// stream holds unacknowledged, when it is the batch that failed last) and awaits
     /// every PubAck.
     async fn publish(&mut self, batch: &Batch) -> Result<(), SinkError> {
-        let last_failure = self.resume.filter(|r| r.batch == BatchId::of(batch));
-        let start = Resume::start(last_failure, batch);
+        let last_failure = Resume::for_batch(self.resume, batch);
+        let start = last_failure.map_or(0, |r| r.acked);
         let stored = match last_failure {
             Some(r) if r.in_flight > 0 => {
                 let ids = self.stored_unacknowledged(batch, &r).await?;
@@ -303,12 +309,8 @@ impl NatsSink {
     async fn stored_unacknowledged(&mut self, batch: &Batch, resume: &Resume) -> Result<HashSet<String>, SinkError> {
         let end = (resume.acked + resume.in_flight).min(batch.rows.len());
         let wanted: HashSet<String> = batch.rows[resume.acked..end].iter().map(|r| r.key_string()).collect();
-        let (name, filter) = (self.config.stream.clone(), format!("{}.>", self.config.subject_prefix));
         let context = self.connected().await?;
-        let stream = context
-            .get_stream(&name)
-            .await
-            .map_err(|e| SinkError::retriable(NAME, "stream", e))?;
+        let stream = self.stream(&context).await?;
         let last = stream.cached_info().state.last_sequence;
         let mut found = HashSet::new();
         if last <= resume.after_seq || wanted.is_empty() {
@@ -317,7 +319,7 @@ impl NatsSink {
         let mut messages = ordered(
             &stream,
             jetstream::consumer::pull::OrderedConfig {
-                filter_subject: filter,
+                filter_subject: self.subjects(),
                 deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence {
                     start_sequence: resume.after_seq + 1,
                 },
@@ -606,13 +608,14 @@ mod tests {
             after_seq: 7,
             failed_at_ns: 0,
         });
-        assert_eq!(Resume::start(resume, &failed), 40);
-        assert_eq!(Resume::start(resume, &batch(Lane::Backfill, 101, 200)), 40);
+        let start = |r, b: &Batch| Resume::for_batch(r, b).map_or(0, |r| r.acked);
+        assert_eq!(start(resume, &failed), 40);
+        assert_eq!(start(resume, &batch(Lane::Backfill, 101, 200)), 40);
         // Another batch: from its first row.
-        assert_eq!(Resume::start(None, &failed), 0);
-        assert_eq!(Resume::start(resume, &batch(Lane::Live, 101, 200)), 0);
-        assert_eq!(Resume::start(resume, &batch(Lane::Backfill, 101, 199)), 0);
-        assert_eq!(Resume::start(resume, &batch(Lane::Backfill, 100, 200)), 0);
+        assert_eq!(start(None, &failed), 0);
+        assert_eq!(start(resume, &batch(Lane::Live, 101, 200)), 0);
+        assert_eq!(start(resume, &batch(Lane::Backfill, 101, 199)), 0);
+        assert_eq!(start(resume, &batch(Lane::Backfill, 100, 200)), 0);
     }
 
     #[test]
