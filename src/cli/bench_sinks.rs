@@ -131,9 +131,16 @@ struct Window {
     yielded_ms: u64,
 }
 
-/// The log's side of one window: frame received to durable, p50 and p99 (ms); backfill
-/// bars captured; ms the capture paused for live.
-type LogWindow = (f64, f64, u64, u64);
+/// The log's side of one window.
+struct LogWindow {
+    /// Frame received to durable, ms.
+    p50: f64,
+    p99: f64,
+    /// Backfill bars captured.
+    captured: u64,
+    /// Time the capture paused for live, ms.
+    paused_ms: u64,
+}
 
 /// Live figures per sink over one window, and the log's.
 async fn live_window(config: &Config, seconds: u64) -> anyhow::Result<(Vec<Window>, LogWindow)> {
@@ -142,15 +149,19 @@ async fn live_window(config: &Config, seconds: u64) -> anyhow::Result<(Vec<Windo
     let running = daemon::start(config)?;
     tokio::time::sleep(Duration::from_secs(seconds)).await;
     let backlog = running.wal.head(Lane::Backfill);
-    let durable = running
+    let (p50, p99) = running
         .live
         .first()
         .map_or((0.0, 0.0), |(_, live)| (live.latency_ms(0.5), live.latency_ms(0.99)));
-    let paused = running
-        .backfill
-        .as_ref()
-        .map_or(0, |b| b.paused_ms.load(Ordering::Relaxed));
-    let durable = (durable.0, durable.1, backlog, paused);
+    let log = LogWindow {
+        p50,
+        p99,
+        captured: backlog,
+        paused_ms: running
+            .backfill
+            .as_ref()
+            .map_or(0, |b| b.paused_ms.load(Ordering::Relaxed)),
+    };
     let mut out = Vec::new();
     for s in running.sinks.iter().filter(|s| s.lane == Lane::Live) {
         let backfill = running
@@ -169,7 +180,7 @@ async fn live_window(config: &Config, seconds: u64) -> anyhow::Result<(Vec<Windo
         });
     }
     running.shutdown().await?;
-    Ok((out, durable))
+    Ok((out, log))
 }
 
 fn median(values: &[f64]) -> f64 {
@@ -297,12 +308,12 @@ pub async fn sinks(
             );
         }
         let log = |d: &[LogWindow]| {
-            let p50: Vec<f64> = d.iter().map(|w| w.0).collect();
-            let p99: Vec<f64> = d.iter().map(|w| w.1).collect();
+            let p50: Vec<f64> = d.iter().map(|w| w.p50).collect();
+            let p99: Vec<f64> = d.iter().map(|w| w.p99).collect();
             format!("p50 {:.1} / p99 {:.1}", median(&p50), median(&p99))
         };
-        let captured: Vec<f64> = busy_log.iter().map(|w| w.2 as f64).collect();
-        let paused: Vec<f64> = busy_log.iter().map(|w| w.3 as f64 / 1000.0).collect();
+        let captured: Vec<f64> = busy_log.iter().map(|w| w.captured as f64).collect();
+        let paused: Vec<f64> = busy_log.iter().map(|w| w.paused_ms as f64 / 1000.0).collect();
         println!(
             "  the log's share (frame received to durable): idle {}, backfill {}; \
              backfill bars captured {:.0}, the capture paused for live {:.1} s",
