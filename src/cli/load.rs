@@ -30,6 +30,33 @@ pub struct LoadSpec {
     /// Records per append request.
     #[arg(long, default_value_t = 1000)]
     pub batch: usize,
+    /// Also act as a sink that keeps this many records behind the head: every 10 ms, move
+    /// the cursor `drill` there and truncate what it passed (retention 0), so the log
+    /// reclaims space all along. Prints `cursor <lane> <seq>` once a move is durable, and
+    /// `reclaims <started> <finished>`. For the crash drill of truncation.
+    #[arg(long)]
+    pub truncate_behind: Option<u64>,
+}
+
+/// The cursor `wal load --truncate-behind` moves.
+pub const DRILL_CURSOR: &str = "drill";
+
+/// Keeps the cursor [`DRILL_CURSOR`] `behind` records behind the head and truncates what
+/// it passed, every 10 ms, until the log closes.
+async fn truncate_behind(wal: Wal, lane: Lane, behind: u64) -> anyhow::Result<()> {
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    // Forward only, as a sink's: an earlier run may have left it further on.
+    let mut cursor = wal.reader().cursor(DRILL_CURSOR, lane)?;
+    loop {
+        tick.tick().await;
+        cursor = cursor.max(wal.head(lane).saturating_sub(behind));
+        wal.move_cursor(DRILL_CURSOR, lane, cursor).await?;
+        wal.truncate(Duration::ZERO).await?;
+        let (started, finished) = wal.reclaims();
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "cursor {} {cursor}\nreclaims {started} {finished}", lane.name());
+        let _ = out.flush();
+    }
 }
 
 /// What a load achieved.
@@ -127,6 +154,9 @@ pub async fn run(spec: LoadSpec) -> anyhow::Result<ExitCode> {
         let _ = writeln!(out, "acked {} {}", lane.name(), head);
         let _ = out.flush();
     });
+    let truncating = spec
+        .truncate_behind
+        .map(|behind| tokio::spawn(truncate_behind(wal.clone(), lane, behind)));
     let figures = load(
         &wal,
         lane,
@@ -137,6 +167,9 @@ pub async fn run(spec: LoadSpec) -> anyhow::Result<ExitCode> {
         on_ack,
     )
     .await?;
+    if let Some(task) = truncating {
+        task.abort();
+    }
     wal.shutdown().await?;
     println!(
         "loaded {} records into {} in {:.2} s: {:.0} records/s, {:.1} MB/s ({} producers, {}-byte payloads, {}-record batches, {} group commits)",

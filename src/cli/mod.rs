@@ -15,4 +15,4 @@ mod wal;
 
 pub use args::{BenchCommand, Cli, Command, WalCommand};
 pub use dispatch::main;
-pub use load::{load, LoadFigures, LoadSpec};
+pub use load::{load, LoadFigures, LoadSpec, DRILL_CURSOR};

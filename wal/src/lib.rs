@@ -300,6 +300,16 @@ impl Wal {
         self.shared.group_commits.load(Ordering::Relaxed)
     }
 
+    /// Space reclaims (the dropping of truncated records' files, behind the writer)
+    /// started and finished since this process opened the log: started > finished while
+    /// one runs.
+    pub fn reclaims(&self) -> (u64, u64) {
+        (
+            self.shared.reclaims_started.load(Ordering::Relaxed),
+            self.shared.reclaims_finished.load(Ordering::Relaxed),
+        )
+    }
+
     /// The error that poisoned the log, if one did.
     pub fn poisoned(&self) -> Option<WriteError> {
         self.shared.poisoned.lock().unwrap_or_else(|p| p.into_inner()).clone()

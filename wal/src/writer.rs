@@ -217,6 +217,9 @@ pub(crate) struct Shared {
     pub(crate) is_poisoned: AtomicBool,
     pub(crate) quarantined: AtomicU64,
     pub(crate) group_commits: AtomicU64,
+    /// Space reclaims started and finished since the log was opened (see [`Writer::reclaim`]).
+    pub(crate) reclaims_started: AtomicU64,
+    pub(crate) reclaims_finished: AtomicU64,
     pub(crate) heads: [watch::Sender<u64>; 3],
 }
 
@@ -270,6 +273,8 @@ impl Writer {
             is_poisoned: AtomicBool::new(false),
             quarantined: AtomicU64::new(quarantined),
             group_commits: AtomicU64::new(0),
+            reclaims_started: AtomicU64::new(0),
+            reclaims_finished: AtomicU64::new(0),
             heads: Lane::ALL.map(|lane| watch::Sender::new(state.head[lane.index()])),
         });
         Ok((
@@ -613,6 +618,8 @@ impl Writer {
             let _ = done.join();
         }
         let db = self.db.clone();
+        let shared = self.shared.clone();
+        self.shared.reclaims_started.fetch_add(1, Ordering::Relaxed);
         let spawned = std::thread::Builder::new().name("wal-reclaim".into()).spawn(move || {
             for (lane, upto) in due {
                 let lane_cf = cf(&db, lane.name());
@@ -640,10 +647,14 @@ impl Writer {
                     tracing::info!(lane = %lane, freed_bytes = before - after, "log space reclaimed");
                 }
             }
+            shared.reclaims_finished.fetch_add(1, Ordering::Relaxed);
         });
         match spawned {
             Ok(handle) => self.reclaimer = Some(handle),
-            Err(e) => tracing::warn!(error = %e, "could not start the thread dropping truncated log files"),
+            Err(e) => {
+                self.shared.reclaims_finished.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(error = %e, "could not start the thread dropping truncated log files");
+            }
         }
     }
 
