@@ -133,20 +133,43 @@ impl Load {
     }
 }
 
+/// What a drill runs with: its seeded randomness (`TICKVAULT_CRASH_SEED` replays one),
+/// a log in a directory of its own, and a runtime for the log's async calls.
+struct Drill {
+    rng: rand::rngs::StdRng,
+    dir: tempfile::TempDir,
+    log: std::path::PathBuf,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Drill {
+    fn new(name: &str) -> Drill {
+        let seed: u64 = std::env::var("TICKVAULT_CRASH_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| rand::rng().random());
+        eprintln!("{name} seed {seed} (set TICKVAULT_CRASH_SEED to replay)");
+        let dir = tempfile::tempdir().unwrap();
+        Drill {
+            rng: rand::rngs::StdRng::seed_from_u64(seed),
+            log: dir.path().join("log"),
+            dir,
+            rt: tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap(),
+        }
+    }
+}
+
 #[test]
 fn every_acknowledged_record_survives_sigkill_at_random_moments() {
-    let seed: u64 = std::env::var("TICKVAULT_CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| rand::rng().random());
-    eprintln!("crash drill seed {seed} (set TICKVAULT_CRASH_SEED to replay)");
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("log");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let Drill {
+        mut rng,
+        dir: _dir,
+        log,
+        rt,
+    } = Drill::new("crash drill");
 
     let mut durable_before = 0u64;
     let mut digest_before: Vec<u32> = Vec::new();
@@ -199,22 +222,16 @@ const MAX_RECLAIM_ROUNDS: usize = 36;
 /// The same drill with a sink that keeps a cursor close behind the head and truncates
 /// what it passed all along, so the log keeps dropping files and compacting the
 /// truncated range behind the writer (its space reclaim); rounds go on until
-/// [`KILLS_WHILE_RECLAIMING`] kills landed while a reclaim ran. Everything past the cursor must survive, and nothing the cursor had
-/// not passed may go.
+/// [`KILLS_WHILE_RECLAIMING`] kills landed while a reclaim ran. Everything past the
+/// cursor must survive, and nothing the cursor had not passed may go.
 #[test]
 fn nothing_past_the_cursor_is_lost_when_sigkill_lands_while_the_log_reclaims_space() {
-    let seed: u64 = std::env::var("TICKVAULT_CRASH_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| rand::rng().random());
-    eprintln!("reclaim drill seed {seed} (set TICKVAULT_CRASH_SEED to replay)");
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("log");
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let Drill {
+        mut rng,
+        dir: _dir,
+        log,
+        rt,
+    } = Drill::new("reclaim drill");
 
     let (mut head_before, mut cursor_before, mut low_before) = (0u64, 0u64, 1u64);
     let (mut first_before, mut digest_before) = (1u64, Vec::<u32>::new());
