@@ -114,6 +114,16 @@ impl Load {
         Load { child, reader, seen }
     }
 
+    /// Waits until the load reports a reclaim running, for at most `limit`.
+    fn wait_for_reclaim(&self, limit: Duration) {
+        let started = std::time::Instant::now();
+        while self.seen.started.load(Ordering::SeqCst) <= self.seen.finished.load(Ordering::SeqCst)
+            && started.elapsed() < limit
+        {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     /// SIGKILL, then what it had printed.
     fn kill(mut self) -> Seen {
         self.child.kill().unwrap();
@@ -215,14 +225,16 @@ fn every_acknowledged_record_survives_sigkill_at_random_moments() {
     );
 }
 
-/// Kills that must land while a reclaim runs (about half do), and the rounds allowed.
+/// Kills that must land while a reclaim runs, and the fewest and most rounds.
 const KILLS_WHILE_RECLAIMING: usize = 6;
+const MIN_RECLAIM_ROUNDS: usize = 12;
 const MAX_RECLAIM_ROUNDS: usize = 36;
 
 /// The same drill with a sink that keeps a cursor close behind the head and truncates
 /// what it passed all along, so the log keeps dropping files and compacting the
-/// truncated range behind the writer (its space reclaim); rounds go on until
-/// [`KILLS_WHILE_RECLAIMING`] kills landed while a reclaim ran. Everything past the
+/// truncated range behind the writer (its space reclaim). Most kills are aimed at a
+/// running reclaim; at least [`KILLS_WHILE_RECLAIMING`] must land while one ran, in
+/// [`MIN_RECLAIM_ROUNDS`] rounds or more. Everything past the
 /// cursor must survive, and nothing the cursor had not passed may go.
 #[test]
 fn nothing_past_the_cursor_is_lost_when_sigkill_lands_while_the_log_reclaims_space() {
@@ -237,14 +249,22 @@ fn nothing_past_the_cursor_is_lost_when_sigkill_lands_while_the_log_reclaims_spa
     let (mut first_before, mut digest_before) = (1u64, Vec::<u32>::new());
     let (mut kills_while_reclaiming, mut reclaims) = (0, 0);
     let mut rounds = 0;
-    while kills_while_reclaiming < KILLS_WHILE_RECLAIMING && rounds < MAX_RECLAIM_ROUNDS {
+    while (kills_while_reclaiming < KILLS_WHILE_RECLAIMING || rounds < MIN_RECLAIM_ROUNDS)
+        && rounds < MAX_RECLAIM_ROUNDS
+    {
         let round = rounds;
         rounds += 1;
         let producers = rng.random_range(1..=4usize);
         let batch = rng.random_range(100..=2000usize);
         let behind = rng.random_range(0..200_000u64);
         let load = Load::start(&log, producers, batch, Some(behind));
-        std::thread::sleep(Duration::from_millis(rng.random_range(300..1500)));
+        std::thread::sleep(Duration::from_millis(rng.random_range(200..1000)));
+        // Two rounds in three aim at a reclaim: the kill comes 0-15 ms after the load
+        // reported one running (or 3 s on); the third comes at a random moment.
+        if round % 3 != 2 {
+            load.wait_for_reclaim(Duration::from_secs(3));
+            std::thread::sleep(Duration::from_millis(rng.random_range(0..15)));
+        }
         let seen = load.kill();
         kills_while_reclaiming += usize::from(seen.reclaiming);
         reclaims += seen.reclaims_finished;
@@ -303,7 +323,8 @@ fn nothing_past_the_cursor_is_lost_when_sigkill_lands_while_the_log_reclaims_spa
     }
     eprintln!("{kills_while_reclaiming} of {rounds} kills while a reclaim ran; {reclaims} reclaims finished");
     assert!(low_before > 1, "the drill never truncated");
-    assert!(reclaims > 0, "no reclaim ever finished");
+    // Most reclaims are killed before they finish; that a finished one gives the space
+    // back is `truncating_a_finished_backfill_gives_its_disk_space_back` (wal/tests).
     assert!(
         kills_while_reclaiming >= KILLS_WHILE_RECLAIMING,
         "only {kills_while_reclaiming} of {rounds} kills landed while a reclaim ran"
