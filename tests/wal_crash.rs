@@ -256,14 +256,24 @@ fn nothing_past_the_cursor_is_lost_when_sigkill_lands_while_the_log_reclaims_spa
         rounds += 1;
         let producers = rng.random_range(1..=4usize);
         let batch = rng.random_range(100..=2000usize);
-        let behind = rng.random_range(0..200_000u64);
+        // Close behind (what is past the cursor is still in memtables and level 0), or
+        // far behind (it reaches into the files a reclaim could drop).
+        let behind = if rng.random_bool(0.5) {
+            rng.random_range(0..200_000u64)
+        } else {
+            rng.random_range(500_000..3_000_000u64)
+        };
         let load = Load::start(&log, producers, batch, Some(behind));
-        std::thread::sleep(Duration::from_millis(rng.random_range(200..1000)));
         // Two rounds in three aim at a reclaim: the kill comes 0-15 ms after the load
-        // reported one running (or 3 s on); the third comes at a random moment.
+        // reported one running (or 3 s on). The third runs 1-3 s, long enough for
+        // RocksDB to compact the lane out of level 0 (a reclaim drops files only below
+        // it), and is killed at a random moment.
         if round % 3 != 2 {
+            std::thread::sleep(Duration::from_millis(rng.random_range(300..1500)));
             load.wait_for_reclaim(Duration::from_secs(3));
             std::thread::sleep(Duration::from_millis(rng.random_range(0..15)));
+        } else {
+            std::thread::sleep(Duration::from_millis(rng.random_range(1000..3000)));
         }
         let seen = load.kill();
         kills_while_reclaiming += usize::from(seen.reclaiming);
