@@ -154,9 +154,14 @@ pub async fn run(spec: LoadSpec) -> anyhow::Result<ExitCode> {
         let _ = writeln!(out, "acked {} {}", lane.name(), head);
         let _ = out.flush();
     });
-    let truncating = spec
-        .truncate_behind
-        .map(|behind| tokio::spawn(truncate_behind(wal.clone(), lane, behind)));
+    let truncating = spec.truncate_behind.map(|behind| {
+        let wal = wal.clone();
+        tokio::spawn(async move {
+            if let Err(e) = truncate_behind(wal, lane, behind).await {
+                eprintln!("wal load: the cursor and truncation stopped: {e:#}");
+            }
+        })
+    });
     let figures = load(
         &wal,
         lane,
