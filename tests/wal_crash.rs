@@ -230,12 +230,12 @@ const KILLS_WHILE_RECLAIMING: usize = 6;
 const MIN_RECLAIM_ROUNDS: usize = 12;
 const MAX_RECLAIM_ROUNDS: usize = 36;
 
-/// The same drill with a sink that keeps a cursor close behind the head and truncates
-/// what it passed all along, so the log keeps dropping files and compacting the
-/// truncated range behind the writer (its space reclaim). Most kills are aimed at a
-/// running reclaim; at least [`KILLS_WHILE_RECLAIMING`] must land while one ran, in
-/// [`MIN_RECLAIM_ROUNDS`] rounds or more. Everything past the
-/// cursor must survive, and nothing the cursor had not passed may go.
+/// The same drill with a sink that keeps a cursor behind the head (close, or millions of
+/// records behind) and truncates what it passed all along, so the log keeps dropping
+/// files and compacting the truncated range behind the writer (its space reclaim). Most
+/// kills are aimed at a running reclaim; at least [`KILLS_WHILE_RECLAIMING`] must land
+/// while one ran, in [`MIN_RECLAIM_ROUNDS`] rounds or more. Everything past the cursor
+/// must survive, and nothing the cursor had not passed may go.
 #[test]
 fn nothing_past_the_cursor_is_lost_when_sigkill_lands_while_the_log_reclaims_space() {
     let Drill {
