@@ -39,7 +39,8 @@
 //!
 //! RocksDB column families: `live`, `backfill`, `derived` (records, keyed by the
 //! big-endian sequence, so key order is log order), `cursors` (lane tag + sink name →
-//! `u64` LE), `meta` (magic, format version, per-lane first retained sequence),
+//! `u64` LE), `meta` (magic, format version, per-lane first retained sequence, cursors'
+//! notes),
 //! `time_index` (lane tag + second → highest sequence committed in that second; drives
 //! retention), `quarantine` (lane tag + sequence → the raw bytes of a corrupt record),
 //! and `coverage` and `state` for the daemon's own bookkeeping ([`Space`]), written
@@ -249,7 +250,31 @@ impl Wal {
     /// Moves a sink's cursor on a lane to `seq` (the highest sequence it acknowledged).
     pub async fn move_cursor(&self, sink: &str, lane: Lane, seq: u64) -> Result<(), WriteError> {
         let sink = sink.to_owned();
-        self.call(|reply| Command::MoveCursor { sink, lane, seq, reply }).await
+        self.call(|reply| Command::MoveCursor {
+            sink,
+            lane,
+            seq,
+            note: None,
+            reply,
+        })
+        .await
+    }
+
+    /// As [`Wal::move_cursor`], and keeps `note` for the cursor in the same durable
+    /// write: what a sink needs at its next start to know what it did past the cursor
+    /// (JetStream: the stream's sequence once the batch up to `seq` was acknowledged).
+    /// A move without a note leaves the last note in place; read it back with
+    /// [`LogReader::cursor_note`].
+    pub async fn move_cursor_noted(&self, sink: &str, lane: Lane, seq: u64, note: Vec<u8>) -> Result<(), WriteError> {
+        let sink = sink.to_owned();
+        self.call(|reply| Command::MoveCursor {
+            sink,
+            lane,
+            seq,
+            note: Some(note),
+            reply,
+        })
+        .await
     }
 
     /// Forgets a sink's cursor (a sink removed from service no longer holds truncation).

@@ -229,6 +229,14 @@ impl LogReader {
         Ok(value.as_deref().and_then(store::u64_value).unwrap_or(0))
     }
 
+    /// The note kept with a sink's cursor on a lane by its last
+    /// [`crate::Wal::move_cursor_noted`], if any.
+    pub fn cursor_note(&self, sink: &str, lane: Lane) -> Result<Option<Vec<u8>>, ReadError> {
+        self.db
+            .get_cf(self.cf(CF_META), store::meta_note_key(lane, sink))
+            .map_err(|source| ReadError::Rocks { lane, source })
+    }
+
     /// Quarantined records: lane, sequence and the raw stored bytes.
     pub fn quarantined(&self) -> Result<Vec<(Lane, u64, Vec<u8>)>, ReadError> {
         let cf = self.cf(CF_QUARANTINE);

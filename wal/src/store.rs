@@ -82,6 +82,11 @@ pub(crate) fn meta_low_key(lane: Lane) -> Vec<u8> {
     format!("low/{}", lane.name()).into_bytes()
 }
 
+/// A cursor's note (see [`crate::Wal::move_cursor_noted`]).
+pub(crate) fn meta_note_key(lane: Lane, sink: &str) -> Vec<u8> {
+    format!("note/{}/{sink}", lane.name()).into_bytes()
+}
+
 pub(crate) fn seq_key(seq: u64) -> [u8; 8] {
     seq.to_be_bytes()
 }

@@ -108,6 +108,8 @@ pub(crate) enum Command {
         sink: String,
         lane: Lane,
         seq: u64,
+        /// Written in the same batch as the move (see [`crate::Wal::move_cursor_noted`]).
+        note: Option<Vec<u8>>,
         reply: Reply<()>,
     },
     DeleteCursor {
@@ -481,7 +483,13 @@ impl Writer {
                         last_seq,
                     });
                 }
-                Command::MoveCursor { sink, lane, seq, reply } => {
+                Command::MoveCursor {
+                    sink,
+                    lane,
+                    seq,
+                    note,
+                    reply,
+                } => {
                     if let Err(e) = check_sink(&sink) {
                         let _ = reply.send(Err(e));
                         continue;
@@ -497,12 +505,16 @@ impl Writer {
                         store::cursor_key(lane, &sink),
                         seq.to_le_bytes(),
                     );
+                    if let Some(note) = note {
+                        batch.put_cf(cf(&self.db, CF_META), store::meta_note_key(lane, &sink), note);
+                    }
                     next.cursors.insert((lane, sink), seq);
                     done.push(Done::Unit(reply));
                 }
                 Command::DeleteCursor { sink, lane, reply } => {
                     touches_cursor = true;
                     batch.delete_cf(cf(&self.db, CF_CURSORS), store::cursor_key(lane, &sink));
+                    batch.delete_cf(cf(&self.db, CF_META), store::meta_note_key(lane, &sink));
                     next.cursors.remove(&(lane, sink));
                     done.push(Done::Unit(reply));
                 }

@@ -139,6 +139,50 @@ async fn a_cursor_cannot_move_past_the_head() {
 }
 
 #[tokio::test]
+async fn a_cursor_note_is_kept_with_its_move_survives_a_reopen_and_goes_with_the_cursor() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(dir.path()).unwrap();
+    wal.append(Lane::Live, batch(5, "a")).await.unwrap();
+    assert_eq!(wal.reader().cursor_note("nats", Lane::Live).unwrap(), None);
+    wal.move_cursor_noted("nats", Lane::Live, 2, b"at 2".to_vec())
+        .await
+        .unwrap();
+    // A move without a note keeps the last one; other lanes and sinks have none.
+    wal.move_cursor("nats", Lane::Live, 3).await.unwrap();
+    assert_eq!(
+        wal.reader().cursor_note("nats", Lane::Live).unwrap().as_deref(),
+        Some(&b"at 2"[..])
+    );
+    assert_eq!(wal.reader().cursor_note("nats", Lane::Backfill).unwrap(), None);
+    assert_eq!(wal.reader().cursor_note("pg", Lane::Live).unwrap(), None);
+    // A move the log refuses writes no note either.
+    let err = wal
+        .move_cursor_noted("nats", Lane::Live, 9, b"at 9".to_vec())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, WriteError::CursorBeyondHead { .. }), "{err}");
+    assert_eq!(
+        wal.reader().cursor_note("nats", Lane::Live).unwrap().as_deref(),
+        Some(&b"at 2"[..])
+    );
+    wal.move_cursor_noted("nats", Lane::Live, 5, b"at 5".to_vec())
+        .await
+        .unwrap();
+    wal.shutdown().await.unwrap();
+    drop(wal);
+
+    let wal = Wal::open(dir.path()).unwrap();
+    assert_eq!(wal.reader().cursor("nats", Lane::Live).unwrap(), 5);
+    assert_eq!(
+        wal.reader().cursor_note("nats", Lane::Live).unwrap().as_deref(),
+        Some(&b"at 5"[..])
+    );
+    wal.delete_cursor("nats", Lane::Live).await.unwrap();
+    assert_eq!(wal.reader().cursor_note("nats", Lane::Live).unwrap(), None);
+    wal.shutdown().await.unwrap();
+}
+
+#[tokio::test]
 async fn a_corrupt_record_is_quarantined_counted_and_reading_continues_past_it() {
     let dir = tempfile::tempdir().unwrap();
     let wal = Wal::open(dir.path()).unwrap();
