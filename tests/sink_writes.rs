@@ -205,6 +205,69 @@ fn nats_resends_a_failed_batch_from_its_first_unacknowledged_message_and_skips_t
     });
 }
 
+/// What a killed run published past its cursor is found after a restart, from the
+/// stream sequence noted with the cursor, and is not published again, though the
+/// restart comes past the stream's duplicate window. A restart killed while that look
+/// goes on keeps the last run's sequence in its note (the stream's own last is past
+/// what is still to find), so the next restart finds the rest.
+#[test]
+fn nats_restarted_past_the_duplicate_window_publishes_nothing_the_stream_holds_past_the_cursor() {
+    let target = Target::new("nats_restart");
+    let mut nats = config(&target).sinks.nats;
+    nats.duplicate_window = Duration::from_secs(1);
+    let past_window = || tokio::time::sleep(Duration::from_millis(1_500));
+    rt().block_on(async {
+        // Run 1: 0..1,000 acknowledged and its cursor moved, with the note; 1,000..4,000
+        // published too, and the run killed before that cursor move.
+        let mut first = NatsSink::new(&nats);
+        send(&mut first, &[events(0, 1_000)]).await;
+        let note = first.note().expect("a note once the stream was seen");
+        send(&mut first, &[events(1_000, 4_000)]).await;
+        drop(first);
+        past_window().await;
+
+        // Run 2: its first batch is all in the stream; killed after its cursor move.
+        let mut second = NatsSink::new(&nats);
+        second.restore(&note);
+        send(&mut second, &[events(1_000, 2_500)]).await;
+        assert_eq!(second.found_after_restart(), 1_500);
+        let note = second.note().unwrap();
+        drop(second);
+        past_window().await;
+
+        // Run 3: finds the rest, then publishes what is new.
+        let mut third = NatsSink::new(&nats);
+        third.restore(&note);
+        send(&mut third, &[events(2_500, 4_000), events(4_000, 5_000)]).await;
+        assert_eq!(third.found_after_restart(), 1_500);
+
+        // A note of another stream is not followed (the sink publishes everything).
+        let mut other = NatsSink::new(&nats);
+        let mut elsewhere = nats.clone();
+        elsewhere.stream = format!("{}_OTHER", nats.stream);
+        let mut noted = NatsSink::new(&elsewhere);
+        noted.restore(&note);
+        assert_eq!(noted.note(), None, "a note of another stream is not carried on");
+        other.restore(&note);
+        assert!(
+            other.note().is_some(),
+            "a note of this stream is carried on until the first write"
+        );
+    });
+    let (mut keys, mut total) = (HashSet::new(), 0);
+    rt().block_on(async {
+        NatsSink::new(&nats)
+            .scan(|row| {
+                total += 1;
+                keys.insert(row.key_string());
+            })
+            .await
+            .unwrap();
+    });
+    assert_eq!(keys.len(), 5_000, "every message is in the stream");
+    assert_eq!(total, 5_000, "{} stored twice", total - 5_000);
+}
+
 #[test]
 fn postgres_copies_directly_merges_after_a_conflict_and_then_copies_directly_again() {
     let target = Target::new("pg_direct_again");

@@ -4,6 +4,13 @@
 //! disk). Publishes are pipelined, a bounded window of acknowledgements outstanding. The
 //! retry of a batch that broke off starts at its first unacknowledged message, and skips
 //! the messages the stream stored although their PubAcks never came.
+//!
+//! After a crash the runner sends again what lies past its cursor, some of which the
+//! stream may hold. Within `duplicate_window` the stream drops those copies itself;
+//! beyond it, it would not. So each cursor move keeps a note of the stream's sequence
+//! at that point ([`Sink::note`]), and the first write after a restart reads the message
+//! ids the stream stored on the lane's subjects past it, and does not publish those
+//! rows again (a restart long after a crash, too, stores nothing twice).
 
 use std::collections::{HashSet, VecDeque};
 use std::time::Duration;
@@ -28,6 +35,11 @@ const BACKFILL_ACK_WINDOW: usize = 512;
 /// How long after a batch broke off the server may still have stored one of its
 /// messages: the PubAck timeout (a server that stalled answers late).
 const STORED_LATE: Duration = Duration::from_secs(5);
+/// The most message ids a restart reads past the noted sequence. The rows a killed run
+/// published past its cursor are a few batches' worth; a range much longer is other
+/// publishers' (a redundant appliance) and is cut short, with a warning: what it would
+/// have found is published again and dropped by the stream within its duplicate window.
+const RESTART_IDS_MAX: usize = 1_000_000;
 
 pub struct NatsSink {
     config: NatsConfig,
@@ -40,6 +52,41 @@ pub struct NatsSink {
     stream_seq: u64,
     /// Rows of failed batches that their retry found in the stream without a PubAck.
     found_unacknowledged: u64,
+    /// After a restart, what the stream holds past the noted sequence.
+    restart: Option<AfterRestart>,
+    /// Rows that the first writes after a restart found in the stream and did not
+    /// publish again.
+    found_after_restart: u64,
+}
+
+/// The note kept with the cursor: the stream and the highest sequence known to hold an
+/// earlier message than any past the cursor.
+#[derive(Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct Note {
+    stream: String,
+    seq: u64,
+}
+
+/// What a restarted sink knows of the messages its last run may have published past its
+/// cursor.
+#[derive(Debug)]
+enum AfterRestart {
+    /// The noted sequence: the first write reads the stream past it.
+    Noted(u64),
+    /// The ids the stream holds on the lane's subjects past the noted sequence
+    /// `after_seq`. Each acknowledged batch takes the ids of its rows out; the first
+    /// batch with none of its rows among them ends the look (the last run published in
+    /// log order, so what it stored past the cursor comes before any row that is not
+    /// there).
+    Found { after_seq: u64, ids: HashSet<String> },
+}
+
+impl AfterRestart {
+    fn after_seq(&self) -> u64 {
+        match self {
+            AfterRestart::Noted(seq) | AfterRestart::Found { after_seq: seq, .. } => *seq,
+        }
+    }
 }
 
 /// Where the retry of a failed batch starts: the runner resends the identical batch, and
@@ -117,7 +164,15 @@ impl NatsSink {
             resume: None,
             stream_seq: 0,
             found_unacknowledged: 0,
+            restart: None,
+            found_after_restart: 0,
         }
+    }
+
+    /// Rows the first writes after a restart found in the stream (published by the
+    /// last run past its cursor) and did not publish again.
+    pub fn found_after_restart(&self) -> u64 {
+        self.found_after_restart
     }
 
     /// How many rows of the last failed batch JetStream had acknowledged, which its
@@ -219,6 +274,11 @@ impl NatsSink {
         format!("{}.>", self.config.subject_prefix)
     }
 
+    /// The subjects of one lane's messages.
+    fn lane_subjects(&self, lane: Lane) -> String {
+        format!("{}.{lane}.>", self.config.subject_prefix)
+    }
+
     /// The sink's stream, through `context`.
     async fn stream(&self, context: &jetstream::Context) -> Result<stream::Stream, SinkError> {
         context
@@ -271,6 +331,73 @@ impl NatsSink {
     /// stream holds unacknowledged, when it is the batch that failed last) and awaits
     /// every PubAck.
     async fn publish(&mut self, batch: &Batch) -> Result<(), SinkError> {
+        let after_restart = self.stored_after_restart(batch.lane).await?;
+        let looking = after_restart.is_some();
+        let result = self
+            .publish_resuming(batch, after_restart.as_ref().map(|(_, ids)| ids))
+            .await;
+        self.restart = match (after_restart, &result) {
+            (Some((after_seq, mut ids)), Ok(())) => {
+                let before = ids.len();
+                for row in &batch.rows {
+                    ids.remove(&row.key_string());
+                }
+                let found = before - ids.len();
+                self.found_after_restart += found as u64;
+                (found > 0 && !ids.is_empty()).then_some(AfterRestart::Found { after_seq, ids })
+            }
+            (Some((after_seq, ids)), Err(_)) => Some(AfterRestart::Found { after_seq, ids }),
+            (None, _) => self.restart.take(),
+        };
+        if looking && self.restart.is_none() {
+            tracing::info!(lane = %batch.lane, rows = self.found_after_restart,
+                "rows the last run published past its cursor were in the stream and were not published again");
+        }
+        result
+    }
+
+    /// After a restart, the ids of the messages on `lane`'s subjects that the stream
+    /// stored past the sequence noted with the cursor, read at the first write (up to
+    /// the stream's last message then, and at most [`RESTART_IDS_MAX`]); `None` when
+    /// there was no note or the look has ended. With the noted sequence.
+    async fn stored_after_restart(&mut self, lane: Lane) -> Result<Option<(u64, HashSet<String>)>, SinkError> {
+        let after_seq = match self.restart.take() {
+            None => return Ok(None),
+            Some(AfterRestart::Found { after_seq, ids }) => return Ok(Some((after_seq, ids))),
+            Some(AfterRestart::Noted(seq)) => seq,
+        };
+        // Put back until the look succeeds, so a failed one is tried again.
+        self.restart = Some(AfterRestart::Noted(after_seq));
+        let started = std::time::Instant::now();
+        let mut ids = HashSet::new();
+        let mut cut_short = false;
+        self.visit_ids(lane, after_seq, |_, id| {
+            if ids.len() >= RESTART_IDS_MAX {
+                cut_short = true;
+                return false;
+            }
+            ids.extend(id);
+            true
+        })
+        .await?;
+        self.restart = None;
+        if cut_short {
+            tracing::warn!(%lane, after_seq, read = ids.len(),
+                "the stream holds more past the cursor's noted sequence than a restart reads; rows past the cursor stored more than duplicate_window ago may be stored twice");
+        }
+        tracing::info!(%lane, after_seq, messages = ids.len(), elapsed_ms = started.elapsed().as_millis() as u64,
+            "read what the stream stored past the cursor's noted sequence");
+        Ok((!ids.is_empty()).then_some((after_seq, ids)))
+    }
+
+    /// As [`NatsSink::publish`] without the restart's look: publishes `batch` (from its
+    /// first unacknowledged row, and without the rows the stream holds unacknowledged,
+    /// when it is the batch that failed last, and without those in `after_restart`).
+    async fn publish_resuming(
+        &mut self,
+        batch: &Batch,
+        after_restart: Option<&HashSet<String>>,
+    ) -> Result<(), SinkError> {
         let last_failure = Resume::for_batch(self.resume, batch);
         let start = last_failure.map_or(0, |r| r.acked);
         let stored = match last_failure {
@@ -289,7 +416,8 @@ impl NatsSink {
             acked: start,
             sent: start,
         };
-        let result = self.publish_from(batch, &mut progress, &stored).await;
+        let skip = |id: &str| stored.contains(id) || after_restart.is_some_and(|ids| ids.contains(id));
+        let result = self.publish_from(batch, &mut progress, skip).await;
         self.resume = match &result {
             Ok(()) => None,
             Err(_) => Some(Resume::after_failure(
@@ -309,61 +437,87 @@ impl NatsSink {
     async fn stored_unacknowledged(&mut self, batch: &Batch, resume: &Resume) -> Result<HashSet<String>, SinkError> {
         let end = (resume.acked + resume.in_flight).min(batch.rows.len());
         let wanted: HashSet<String> = batch.rows[resume.acked..end].iter().map(|r| r.key_string()).collect();
+        let mut found = HashSet::new();
+        if wanted.is_empty() {
+            return Ok(found);
+        }
+        let until_ns = resume.failed_at_ns + STORED_LATE.as_nanos() as i128;
+        self.visit_ids(batch.lane, resume.after_seq, |published_ns, id| {
+            if published_ns > until_ns {
+                return false;
+            }
+            if let Some(id) = id.filter(|id| wanted.contains(id)) {
+                found.insert(id);
+            }
+            found.len() < wanted.len()
+        })
+        .await?;
+        Ok(found)
+    }
+
+    /// Calls `visit` with the time stored (ns since the epoch, the server's clock) and the
+    /// message id of each message on `lane`'s subjects from `after_seq + 1` to the
+    /// stream's last message now, in order and headers only, until it returns false. No
+    /// message for 5 s ends it too: the rest of the range is gone (removed by the
+    /// stream's limits), or the server is slow; what was not found is sent.
+    async fn visit_ids(
+        &mut self,
+        lane: Lane,
+        after_seq: u64,
+        mut visit: impl FnMut(i128, Option<String>) -> bool,
+    ) -> Result<(), SinkError> {
         let context = self.connected().await?;
         let stream = self.stream(&context).await?;
         let last = stream.cached_info().state.last_sequence;
-        let mut found = HashSet::new();
-        if last <= resume.after_seq || wanted.is_empty() {
-            return Ok(found);
+        if last <= after_seq {
+            return Ok(());
         }
-        let mut messages = ordered(
-            &stream,
-            jetstream::consumer::pull::OrderedConfig {
-                filter_subject: self.subjects(),
+        let consumer = stream
+            .create_consumer(jetstream::consumer::pull::OrderedConfig {
+                filter_subject: self.lane_subjects(lane),
                 deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence {
-                    start_sequence: resume.after_seq + 1,
+                    start_sequence: after_seq + 1,
                 },
                 headers_only: true,
                 ..Default::default()
-            },
-        )
-        .await?;
-        let until_ns = resume.failed_at_ns + STORED_LATE.as_nanos() as i128;
-        while found.len() < wanted.len() {
-            // No message for a while: the rest of the range is gone (removed by the
-            // stream's limits), or the server is slow; what was not found is sent.
+            })
+            .await
+            .map_err(|e| SinkError::retriable(NAME, "consumer", e))?;
+        // None on the lane's subjects (the others' may be): nothing to wait for.
+        if consumer.cached_info().num_pending == 0 {
+            return Ok(());
+        }
+        let mut messages = consumer
+            .messages()
+            .await
+            .map_err(|e| SinkError::retriable(NAME, "consumer", e))?;
+        loop {
             let message = match tokio::time::timeout(Duration::from_secs(5), messages.next()).await {
                 Ok(Some(Ok(m))) => m,
                 Ok(Some(Err(e))) => return Err(SinkError::retriable(NAME, "consumer", e)),
-                Ok(None) | Err(_) => break,
+                Ok(None) | Err(_) => return Ok(()),
             };
             let info = message.info().map_err(|e| SinkError::retriable(NAME, "consumer", e))?;
-            if info.published.unix_timestamp_nanos() > until_ns {
-                break;
-            }
-            let sequence = info.stream_sequence;
+            let (sequence, published_ns) = (info.stream_sequence, info.published.unix_timestamp_nanos());
             let id = message
                 .headers
                 .as_ref()
                 .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
                 .map(|v| v.as_str().to_owned());
-            if let Some(id) = id.filter(|id| wanted.contains(id)) {
-                found.insert(id);
-            }
-            if sequence >= last {
-                break;
+            if !visit(published_ns, id) || sequence >= last || info.pending == 0 {
+                return Ok(());
             }
         }
-        Ok(found)
     }
 
-    /// Publishes `batch.rows[progress.acked..]` but the rows in `stored`, counting the
-    /// rows sent and acknowledged (or found stored) in `progress`.
+    /// Publishes `batch.rows[progress.acked..]` but the rows whose ids `stored` says the
+    /// stream holds, counting the rows sent and acknowledged (or found stored) in
+    /// `progress`.
     async fn publish_from(
         &mut self,
         batch: &Batch,
         progress: &mut Progress,
-        stored: &HashSet<String>,
+        stored: impl Fn(&str) -> bool,
     ) -> Result<(), SinkError> {
         let prefix = self.config.subject_prefix.clone();
         let context = self.connected().await?;
@@ -380,7 +534,7 @@ impl NatsSink {
                 }
             }
             let id = row.key_string();
-            if stored.contains(&id) {
+            if stored(&id) {
                 progress.sent += 1;
                 pending.push_back(None);
                 continue;
@@ -533,6 +687,34 @@ impl Sink for NatsSink {
         // The client reconnects by itself; an error here (no PubAck in time) leaves the
         // connection to it and the batch to the runner's retry.
         self.publish(batch).await
+    }
+
+    /// The stream and a sequence below every message it holds for a row past the cursor:
+    /// the last PubAck's (or the stream's last when connected), since what this run
+    /// publishes past the cursor comes after it; while a restart's look goes on, the
+    /// sequence noted by the last run (what that run stored past the cursor lies after
+    /// it, and the stream's last may be past some of it). None before the sink has seen
+    /// the stream.
+    fn note(&self) -> Option<Vec<u8>> {
+        let seq = self.restart.as_ref().map_or(self.stream_seq, AfterRestart::after_seq);
+        let note = Note {
+            stream: self.config.stream.clone(),
+            seq,
+        };
+        (seq > 0 || self.restart.is_some())
+            .then(|| tickvault_wal::payload::to_bytes(&note).ok())
+            .flatten()
+    }
+
+    fn restore(&mut self, note: &[u8]) {
+        match tickvault_wal::payload::from_bytes::<Note>(note) {
+            Ok(note) if note.stream == self.config.stream => self.restart = Some(AfterRestart::Noted(note.seq)),
+            Ok(note) => tracing::info!(noted = %note.stream, stream = %self.config.stream,
+                "the cursor's note is of another stream; not looking for what the last run published"),
+            Err(e) => {
+                tracing::warn!(error = %e, "the cursor's note does not decode; not looking for what the last run published")
+            }
+        }
     }
 }
 

@@ -35,6 +35,17 @@ pub trait Sink: Send + 'static {
 
     /// Writes a batch and returns once the sink has acknowledged all of it.
     fn write(&mut self, batch: &Batch) -> impl Future<Output = Result<(), SinkError>> + Send;
+
+    /// What the sink wants kept with its cursor once the batches so far were
+    /// acknowledged, written in the same durable write as the cursor's move and given
+    /// back to [`Sink::restore`] at the next start. JetStream keeps the stream's
+    /// sequence there, to find what it published past the cursor before a crash.
+    fn note(&self) -> Option<Vec<u8>> {
+        None
+    }
+
+    /// The note kept with the cursor by the last run, before its first write.
+    fn restore(&mut self, _note: &[u8]) {}
 }
 
 /// How one runner works.
@@ -183,6 +194,9 @@ pub async fn run<S: Sink>(
         wal.move_cursor(name, lane, stored).await?;
         position = stored;
     }
+    if let Some(note) = wal.reader().cursor_note(name, lane)? {
+        sink.restore(&note);
+    }
     stats.acked_seq.store(position, Ordering::Relaxed);
     tracing::info!(sink = name, %lane, cursor = position, "sink runner started");
 
@@ -215,7 +229,7 @@ pub async fn run<S: Sink>(
                     break;
                 }
             }
-            position = commit(&mut cursor, &spec, &stats, &batch)?;
+            position = commit(&mut cursor, &spec, &stats, &batch, sink.note())?;
         }
         anyhow::Ok(())
     }
@@ -243,15 +257,22 @@ pub async fn run<S: Sink>(
 }
 
 /// A batch the sink acknowledged (or one with no row to send): its latency is recorded,
-/// the cursor is moved to its end, and it is counted. Returns the new position.
-fn commit(cursor: &mut CursorMover, spec: &RunnerSpec, stats: &RunnerStats, batch: &Batch) -> anyhow::Result<u64> {
+/// the cursor is moved to its end (with the sink's `note`), and it is counted. Returns
+/// the new position.
+fn commit(
+    cursor: &mut CursorMover,
+    spec: &RunnerSpec,
+    stats: &RunnerStats,
+    batch: &Batch,
+    note: Option<Vec<u8>>,
+) -> anyhow::Result<u64> {
     if !batch.rows.is_empty() {
         stats.record_latency(batch);
         if let (Lane::Live, Some(priority)) = (spec.lane, &spec.priority) {
             priority.live_acknowledged();
         }
     }
-    cursor.acknowledged(batch.last_seq)?;
+    cursor.acknowledged(batch.last_seq, note)?;
     stats.rows.fetch_add(batch.rows.len() as u64, Ordering::Relaxed);
     stats.batches.fetch_add(1, Ordering::Relaxed);
     Ok(batch.last_seq)
@@ -306,7 +327,7 @@ async fn drain<S: Sink>(
                 }
             }
         }
-        position = commit(cursor, spec, stats, &batch)?;
+        position = commit(cursor, spec, stats, &batch, sink.note())?;
     }
     let elapsed_ms = started.elapsed().as_millis() as u64;
     if position >= head {
@@ -326,26 +347,30 @@ async fn drain<S: Sink>(
 /// Moves a runner's cursor in the log behind the runner, so that the next batch is
 /// written while the last one's cursor move is synced: a live batch never waits for the
 /// log's fsync of the previous cursor. At most one move is in flight; positions
-/// acknowledged meanwhile collapse into the newest. The cursor still moves only to
-/// positions the sink acknowledged, in order, each move a synced write; a crash can only
-/// leave it behind (the batches past it are sent again, and the sinks ignore copies).
+/// acknowledged meanwhile collapse into the newest (with the sink's note of that
+/// moment). The cursor still moves only to positions the sink acknowledged, in order,
+/// each move a synced write; a crash can only leave it behind (the batches past it are
+/// sent again, and the sinks ignore copies).
 struct CursorMover {
-    acked: watch::Sender<u64>,
+    acked: watch::Sender<(u64, Option<Vec<u8>>)>,
     /// `None` once its failure was taken by [`CursorMover::failed`].
     task: Option<tokio::task::JoinHandle<Result<(), tickvault_wal::WriteError>>>,
 }
 
 impl CursorMover {
     fn start(wal: Wal, sink: &'static str, lane: Lane, from: u64, stats: Arc<RunnerStats>) -> CursorMover {
-        let (acked, mut latest) = watch::channel(from);
+        let (acked, mut latest) = watch::channel((from, None));
         let task = tokio::spawn(async move {
             let mut moved = from;
             loop {
                 // An error here means the runner is done: make its last move, then end.
                 let done = latest.changed().await.is_err();
-                let seq = *latest.borrow_and_update();
+                let (seq, note) = latest.borrow_and_update().clone();
                 if seq > moved {
-                    wal.move_cursor(sink, lane, seq).await?;
+                    match note {
+                        Some(note) => wal.move_cursor_noted(sink, lane, seq, note).await?,
+                        None => wal.move_cursor(sink, lane, seq).await?,
+                    }
                     moved = seq;
                     stats.acked_seq.store(seq, Ordering::Relaxed);
                 }
@@ -360,9 +385,9 @@ impl CursorMover {
         }
     }
 
-    /// The sink acknowledged everything up to `seq`.
-    fn acknowledged(&mut self, seq: u64) -> anyhow::Result<()> {
-        if self.acked.send(seq).is_err() {
+    /// The sink acknowledged everything up to `seq`; `note` goes with the move.
+    fn acknowledged(&mut self, seq: u64, note: Option<Vec<u8>>) -> anyhow::Result<()> {
+        if self.acked.send((seq, note)).is_err() {
             // The mover ended, which it does only on an error: `failed` has it.
             anyhow::bail!("moving the cursor in the log failed");
         }
