@@ -232,6 +232,28 @@ impl Wal {
             lane,
             batch,
             low_priority: lane == Lane::Backfill,
+            state: None,
+            reply,
+        })
+        .await
+    }
+
+    /// As [`Wal::append`], and writes `key` = `value` in `space` in the same durable
+    /// write: the records and the state that says they are there (the backfill's
+    /// progress through a period) are on disk together or not at all.
+    pub async fn append_with_state(
+        &self,
+        lane: Lane,
+        batch: Batch,
+        space: Space,
+        key: Vec<u8>,
+        value: Vec<u8>,
+    ) -> Result<AppendOutcome, WriteError> {
+        self.call(|reply| Command::Append {
+            lane,
+            batch,
+            low_priority: lane == Lane::Backfill,
+            state: Some((space, key, value)),
             reply,
         })
         .await
@@ -243,6 +265,7 @@ impl Wal {
             lane,
             batch,
             low_priority: lane == Lane::Backfill,
+            state: None,
             reply,
         })
     }

@@ -102,6 +102,9 @@ pub(crate) enum Command {
         lane: Lane,
         batch: Batch,
         low_priority: bool,
+        /// One key of a state space written in the same batch as the records (see
+        /// [`crate::Wal::append_with_state`]).
+        state: Option<(Space, Vec<u8>, Vec<u8>)>,
         reply: Reply<AppendOutcome>,
     },
     MoveCursor {
@@ -462,6 +465,7 @@ impl Writer {
                     lane,
                     batch: records,
                     low_priority: low,
+                    state,
                     reply,
                 } => {
                     low_priority &= low;
@@ -471,6 +475,9 @@ impl Writer {
                     for record in records.records() {
                         next.head[i] += 1;
                         batch.put_cf(lane_cf, store::seq_key(next.head[i]), record);
+                    }
+                    if let Some((space, key, value)) = state {
+                        batch.put_cf(cf(&self.db, space.cf()), key, value);
                     }
                     let n = records.len();
                     group_records += n;

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tickvault_wal::{Batch, Clock, Lane, OpenError, RecordKind, Wal, WalOptions, WriteError};
+use tickvault_wal::{Batch, Clock, Lane, OpenError, RecordKind, Space, Wal, WalOptions, WriteError};
 
 fn batch(n: usize, tag: &str) -> Batch {
     let mut b = Batch::new();
@@ -179,6 +179,36 @@ async fn a_cursor_note_is_kept_with_its_move_survives_a_reopen_and_goes_with_the
     );
     wal.delete_cursor("nats", Lane::Live).await.unwrap();
     assert_eq!(wal.reader().cursor_note("nats", Lane::Live).unwrap(), None);
+    wal.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_append_with_state_writes_the_records_and_the_key_together() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(dir.path()).unwrap();
+    let out = wal
+        .append_with_state(
+            Lane::Backfill,
+            batch(3, "bars"),
+            Space::State,
+            b"progress".to_vec(),
+            b"3".to_vec(),
+        )
+        .await
+        .unwrap();
+    assert_eq!((out.first_seq, out.last_seq), (1, 3));
+    assert_eq!(
+        wal.reader().get_state(Space::State, b"progress").unwrap().as_deref(),
+        Some(&b"3"[..])
+    );
+    wal.shutdown().await.unwrap();
+    drop(wal);
+    let wal = Wal::open(dir.path()).unwrap();
+    assert_eq!(wal.head(Lane::Backfill), 3);
+    assert_eq!(
+        wal.reader().get_state(Space::State, b"progress").unwrap().as_deref(),
+        Some(&b"3"[..])
+    );
     wal.shutdown().await.unwrap();
 }
 
