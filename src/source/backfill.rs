@@ -5,8 +5,10 @@
 //! default). A period is fetched as one chain of requests following `next_url` (with the
 //! key sent again as a Bearer header, since `next_url` never carries it), each page
 //! appended to the log as it arrives, so memory is bounded by one page whatever the
-//! range. The period tracker lives in the log's state space: a finished period is never
-//! fetched again, and an unfinished one resumes from the page it had reached. Requests
+//! range. The period tracker lives in the log's state space, and each append carries
+//! the period's progress in the same durable write as its bars: a finished period is
+//! never fetched again, and an unfinished one resumes at the first bar the log does not
+//! hold, wherever a crash came (mid-page too), so no bar is appended twice. Requests
 //! are paced to the plan's quota; 429 and 5xx answers are retried with exponential
 //! backoff and full jitter, honouring `Retry-After`. While the backfill lane's backlog
 //! (head minus the slowest cursor) is above the high-water mark, the downloader waits;
@@ -106,6 +108,19 @@ impl Period {
     pub fn from_ms(&self) -> i64 {
         self.from_ms.unwrap_or(self.start_ms)
     }
+
+    /// The tracker's key.
+    fn key(&self) -> Vec<u8> {
+        period_key(self.feed, &self.symbol, self.start_ms)
+    }
+
+    /// Everything before `resume_from_ms` is in the log; `done`: the period too.
+    fn advance_to(&mut self, resume_from_ms: i64, done: bool) {
+        self.resume_from_ms = resume_from_ms;
+        if done {
+            self.state = PeriodState::Downloaded;
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -140,8 +155,7 @@ pub fn periods(reader: &tickvault_wal::LogReader) -> anyhow::Result<Vec<Period>>
 }
 
 async fn save(wal: &Wal, period: &Period) -> anyhow::Result<()> {
-    let key = period_key(period.feed, &period.symbol, period.start_ms);
-    wal.put_state(Space::State, key, Some(serde_json::to_vec(period)?))
+    wal.put_state(Space::State, period.key(), Some(serde_json::to_vec(period)?))
         .await?;
     Ok(())
 }
@@ -361,13 +375,22 @@ impl Downloader {
             }
             let count = page.results.len() as u64;
             let captured_at_ns = i64::try_from(jiff::Timestamp::now().as_nanosecond()).unwrap_or(i64::MAX);
-            let mut last_t = None;
+            let resumed_at = period.resume_from_ms;
+            // Where the page leaves the period: at the next page's `from`, or done.
+            let last_t = page.results.last().map(|bar| bar.t);
+            let page_end = match &page.next_url {
+                Some(next) => next_from(next).or(last_t.map(|t| t + 60_000)).unwrap_or(until),
+                None => until,
+            };
             // One page's appends at a time, and while live flows a pause after them.
             let mut seen = self.live.lock().await;
             let started = Instant::now();
             // Small appends: a group commit that carries a live append takes one of them at
             // most, so live records never share an fsync with more than ~200 KB of bars.
-            for chunk in page.results.chunks(APPEND_BARS) {
+            // Each carries the period's progress up to its last bar in the same durable
+            // write, so a crash anywhere leaves the tracker saying exactly which bars are
+            // in the log, and the restart fetches from the next one: none twice.
+            for (i, chunk) in page.results.chunks(APPEND_BARS).enumerate() {
                 let mut batch = Batch::with_capacity(chunk.len(), chunk.len() * 96);
                 for bar in chunk {
                     let event = Event {
@@ -390,14 +413,25 @@ impl Downloader {
                         }),
                     };
                     batch.push(EVENT_KIND, &event.to_payload()?)?;
-                    last_t = Some(bar.t);
                 }
+                period.bars += chunk.len() as u64;
+                // Mid-page, the earliest bar still to append: pages come sorted, and one
+                // that is not would have bars fetched twice, never skipped.
+                let rest = page.results.get((i + 1) * APPEND_BARS..).unwrap_or(&[]);
+                match rest.iter().map(|bar| bar.t).min() {
+                    Some(t) => period.advance_to(t, false),
+                    None => period.advance_to(page_end, page.next_url.is_none()),
+                }
+                let (key, value) = (period.key(), serde_json::to_vec(&period)?);
                 self.wal
-                    .append(Lane::Backfill, batch)
+                    .append_with_state(Lane::Backfill, batch, Space::State, key, value)
                     .await
                     .context("appending backfill bars")?;
             }
-            drop(page.results);
+            if page.results.is_empty() {
+                period.advance_to(page_end, page.next_url.is_none());
+                save(&self.wal, &period).await?;
+            }
             if seen.flowing(self.wal.head(Lane::Live), Instant::now()) {
                 let pause = pause_for(started.elapsed(), self.spec.live_duty);
                 if !pause.is_zero() {
@@ -413,25 +447,15 @@ impl Downloader {
             drop(seen);
             self.stats.pages.fetch_add(1, Ordering::Relaxed);
             self.stats.bars.fetch_add(count, Ordering::Relaxed);
-            period.bars += count;
-            let resumed_at = period.resume_from_ms;
-            match page.next_url {
-                Some(next) => {
-                    url = self.rebase(&next)?;
-                    period.resume_from_ms = next_from(&next).or(last_t.map(|t| t + 60_000)).unwrap_or(until);
-                }
-                None => {
-                    period.resume_from_ms = until;
-                    period.state = PeriodState::Downloaded;
-                }
-            }
             self.stats
                 .covered_ms
                 .fetch_add((period.resume_from_ms - resumed_at).max(0) as u64, Ordering::Relaxed);
-            save(&self.wal, &period).await?;
-            if period.state == PeriodState::Downloaded {
-                self.stats.periods_done.fetch_add(1, Ordering::Relaxed);
-                return Ok(());
+            match page.next_url {
+                Some(next) => url = self.rebase(&next)?,
+                None => {
+                    self.stats.periods_done.fetch_add(1, Ordering::Relaxed);
+                    return Ok(());
+                }
             }
         }
     }
