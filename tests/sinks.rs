@@ -154,6 +154,141 @@ fn after_repeated_sigkills_during_capture_each_sink_holds_every_captured_event_o
     assert_eq!(cursors.len(), 2, "one cursor row per lane for this log: {cursors:?}");
 }
 
+/// The last sequence of a JetStream stream on the shared server (0 when there is none).
+fn stream_last(stream: &str) -> u64 {
+    common::sinks::rt().block_on(async {
+        let client = async_nats::connect("127.0.0.1:4222").await.unwrap();
+        match async_nats::jetstream::new(client).get_stream(stream).await {
+            Ok(mut s) => s.info().await.map_or(0, |i| i.state.last_sequence),
+            Err(_) => 0,
+        }
+    })
+}
+
+/// A restart long after a SIGKILL, past the stream's duplicate window (here 1 s), stores
+/// nothing twice in JetStream: what the killed run had published past its cursor is
+/// found in the stream from the sequence noted with the cursor, and not published again.
+/// Each kill is aimed at a moment the stream is growing, so a write is in flight.
+#[test]
+fn restarts_past_jetstreams_duplicate_window_after_sigkills_store_nothing_twice() {
+    let _serial = serial();
+    let target = Target::new("restart_late");
+    let (_sim, addr) = simulator(&["--always-open", "--quotes-per-minute", "3000"]);
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let sinks = format!(
+        "[sinks]\nretry_min = \"50ms\"\nretry_max = \"1s\"\n\
+         [sinks.nats]\nenabled = true\nstream = \"{}\"\nsubject_prefix = \"{}\"\nduplicate_window = \"1s\"\n",
+        target.stream, target.name
+    );
+    let config = dir.path().join("run.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[polygon]\nrequests_per_minute = 600\n\
+             [live.crypto]\nsymbols = [\"BTC-USD\", \"ETH-USD\"]\nchannels = [\"XQ\", \"XT\"]\n\
+             [backfill]\ncrypto = [\"BTC-USD\", \"ETH-USD\"]\nlookback = \"75days\"\nchunk = \"5days\"\n\
+             page_limit = 2000\nconcurrency = 1\n{sinks}"
+        ),
+    )
+    .unwrap();
+    let stderr = dir.path().join("run.stderr");
+    let window = Duration::from_secs(1);
+    let nats_cursors = || {
+        let reader = tickvault_wal::Wal::open_read_only(&log).unwrap();
+        [Lane::Live, Lane::Backfill].map(|lane| reader.cursor("nats", lane).unwrap())
+    };
+    let heads = || {
+        let reader = tickvault_wal::Wal::open_read_only(&log).unwrap();
+        [Lane::Live, Lane::Backfill].map(|lane| reader.last_seq(lane).unwrap().unwrap_or(0))
+    };
+    let mut rng = rand::rng();
+    let mut kills = Vec::new();
+    for life in 0..8 {
+        let at_start = stream_last(&target.stream);
+        let daemon = Daemon::start(&config, &log, &addr, &stderr);
+        let more = rng.random_range(2_000..25_000);
+        let started = std::time::Instant::now();
+        let mut last = at_start;
+        loop {
+            let now = stream_last(&target.stream);
+            // Growing since the last look: a write is in flight.
+            if now >= at_start + more && now > last {
+                break;
+            }
+            // Once the backfill is through, only live is left to kill in.
+            if daemon.backfill_finished() && now > last {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "life {life}: the stream grew from {at_start} to {now} in 60 s: {}",
+                daemon.this_run()
+            );
+            last = now;
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        daemon.kill();
+        kills.push((nats_cursors(), heads(), stream_last(&target.stream)));
+        // Past the window: the stream no longer drops a copy of what the killed run stored.
+        std::thread::sleep(window + Duration::from_millis(500));
+    }
+    let daemon = Daemon::start(&config, &log, &addr, &stderr);
+    daemon.wait_for_backfill(Duration::from_secs(120));
+    daemon.stop();
+    std::thread::sleep(window + Duration::from_millis(500));
+    // Forward what the lanes still hold, capturing nothing new.
+    let drain = dir.path().join("drain.toml");
+    std::fs::write(
+        &drain,
+        format!("[live]\nenabled = false\n[backfill]\nenabled = false\n{sinks}"),
+    )
+    .unwrap();
+    let daemon = Daemon::start(&drain, &log, &addr, &stderr);
+    wait_for("the NATS cursors to reach the heads", Duration::from_secs(60), || {
+        nats_cursors() == heads()
+    });
+    let output = daemon.stop();
+
+    let found: Vec<u64> = output
+        .lines()
+        .filter(|l| l.contains("were not published again"))
+        .filter_map(|l| l.split("rows=").nth(1)?.split_whitespace().next()?.parse().ok())
+        .collect();
+    eprintln!("at each kill, NATS cursors and the heads (live, backfill), the stream's last sequence: {kills:?}");
+    eprintln!("rows found in the stream past the cursor after a restart, per runner: {found:?}");
+    let (mut keys, mut total) = (HashSet::new(), 0u64);
+    common::sinks::rt().block_on(async {
+        let config = tickvault::sink::config::NatsConfig {
+            stream: target.stream.clone(),
+            subject_prefix: target.name.clone(),
+            ..Default::default()
+        };
+        tickvault::sink::nats::NatsSink::new(&config)
+            .scan(|row| {
+                total += 1;
+                keys.insert(row.key_string());
+            })
+            .await
+            .unwrap();
+    });
+    let expected = log_keys(&log);
+    assert!(expected.len() > 50_000, "{} keys", expected.len());
+    let missing = expected.difference(&keys).count();
+    assert_eq!(missing, 0, "{missing} of {} keys are not in the stream", expected.len());
+    assert_eq!(
+        total,
+        keys.len() as u64,
+        "{} messages stored twice",
+        total - keys.len() as u64
+    );
+    // And the case was reached: some kill left rows published past a cursor.
+    assert!(
+        found.iter().sum::<u64>() > 0,
+        "no restart found a row published past the cursor: the kills missed every write"
+    );
+}
+
 #[test]
 fn verify_still_matches_once_truncation_took_the_first_records_of_a_day() {
     let _serial = serial();

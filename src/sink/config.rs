@@ -212,9 +212,11 @@ pub struct NatsConfig {
     /// Default `market`.
     pub subject_prefix: String,
     /// JetStream drops a message whose `Nats-Msg-Id` (the natural key) it saw within this
-    /// window. It must be longer than the longest time between a publish and its replay
-    /// (a crash and restart, an outage of this sink while the runner holds its cursor).
-    /// Longer windows cost server memory per message id. Default `2h`.
+    /// window. A crash and restart, and an outage of this sink, are covered beyond it too
+    /// (the sink finds in the stream what it published without the cursor moving), but
+    /// copies from another appliance's log (redundancy) are dropped only within it, and
+    /// so is a key the log holds twice (captured live and again by the backfill). Longer
+    /// windows cost server memory per message id. Default `2h`.
     #[serde(with = "humantime_serde")]
     pub duplicate_window: Duration,
     /// Live messages per acknowledged batch at most. Default 2000.
