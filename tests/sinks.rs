@@ -256,7 +256,21 @@ fn restarts_past_jetstreams_duplicate_window_after_sigkills_store_nothing_twice(
         .filter_map(|l| l.split("rows=").nth(1)?.split_whitespace().next()?.parse().ok())
         .collect();
     eprintln!("at each kill, NATS cursors and the heads (live, backfill), the stream's last sequence: {kills:?}");
+    let field = |line: &str, name: &str| -> Option<u64> {
+        line.split(&format!("{name}="))
+            .nth(1)?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()
+    };
+    let looks: Vec<(u64, u64)> = output
+        .lines()
+        .filter(|l| l.contains("read what the stream stored past the cursor"))
+        .filter_map(|l| Some((field(l, "messages")?, field(l, "elapsed_ms")?)))
+        .collect();
     eprintln!("rows found in the stream past the cursor after a restart, per runner: {found:?}");
+    eprintln!("the restarts' looks (message ids read, ms): {looks:?}");
     let (mut keys, mut total) = (HashSet::new(), 0u64);
     common::sinks::rt().block_on(async {
         let config = tickvault::sink::config::NatsConfig {
