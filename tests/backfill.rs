@@ -400,54 +400,47 @@ fn peak_rss_mb(output: &str) -> u64 {
     output[at + 9..].split_whitespace().next().unwrap().parse().unwrap()
 }
 
+/// `tickvault backfill` of EUR/USD over `from..=to` into `data_dir`.
+fn backfill_command(config: &Path, data_dir: &Path, from: &str, to: &str) -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_tickvault"));
+    command
+        .args(["backfill", "--config", config.to_str().unwrap(), "--symbol", "C:EURUSD"])
+        .args(["--from", from, "--to", to, "--data-dir", data_dir.to_str().unwrap()])
+        .env("TICKVAULT_POLYGON_API_KEY", "k");
+    command
+}
+
+/// A config for the simulator at `addr`, with `backfill` settings.
+fn backfill_config(dir: &Path, addr: &str, backfill: &str) -> std::path::PathBuf {
+    let config = dir.join("c.toml");
+    std::fs::write(
+        &config,
+        format!("[polygon]\nrest_url = \"http://{addr}\"\n[backfill]\n{backfill}"),
+    )
+    .unwrap();
+    config
+}
+
 fn backfill_cli(config: &Path, data_dir: &Path, from: &str, to: &str) -> String {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tickvault"))
-        .args([
-            "backfill",
-            "--config",
-            config.to_str().unwrap(),
-            "--symbol",
-            "C:EURUSD",
-            "--from",
-            from,
-            "--to",
-            to,
-        ])
-        .args(["--data-dir", data_dir.to_str().unwrap()])
-        .env("TICKVAULT_POLYGON_API_KEY", "k")
-        .output()
-        .unwrap();
+    let out = backfill_command(config, data_dir, from, to).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
     stdout
 }
 
-/// SIGKILL at random moments of `tickvault backfill`, mid-page among them (a 50,000-bar
-/// page goes to the log in appends of 2,048): every run resumes from the tracker, and in
-/// the end every bar of the range is in the log exactly once. The tracker's progress is
-/// written in the same durable write as the bars it covers, so no kill can leave bars
-/// in the log that the tracker does not count (they would be fetched and appended again).
 #[test]
 fn sigkills_mid_page_leave_every_bar_in_the_log_exactly_once() {
     use rand::Rng;
     let (_simulator, addr) = common::simulator(&[]);
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("c.toml");
-    std::fs::write(
-        &config,
-        format!("[polygon]\nrest_url = \"http://{addr}\"\n[backfill]\nchunk = \"30days\"\nconcurrency = 1\n"),
-    )
-    .unwrap();
+    let config = backfill_config(dir.path(), &addr, "chunk = \"30days\"\nconcurrency = 1\n");
     let data = dir.path().join("log");
     let (from, to) = ("2018-01-01", "2023-12-31");
     let mut rng = rand::rng();
     let mut kills = 0;
     for _ in 0..8 {
         let mut child = common::Child(
-            std::process::Command::new(env!("CARGO_BIN_EXE_tickvault"))
-                .args(["backfill", "--config", config.to_str().unwrap(), "--symbol", "C:EURUSD"])
-                .args(["--from", from, "--to", to, "--data-dir", data.to_str().unwrap()])
-                .env("TICKVAULT_POLYGON_API_KEY", "k")
+            backfill_command(&config, &data, from, to)
                 .stdout(std::process::Stdio::null())
                 .stderr(std::process::Stdio::null())
                 .spawn()
@@ -480,12 +473,7 @@ fn sigkills_mid_page_leave_every_bar_in_the_log_exactly_once() {
 fn memory_stays_flat_as_the_range_grows_from_one_month_to_ten_years() {
     let (_simulator, addr) = common::simulator(&[]);
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("c.toml");
-    std::fs::write(
-        &config,
-        format!("[polygon]\nrest_url = \"http://{addr}\"\n[backfill]\nchunk = \"90days\"\n"),
-    )
-    .unwrap();
+    let config = backfill_config(dir.path(), &addr, "chunk = \"90days\"\n");
     let month = backfill_cli(&config, &dir.path().join("m"), "2024-01-01", "2024-01-31");
     let five_years = backfill_cli(&config, &dir.path().join("y"), "2019-01-01", "2023-12-31");
     let decade = backfill_cli(&config, &dir.path().join("d"), "2014-01-01", "2023-12-31");
