@@ -32,14 +32,14 @@ const ACK_WINDOW: usize = 4_096;
 /// live p99 during the backfill 13-28 ms with 512 against 60 ms with 4,096; backfill
 /// 79,000-86,000 rows/s with 512 against 92,000-94,000 with 4,096. Live comes first.
 const BACKFILL_ACK_WINDOW: usize = 512;
-/// How long after a batch broke off the server may still have stored one of its
-/// messages: the PubAck timeout (a server that stalled answers late).
-const STORED_LATE: Duration = Duration::from_secs(5);
-/// The most message ids a restart reads past the noted sequence. The rows a killed run
-/// published past its cursor are a few batches' worth; a range much longer is other
-/// publishers' (a redundant appliance) and is cut short, with a warning: what it would
-/// have found is published again and dropped by the stream within its duplicate window.
-const RESTART_IDS_MAX: usize = 1_000_000;
+/// The most messages one look in the stream reads (a retry's for its rows in flight, a
+/// restart's for what the last run published past its cursor). What is looked for is a
+/// few batches' worth, published just before the look's start; a range much longer is
+/// other publishers' (a redundant appliance) and is cut short, with a warning: what it
+/// would have found is published again and dropped by the stream within its duplicate
+/// window. A bound on messages rather than on time: the servers' timestamps are not
+/// compared with our clock.
+const LOOK_MAX: usize = 1_000_000;
 
 pub struct NatsSink {
     config: NatsConfig,
@@ -93,8 +93,8 @@ impl AfterRestart {
 /// the rows before `acked` are in the stream (their PubAcks came, in order), so only the
 /// rest is published again. The `in_flight` rows after them had been published with
 /// their PubAcks outstanding: the stream may hold some. The retry looks for those in the
-/// stream (after `after_seq`, up to [`STORED_LATE`] past the failure) and skips the ones
-/// it finds. Both keep a retry after an outage longer than the stream's
+/// stream (after `after_seq`, at most [`LOOK_MAX`] messages) and skips the ones it
+/// finds. Both keep a retry after an outage longer than the stream's
 /// `duplicate_window` from storing rows twice.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Resume {
@@ -103,9 +103,6 @@ struct Resume {
     in_flight: usize,
     /// The stream sequence below every message of the batch not acknowledged.
     after_seq: u64,
-    /// When the write failed: ns since the epoch (compared with the stream's own
-    /// timestamps).
-    failed_at_ns: i128,
 }
 
 /// A batch by its place in the log: lane, first row's and last position, rows.
@@ -131,13 +128,7 @@ impl Resume {
     /// row `last` had in flight acknowledged, those rows may still be in the stream
     /// below the sequence of its newest PubAck: the range to look in keeps `last`'s start
     /// and reaches to whichever in-flight row is further.
-    fn after_failure(
-        last: Option<Resume>,
-        batch: BatchId,
-        progress: &Progress,
-        stream_seq: u64,
-        now_ns: i128,
-    ) -> Resume {
+    fn after_failure(last: Option<Resume>, batch: BatchId, progress: &Progress, stream_seq: u64) -> Resume {
         let (mut after_seq, mut in_flight_end) = (stream_seq, progress.sent);
         if let Some(last) = last.filter(|l| l.batch == batch) {
             let last_end = last.acked + last.in_flight;
@@ -151,7 +142,6 @@ impl Resume {
             acked: progress.acked,
             in_flight: in_flight_end - progress.acked,
             after_seq,
-            failed_at_ns: now_ns,
         }
     }
 }
@@ -358,7 +348,7 @@ impl NatsSink {
 
     /// After a restart, the ids of the messages on `lane`'s subjects that the stream
     /// stored past the sequence noted with the cursor, read at the first write (up to
-    /// the stream's last message then, and at most [`RESTART_IDS_MAX`]); `None` when
+    /// the stream's last message then, and at most [`LOOK_MAX`]); `None` when
     /// there was no note or the look has ended. With the noted sequence.
     async fn stored_after_restart(&mut self, lane: Lane) -> Result<Option<(u64, HashSet<String>)>, SinkError> {
         let after_seq = match self.restart.take() {
@@ -370,19 +360,15 @@ impl NatsSink {
         self.restart = Some(AfterRestart::Noted(after_seq));
         let started = std::time::Instant::now();
         let mut ids = HashSet::new();
-        let mut cut_short = false;
-        self.visit_ids(lane, after_seq, |_, id| {
-            if ids.len() >= RESTART_IDS_MAX {
-                cut_short = true;
-                return false;
-            }
-            ids.extend(id);
-            true
-        })
-        .await?;
+        let read = self
+            .visit_ids(lane, after_seq, |id| {
+                ids.extend(id);
+                true
+            })
+            .await?;
         self.restart = None;
-        if cut_short {
-            tracing::warn!(%lane, after_seq, read = ids.len(),
+        if read >= LOOK_MAX {
+            tracing::warn!(%lane, after_seq, read,
                 "the stream holds more past the cursor's noted sequence than a restart reads; rows past the cursor stored more than duplicate_window ago may be stored twice");
         }
         tracing::info!(%lane, after_seq, messages = ids.len(), elapsed_ms = started.elapsed().as_millis() as u64,
@@ -425,15 +411,14 @@ impl NatsSink {
                 BatchId::of(batch),
                 &progress,
                 self.stream_seq,
-                jiff::Timestamp::now().as_nanosecond(),
             )),
         };
         result
     }
 
     /// The message ids of `resume`'s in-flight rows of `batch` that the stream holds: it
-    /// reads the stream's headers from `after_seq` on, up to [`STORED_LATE`] past the
-    /// failure, and stops early once it found them all.
+    /// reads the stream's headers from `after_seq` on (at most [`LOOK_MAX`] messages),
+    /// and stops early once it found them all.
     async fn stored_unacknowledged(&mut self, batch: &Batch, resume: &Resume) -> Result<HashSet<String>, SinkError> {
         let end = (resume.acked + resume.in_flight).min(batch.rows.len());
         let wanted: HashSet<String> = batch.rows[resume.acked..end].iter().map(|r| r.key_string()).collect();
@@ -441,36 +426,37 @@ impl NatsSink {
         if wanted.is_empty() {
             return Ok(found);
         }
-        let until_ns = resume.failed_at_ns + STORED_LATE.as_nanos() as i128;
-        self.visit_ids(batch.lane, resume.after_seq, |published_ns, id| {
-            if published_ns > until_ns {
-                return false;
-            }
-            if let Some(id) = id.filter(|id| wanted.contains(id)) {
-                found.insert(id);
-            }
-            found.len() < wanted.len()
-        })
-        .await?;
+        let read = self
+            .visit_ids(batch.lane, resume.after_seq, |id| {
+                if let Some(id) = id.filter(|id| wanted.contains(id)) {
+                    found.insert(id);
+                }
+                found.len() < wanted.len()
+            })
+            .await?;
+        if read >= LOOK_MAX {
+            tracing::warn!(lane = %batch.lane, after_seq = resume.after_seq, found = found.len(), wanted = wanted.len(),
+                "the retry's look in the stream was cut short; a row it did not find may be stored twice");
+        }
         Ok(found)
     }
 
-    /// Calls `visit` with the time stored (ns since the epoch, the server's clock) and the
-    /// message id of each message on `lane`'s subjects from `after_seq + 1` to the
-    /// stream's last message now, in order and headers only, until it returns false. No
-    /// message for 5 s ends it too: the rest of the range is gone (removed by the
-    /// stream's limits), or the server is slow; what was not found is sent.
+    /// Calls `visit` with the message id of each message on `lane`'s subjects from
+    /// `after_seq + 1` to the stream's last message now, in order and headers only, until
+    /// it returns false or [`LOOK_MAX`] were read; returns how many were. No message for
+    /// 5 s ends it too: the rest of the range is gone (removed by the stream's limits),
+    /// or the server is slow; what was not found is sent.
     async fn visit_ids(
         &mut self,
         lane: Lane,
         after_seq: u64,
-        mut visit: impl FnMut(i128, Option<String>) -> bool,
-    ) -> Result<(), SinkError> {
+        mut visit: impl FnMut(Option<String>) -> bool,
+    ) -> Result<usize, SinkError> {
         let context = self.connected().await?;
         let stream = self.stream(&context).await?;
         let last = stream.cached_info().state.last_sequence;
         if last <= after_seq {
-            return Ok(());
+            return Ok(0);
         }
         let consumer = stream
             .create_consumer(jetstream::consumer::pull::OrderedConfig {
@@ -485,29 +471,32 @@ impl NatsSink {
             .map_err(|e| SinkError::retriable(NAME, "consumer", e))?;
         // None on the lane's subjects (the others' may be): nothing to wait for.
         if consumer.cached_info().num_pending == 0 {
-            return Ok(());
+            return Ok(0);
         }
         let mut messages = consumer
             .messages()
             .await
             .map_err(|e| SinkError::retriable(NAME, "consumer", e))?;
-        loop {
+        let mut read = 0;
+        while read < LOOK_MAX {
             let message = match tokio::time::timeout(Duration::from_secs(5), messages.next()).await {
                 Ok(Some(Ok(m))) => m,
                 Ok(Some(Err(e))) => return Err(SinkError::retriable(NAME, "consumer", e)),
-                Ok(None) | Err(_) => return Ok(()),
+                Ok(None) | Err(_) => break,
             };
+            read += 1;
             let info = message.info().map_err(|e| SinkError::retriable(NAME, "consumer", e))?;
-            let (sequence, published_ns) = (info.stream_sequence, info.published.unix_timestamp_nanos());
+            let (sequence, pending) = (info.stream_sequence, info.pending);
             let id = message
                 .headers
                 .as_ref()
                 .and_then(|h| h.get(async_nats::header::NATS_MESSAGE_ID))
                 .map(|v| v.as_str().to_owned());
-            if !visit(published_ns, id) || sequence >= last || info.pending == 0 {
-                return Ok(());
+            if !visit(id) || sequence >= last || pending == 0 {
+                break;
             }
         }
+        Ok(read)
     }
 
     /// Publishes `batch.rows[progress.acked..]` but the rows whose ids `stored` says the
@@ -788,7 +777,6 @@ mod tests {
             acked: 40,
             in_flight: 10,
             after_seq: 7,
-            failed_at_ns: 0,
         });
         let start = |r, b: &Batch| Resume::for_batch(r, b).map_or(0, |r| r.acked);
         assert_eq!(start(resume, &failed), 40);
@@ -811,18 +799,14 @@ mod tests {
                 sent: 1_000,
             },
             5_600,
-            1,
         );
         assert_eq!((first.acked, first.in_flight, first.after_seq), (600, 400, 5_600));
         // The retry failed at once (the server still down): nothing learnt, nothing lost.
-        let again = Resume::after_failure(Some(first), batch, &Progress { acked: 600, sent: 600 }, 5_600, 2);
-        assert_eq!(
-            (again.acked, again.in_flight, again.after_seq, again.failed_at_ns),
-            (600, 400, 5_600, 2)
-        );
+        let again = Resume::after_failure(Some(first), batch, &Progress { acked: 600, sent: 600 }, 5_600);
+        assert_eq!((again.acked, again.in_flight, again.after_seq), (600, 400, 5_600));
         // The retry got 100 more acknowledged (newer sequences), then failed: rows 700
         // to 1,000 of the first attempt may still be in the stream at their old places.
-        let partly = Resume::after_failure(Some(first), batch, &Progress { acked: 700, sent: 800 }, 9_000, 3);
+        let partly = Resume::after_failure(Some(first), batch, &Progress { acked: 700, sent: 800 }, 9_000);
         assert_eq!((partly.acked, partly.in_flight, partly.after_seq), (700, 300, 5_600));
         // Past every row the first attempt had in flight: from the newest PubAck on.
         let past = Resume::after_failure(
@@ -833,12 +817,11 @@ mod tests {
                 sent: 1_000,
             },
             9_400,
-            4,
         );
         assert_eq!((past.acked, past.in_flight, past.after_seq), (1_000, 0, 9_400));
         // Another batch: its own range only.
         let other = BatchId(Lane::Backfill, 1_001, 2_000, 1_000);
-        let fresh = Resume::after_failure(Some(first), other, &Progress { acked: 10, sent: 50 }, 9_500, 5);
+        let fresh = Resume::after_failure(Some(first), other, &Progress { acked: 10, sent: 50 }, 9_500);
         assert_eq!((fresh.acked, fresh.in_flight, fresh.after_seq), (10, 40, 9_500));
     }
 
