@@ -897,6 +897,74 @@ mod tests {
         scenario.teardown();
     }
 
+    /// Notes the last position it wrote, and keeps the note it was restored with.
+    struct Noting {
+        last: u64,
+        restored: Arc<Mutex<Option<Vec<u8>>>>,
+    }
+
+    impl Sink for Noting {
+        fn name(&self) -> &'static str {
+            "recorder"
+        }
+
+        async fn write(&mut self, batch: &Batch) -> Result<(), SinkError> {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            self.last = batch.last_seq;
+            Ok(())
+        }
+
+        fn note(&self) -> Option<Vec<u8>> {
+            Some(self.last.to_le_bytes().to_vec())
+        }
+
+        fn restore(&mut self, note: &[u8]) {
+            *self.restored.lock().unwrap() = Some(note.to_vec());
+        }
+    }
+
+    #[tokio::test]
+    async fn the_note_kept_with_the_cursor_is_the_sinks_note_at_that_position_and_the_next_start_gets_it() {
+        // Fail points are global: hold the lock that keeps the other tests' out.
+        let scenario = fail::FailScenario::setup();
+        let f = Fixture::new();
+        let restored = Arc::new(Mutex::new(None));
+        for life in 0..2 {
+            let sink = Noting {
+                last: 0,
+                restored: restored.clone(),
+            };
+            let (stop, shutdown) = watch::channel(false);
+            let runner = tokio::spawn(run(sink, f.wal.clone(), spec(), f.stats.clone(), shutdown));
+            // Appends arrive while batches are written: moves collapse, notes with them.
+            for round in 0..30 {
+                append_quotes(&f.wal, 3, (life * 30 + round) * 3).await;
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            let head = f.wal.head(Lane::Live);
+            let started = Instant::now();
+            while f.stats.acked_seq.load(Ordering::Relaxed) < head {
+                assert!(
+                    started.elapsed() < Duration::from_secs(20),
+                    "life {life}: the runner did not catch up"
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            stop.send(true).unwrap();
+            runner.await.unwrap().unwrap();
+            let note = f.wal.reader().cursor_note("recorder", Lane::Live).unwrap();
+            assert_eq!(note, Some(head.to_le_bytes().to_vec()), "life {life}");
+            assert_eq!(f.cursor(), head);
+            let expected = (life == 1).then(|| 90u64.to_le_bytes().to_vec());
+            assert_eq!(
+                *restored.lock().unwrap(),
+                expected,
+                "life {life}: what the start restored"
+            );
+        }
+        scenario.teardown();
+    }
+
     #[tokio::test]
     async fn a_cursor_move_the_log_refuses_ends_the_runner_with_that_error() {
         let scenario = fail::FailScenario::setup();
