@@ -289,14 +289,17 @@ impl NatsSink {
         if total == 0 {
             return Ok(0);
         }
-        let mut messages = ordered(
+        let Some(mut messages) = ordered(
             &stream,
             jetstream::consumer::pull::OrderedConfig {
                 filter_subject: self.subjects(),
                 ..Default::default()
             },
         )
-        .await?;
+        .await?
+        else {
+            return Ok(0);
+        };
         let mut seen = 0;
         while seen < total {
             let message = match tokio::time::timeout(Duration::from_secs(10), messages.next()).await {
@@ -337,7 +340,7 @@ impl NatsSink {
                 (found > 0 && !ids.is_empty()).then_some(AfterRestart::Found { after_seq, ids })
             }
             (Some((after_seq, ids)), Err(_)) => Some(AfterRestart::Found { after_seq, ids }),
-            (None, _) => self.restart.take(),
+            (None, _) => None,
         };
         if looking && self.restart.is_none() {
             tracing::info!(lane = %batch.lane, rows = self.found_after_restart,
@@ -351,29 +354,28 @@ impl NatsSink {
     /// the stream's last message then, and at most [`LOOK_MAX`]); `None` when
     /// there was no note or the look has ended. With the noted sequence.
     async fn stored_after_restart(&mut self, lane: Lane) -> Result<Option<(u64, HashSet<String>)>, SinkError> {
-        let after_seq = match self.restart.take() {
-            None => return Ok(None),
-            Some(AfterRestart::Found { after_seq, ids }) => return Ok(Some((after_seq, ids))),
-            Some(AfterRestart::Noted(seq)) => seq,
-        };
-        // Put back until the look succeeds, so a failed one is tried again.
-        self.restart = Some(AfterRestart::Noted(after_seq));
-        let started = std::time::Instant::now();
-        let mut ids = HashSet::new();
-        let read = self
-            .visit_ids(lane, after_seq, |id| {
-                ids.extend(id);
-                true
-            })
-            .await?;
-        self.restart = None;
-        if read >= LOOK_MAX {
-            tracing::warn!(%lane, after_seq, read,
-                "the stream holds more past the cursor's noted sequence than a restart reads; rows past the cursor stored more than duplicate_window ago may be stored twice");
+        // Still noted until a look succeeds, so a failed one is tried again.
+        if let Some(AfterRestart::Noted(after_seq)) = self.restart {
+            let started = std::time::Instant::now();
+            let mut ids = HashSet::new();
+            let read = self
+                .visit_ids(lane, after_seq, |id| {
+                    ids.extend(id);
+                    true
+                })
+                .await?;
+            if read >= LOOK_MAX {
+                tracing::warn!(%lane, after_seq, read,
+                    "the stream holds more past the cursor's noted sequence than a restart reads; rows past the cursor stored more than duplicate_window ago may be stored twice");
+            }
+            tracing::info!(%lane, after_seq, messages = ids.len(), elapsed_ms = started.elapsed().as_millis() as u64,
+                "read what the stream stored past the cursor's noted sequence");
+            self.restart = (!ids.is_empty()).then_some(AfterRestart::Found { after_seq, ids });
         }
-        tracing::info!(%lane, after_seq, messages = ids.len(), elapsed_ms = started.elapsed().as_millis() as u64,
-            "read what the stream stored past the cursor's noted sequence");
-        Ok((!ids.is_empty()).then_some((after_seq, ids)))
+        Ok(match self.restart.take() {
+            Some(AfterRestart::Found { after_seq, ids }) => Some((after_seq, ids)),
+            _ => None,
+        })
     }
 
     /// As [`NatsSink::publish`] without the restart's look: publishes `batch` (from its
@@ -458,25 +460,22 @@ impl NatsSink {
         if last <= after_seq {
             return Ok(0);
         }
-        let consumer = stream
-            .create_consumer(jetstream::consumer::pull::OrderedConfig {
+        // None on the lane's subjects (the others' may be): nothing to wait for.
+        let Some(mut messages) = ordered(
+            &stream,
+            jetstream::consumer::pull::OrderedConfig {
                 filter_subject: self.lane_subjects(lane),
                 deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence {
                     start_sequence: after_seq + 1,
                 },
                 headers_only: true,
                 ..Default::default()
-            })
-            .await
-            .map_err(|e| SinkError::retriable(NAME, "consumer", e))?;
-        // None on the lane's subjects (the others' may be): nothing to wait for.
-        if consumer.cached_info().num_pending == 0 {
+            },
+        )
+        .await?
+        else {
             return Ok(0);
-        }
-        let mut messages = consumer
-            .messages()
-            .await
-            .map_err(|e| SinkError::retriable(NAME, "consumer", e))?;
+        };
         let mut read = 0;
         while read < LOOK_MAX {
             let message = match tokio::time::timeout(Duration::from_secs(5), messages.next()).await {
@@ -647,17 +646,23 @@ impl<'a> From<&'a Row> for Message<'a> {
     }
 }
 
-/// The messages of an ordered (ephemeral, in stream order) consumer on `stream`.
+/// The messages of an ordered (ephemeral, in stream order) consumer on `stream`; `None`
+/// when no message matches it (nothing to wait for).
 async fn ordered(
     stream: &stream::Stream,
     config: jetstream::consumer::pull::OrderedConfig,
-) -> Result<jetstream::consumer::pull::Ordered, SinkError> {
-    stream
+) -> Result<Option<jetstream::consumer::pull::Ordered>, SinkError> {
+    let consumer = stream
         .create_consumer(config)
         .await
-        .map_err(|e| SinkError::retriable(NAME, "consumer", e))?
+        .map_err(|e| SinkError::retriable(NAME, "consumer", e))?;
+    if consumer.cached_info().num_pending == 0 {
+        return Ok(None);
+    }
+    consumer
         .messages()
         .await
+        .map(Some)
         .map_err(|e| SinkError::retriable(NAME, "consumer", e))
 }
 
