@@ -367,10 +367,7 @@ impl CursorMover {
                 let done = latest.changed().await.is_err();
                 let (seq, note) = latest.borrow_and_update().clone();
                 if seq > moved {
-                    match note {
-                        Some(note) => wal.move_cursor_noted(sink, lane, seq, note).await?,
-                        None => wal.move_cursor(sink, lane, seq).await?,
-                    }
+                    wal.move_cursor_noted(sink, lane, seq, note).await?;
                     moved = seq;
                     stats.acked_seq.store(seq, Ordering::Relaxed);
                 }
@@ -725,6 +722,25 @@ mod tests {
         append_to(wal, Lane::Live, n, from).await;
     }
 
+    /// Appends 3 quotes per round of `rounds`, 1 ms apart, while a runner forwards them,
+    /// then waits (up to 20 s) until it has acknowledged the lane's head; returns it.
+    async fn append_while_running(wal: &Wal, stats: &RunnerStats, rounds: std::ops::Range<usize>) -> u64 {
+        for round in rounds {
+            append_quotes(wal, 3, round * 3).await;
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        let head = wal.head(Lane::Live);
+        let started = Instant::now();
+        while stats.acked_seq.load(Ordering::Relaxed) < head {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "the runner did not catch up with {head}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        head
+    }
+
     async fn append_to(wal: &Wal, lane: Lane, n: usize, from: usize) {
         let mut batch = tickvault_wal::Batch::new();
         for i in from..from + n {
@@ -876,19 +892,7 @@ mod tests {
             shutdown,
         ));
         // Appends arrive while batches are written and cursors moved.
-        for round in 0..40 {
-            append_quotes(wal, 3, round * 3).await;
-            tokio::time::sleep(Duration::from_millis(1)).await;
-        }
-        let head = wal.head(Lane::Live);
-        let started = Instant::now();
-        while stats.acked_seq.load(Ordering::Relaxed) < head {
-            assert!(
-                started.elapsed() < Duration::from_secs(20),
-                "the runner did not catch up"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        let head = append_while_running(wal, stats, 0..40).await;
         stop.send(true).unwrap();
         runner.await.unwrap().unwrap();
         assert_eq!(f.cursor(), head);
@@ -937,19 +941,7 @@ mod tests {
             let (stop, shutdown) = watch::channel(false);
             let runner = tokio::spawn(run(sink, f.wal.clone(), spec(), f.stats.clone(), shutdown));
             // Appends arrive while batches are written: moves collapse, notes with them.
-            for round in 0..30 {
-                append_quotes(&f.wal, 3, (life * 30 + round) * 3).await;
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-            let head = f.wal.head(Lane::Live);
-            let started = Instant::now();
-            while f.stats.acked_seq.load(Ordering::Relaxed) < head {
-                assert!(
-                    started.elapsed() < Duration::from_secs(20),
-                    "life {life}: the runner did not catch up"
-                );
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
+            let head = append_while_running(&f.wal, &f.stats, life * 30..(life + 1) * 30).await;
             stop.send(true).unwrap();
             runner.await.unwrap().unwrap();
             let note = f.wal.reader().cursor_note("recorder", Lane::Live).unwrap();

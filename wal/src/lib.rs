@@ -228,14 +228,7 @@ impl Wal {
 
     /// Appends a batch of records to a lane; returns once they are on disk.
     pub async fn append(&self, lane: Lane, batch: Batch) -> Result<AppendOutcome, WriteError> {
-        self.call(|reply| Command::Append {
-            lane,
-            batch,
-            low_priority: lane == Lane::Backfill,
-            state: None,
-            reply,
-        })
-        .await
+        self.append_and(lane, batch, None).await
     }
 
     /// As [`Wal::append`], and writes `key` = `value` in `space` in the same durable
@@ -249,11 +242,20 @@ impl Wal {
         key: Vec<u8>,
         value: Vec<u8>,
     ) -> Result<AppendOutcome, WriteError> {
+        self.append_and(lane, batch, Some((space, key, value))).await
+    }
+
+    async fn append_and(
+        &self,
+        lane: Lane,
+        batch: Batch,
+        state: Option<(Space, Vec<u8>, Vec<u8>)>,
+    ) -> Result<AppendOutcome, WriteError> {
         self.call(|reply| Command::Append {
             lane,
             batch,
             low_priority: lane == Lane::Backfill,
-            state: Some((space, key, value)),
+            state,
             reply,
         })
         .await
@@ -272,29 +274,27 @@ impl Wal {
 
     /// Moves a sink's cursor on a lane to `seq` (the highest sequence it acknowledged).
     pub async fn move_cursor(&self, sink: &str, lane: Lane, seq: u64) -> Result<(), WriteError> {
-        let sink = sink.to_owned();
-        self.call(|reply| Command::MoveCursor {
-            sink,
-            lane,
-            seq,
-            note: None,
-            reply,
-        })
-        .await
+        self.move_cursor_noted(sink, lane, seq, None).await
     }
 
     /// As [`Wal::move_cursor`], and keeps `note` for the cursor in the same durable
     /// write: what a sink needs at its next start to know what it did past the cursor
     /// (JetStream: the stream's sequence once the batch up to `seq` was acknowledged).
-    /// A move without a note leaves the last note in place; read it back with
+    /// A move without a note (`None`) leaves the last note in place; read it back with
     /// [`LogReader::cursor_note`].
-    pub async fn move_cursor_noted(&self, sink: &str, lane: Lane, seq: u64, note: Vec<u8>) -> Result<(), WriteError> {
+    pub async fn move_cursor_noted(
+        &self,
+        sink: &str,
+        lane: Lane,
+        seq: u64,
+        note: Option<Vec<u8>>,
+    ) -> Result<(), WriteError> {
         let sink = sink.to_owned();
         self.call(|reply| Command::MoveCursor {
             sink,
             lane,
             seq,
-            note: Some(note),
+            note,
             reply,
         })
         .await

@@ -144,7 +144,7 @@ async fn a_cursor_note_is_kept_with_its_move_survives_a_reopen_and_goes_with_the
     let wal = Wal::open(dir.path()).unwrap();
     wal.append(Lane::Live, batch(5, "a")).await.unwrap();
     assert_eq!(wal.reader().cursor_note("nats", Lane::Live).unwrap(), None);
-    wal.move_cursor_noted("nats", Lane::Live, 2, b"at 2".to_vec())
+    wal.move_cursor_noted("nats", Lane::Live, 2, Some(b"at 2".to_vec()))
         .await
         .unwrap();
     // A move without a note keeps the last one; other lanes and sinks have none.
@@ -157,7 +157,7 @@ async fn a_cursor_note_is_kept_with_its_move_survives_a_reopen_and_goes_with_the
     assert_eq!(wal.reader().cursor_note("pg", Lane::Live).unwrap(), None);
     // A move the log refuses writes no note either.
     let err = wal
-        .move_cursor_noted("nats", Lane::Live, 9, b"at 9".to_vec())
+        .move_cursor_noted("nats", Lane::Live, 9, Some(b"at 9".to_vec()))
         .await
         .unwrap_err();
     assert!(matches!(err, WriteError::CursorBeyondHead { .. }), "{err}");
@@ -165,7 +165,7 @@ async fn a_cursor_note_is_kept_with_its_move_survives_a_reopen_and_goes_with_the
         wal.reader().cursor_note("nats", Lane::Live).unwrap().as_deref(),
         Some(&b"at 2"[..])
     );
-    wal.move_cursor_noted("nats", Lane::Live, 5, b"at 5".to_vec())
+    wal.move_cursor_noted("nats", Lane::Live, 5, Some(b"at 5".to_vec()))
         .await
         .unwrap();
     wal.shutdown().await.unwrap();
