@@ -390,6 +390,14 @@ impl Downloader {
             // Each carries the period's progress up to its last bar in the same durable
             // write, so a crash anywhere leaves the tracker saying exactly which bars are
             // in the log, and the restart fetches from the next one: none twice.
+            // The earliest bar of each append: mid-page, the progress is the earliest bar
+            // still to append (pages come sorted; one that is not would have bars fetched
+            // twice, never skipped).
+            let earliest: Vec<Option<i64>> = page
+                .results
+                .chunks(APPEND_BARS)
+                .map(|chunk| chunk.iter().map(|bar| bar.t).min())
+                .collect();
             for (i, chunk) in page.results.chunks(APPEND_BARS).enumerate() {
                 let mut batch = Batch::with_capacity(chunk.len(), chunk.len() * 96);
                 for bar in chunk {
@@ -415,11 +423,8 @@ impl Downloader {
                     batch.push(EVENT_KIND, &event.to_payload()?)?;
                 }
                 period.bars += chunk.len() as u64;
-                // Mid-page, the earliest bar still to append: pages come sorted, and one
-                // that is not would have bars fetched twice, never skipped.
-                let rest = page.results.get((i + 1) * APPEND_BARS..).unwrap_or(&[]);
-                match rest.iter().map(|bar| bar.t).min() {
-                    Some(t) => period.advance_to(t, false),
+                match earliest[i + 1..].iter().flatten().min() {
+                    Some(&t) => period.advance_to(t, false),
                     None => period.advance_to(page_end, page.next_url.is_none()),
                 }
                 let (key, value) = (period.key(), serde_json::to_vec(&period)?);
