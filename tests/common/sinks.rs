@@ -122,20 +122,30 @@ impl Target {
             }
             out.insert("clickhouse", ch);
             out.insert("postgres", self.postgres_keys().await);
-            let mut nats = Vec::new();
-            let config = tickvault::sink::config::NatsConfig {
-                url: format!("nats://127.0.0.1:{nats_port}"),
-                stream: self.stream.clone(),
-                subject_prefix: self.name.clone(),
-                ..Default::default()
-            };
-            tickvault::sink::nats::NatsSink::new(&config)
-                .scan(|row| nats.push(row.key_string()))
-                .await
-                .unwrap();
-            out.insert("nats", nats);
+            out.insert("nats", self.nats_keys_async(nats_port).await);
             out
         })
+    }
+
+    /// Every natural key in the target's JetStream stream, in stream order (duplicates
+    /// kept).
+    pub fn nats_keys(&self, nats_port: u16) -> Vec<String> {
+        rt().block_on(self.nats_keys_async(nats_port))
+    }
+
+    async fn nats_keys_async(&self, nats_port: u16) -> Vec<String> {
+        let mut keys = Vec::new();
+        let config = tickvault::sink::config::NatsConfig {
+            url: format!("nats://127.0.0.1:{nats_port}"),
+            stream: self.stream.clone(),
+            subject_prefix: self.name.clone(),
+            ..Default::default()
+        };
+        tickvault::sink::nats::NatsSink::new(&config)
+            .scan(|row| keys.push(row.key_string()))
+            .await
+            .unwrap();
+        keys
     }
 
     /// Every natural key in PostgreSQL (duplicates kept).
