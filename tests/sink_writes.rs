@@ -261,6 +261,38 @@ fn nats_restarted_past_the_duplicate_window_publishes_nothing_the_stream_holds_p
     assert_eq!(total, 5_000, "{} stored twice", total - 5_000);
 }
 
+/// A log's first run has no note yet: the sink's note once it has seen the stream (an
+/// empty one here: sequence 0) is what the runner keeps before the first write, so a
+/// run killed after its first PubAcks and before its first cursor move is followed by a
+/// restart that finds those rows, past the duplicate window too.
+#[test]
+fn nats_killed_before_its_first_cursor_move_publishes_nothing_twice_after_a_restart_past_the_window() {
+    let target = Target::new("nats_first_run");
+    let mut nats = config(&target).sinks.nats;
+    nats.duplicate_window = Duration::from_secs(1);
+    rt().block_on(async {
+        let mut first = NatsSink::new(&nats);
+        assert_eq!(first.note(), None, "no note before the stream was seen");
+        first.stored_cursor(Lane::Backfill).await.expect("connected");
+        let note = first
+            .note()
+            .expect("a note once the stream was seen, though it is empty");
+        send(&mut first, &[events(0, 2_000)]).await;
+        drop(first);
+        tokio::time::sleep(Duration::from_millis(1_500)).await;
+
+        let mut second = NatsSink::new(&nats);
+        second.restore(&note);
+        send(&mut second, &[events(0, 2_000), events(2_000, 3_000)]).await;
+        assert_eq!(second.found_after_restart(), 2_000);
+    });
+    let stored = target.nats_keys(4222);
+    let total = stored.len();
+    let keys: HashSet<String> = stored.into_iter().collect();
+    assert_eq!(keys.len(), 3_000, "every message is in the stream");
+    assert_eq!(total, 3_000, "{} stored twice", total - 3_000);
+}
+
 #[test]
 fn postgres_copies_directly_merges_after_a_conflict_and_then_copies_directly_again() {
     let target = Target::new("pg_direct_again");

@@ -50,6 +50,9 @@ pub struct NatsSink {
     /// The highest stream sequence known to hold an earlier message than any this sink
     /// has yet to publish: the last PubAck's, or the stream's last when connected.
     stream_seq: u64,
+    /// Whether `stream_seq` was read from the stream (0 is then a sequence: the stream
+    /// was empty).
+    stream_seen: bool,
     /// Rows of failed batches that their retry found in the stream without a PubAck.
     found_unacknowledged: u64,
     /// After a restart, what the stream holds past the noted sequence.
@@ -153,6 +156,7 @@ impl NatsSink {
             context: None,
             resume: None,
             stream_seq: 0,
+            stream_seen: false,
             found_unacknowledged: 0,
             restart: None,
             found_after_restart: 0,
@@ -239,6 +243,7 @@ impl NatsSink {
                     }
                 })?;
             self.stream_seq = self.stream_seq.max(stream.cached_info().state.last_sequence);
+            self.stream_seen = true;
             self.context = Some(context);
         }
         Ok(self.context.as_ref().expect("connected above"))
@@ -677,6 +682,16 @@ impl Sink for NatsSink {
         NAME
     }
 
+    /// Connects at the runner's start, before any publish, so that [`Sink::note`] holds
+    /// the stream's last sequence from then on. The runner keeps that note in the log
+    /// before the first write when the log has none (a log's first run): a SIGKILL
+    /// between the first batch's PubAcks and the first cursor move then still leaves a
+    /// sequence below everything the killed run published.
+    async fn stored_cursor(&mut self, _lane: Lane) -> Result<Option<u64>, SinkError> {
+        self.context().await?;
+        Ok(None)
+    }
+
     async fn write(&mut self, batch: &Batch) -> Result<(), SinkError> {
         // The client reconnects by itself; an error here (no PubAck in time) leaves the
         // connection to it and the batch to the runner's retry.
@@ -688,14 +703,14 @@ impl Sink for NatsSink {
     /// publishes past the cursor comes after it; while a restart's look goes on, the
     /// sequence noted by the last run (what that run stored past the cursor lies after
     /// it, and the stream's last may be past some of it). None before the sink has seen
-    /// the stream.
+    /// the stream; 0 when it was empty.
     fn note(&self) -> Option<Vec<u8>> {
         let seq = self.restart.as_ref().map_or(self.stream_seq, AfterRestart::after_seq);
         let note = Note {
             stream: self.config.stream.clone(),
             seq,
         };
-        (seq > 0 || self.restart.is_some())
+        (self.stream_seen || self.restart.is_some())
             .then(|| tickvault_wal::payload::to_bytes(&note).ok())
             .flatten()
     }

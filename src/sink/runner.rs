@@ -28,7 +28,8 @@ pub trait Sink: Send + 'static {
 
     /// The last position of `lane` the sink recorded itself, for sinks that commit their
     /// cursor with the data (PostgreSQL). The runner resumes from the later of this and
-    /// the log's cursor.
+    /// the log's cursor. Called once at the start, before any write, and retried like
+    /// a write until it succeeds: a sink may connect here to learn its first note.
     fn stored_cursor(&mut self, _lane: Lane) -> impl Future<Output = Result<Option<u64>, SinkError>> + Send {
         async { Ok(None) }
     }
@@ -39,7 +40,9 @@ pub trait Sink: Send + 'static {
     /// What the sink wants kept with its cursor once the batches so far were
     /// acknowledged, written in the same durable write as the cursor's move and given
     /// back to [`Sink::restore`] at the next start. JetStream keeps the stream's
-    /// sequence there, to find what it published past the cursor before a crash.
+    /// sequence there, to find what it published past the cursor before a crash. When
+    /// the log holds no note at the start, the runner keeps this one (as it is after
+    /// [`Sink::stored_cursor`]) with the cursor before the first write.
     fn note(&self) -> Option<Vec<u8>> {
         None
     }
@@ -194,8 +197,18 @@ pub async fn run<S: Sink>(
         wal.move_cursor(name, lane, stored).await?;
         position = stored;
     }
-    if let Some(note) = wal.reader().cursor_note(name, lane)? {
-        sink.restore(&note);
+    match wal.reader().cursor_note(name, lane)? {
+        Some(note) => sink.restore(&note),
+        // A sink that keeps notes has one in the log before its first write: otherwise a
+        // crash after that write was acknowledged and before the first cursor move would
+        // leave the next start nothing to look from (JetStream: what the killed run
+        // published past the cursor would be published again, and stored twice once
+        // the stream's duplicate window has passed).
+        None => {
+            if let Some(note) = sink.note() {
+                wal.move_cursor_noted(name, lane, position, Some(note)).await?;
+            }
+        }
     }
     stats.acked_seq.store(position, Ordering::Relaxed);
     tracing::info!(sink = name, %lane, cursor = position, "sink runner started");
@@ -954,6 +967,64 @@ mod tests {
                 "life {life}: what the start restored"
             );
         }
+        scenario.teardown();
+    }
+
+    /// Learns its note when it connects at the start (as JetStream reads the stream's
+    /// last sequence), and records at each write the note the log held for it then.
+    struct Connecting {
+        wal: Wal,
+        connected: bool,
+        seen: Arc<Mutex<Vec<Option<Vec<u8>>>>>,
+    }
+
+    impl Sink for Connecting {
+        fn name(&self) -> &'static str {
+            "recorder"
+        }
+
+        async fn stored_cursor(&mut self, _lane: Lane) -> Result<Option<u64>, SinkError> {
+            self.connected = true;
+            Ok(None)
+        }
+
+        async fn write(&mut self, _batch: &Batch) -> Result<(), SinkError> {
+            let held = self.wal.reader().cursor_note("recorder", Lane::Live).unwrap();
+            self.seen.lock().unwrap().push(held);
+            Ok(())
+        }
+
+        fn note(&self) -> Option<Vec<u8>> {
+            self.connected.then(|| b"connected".to_vec())
+        }
+    }
+
+    #[tokio::test]
+    async fn a_sink_that_keeps_notes_has_one_in_the_log_before_its_first_write_on_a_new_log() {
+        let scenario = fail::FailScenario::setup();
+        let f = Fixture::new();
+        append_quotes(&f.wal, 5, 0).await;
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let sink = Connecting {
+            wal: f.wal.clone(),
+            connected: false,
+            seen: seen.clone(),
+        };
+        let (stop, shutdown) = watch::channel(false);
+        let runner = tokio::spawn(run(sink, f.wal.clone(), spec(), f.stats.clone(), shutdown));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while f.stats.acked_seq.load(Ordering::Relaxed) < 5 {
+            assert!(Instant::now() < deadline, "the runner did not forward the lane");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        stop.send(true).unwrap();
+        runner.await.unwrap().unwrap();
+        let seen = seen.lock().unwrap().clone();
+        assert_eq!(
+            seen.first(),
+            Some(&Some(b"connected".to_vec())),
+            "the note the log held at the first write"
+        );
         scenario.teardown();
     }
 
