@@ -1001,6 +1001,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_sink_that_keeps_notes_has_one_in_the_log_before_its_first_write_on_a_new_log() {
+        // Fail points are global: hold the lock that keeps the other tests' (a refused
+        // cursor write) out of this runner's cursor moves.
         let scenario = fail::FailScenario::setup();
         let f = Fixture::new();
         append_quotes(&f.wal, 5, 0).await;
