@@ -254,11 +254,16 @@ fn nats_restarted_past_the_duplicate_window_publishes_nothing_the_stream_holds_p
             "a note of this stream is carried on until the first write"
         );
     });
+    assert_stream_holds_each_key_once(&target, 5_000);
+}
+
+/// The target's stream holds `n` distinct keys, none twice.
+fn assert_stream_holds_each_key_once(target: &Target, n: usize) {
     let stored = target.nats_keys(4222);
     let total = stored.len();
     let keys: HashSet<String> = stored.into_iter().collect();
-    assert_eq!(keys.len(), 5_000, "every message is in the stream");
-    assert_eq!(total, 5_000, "{} stored twice", total - 5_000);
+    assert_eq!(keys.len(), n, "every message is in the stream");
+    assert_eq!(total, n, "{} stored twice", total - n);
 }
 
 /// A log's first run has no note yet: the sink's note once it has seen the stream (an
@@ -286,11 +291,7 @@ fn nats_killed_before_its_first_cursor_move_publishes_nothing_twice_after_a_rest
         send(&mut second, &[events(0, 2_000), events(2_000, 3_000)]).await;
         assert_eq!(second.found_after_restart(), 2_000);
     });
-    let stored = target.nats_keys(4222);
-    let total = stored.len();
-    let keys: HashSet<String> = stored.into_iter().collect();
-    assert_eq!(keys.len(), 3_000, "every message is in the stream");
-    assert_eq!(total, 3_000, "{} stored twice", total - 3_000);
+    assert_stream_holds_each_key_once(&target, 3_000);
 }
 
 #[test]
