@@ -123,6 +123,8 @@ struct Window {
     p99: f64,
     /// The sink's write alone, ms.
     write_p99: f64,
+    /// Capture to the start of the acknowledged write, per row, ms.
+    queued_p99: f64,
     /// Backfill rows not yet forwarded to this sink at the end.
     behind: u64,
     /// Backfill rows this sink was sent during the window.
@@ -174,6 +176,7 @@ async fn live_window(config: &Config, seconds: u64) -> anyhow::Result<(Vec<Windo
             p50: s.latency_ms(0.5),
             p99: s.latency_ms(0.99),
             write_p99: s.write_ms(0.99),
+            queued_p99: s.queued_ms(0.99),
             behind: backlog.saturating_sub(acked),
             forwarded: backfill.map_or(0, |b| b.rows.load(Ordering::Relaxed)),
             yielded_ms: backfill.map_or(0, |b| b.yielded_ms.load(Ordering::Relaxed)),
@@ -270,9 +273,9 @@ pub async fn sinks(
             busy_log.push(durable);
             used.push(busy_config);
         }
-        println!("\nlive capture-to-sink-commit latency (ms), median of the rounds; (w) the sink's write alone");
+        println!("\nlive capture-to-sink-commit latency (ms), median of the rounds; (q) capture to the write's start, (w) the sink's write alone");
         println!(
-            "  sink         idle p50   idle p99 (w p99) | backfill p50  backfill p99 (w p99) | p99 ratio | ratio per round | backfill rows forwarded, yielded s, queued at the end"
+            "  sink         idle p50   idle p99 (q p99 w p99) | backfill p50  backfill p99 (q p99 w p99) | p99 ratio | ratio per round | backfill rows forwarded, yielded s, queued at the end"
         );
         let sinks: Vec<&'static str> = idle
             .first()
@@ -288,17 +291,20 @@ pub async fn sinks(
             };
             let (ip50, ip99, iw99) = (of(&idle, |w| w.p50), of(&idle, |w| w.p99), of(&idle, |w| w.write_p99));
             let (bp50, bp99, bw99) = (of(&busy, |w| w.p50), of(&busy, |w| w.p99), of(&busy, |w| w.write_p99));
+            let (iq99, bq99) = (of(&idle, |w| w.queued_p99), of(&busy, |w| w.queued_p99));
             let ratios: Vec<String> = ip99.iter().zip(&bp99).map(|(i, b)| format!("{:.1}x", b / i)).collect();
             let behind = of(&busy, |w| w.behind as f64);
             let forwarded = of(&busy, |w| w.forwarded as f64);
             let yielded = of(&busy, |w| w.yielded_ms as f64 / 1000.0);
             println!(
-                "  {sink:<10} {:>10.1} {:>10.1} {:>7.1} | {:>12.1} {:>13.1} {:>7.1} | {:>8.2}x | {:<15} | {:.0}, {:.1} s, {:.0}",
+                "  {sink:<10} {:>10.1} {:>10.1} {:>7.1} {:>5.1} | {:>12.1} {:>13.1} {:>7.1} {:>5.1} | {:>8.2}x | {:<15} | {:.0}, {:.1} s, {:.0}",
                 median(&ip50),
                 median(&ip99),
+                median(&iq99),
                 median(&iw99),
                 median(&bp50),
                 median(&bp99),
+                median(&bq99),
                 median(&bw99),
                 median(&bp99) / median(&ip99),
                 ratios.join(" "),

@@ -96,6 +96,9 @@ pub struct RunnerStats {
     /// A successful write attempt, sent to acknowledged, in µs: the sink's share of
     /// `latency_us`.
     pub write_us: Mutex<hdrhistogram::Histogram<u64>>,
+    /// Capture to the start of the attempt that the sink acknowledged, per row, in µs:
+    /// `latency_us` less the sink's write (the log's share and the wait for the runner).
+    pub queued_us: Mutex<hdrhistogram::Histogram<u64>>,
 }
 
 impl RunnerStats {
@@ -114,6 +117,7 @@ impl RunnerStats {
             state: AtomicU8::new(0),
             latency_us: Mutex::new(histogram()),
             write_us: Mutex::new(histogram()),
+            queued_us: Mutex::new(histogram()),
         }
     }
 
@@ -133,6 +137,12 @@ impl RunnerStats {
     /// A write's time at quantile `q` (0..=1), in milliseconds; 0 with no write yet.
     pub fn write_ms(&self, q: f64) -> f64 {
         quantile_ms(&self.write_us, q)
+    }
+
+    /// Capture to the acknowledged attempt's start at quantile `q` (0..=1), in
+    /// milliseconds; 0 with no rows yet.
+    pub fn queued_ms(&self, q: f64) -> f64 {
+        quantile_ms(&self.queued_us, q)
     }
 
     fn note(&self, transition: Option<Transition>) {
@@ -634,7 +644,7 @@ async fn attempt<S: Sink>(
             Op::Write(batch) => sink.write(batch).await.map(|()| None),
         }
     };
-    let started = Instant::now();
+    let (started, started_ns) = (Instant::now(), jiff::Timestamp::now().as_nanosecond());
     let value = match tokio::time::timeout(timeout, attempt).await {
         Ok(result) => result?,
         Err(_) => {
@@ -646,9 +656,15 @@ async fn attempt<S: Sink>(
         }
     };
     let elapsed_us = started.elapsed().as_micros() as u64;
-    if matches!(op, Op::Write(_)) {
+    if let Op::Write(batch) = op {
         let mut h = stats.write_us.lock().unwrap_or_else(|p| p.into_inner());
         let _ = h.record(elapsed_us.max(1));
+        drop(h);
+        let mut h = stats.queued_us.lock().unwrap_or_else(|p| p.into_inner());
+        for row in &batch.rows {
+            let us = (started_ns - i128::from(row.captured_at_ns)) / 1000;
+            let _ = h.record(u64::try_from(us).unwrap_or(1).max(1));
+        }
     }
     tracing::debug!(sink = stats.sink, lane = %stats.lane, elapsed_us, "acknowledged");
     Ok(value)
