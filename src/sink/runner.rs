@@ -158,12 +158,16 @@ impl RunnerStats {
     }
 
     fn record_latency(&self, batch: &Batch) {
-        let now_ns = jiff::Timestamp::now().as_nanosecond();
-        let mut h = self.latency_us.lock().unwrap_or_else(|p| p.into_inner());
-        for row in &batch.rows {
-            let us = (now_ns - i128::from(row.captured_at_ns)) / 1000;
-            let _ = h.record(u64::try_from(us).unwrap_or(1).max(1));
-        }
+        record_since_capture(&self.latency_us, jiff::Timestamp::now().as_nanosecond(), batch);
+    }
+}
+
+/// Records, per row of `batch`, the time from its capture to `at_ns`.
+fn record_since_capture(h: &Mutex<hdrhistogram::Histogram<u64>>, at_ns: i128, batch: &Batch) {
+    let mut h = h.lock().unwrap_or_else(|p| p.into_inner());
+    for row in &batch.rows {
+        let us = (at_ns - i128::from(row.captured_at_ns)) / 1000;
+        let _ = h.record(u64::try_from(us).unwrap_or(1).max(1));
     }
 }
 
@@ -657,14 +661,12 @@ async fn attempt<S: Sink>(
     };
     let elapsed_us = started.elapsed().as_micros() as u64;
     if let Op::Write(batch) = op {
-        let mut h = stats.write_us.lock().unwrap_or_else(|p| p.into_inner());
-        let _ = h.record(elapsed_us.max(1));
-        drop(h);
-        let mut h = stats.queued_us.lock().unwrap_or_else(|p| p.into_inner());
-        for row in &batch.rows {
-            let us = (started_ns - i128::from(row.captured_at_ns)) / 1000;
-            let _ = h.record(u64::try_from(us).unwrap_or(1).max(1));
-        }
+        let _ = stats
+            .write_us
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .record(elapsed_us.max(1));
+        record_since_capture(&stats.queued_us, started_ns, batch);
     }
     tracing::debug!(sink = stats.sink, lane = %stats.lane, elapsed_us, "acknowledged");
     Ok(value)
@@ -777,7 +779,7 @@ mod tests {
                 capture: Capture {
                     feed: Feed::Crypto,
                     lane: Lane::Live,
-                    captured_at_ns: 1,
+                    captured_at_ns: jiff::Timestamp::now().as_nanosecond() as i64,
                 },
                 body: Body::Quote(Quote {
                     symbol: "BTC-USD".into(),
@@ -927,6 +929,33 @@ mod tests {
         assert_eq!(f.cursor(), head);
         assert_eq!(f.written(), (1..=head).collect::<Vec<_>>());
         assert!(stats.batches.load(Ordering::Relaxed) >= head.div_ceil(7));
+        scenario.teardown();
+    }
+
+    #[tokio::test]
+    async fn a_rows_latency_is_its_wait_for_the_write_plus_the_write() {
+        // Fail points are global: hold the lock that keeps the other test's out.
+        let scenario = fail::FailScenario::setup();
+        let f = Fixture::new();
+        let (wal, stats) = (&f.wal, &f.stats);
+        let (stop, shutdown) = watch::channel(false);
+        let write = Duration::from_millis(30);
+        let runner = tokio::spawn(run(f.sink(write), wal.clone(), spec(), stats.clone(), shutdown));
+        append_while_running(wal, stats, 0..20).await;
+        stop.send(true).unwrap();
+        runner.await.unwrap().unwrap();
+        // Each row's latency is its time to its write's start plus that write, which
+        // takes at least 30 ms; so at every quantile.
+        let ms = write.as_secs_f64() * 1000.0;
+        for q in [0.0, 0.5, 0.99, 1.0] {
+            let (queued, latency) = (stats.queued_ms(q), stats.latency_ms(q));
+            assert!(queued > 0.0, "q {q}: nothing recorded");
+            assert!(
+                latency >= queued + ms * 0.99,
+                "q {q}: latency {latency} ms, queued {queued} ms"
+            );
+        }
+        assert!(stats.write_ms(0.0) >= ms * 0.99);
         scenario.teardown();
     }
 
