@@ -10,6 +10,10 @@
 #                               already running and reachable is reused as it is.
 #   scripts/services.sh down    stop what `up` started (nothing else).
 #   scripts/services.sh status  which servers answer.
+#   scripts/services.sh reset   empty what config/local-sinks.toml writes to: drop and make
+#                               again the database `tickvault` in ClickHouse and PostgreSQL,
+#                               delete the JetStream stream MARKET (the sinks make their
+#                               tables and the stream again). For a demo on a new log.
 #
 # State (pid files, NATS's JetStream store, logs) lives in $TICKVAULT_SERVICES_DIR
 # (default /var/tmp/tickvault-services).
@@ -188,6 +192,50 @@ down() {
     ram_release
 }
 
+# Deletes a JetStream stream over NATS's own protocol (no `nats` CLI in Debian 12): a
+# request on $JS.API.STREAM.DELETE.<name>, its answer read from an inbox. A stream that
+# does not exist is fine.
+nats_delete_stream() { # name
+    local line answer=""
+    exec 3<>/dev/tcp/127.0.0.1/4222
+    printf 'CONNECT {"verbose":false}\r\nSUB _INBOX.tickvault.reset 1\r\nPUB $JS.API.STREAM.DELETE.%s _INBOX.tickvault.reset 0\r\n\r\n' "$1" >&3
+    while IFS= read -r -t 10 line <&3; do
+        case "$line" in
+        MSG*)
+            IFS= read -r -t 10 answer <&3
+            break
+            ;;
+        -ERR*)
+            answer=$line
+            break
+            ;;
+        esac
+    done
+    exec 3>&-
+    case "$answer" in
+    *'"success":true'*) say "nats: stream $1 deleted" ;;
+    *'"err_code":10059'*) say "nats: no stream $1" ;;
+    *)
+        say "nats: deleting stream $1 failed: ${answer:-no answer}"
+        return 1
+        ;;
+    esac
+}
+
+reset() {
+    if ! status 2>/dev/null; then
+        say "reset: every server must be up first (scripts/services.sh up)"
+        return 1
+    fi
+    curl -fsS http://127.0.0.1:8123/ --data-binary 'DROP DATABASE IF EXISTS tickvault' >/dev/null
+    curl -fsS http://127.0.0.1:8123/ --data-binary 'CREATE DATABASE tickvault' >/dev/null
+    say "clickhouse: database tickvault emptied"
+    as_user postgres dropdb --if-exists --force tickvault
+    as_user postgres createdb -O tickvault tickvault
+    say "postgresql: database tickvault emptied"
+    nats_delete_stream MARKET
+}
+
 status() {
     local rc=0
     for s in postgresql:pg_up nats:nats_up clickhouse:ch_up; do
@@ -200,8 +248,9 @@ case "${1:-}" in
 up) up ;;
 down) down ;;
 status) status ;;
+reset) reset ;;
 *)
-    echo "usage: $0 up|down|status" >&2
+    echo "usage: $0 up|down|status|reset" >&2
     exit 2
     ;;
 esac

@@ -242,7 +242,9 @@ pub async fn run(
             },
             match (&s.error, extra > 0) {
                 (Some(e), _) => format!(" (cannot read it: {e})"),
-                (None, true) => " (from another log: an earlier demo whose log was deleted, or another appliance)".to_owned(),
+                (None, true) => " (from another log: an earlier demo whose log was deleted, or another appliance; \
+                                  `scripts/services.sh reset` empties the local servers' demo database and stream)"
+                    .to_owned(),
                 (None, false) => String::new(),
             }
         );
