@@ -738,6 +738,24 @@ mod tests {
             }
         }
 
+        /// Runs a runner over a recording sink whose writes take `delay` while 3 quotes
+        /// per round of `rounds` are appended, until it has acknowledged them all, then
+        /// stops it; returns the lane's head.
+        async fn forward(&self, delay: Duration, rounds: std::ops::Range<usize>) -> u64 {
+            let (stop, shutdown) = watch::channel(false);
+            let runner = tokio::spawn(run(
+                self.sink(delay),
+                self.wal.clone(),
+                spec(),
+                self.stats.clone(),
+                shutdown,
+            ));
+            let head = append_while_running(&self.wal, &self.stats, rounds).await;
+            stop.send(true).unwrap();
+            runner.await.unwrap().unwrap();
+            head
+        }
+
         /// What the sink was sent, in order.
         fn written(&self) -> Vec<u64> {
             self.seqs.lock().unwrap().clone()
@@ -913,22 +931,11 @@ mod tests {
         // Fail points are global: hold the lock that keeps the other test's out.
         let scenario = fail::FailScenario::setup();
         let f = Fixture::new();
-        let (wal, stats) = (&f.wal, &f.stats);
-        let (stop, shutdown) = watch::channel(false);
-        let runner = tokio::spawn(run(
-            f.sink(Duration::from_millis(2)),
-            wal.clone(),
-            spec(),
-            stats.clone(),
-            shutdown,
-        ));
         // Appends arrive while batches are written and cursors moved.
-        let head = append_while_running(wal, stats, 0..40).await;
-        stop.send(true).unwrap();
-        runner.await.unwrap().unwrap();
+        let head = f.forward(Duration::from_millis(2), 0..40).await;
         assert_eq!(f.cursor(), head);
         assert_eq!(f.written(), (1..=head).collect::<Vec<_>>());
-        assert!(stats.batches.load(Ordering::Relaxed) >= head.div_ceil(7));
+        assert!(f.stats.batches.load(Ordering::Relaxed) >= head.div_ceil(7));
         scenario.teardown();
     }
 
@@ -937,13 +944,9 @@ mod tests {
         // Fail points are global: hold the lock that keeps the other test's out.
         let scenario = fail::FailScenario::setup();
         let f = Fixture::new();
-        let (wal, stats) = (&f.wal, &f.stats);
-        let (stop, shutdown) = watch::channel(false);
         let write = Duration::from_millis(30);
-        let runner = tokio::spawn(run(f.sink(write), wal.clone(), spec(), stats.clone(), shutdown));
-        append_while_running(wal, stats, 0..20).await;
-        stop.send(true).unwrap();
-        runner.await.unwrap().unwrap();
+        f.forward(write, 0..20).await;
+        let stats = &f.stats;
         // Each row's latency is its time to its write's start plus that write, which
         // takes at least 30 ms; so at every quantile.
         let ms = write.as_secs_f64() * 1000.0;
