@@ -11,8 +11,8 @@ use rand::Rng;
 
 mod common;
 
-use common::simulator;
-use common::sinks::{caught_up_in, drain, log_keys, verify, wait_for, write_config, Daemon, Target};
+use common::sinks::{caught_up_in, drain, log_keys, verify, wait_for, write_config, Daemon, Target, PG_PASSWORD};
+use common::{simulator, tickvault};
 use tickvault_wal::Lane;
 
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -78,6 +78,49 @@ fn every_captured_event_reaches_each_sink_exactly_once() {
             assert!(differences.is_empty(), "{s:#}");
         }
     }
+}
+
+/// The demo with all three sinks (README's `tickvault demo --config
+/// config/local-sinks.toml`, on servers of its own here): its verification matches on a
+/// first log; on a second, new log the sinks hold the first one's live events, which it
+/// reports, naming the reset, and it exits 1.
+#[test]
+fn the_sinks_demo_matches_and_exits_1_when_the_sinks_hold_another_logs_events() {
+    let _serial = serial();
+    let target = Target::new("demo");
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(&dir.path().join("demo.toml"), SOURCES, &target, NATS);
+    let demo = |log: &str| {
+        let out = tickvault()
+            .args(["demo", "--duration", "3", "--config"])
+            .arg(&config)
+            .arg("--data-dir")
+            .arg(dir.path().join(log))
+            .env("TICKVAULT_POSTGRES_PASSWORD", PG_PASSWORD)
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.code(), text)
+    };
+    let (code, out) = demo("first");
+    assert_eq!(code, Some(0), "{out}");
+    for sink in ["clickhouse", "postgres  ", "nats      "] {
+        assert!(out.contains(&format!("verify {sink} MATCH")), "{sink}: {out}");
+    }
+    let (code, out) = demo("second");
+    assert_eq!(code, Some(1), "{out}");
+    for sink in ["clickhouse", "postgres  ", "nats      "] {
+        assert!(out.contains(&format!("verify {sink} DIFFERS")), "{sink}: {out}");
+    }
+    assert!(
+        out.contains("0 missing") && out.contains("scripts/services.sh reset"),
+        "{out}"
+    );
+    assert!(out.contains("the verification found differences (exit 1)"), "{out}");
 }
 
 #[test]

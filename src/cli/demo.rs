@@ -249,7 +249,14 @@ pub async fn run(
             }
         );
     }
-    Ok(ExitCode::SUCCESS)
+    if report.sinks.iter().all(|s| s.matches()) {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        println!(
+            "  the verification found differences (exit 1); `tickvault verify --config C` lists each group and day"
+        );
+        Ok(ExitCode::from(1))
+    }
 }
 
 /// Whether every sink runner has acknowledged its lane up to the log's head.
