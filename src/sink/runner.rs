@@ -779,15 +779,17 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
         let head = wal.head(Lane::Live);
+        wait_until_acked(stats, head, Duration::from_secs(20)).await;
+        head
+    }
+
+    /// Waits (up to `within`) until the runner has acknowledged `head`.
+    async fn wait_until_acked(stats: &RunnerStats, head: u64, within: Duration) {
         let started = Instant::now();
         while stats.acked_seq.load(Ordering::Relaxed) < head {
-            assert!(
-                started.elapsed() < Duration::from_secs(20),
-                "the runner did not catch up with {head}"
-            );
+            assert!(started.elapsed() < within, "the runner did not catch up with {head}");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        head
     }
 
     async fn append_to(wal: &Wal, lane: Lane, n: usize, from: usize) {
@@ -1062,11 +1064,7 @@ mod tests {
         };
         let (stop, shutdown) = watch::channel(false);
         let runner = tokio::spawn(run(sink, f.wal.clone(), spec(), f.stats.clone(), shutdown));
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while f.stats.acked_seq.load(Ordering::Relaxed) < 5 {
-            assert!(Instant::now() < deadline, "the runner did not forward the lane");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        wait_until_acked(&f.stats, 5, Duration::from_secs(10)).await;
         stop.send(true).unwrap();
         runner.await.unwrap().unwrap();
         let seen = seen.lock().unwrap().clone();
