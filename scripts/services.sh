@@ -116,9 +116,17 @@ DO $$ BEGIN
   END IF;
 END $$;
 SQL
+    pg_database
+}
+
+# The database config/local-sinks.toml names, made if missing (by `up` and `reset`).
+pg_database() {
     if ! as_user postgres psql -tAc "SELECT 1 FROM pg_database WHERE datname = 'tickvault'" | grep -q 1; then
         as_user postgres createdb -O tickvault tickvault
     fi
+}
+ch_database() {
+    curl -fsS http://127.0.0.1:8123/ --data-binary 'CREATE DATABASE IF NOT EXISTS tickvault' >/dev/null
 }
 
 start_nats() {
@@ -154,7 +162,7 @@ start_clickhouse() {
         touch "$STATE/clickhouse.started"
         say "clickhouse $(curl -fsS 'http://127.0.0.1:8123/?query=SELECT%20version()'): started on 127.0.0.1:8123"
     fi
-    curl -fsS http://127.0.0.1:8123/ --data-binary 'CREATE DATABASE IF NOT EXISTS tickvault' >/dev/null
+    ch_database
 }
 
 up() {
@@ -228,10 +236,10 @@ reset() {
         return 1
     fi
     curl -fsS http://127.0.0.1:8123/ --data-binary 'DROP DATABASE IF EXISTS tickvault' >/dev/null
-    curl -fsS http://127.0.0.1:8123/ --data-binary 'CREATE DATABASE tickvault' >/dev/null
+    ch_database
     say "clickhouse: database tickvault emptied"
     as_user postgres dropdb --if-exists --force tickvault
-    as_user postgres createdb -O tickvault tickvault
+    pg_database
     say "postgresql: database tickvault emptied"
     nats_delete_stream MARKET
 }
