@@ -20,9 +20,13 @@
 //!   happens, so a truncated one cannot belong to a later day;
 //! - the backfill lane, once truncated: every day of bars (history has no such order).
 //!
-//! Memory grows with the number of distinct keys in the log.
+//! The keys themselves are sorted on disk (`index`), so memory grows with the number of
+//! groups and days, not with the keys: scratch disk in `$TMPDIR` takes about 20 bytes
+//! per event in the log and message in the stream while it runs.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+mod index;
+
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use serde::Serialize;
@@ -35,6 +39,7 @@ use crate::sink::clickhouse::ClickHouseSink;
 use crate::sink::nats::NatsSink;
 use crate::sink::postgres::PostgresSink;
 use crate::sink::GroupCount;
+use index::{GroupDayId, GroupNames, KeyIndex, Source};
 
 const DAY_MS: i64 = 86_400_000;
 
@@ -50,6 +55,18 @@ pub struct GroupDay {
 }
 
 impl GroupDay {
+    /// The group and day `id` of `index`'s `groups`.
+    fn of(groups: &[GroupNames], id: GroupDayId) -> Self {
+        let (feed, symbol, kind, timeframe) = groups[id.group as usize].clone();
+        GroupDay {
+            feed,
+            symbol,
+            kind,
+            timeframe,
+            day: id.day,
+        }
+    }
+
     /// The day as `YYYY-MM-DD`.
     pub fn date(&self) -> String {
         jiff::Timestamp::from_millisecond(self.day * DAY_MS)
@@ -128,8 +145,9 @@ struct Held {
 /// What one sink holds per group and day, or why it could not be read.
 type Holdings = Result<HashMap<GroupDay, Held>, String>;
 
-/// Per key, the first sequence it has in each forwarded lane (`u64::MAX`: not there).
-type LogKeys = HashMap<GroupDay, HashMap<(i64, u32), [u64; 2]>>;
+/// A sink's report as it is built: the report, the sink's cursors per lane, and what the
+/// sink holds that the log's groups and days have not been compared with yet.
+type Building = (SinkReport, [u64; 2], Option<HashMap<GroupDay, Held>>);
 
 fn lane_index(lane: Lane) -> usize {
     FORWARDED_LANES.iter().position(|l| *l == lane).unwrap_or(0)
@@ -137,6 +155,8 @@ fn lane_index(lane: Lane) -> usize {
 
 pub async fn verify(config: &Config, data_dir: &Path) -> anyhow::Result<Report> {
     let sinks = config.sinks.enabled();
+    // The keys go to disk, sorted there: memory stays with the groups and days.
+    let mut index = KeyIndex::new()?;
 
     // 1. Cursors.
     let (cursors, log_id) = {
@@ -158,18 +178,18 @@ pub async fn verify(config: &Config, data_dir: &Path) -> anyhow::Result<Report> 
         let result = match *sink {
             "clickhouse" => clickhouse_counts(config).await,
             "postgres" => postgres_counts(config, &log_id).await,
-            _ => nats_counts(config).await,
+            _ => nats_counts(config, &mut index).await?,
         };
         held.push((sink, result));
     }
 
     // 3. The log, as it is now (a superset of what the sinks were asked for).
     let reader = Wal::open_read_only(data_dir)?;
-    let mut keys: LogKeys = HashMap::new();
     let mut log_events = 0u64;
     let mut first_live_capture_ns = i64::MAX;
+    let mut failed = None;
     for lane in FORWARDED_LANES {
-        let index = lane_index(lane);
+        let index_of_lane = lane_index(lane) as u8;
         let last = reader.last_seq(lane)?.unwrap_or(0);
         reader.scan(lane, 1, last, |seq, record| {
             // Corrupt records are `wal check`'s to report; drill records are not events.
@@ -185,98 +205,142 @@ pub async fn verify(config: &Config, data_dir: &Path) -> anyhow::Result<Report> 
                 first_live_capture_ns = first_live_capture_ns.min(event.capture.captured_at_ns);
             }
             let key = event.natural_key();
-            let group = GroupDay {
-                feed: key.feed.name().to_owned(),
-                symbol: key.symbol,
-                kind: key.kind.name().to_owned(),
-                timeframe: key.timeframe,
-                day: key.ts_ms / DAY_MS,
-            };
-            let first = keys
-                .entry(group)
-                .or_default()
-                .entry((key.ts_ms, key.ordinal))
-                .or_insert([u64::MAX; 2]);
-            first[index] = first[index].min(seq);
-            true
+            let names = (
+                key.feed.name(),
+                key.symbol.as_str(),
+                key.kind.name(),
+                key.timeframe.as_str(),
+            );
+            let added = index.add(
+                Source::Log,
+                names,
+                key.ts_ms / DAY_MS,
+                key.ts_ms,
+                key.ordinal,
+                index_of_lane,
+                seq,
+            );
+            match added {
+                Ok(()) => true,
+                Err(e) => {
+                    failed = Some(e);
+                    false
+                }
+            }
         })?;
+        if let Some(e) = failed.take() {
+            return Err(e.context("writing verify's scratch index"));
+        }
     }
-    let log_keys = keys.values().map(|k| k.len() as u64).sum();
     let mut first_retained = BTreeMap::new();
     for lane in FORWARDED_LANES {
         first_retained.insert(lane.name().to_owned(), reader.first_retained(lane)?);
     }
+    drop(reader);
     let partial = Partial {
         live_from_ms: (first_retained[Lane::Live.name()] > 1).then_some(first_live_capture_ns / 1_000_000),
         backfill: first_retained[Lane::Backfill.name()] > 1,
     };
 
-    let mut reports = Vec::new();
-    for (sink, result) in held {
-        let c = cursors[sink];
-        let mut report = SinkReport {
-            sink,
-            cursors: FORWARDED_LANES
-                .iter()
-                .map(|l| (l.name().to_owned(), c[lane_index(*l)]))
-                .collect(),
-            groups_checked: 0,
-            passed: 0,
-            in_sink: 0,
-            groups_not_in_log: 0,
-            beyond_retention: 0,
-            differences: Vec::new(),
-            error: None,
-        };
-        match result {
-            Err(e) => report.error = Some(e),
-            Ok(held) => {
-                report.groups_not_in_log = held.keys().filter(|g| !keys.contains_key(*g)).count() as u64;
-                let mut groups: Vec<&GroupDay> = keys.keys().collect();
-                groups.sort();
-                for group in groups {
-                    let (mut passed, mut pending) = (0u64, 0u64);
-                    for first in keys[group].values() {
-                        if first[0] <= c[0] || first[1] <= c[1] {
-                            passed += 1;
-                        } else {
-                            pending += 1;
-                        }
-                    }
-                    let h = held.get(group).copied().unwrap_or_default();
-                    report.groups_checked += 1;
-                    report.passed += passed;
-                    report.in_sink += h.keys;
-                    let duplicates = h.rows.saturating_sub(h.keys);
-                    let missing = passed.saturating_sub(h.keys);
-                    let mut extra = h.keys.saturating_sub(passed + pending);
-                    if extra > 0 && partial.holds_in_part(group) {
-                        report.beyond_retention += extra;
-                        extra = 0;
-                    }
-                    if missing > 0 || extra > 0 || duplicates > 0 {
-                        report.differences.push(Difference {
-                            date: group.date(),
-                            group: group.clone(),
-                            passed,
-                            pending,
-                            in_sink: h.keys,
-                            missing,
-                            extra,
-                            duplicates,
-                        });
-                    }
-                }
+    // 4. Group by group and day, in the index's order.
+    let mut reports: Vec<Building> = held
+        .into_iter()
+        .map(|(sink, result)| {
+            let c = cursors[sink];
+            let mut report = SinkReport {
+                sink,
+                cursors: FORWARDED_LANES
+                    .iter()
+                    .map(|l| (l.name().to_owned(), c[lane_index(*l)]))
+                    .collect(),
+                groups_checked: 0,
+                passed: 0,
+                in_sink: 0,
+                groups_not_in_log: 0,
+                beyond_retention: 0,
+                differences: Vec::new(),
+                error: None,
+            };
+            let held = result.map_err(|e| report.error = Some(e)).ok();
+            (report, c, held)
+        })
+        .collect();
+    let names = index.groups().to_vec();
+    let group_day = |id: GroupDayId| GroupDay::of(&names, id);
+    let sink_cursors: Vec<[u64; 2]> = reports.iter().map(|(_, c, _)| *c).collect();
+    let mut finish = |id: GroupDayId, counts: &[(u64, u64)]| {
+        let group = group_day(id);
+        for ((report, _, held), &(passed, pending)) in reports.iter_mut().zip(counts) {
+            let Some(held) = held else { continue };
+            let h = held.remove(&group).unwrap_or_default();
+            compare(report, &group, &partial, passed, pending, h);
+        }
+    };
+    let mut log_keys = 0u64;
+    // The group and day being counted, and per sink its keys passed and pending.
+    let mut current: Option<(GroupDayId, Vec<(u64, u64)>)> = None;
+    index.walk(Source::Log, |id, entries| {
+        log_keys += 1;
+        if current.as_ref().is_some_and(|(at, _)| *at != id) {
+            if let Some((at, counts)) = current.take() {
+                finish(at, &counts);
             }
         }
-        reports.push(report);
+        let (_, counts) = current.get_or_insert_with(|| (id, vec![(0, 0); sink_cursors.len()]));
+        for (c, (passed, pending)) in sink_cursors.iter().zip(counts.iter_mut()) {
+            let first = entries.first;
+            if first[0] <= c[0] || first[1] <= c[1] {
+                *passed += 1;
+            } else {
+                *pending += 1;
+            }
+        }
+    })?;
+    if let Some((at, counts)) = current.take() {
+        finish(at, &counts);
     }
+
+    let sinks = reports
+        .into_iter()
+        .map(|(mut report, _, held)| {
+            // What is left was not in the log.
+            report.groups_not_in_log = held.map_or(0, |h| h.len() as u64);
+            report.differences.sort_by(|a, b| a.group.cmp(&b.group));
+            report
+        })
+        .collect();
     Ok(Report {
         log_events,
         log_keys,
         first_retained,
-        sinks: reports,
+        sinks,
     })
+}
+
+/// One group and day of one sink: `passed` keys must be in it, `pending` may be.
+fn compare(report: &mut SinkReport, group: &GroupDay, partial: &Partial, passed: u64, pending: u64, h: Held) {
+    report.groups_checked += 1;
+    report.passed += passed;
+    report.in_sink += h.keys;
+    let duplicates = h.rows.saturating_sub(h.keys);
+    let missing = passed.saturating_sub(h.keys);
+    let mut extra = h.keys.saturating_sub(passed + pending);
+    if extra > 0 && partial.holds_in_part(group) {
+        report.beyond_retention += extra;
+        extra = 0;
+    }
+    if missing > 0 || extra > 0 || duplicates > 0 {
+        report.differences.push(Difference {
+            date: group.date(),
+            group: group.clone(),
+            passed,
+            pending,
+            in_sink: h.keys,
+            missing,
+            extra,
+            duplicates,
+        });
+    }
 }
 
 /// Which groups and days the log may hold only in part, because truncation took records
@@ -331,35 +395,42 @@ async fn postgres_counts(config: &Config, log_id: &str) -> Holdings {
     Ok(holdings(sink.group_counts().await.map_err(|e| e.to_string())?))
 }
 
-async fn nats_counts(config: &Config) -> Holdings {
+/// The stream's messages go through `index` (a message's key may be anywhere in the
+/// stream): `Err` only when the index itself failed.
+async fn nats_counts(config: &Config, index: &mut KeyIndex) -> anyhow::Result<Holdings> {
     let mut sink = NatsSink::new(&config.sinks.nats);
-    let mut seen: HashMap<GroupDay, (HashSet<(i64, u32)>, u64)> = HashMap::new();
-    sink.scan(|row| {
-        let group = GroupDay {
-            day: row.ts_ms / DAY_MS,
-            feed: row.feed,
-            symbol: row.symbol,
-            kind: row.kind,
-            timeframe: row.timeframe,
-        };
-        let entry = seen.entry(group).or_default();
-        entry.0.insert((row.ts_ms, row.ordinal));
-        entry.1 += 1;
-    })
-    .await
-    .map_err(|e| e.to_string())?;
-    Ok(seen
-        .into_iter()
-        .map(|(g, (keys, rows))| {
-            (
-                g,
-                Held {
-                    keys: keys.len() as u64,
-                    rows,
-                },
-            )
+    let mut failed = None;
+    let scanned = sink
+        .scan(|row| {
+            if failed.is_some() {
+                return;
+            }
+            let names = (
+                row.feed.as_str(),
+                row.symbol.as_str(),
+                row.kind.as_str(),
+                row.timeframe.as_str(),
+            );
+            let day = row.ts_ms / DAY_MS;
+            if let Err(e) = index.add(Source::Stream, names, day, row.ts_ms, row.ordinal, 0, 0) {
+                failed = Some(e);
+            }
         })
-        .collect())
+        .await;
+    if let Some(e) = failed {
+        return Err(e.context("writing verify's scratch index"));
+    }
+    if let Err(e) = scanned {
+        return Ok(Err(e.to_string()));
+    }
+    let names = index.groups().to_vec();
+    let mut held: HashMap<GroupDay, Held> = HashMap::new();
+    index.walk(Source::Stream, |id, entries| {
+        let h = held.entry(GroupDay::of(&names, id)).or_default();
+        h.keys += 1;
+        h.rows += entries.count;
+    })?;
+    Ok(Ok(held))
 }
 
 #[cfg(test)]

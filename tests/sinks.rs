@@ -65,18 +65,26 @@ fn every_captured_event_reaches_each_sink_exactly_once() {
     target.assert_exactly(NATS, &keys);
     assert_verify_matches(&config, &log);
 
-    // And verify does see a loss: one row gone from PostgreSQL.
+    // And verify does see a loss (one row gone from PostgreSQL) and a copy (one message
+    // twice in JetStream), each in its own sink and nowhere else.
     target.delete_one_postgres_row();
+    target.duplicate_one_nats_message(NATS);
     let (code, report) = verify(&config, &log);
     assert_eq!(code, 1, "{report:#}");
     for s in report["sinks"].as_array().unwrap() {
         let differences = s["differences"].as_array().unwrap();
-        if s["sink"] == "postgres" {
-            assert_eq!(differences.len(), 1, "{s:#}");
-            assert_eq!(differences[0]["missing"], 1, "{s:#}");
-        } else {
-            assert!(differences.is_empty(), "{s:#}");
-        }
+        let (missing, duplicates) = match s["sink"].as_str().unwrap() {
+            "postgres" => (1, 0),
+            "nats" => (0, 1),
+            _ => {
+                assert!(differences.is_empty(), "{s:#}");
+                continue;
+            }
+        };
+        assert_eq!(differences.len(), 1, "{s:#}");
+        assert_eq!(differences[0]["missing"], missing, "{s:#}");
+        assert_eq!(differences[0]["duplicates"], duplicates, "{s:#}");
+        assert_eq!(differences[0]["extra"], 0, "{s:#}");
     }
 }
 

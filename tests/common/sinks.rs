@@ -178,6 +178,21 @@ impl Target {
         })
     }
 
+    /// Publishes the stream's first message again, to its subject, without
+    /// its `Nats-Msg-Id` (a copy JetStream cannot recognise, as one published past the
+    /// duplicate window would be): a duplicate for `verify` to find.
+    pub fn duplicate_one_nats_message(&self, nats_port: u16) {
+        rt().block_on(async {
+            let client = async_nats::connect(format!("nats://127.0.0.1:{nats_port}"))
+                .await
+                .unwrap();
+            let js = async_nats::jetstream::new(client);
+            let stream = js.get_stream(&self.stream).await.unwrap();
+            let first = stream.get_raw_message(1).await.unwrap();
+            js.publish(first.subject, first.payload).await.unwrap().await.unwrap();
+        })
+    }
+
     /// PostgreSQL's cursor rows: (log id, lane, seq).
     pub fn postgres_cursors(&self) -> Vec<(String, String, i64)> {
         rt().block_on(async {
