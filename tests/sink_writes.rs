@@ -346,3 +346,28 @@ fn postgres_replaces_the_connection_of_a_write_given_up_half_way() {
         assert_eq!(target.postgres_keys().await.len(), 200_010);
     });
 }
+
+/// A second stream asked for subjects another stream takes: refused, not retriable (no
+/// retry mends it), and the error says what to change; with its own prefix it goes.
+#[test]
+fn nats_refuses_a_stream_whose_subjects_another_stream_takes_and_names_the_setting() {
+    let target = Target::new("nats_overlap");
+    let nats = config(&target).sinks.nats;
+    rt().block_on(async {
+        NatsSink::new(&nats).context().await.expect("the first stream");
+        let mut second = nats.clone();
+        second.stream = "TV_NATS_OVERLAP_SECOND".into();
+        let e = NatsSink::new(&second).context().await.expect_err("subjects overlap");
+        assert!(!e.retriable, "{e}");
+        let text = e.to_string();
+        for part in ["overlap", "TV_NATS_OVERLAP_SECOND", "sinks.nats.subject_prefix"] {
+            assert!(text.contains(part), "{part} not in: {text}");
+        }
+
+        second.subject_prefix = "tv_nats_overlap_second".into();
+        let mut own = NatsSink::new(&second);
+        send(&mut own, &[events(0, 10)]).await;
+        let js = own.context().await.unwrap().clone();
+        js.delete_stream(&second.stream).await.unwrap();
+    });
+}

@@ -240,12 +240,19 @@ pub async fn run(
             } else {
                 String::new()
             },
-            match (&s.error, extra > 0) {
-                (Some(e), _) => format!(" (cannot read it: {e})"),
-                (None, true) => " (from another log: an earlier demo whose log was deleted, or another appliance; \
-                                  `scripts/services.sh reset` empties the local servers' demo database and stream)"
+            match (&s.error, extra > 0, missing > 0) {
+                (Some(e), _, _) => format!(" (cannot read it: {e})"),
+                (None, true, _) => " (from another log: an earlier demo whose log was deleted, or another appliance; \
+                                     `scripts/services.sh reset` empties the local servers' demo database and stream)"
                     .to_owned(),
-                (None, false) => String::new(),
+                // A real loss reads the same; in a demo, the likelier cause is the sinks
+                // emptied under a log whose cursors had passed those rows.
+                (None, false, true) => format!(
+                    " (rows its cursors passed are not in it: lost, or the sink was emptied under this log; \
+                     a demo afresh needs a new log as well: `rm -rf {}`)",
+                    data_dir.display()
+                ),
+                (None, false, false) => String::new(),
             }
         );
     }

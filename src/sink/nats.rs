@@ -237,7 +237,17 @@ impl NatsSink {
                 .map_err(|e| {
                     let text = e.to_string();
                     if text.contains("overlap") {
-                        SinkError::fatal(NAME, "stream", text)
+                        // Another stream takes these subjects: no retry mends that.
+                        SinkError::fatal(
+                            NAME,
+                            "stream",
+                            format!(
+                                "{text}: another stream than {} takes subjects {}; delete it, or set \
+                                 sinks.nats.subject_prefix for this one",
+                                self.config.stream,
+                                self.subjects()
+                            ),
+                        )
                     } else {
                         SinkError::retriable(NAME, "stream", text)
                     }
