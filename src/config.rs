@@ -299,8 +299,10 @@ impl Config {
                 &mut sinks.nats.token,
             ),
         ] {
-            *secret = match var(env) {
-                Some(v) => Some(Secret(v.trim().to_owned())),
+            // Set but empty is refused, as above: unset is how to say "no secret", and an
+            // empty value silently replacing the file's is a mistake to name.
+            *secret = match non_empty(env, field)? {
+                Some(v) => Some(Secret(v)),
                 None => match path {
                     Some(path) => Some(Secret(read_secret_file(file, field, path)?)),
                     None => None,
@@ -577,6 +579,35 @@ mod tests {
         config.polygon.api_key_file = Some(dir.path().join("missing"));
         let err = config.apply_env("t", |_| None).unwrap_err();
         assert_eq!(err.location, "field `polygon.api_key_file`");
+    }
+
+    #[test]
+    fn a_sink_secret_set_but_empty_is_refused_and_named_and_otherwise_overrides_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pw");
+        std::fs::write(&file, "from-file\n").unwrap();
+        let toml = format!("[sinks.postgres]\npassword_file = {:?}\n", file.display().to_string());
+        let config = Config::parse("t", &toml).unwrap();
+        for (value, expected) in [(None, "from-file"), (Some(" from-env "), "from-env")] {
+            let mut c = config.clone();
+            c.apply_env("t", |n| {
+                value.filter(|_| n == "TICKVAULT_POSTGRES_PASSWORD").map(str::to_owned)
+            })
+            .unwrap();
+            assert_eq!(c.sinks.postgres.password.as_ref().unwrap().0, expected);
+        }
+        for env in [
+            "TICKVAULT_POSTGRES_PASSWORD",
+            "TICKVAULT_CLICKHOUSE_PASSWORD",
+            "TICKVAULT_NATS_TOKEN",
+        ] {
+            let mut c = config.clone();
+            let err = c
+                .apply_env("t", |n| (n == env).then(|| " ".to_owned()))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(env) && err.contains("set but empty"), "{err}");
+        }
     }
 
     #[test]
