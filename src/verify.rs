@@ -39,7 +39,7 @@ use crate::sink::clickhouse::ClickHouseSink;
 use crate::sink::nats::NatsSink;
 use crate::sink::postgres::PostgresSink;
 use crate::sink::GroupCount;
-use index::{GroupDayId, GroupNames, KeyIndex, Source};
+use index::{From, GroupDayId, GroupNames, KeyIndex, Source};
 
 const DAY_MS: i64 = 86_400_000;
 
@@ -187,7 +187,6 @@ pub async fn verify(config: &Config, data_dir: &Path) -> anyhow::Result<Report> 
     let reader = Wal::open_read_only(data_dir)?;
     let mut log_events = 0u64;
     let mut first_live_capture_ns = i64::MAX;
-    let mut failed = None;
     for lane in FORWARDED_LANES {
         let index_of_lane = lane_index(lane) as u8;
         let last = reader.last_seq(lane)?.unwrap_or(0);
@@ -211,26 +210,16 @@ pub async fn verify(config: &Config, data_dir: &Path) -> anyhow::Result<Report> 
                 key.kind.name(),
                 key.timeframe.as_str(),
             );
-            let added = index.add(
-                Source::Log,
+            index.add(
                 names,
-                key.ts_ms / DAY_MS,
                 key.ts_ms,
                 key.ordinal,
-                index_of_lane,
-                seq,
-            );
-            match added {
-                Ok(()) => true,
-                Err(e) => {
-                    failed = Some(e);
-                    false
-                }
-            }
+                From::Log {
+                    lane: index_of_lane,
+                    seq,
+                },
+            )
         })?;
-        if let Some(e) = failed.take() {
-            return Err(e.context("writing verify's scratch index"));
-        }
     }
     let mut first_retained = BTreeMap::new();
     for lane in FORWARDED_LANES {
@@ -396,30 +385,20 @@ async fn postgres_counts(config: &Config, log_id: &str) -> Holdings {
 }
 
 /// The stream's messages go through `index` (a message's key may be anywhere in the
-/// stream): `Err` only when the index itself failed.
+/// stream): `Err` only when the index itself failed (its walk says so).
 async fn nats_counts(config: &Config, index: &mut KeyIndex) -> anyhow::Result<Holdings> {
     let mut sink = NatsSink::new(&config.sinks.nats);
-    let mut failed = None;
     let scanned = sink
         .scan(|row| {
-            if failed.is_some() {
-                return;
-            }
             let names = (
                 row.feed.as_str(),
                 row.symbol.as_str(),
                 row.kind.as_str(),
                 row.timeframe.as_str(),
             );
-            let day = row.ts_ms / DAY_MS;
-            if let Err(e) = index.add(Source::Stream, names, day, row.ts_ms, row.ordinal, 0, 0) {
-                failed = Some(e);
-            }
+            index.add(names, row.ts_ms, row.ordinal, From::Stream);
         })
         .await;
-    if let Some(e) = failed {
-        return Err(e.context("writing verify's scratch index"));
-    }
     if let Err(e) = scanned {
         return Ok(Err(e.to_string()));
     }

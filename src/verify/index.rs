@@ -18,14 +18,27 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use anyhow::Context;
+use anyhow::Context as _;
 use rocksdb::{DBRawIterator, Options, WriteBatch, WriteOptions, DB};
 
-/// Where an entry came from: the log, or the JetStream stream.
+use super::DAY_MS;
+
+/// Which entries to walk: the log's, or the JetStream stream's.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Source {
     Log = 0,
     Stream = 1,
+}
+
+/// Where an entry came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum From {
+    /// The log: the lane's index (in `FORWARDED_LANES`) and the event's sequence there.
+    Log {
+        lane: u8,
+        seq: u64,
+    },
+    Stream,
 }
 
 /// A group's four names: feed, symbol, kind, timeframe.
@@ -41,9 +54,13 @@ pub struct KeyIndex {
     db: DB,
     groups: HashMap<GroupNames, u32>,
     names: Vec<GroupNames>,
+    /// The group of the last entry added.
+    last_group: Option<u32>,
     batch: WriteBatch,
     /// Entries added so far; also what keeps two stream entries of one key apart.
     entries: u64,
+    /// The first failed write: later adds do nothing, and `walk` returns it.
+    failed: Option<anyhow::Error>,
     // Dropped after `db`: RocksDB closes before its directory goes.
     _dir: tempfile::TempDir,
 }
@@ -71,28 +88,40 @@ impl KeyIndex {
             db,
             groups: HashMap::new(),
             names: Vec::new(),
+            last_group: None,
             batch: WriteBatch::default(),
             entries: 0,
+            failed: None,
             _dir: dir,
         })
     }
 
     /// The number of `names`, numbering it if it is new.
     fn group_id(&mut self, feed: &str, symbol: &str, kind: &str, timeframe: &str) -> u32 {
-        // The owned key costs four small allocations per entry: the event itself was just
-        // decoded with as many.
+        // Entries mostly come in runs of one group (a backfill's chunk, a symbol's
+        // burst): the last one is checked first, without building an owned key.
+        if let Some(last) = self.last_group {
+            let (f, s, k, t) = &self.names[last as usize];
+            if (f.as_str(), s.as_str(), k.as_str(), t.as_str()) == (feed, symbol, kind, timeframe) {
+                return last;
+            }
+        }
         let names = (
             feed.to_owned(),
             symbol.to_owned(),
             kind.to_owned(),
             timeframe.to_owned(),
         );
-        if let Some(id) = self.groups.get(&names) {
-            return *id;
-        }
-        let id = self.names.len() as u32;
-        self.names.push(names.clone());
-        self.groups.insert(names, id);
+        let id = match self.groups.get(&names) {
+            Some(id) => *id,
+            None => {
+                let id = self.names.len() as u32;
+                self.names.push(names.clone());
+                self.groups.insert(names, id);
+                id
+            }
+        };
+        self.last_group = Some(id);
         id
     }
 
@@ -101,43 +130,49 @@ impl KeyIndex {
         &self.names
     }
 
-    /// Adds one entry. For the log, `tag` is the lane's index and `seq` the event's
-    /// sequence in it; for the stream both may be anything (entries are kept apart).
-    #[allow(clippy::too_many_arguments)]
+    /// Adds one entry for the natural key `names`, `ts_ms`, `ordinal` (its day is
+    /// `ts_ms / DAY_MS`, as the sinks' queries count it). Returns false once a write to
+    /// the index has failed: what is added after that is dropped, and `walk` returns the
+    /// error.
     pub fn add(
         &mut self,
-        source: Source,
         (feed, symbol, kind, timeframe): (&str, &str, &str, &str),
-        day: i64,
         ts_ms: i64,
         ordinal: u32,
-        tag: u8,
-        seq: u64,
-    ) -> anyhow::Result<()> {
+        from: From,
+    ) -> bool {
+        if self.failed.is_some() {
+            return false;
+        }
         let group = self.group_id(feed, symbol, kind, timeframe);
         let mut key = [0u8; KEY_LEN];
-        key[0] = source as u8;
         key[1..5].copy_from_slice(&group.to_be_bytes());
-        key[5..13].copy_from_slice(&sortable(day));
+        key[5..13].copy_from_slice(&sortable(ts_ms / DAY_MS));
         key[13..21].copy_from_slice(&sortable(ts_ms));
         key[21..25].copy_from_slice(&ordinal.to_be_bytes());
+        let (source, tag, suffix) = match from {
+            From::Log { lane, seq } => (Source::Log, lane, seq),
+            // Nothing names a stream entry but its key: the count keeps copies apart.
+            From::Stream => (Source::Stream, 0, self.entries),
+        };
+        key[0] = source as u8;
         key[25] = tag;
-        let suffix = if source == Source::Stream { self.entries } else { seq };
         key[26..34].copy_from_slice(&suffix.to_be_bytes());
         self.batch.put(key, []);
         self.entries += 1;
         if self.batch.len() >= BATCH {
-            self.flush()?;
+            self.flush();
         }
-        Ok(())
+        self.failed.is_none()
     }
 
-    fn flush(&mut self) -> anyhow::Result<()> {
+    fn flush(&mut self) {
         let mut options = WriteOptions::default();
         // Scratch: nothing here needs to outlive the process.
         options.disable_wal(true);
-        self.db.write_opt(std::mem::take(&mut self.batch), &options)?;
-        Ok(())
+        if let Err(e) = self.db.write_opt(std::mem::take(&mut self.batch), &options) {
+            self.failed = Some(anyhow::Error::new(e).context("writing verify's scratch index"));
+        }
     }
 
     /// Walks `source`'s entries in key order, one natural key at a time: `visit` gets
@@ -146,7 +181,10 @@ impl KeyIndex {
     /// (a group's days together), keys within them in order.
     pub fn walk(&mut self, source: Source, mut visit: impl FnMut(GroupDayId, NaturalKeyEntries)) -> anyhow::Result<()> {
         if !self.batch.is_empty() {
-            self.flush()?;
+            self.flush();
+        }
+        if let Some(e) = self.failed.take() {
+            return Err(e);
         }
         let mut iter: DBRawIterator = self.db.raw_iterator();
         iter.seek([source as u8]);
@@ -257,16 +295,17 @@ mod tests {
     fn the_walk_gives_each_key_once_with_its_first_sequence_per_lane() -> anyhow::Result<()> {
         let mut index = KeyIndex::new()?;
         // Added out of order, as a log's lanes and a backfill's chunks do.
-        index.add(Source::Log, EUR, 19_000, 1_641_600_060_000, 0, 1, 40)?;
-        index.add(Source::Log, BTC, 20_000, 1_728_000_000_500, 1, 0, 7)?;
-        index.add(Source::Log, BTC, 20_000, 1_728_000_000_500, 0, 0, 9)?;
-        index.add(Source::Log, BTC, 20_000, 1_728_000_000_500, 0, 0, 3)?;
-        index.add(Source::Log, BTC, 20_000, 1_728_000_000_500, 0, 1, 12)?;
-        index.add(Source::Log, EUR, 19_000, 1_641_600_000_000, 0, 1, 41)?;
-        index.add(Source::Log, BTC, -3, -200_000_000, 0, 0, 1)?;
+        let log = |lane, seq| From::Log { lane, seq };
+        assert!(index.add(EUR, 1_641_600_060_000, 0, log(1, 40)));
+        assert!(index.add(BTC, 1_728_000_000_500, 1, log(0, 7)));
+        assert!(index.add(BTC, 1_728_000_000_500, 0, log(0, 9)));
+        assert!(index.add(BTC, 1_728_000_000_500, 0, log(0, 3)));
+        assert!(index.add(BTC, 1_728_000_000_500, 0, log(1, 12)));
+        assert!(index.add(EUR, 1_641_600_000_000, 0, log(1, 41)));
+        assert!(index.add(BTC, -3 * DAY_MS, 0, log(0, 1)));
         // The stream's entries never mix with the log's.
-        index.add(Source::Stream, BTC, 20_000, 1_728_000_000_500, 0, 0, 0)?;
-        index.add(Source::Stream, BTC, 20_000, 1_728_000_000_500, 0, 0, 0)?;
+        assert!(index.add(BTC, 1_728_000_000_500, 0, From::Stream));
+        assert!(index.add(BTC, 1_728_000_000_500, 0, From::Stream));
 
         let mut seen = Vec::new();
         index.walk(Source::Log, |g, e| seen.push((g, e)))?;
@@ -301,8 +340,16 @@ mod tests {
         // Every key twice, in two lanes, written in reverse.
         for i in (0..n).rev() {
             let ts = i as i64 * 1_000;
-            index.add(Source::Log, BTC, ts / 86_400_000, ts, 0, 0, i + 1)?;
-            index.add(Source::Log, BTC, ts / 86_400_000, ts, 0, 1, n + i + 1)?;
+            assert!(index.add(BTC, ts, 0, From::Log { lane: 0, seq: i + 1 }));
+            assert!(index.add(
+                BTC,
+                ts,
+                0,
+                From::Log {
+                    lane: 1,
+                    seq: n + i + 1
+                }
+            ));
         }
         let (mut keys, mut last_ts_seq) = (0u64, 0u64);
         index.walk(Source::Log, |_, e| {
