@@ -36,15 +36,31 @@ as_user() { # user, command...: run as another user, from root or through sudo
     if [ "$(id -u)" -eq 0 ]; then runuser -u "$user" -- "$@"; else sudo -u "$user" "$@"; fi
 }
 
-wait_for() { # name, tries (0.25 s each), command...
-    local name=$1 tries=$2
-    shift 2
-    for _ in $(seq "$tries"); do
-        if "$@" >/dev/null 2>&1; then return 0; fi
+# Waits until a server answers, for as long as the process that `up` started for it is
+# alive, at most LIMIT seconds, saying every 15 s that it is still waiting: ClickHouse 18.16
+# loads every part of every table before it listens, which took 2 minutes here with 450
+# parts on disk. A server that exits while starting is reported at once, with the end of
+# its log.
+wait_for() { # name, limit in seconds, pid ("" when `up` did not start it itself), log, command...
+    local name=$1 limit=$2 pid=$3 log=$4 waited=0 ticks=0
+    shift 4
+    while ! "$@" >/dev/null 2>&1; do
+        if [ -n "$pid" ] && ! ps -o stat= -p "$pid" 2>/dev/null | grep -qv Z; then
+            say "$name exited while starting; the end of $log:"
+            tail -n 20 "$log" >&2 || true
+            return 1
+        fi
+        if [ "$waited" -ge "$limit" ]; then
+            say "$name did not answer within $limit s; its log is $log"
+            return 1
+        fi
         sleep 0.25
+        ticks=$((ticks + 1))
+        if [ $((ticks % 4)) -eq 0 ]; then
+            waited=$((waited + 1))
+            if [ $((waited % 15)) -eq 0 ]; then say "$name: still starting after $waited s"; fi
+        fi
     done
-    say "$name did not answer; its log is in $STATE"
-    return 1
 }
 
 install_missing() {
@@ -105,7 +121,7 @@ start_postgres() {
         $sudo pg_ctlcluster "$version" main start
         touch "$STATE/postgresql.started"
         echo "$version" >"$STATE/postgresql.version"
-        wait_for postgresql 120 pg_up
+        wait_for postgresql 120 "" "/var/log/postgresql/postgresql-$version-main.log" pg_up
         say "postgresql $version: started on 127.0.0.1:5432"
     fi
     # The role and database config/local-sinks.toml names; tests create their own databases.
@@ -142,7 +158,7 @@ start_nats() {
     ram_dir "$STATE/nats"
     setsid nohup nats-server -a 127.0.0.1 -p 4222 -m 8222 -js -sd "$STATE/nats" \
         -P "$STATE/nats.pid" >"$STATE/nats.log" 2>&1 </dev/null &
-    wait_for nats 120 nats_up
+    wait_for nats 120 $! "$STATE/nats.log" nats_up
     touch "$STATE/nats.started"
     say "nats: started with JetStream on 127.0.0.1:4222 (monitoring 8222)"
 }
@@ -158,7 +174,7 @@ start_clickhouse() {
         ram_dir /var/lib/clickhouse
         as_user clickhouse setsid nohup clickhouse-server --config-file=/etc/clickhouse-server/config.xml \
             --pid-file="$CH_PID" >"$STATE/clickhouse.log" 2>&1 </dev/null &
-        wait_for clickhouse 240 ch_up
+        wait_for clickhouse 900 $! /var/log/clickhouse-server/clickhouse-server.err.log ch_up
         touch "$STATE/clickhouse.started"
         say "clickhouse $(curl -fsS 'http://127.0.0.1:8123/?query=SELECT%20version()'): started on 127.0.0.1:8123"
     fi
@@ -178,9 +194,14 @@ down() {
         # Run in the foreground, the server writes no pid file: find it by the command line
         # `up` gave it.
         $sudo pkill -f -- "--pid-file=$CH_PID" 2>/dev/null || true
-        for _ in $(seq 40); do pgrep -f -- "--pid-file=$CH_PID" >/dev/null || break; sleep 0.25; done
-        rm -f "$STATE/clickhouse.started"
-        say "clickhouse: stopped"
+        # It finishes what it is writing first: give it up to 2 minutes.
+        for _ in $(seq 480); do pgrep -f -- "--pid-file=$CH_PID" >/dev/null || break; sleep 0.25; done
+        if pgrep -f -- "--pid-file=$CH_PID" >/dev/null; then
+            say "clickhouse: still stopping after 2 minutes; run \`down\` again later"
+        else
+            rm -f "$STATE/clickhouse.started"
+            say "clickhouse: stopped"
+        fi
     fi
     if [ -f "$STATE/nats.started" ]; then
         if [ -f "$STATE/nats.pid" ]; then
