@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Installs the Debian packages tickvault's build needs, if they are missing.
-# RocksDB's Rust bindings are generated with bindgen, which needs libclang; TLS to
-# Polygon uses the system OpenSSL.
+# RocksDB's Rust bindings are generated with bindgen, which needs libclang; its C++ is
+# compiled with clang (.cargo/config.toml; faster than g++, whose libstdc++ it uses); TLS
+# to Polygon uses the system OpenSSL.
 set -euo pipefail
 
 need=()
-for pkg in libclang-dev g++ pkg-config libssl-dev; do
+for pkg in libclang-dev clang g++ pkg-config libssl-dev; do
     dpkg -s "$pkg" >/dev/null 2>&1 || need+=("$pkg")
 done
 if [ ${#need[@]} -gt 0 ]; then
