@@ -42,7 +42,7 @@ as_user() { # user, command...: run as another user, from root or through sudo
 # parts on disk. A server that exits while starting is reported at once, with the end of
 # its log.
 wait_for() { # name, limit in seconds, pid ("" when `up` did not start it itself), log, command...
-    local name=$1 limit=$2 pid=$3 log=$4 waited=0 ticks=0
+    local name=$1 limit=$2 pid=$3 log=$4 start=$SECONDS next=15
     shift 4
     while ! "$@" >/dev/null 2>&1; do
         if [ -n "$pid" ] && ! ps -o stat= -p "$pid" 2>/dev/null | grep -qv Z; then
@@ -50,16 +50,15 @@ wait_for() { # name, limit in seconds, pid ("" when `up` did not start it itself
             tail -n 20 "$log" >&2 || true
             return 1
         fi
-        if [ "$waited" -ge "$limit" ]; then
+        if [ $((SECONDS - start)) -ge "$limit" ]; then
             say "$name did not answer within $limit s; its log is $log"
             return 1
         fi
-        sleep 0.25
-        ticks=$((ticks + 1))
-        if [ $((ticks % 4)) -eq 0 ]; then
-            waited=$((waited + 1))
-            if [ $((waited % 15)) -eq 0 ]; then say "$name: still starting after $waited s"; fi
+        if [ $((SECONDS - start)) -ge "$next" ]; then
+            say "$name: still starting after $next s"
+            next=$((next + 15))
         fi
+        sleep 0.25
     done
 }
 
@@ -80,6 +79,7 @@ install_missing() {
 pg_up() { pg_isready -q -h 127.0.0.1 -p 5432; }
 nats_up() { curl -fs -o /dev/null http://127.0.0.1:8222/healthz?js-enabled-only=true; }
 ch_up() { curl -fs -o /dev/null http://127.0.0.1:8123/ping; }
+ch_running() { pgrep -f -- "--pid-file=$CH_PID" >/dev/null; } # the server `up` started
 
 # With TICKVAULT_SERVICES_RAM=1: mounts a tmpfs on DIR, holding what DIR held, owned as
 # DIR was; remembered so that `down` unmounts it once its server has stopped.
@@ -195,8 +195,8 @@ down() {
         # `up` gave it.
         $sudo pkill -f -- "--pid-file=$CH_PID" 2>/dev/null || true
         # It finishes what it is writing first: give it up to 2 minutes.
-        for _ in $(seq 480); do pgrep -f -- "--pid-file=$CH_PID" >/dev/null || break; sleep 0.25; done
-        if pgrep -f -- "--pid-file=$CH_PID" >/dev/null; then
+        for _ in $(seq 480); do ch_running || break; sleep 0.25; done
+        if ch_running; then
             say "clickhouse: still stopping after 2 minutes; run \`down\` again later"
         else
             rm -f "$STATE/clickhouse.started"
