@@ -77,8 +77,10 @@ install_missing() {
 }
 
 pg_up() { pg_isready -q -h 127.0.0.1 -p 5432; }
-nats_up() { curl -fs -o /dev/null http://127.0.0.1:8222/healthz?js-enabled-only=true; }
-ch_up() { curl -fs -o /dev/null http://127.0.0.1:8123/ping; }
+# Each check gives up after 5 s, so a server that accepts and never answers counts as not
+# up (and wait_for's limit still holds) instead of hanging `up`.
+nats_up() { curl -fs --max-time 5 -o /dev/null http://127.0.0.1:8222/healthz?js-enabled-only=true; }
+ch_up() { curl -fs --max-time 5 -o /dev/null http://127.0.0.1:8123/ping; }
 ch_running() { pgrep -f -- "--pid-file=$CH_PID" >/dev/null; } # the server `up` started
 
 # With TICKVAULT_SERVICES_RAM=1: mounts a tmpfs on DIR, holding what DIR held, owned as
@@ -142,7 +144,7 @@ pg_database() {
     fi
 }
 ch_database() {
-    curl -fsS http://127.0.0.1:8123/ --data-binary 'CREATE DATABASE IF NOT EXISTS tickvault' >/dev/null
+    curl -fsS --max-time 60 http://127.0.0.1:8123/ --data-binary 'CREATE DATABASE IF NOT EXISTS tickvault' >/dev/null
 }
 
 start_nats() {
@@ -176,7 +178,7 @@ start_clickhouse() {
             --pid-file="$CH_PID" >"$STATE/clickhouse.log" 2>&1 </dev/null &
         wait_for clickhouse 900 $! /var/log/clickhouse-server/clickhouse-server.err.log ch_up
         touch "$STATE/clickhouse.started"
-        say "clickhouse $(curl -fsS 'http://127.0.0.1:8123/?query=SELECT%20version()'): started on 127.0.0.1:8123"
+        say "clickhouse $(curl -fsS --max-time 10 'http://127.0.0.1:8123/?query=SELECT%20version()'): started on 127.0.0.1:8123"
     fi
     ch_database
 }
@@ -256,7 +258,7 @@ reset() {
         say "reset: every server must be up first (scripts/services.sh up)"
         return 1
     fi
-    curl -fsS http://127.0.0.1:8123/ --data-binary 'DROP DATABASE IF EXISTS tickvault' >/dev/null
+    curl -fsS --max-time 60 http://127.0.0.1:8123/ --data-binary 'DROP DATABASE IF EXISTS tickvault' >/dev/null
     ch_database
     say "clickhouse: database tickvault emptied"
     as_user postgres dropdb --if-exists --force tickvault
