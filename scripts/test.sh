@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command (README): installs what is needed, then runs every check and test.
-# Everything runs on the release profile, so RocksDB's C++ is compiled once (45-50 min on
-# two cores from a clean checkout) and reused by the tests, the demo and the benchmarks.
+# Everything runs on the release profile, so RocksDB's C++ is compiled once (20-45 min on
+# two cores from a clean checkout, see the README) and reused by the tests, the demo and
+# the benchmarks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh

@@ -45,6 +45,24 @@ pub struct Target {
     pub stream: String,
 }
 
+/// A test that passed leaves nothing in the servers (a ClickHouse that has gathered
+/// hundreds of parts from earlier runs takes minutes to start); one that failed leaves
+/// its databases and stream to be looked at, until its next run drops them.
+impl Drop for Target {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "left for inspection: databases {0} and stream {1}",
+                self.name, self.stream
+            );
+            return;
+        }
+        if let Err(e) = self.drop_all() {
+            eprintln!("could not drop {} after the test: {e}", self.name);
+        }
+    }
+}
+
 fn clickhouse() -> clickhouse::Client {
     clickhouse::Client::default()
         .with_url("http://127.0.0.1:8123")
@@ -70,11 +88,16 @@ impl Target {
             name: format!("tv_{test}"),
             stream: format!("TV_{}", test.to_uppercase()),
         };
-        let mut config = tickvault::config::Config::parse("(test)", &t.sinks_toml(4222)).unwrap();
-        config.sinks.postgres.password = Some(tickvault::config::Secret::new(PG_PASSWORD));
-        rt().block_on(tickvault::sink::admin::drop_targets(&config.sinks))
+        t.drop_all()
             .unwrap_or_else(|e| panic!("{e} (are the servers up? scripts/services.sh up)"));
         t
+    }
+
+    /// Drops the test's databases and deletes its stream on the shared servers.
+    fn drop_all(&self) -> Result<(), tickvault::sink::SinkError> {
+        let mut config = tickvault::config::Config::parse("(test)", &self.sinks_toml(4222)).unwrap();
+        config.sinks.postgres.password = Some(tickvault::config::Secret::new(PG_PASSWORD));
+        rt().block_on(tickvault::sink::admin::drop_targets(&config.sinks))
     }
 
     /// The `[sinks]` part of a config sending everything to this target.
