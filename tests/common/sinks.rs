@@ -39,7 +39,8 @@ impl Ports {
 }
 
 /// Where one test's events go: database `tv_<test>` in ClickHouse and PostgreSQL, stream
-/// `TV_<TEST>` on subjects `tv_<test>.>` in JetStream. Emptied when made.
+/// `TV_<TEST>` on subjects `tv_<test>.>` in JetStream. Emptied when made, dropped at
+/// the end of a test that passed.
 pub struct Target {
     pub name: String,
     pub stream: String,
