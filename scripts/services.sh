@@ -143,9 +143,10 @@ pg_database() {
         as_user postgres createdb -O tickvault tickvault
     fi
 }
-ch_database() {
-    curl -fsS --max-time 60 http://127.0.0.1:8123/ --data-binary 'CREATE DATABASE IF NOT EXISTS tickvault' >/dev/null
+ch_sql() { # statement: run on the ClickHouse `up` reaches, giving up after 60 s
+    curl -fsS --max-time 60 http://127.0.0.1:8123/ --data-binary "$1" >/dev/null
 }
+ch_database() { ch_sql 'CREATE DATABASE IF NOT EXISTS tickvault'; }
 
 start_nats() {
     if nats_up; then
@@ -258,7 +259,7 @@ reset() {
         say "reset: every server must be up first (scripts/services.sh up)"
         return 1
     fi
-    curl -fsS --max-time 60 http://127.0.0.1:8123/ --data-binary 'DROP DATABASE IF EXISTS tickvault' >/dev/null
+    ch_sql 'DROP DATABASE IF EXISTS tickvault'
     ch_database
     say "clickhouse: database tickvault emptied"
     as_user postgres dropdb --if-exists --force tickvault
