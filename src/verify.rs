@@ -375,7 +375,7 @@ fn holdings(counts: Vec<GroupCount>) -> HashMap<GroupDay, Held> {
 }
 
 async fn clickhouse_counts(config: &Config) -> Holdings {
-    let sink = ClickHouseSink::new(&config.sinks.clickhouse);
+    let mut sink = ClickHouseSink::new(&config.sinks.clickhouse);
     Ok(holdings(sink.group_counts().await.map_err(|e| e.to_string())?))
 }
 

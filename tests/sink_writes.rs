@@ -15,7 +15,7 @@ use tickvault_wal::Lane;
 mod common;
 
 use common::proxy::Proxy;
-use common::sinks::{rt, Target, PG_PASSWORD};
+use common::sinks::{clickhouse, postgres, rt, Target, PG_PASSWORD};
 
 /// Events of BTC-USD at log positions `from..to`, a quote, a trade and a minute bar in
 /// turn (ClickHouse keeps a table per kind).
@@ -370,4 +370,124 @@ fn nats_refuses_a_stream_whose_subjects_another_stream_takes_and_names_the_setti
         let js = own.context().await.unwrap().clone();
         js.delete_stream(&second.stream).await.unwrap();
     });
+}
+
+/// The refusal of a table or stream that was there already: not retriable (the runner
+/// holds its cursor and logs an error), and the error names what to change.
+fn assert_refused(e: &tickvault::sink::SinkError, parts: &[&str]) {
+    assert!(!e.retriable, "{e}");
+    let text = e.to_string();
+    for part in parts {
+        assert!(text.contains(part), "{part} not in: {text}");
+    }
+}
+
+/// A table of ours made before as a plain MergeTree would keep every replayed copy:
+/// refused, naming the engine and the setting; once it is dropped, the same sink makes
+/// its own and writes.
+#[test]
+fn clickhouse_refuses_a_table_of_its_name_that_would_keep_copies() {
+    let target = Target::new("ch_foreign_table");
+    let config = config(&target).sinks.clickhouse;
+    rt().block_on(async {
+        let ch = clickhouse();
+        let db = &target.name;
+        for sql in [
+            format!("CREATE DATABASE {db}"),
+            format!(
+                "CREATE TABLE {db}.events_trades (feed String, symbol String, timeframe String, ts_ms Int64, \
+                 ordinal UInt32, seq UInt64, lane String, captured_at_ns Int64, price Float64, size Float64, \
+                 exchange Nullable(Int32), trade_id Nullable(String), conditions Array(Int32)) \
+                 ENGINE = MergeTree ORDER BY (feed, symbol, timeframe, ts_ms, ordinal)"
+            ),
+        ] {
+            ch.query(&sql).execute().await.unwrap();
+        }
+        let mut sink = ClickHouseSink::new(&config);
+        let e = sink.write(&events(0, 30)).await.expect_err("a MergeTree of our name");
+        assert_refused(&e, &["events_trades", "is a MergeTree", "sinks.clickhouse.table"]);
+        let e = sink
+            .group_counts()
+            .await
+            .expect_err("verify reads it no more than a write");
+        assert_refused(&e, &["events_trades", "is a MergeTree"]);
+
+        ch.query(&format!("DROP TABLE {db}.events_trades"))
+            .execute()
+            .await
+            .unwrap();
+        send(&mut sink, &[events(0, 30), events(0, 30)]).await;
+        assert_eq!(held(&sink.group_counts().await.unwrap()), (30, 30));
+    });
+}
+
+/// Distinct keys and rows a sink holds, over its groups and days (what `verify` reads).
+fn held(counts: &[tickvault::sink::GroupCount]) -> (u64, u64) {
+    counts.iter().fold((0, 0), |(k, r), c| (k + c.keys, r + c.rows))
+}
+
+/// An events table made before without the unique key would let the direct COPY keep
+/// every replayed copy: refused, naming the key and the setting; once the key is added,
+/// the same sink writes, and a batch sent again leaves each key once.
+#[test]
+fn postgres_refuses_an_events_table_without_the_natural_key_as_unique_key() {
+    let target = Target::new("pg_foreign_table");
+    let config = config(&target).sinks.postgres;
+    rt().block_on(async {
+        postgres("postgres")
+            .await
+            .batch_execute(&format!("CREATE DATABASE {}", target.name))
+            .await
+            .unwrap();
+        let db = postgres(&target.name).await;
+        db.batch_execute(
+            "CREATE TABLE events (
+                feed text NOT NULL, symbol text NOT NULL, kind text NOT NULL, timeframe text NOT NULL,
+                ts_ms bigint NOT NULL, ordinal bigint NOT NULL, ts timestamptz NOT NULL,
+                seq bigint NOT NULL, lane text NOT NULL, captured_at_ns bigint NOT NULL,
+                bid double precision, ask double precision, bid_size double precision,
+                ask_size double precision, price double precision, size double precision,
+                open double precision, high double precision, low double precision,
+                close double precision, volume double precision, vwap double precision,
+                trades bigint, exchange integer, trade_id text, conditions integer[] NOT NULL)",
+        )
+        .await
+        .unwrap();
+        let mut sink = PostgresSink::new(&config, "test-log");
+        let e = sink.write(&events(0, 30)).await.expect_err("no unique key");
+        assert_refused(&e, &["table events", "unique key", "sinks.postgres.table"]);
+
+        db.batch_execute("ALTER TABLE events ADD PRIMARY KEY (symbol, feed, kind, timeframe, ts_ms, ordinal, ts)")
+            .await
+            .unwrap();
+        send(&mut sink, &[events(0, 30), events(0, 30)]).await;
+        assert_eq!(held(&sink.group_counts().await.unwrap()), (30, 30));
+    });
+}
+
+/// A stream of our name made before for other subjects would answer every publish
+/// with "no stream found": refused, naming its subjects and the setting; once our
+/// subjects are added to it, the same sink publishes.
+#[test]
+fn nats_refuses_a_stream_of_its_name_that_does_not_take_its_subjects() {
+    let target = Target::new("nats_foreign_stream");
+    let nats = config(&target).sinks.nats;
+    rt().block_on(async {
+        let client = async_nats::connect("nats://127.0.0.1:4222").await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        let mut stream = async_nats::jetstream::stream::Config {
+            name: target.stream.clone(),
+            subjects: vec!["tv_other.>".into()],
+            ..Default::default()
+        };
+        js.create_stream(stream.clone()).await.unwrap();
+        let mut sink = NatsSink::new(&nats);
+        let e = sink.write(&events(0, 30)).await.expect_err("not our subjects");
+        assert_refused(&e, &["[tv_other.>]", "tv_nats_foreign_stream.>", "sinks.nats.stream"]);
+
+        stream.subjects.push(format!("{}.>", target.name));
+        js.update_stream(stream).await.unwrap();
+        send(&mut sink, &[events(0, 30)]).await;
+    });
+    assert_stream_holds_each_key_once(&target, 30);
 }

@@ -18,7 +18,7 @@
 
 use super::config::ClickHouseConfig;
 use super::{Batch, GroupCount, Row, Sink, SinkError};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::event::EventKind as Kind;
 
@@ -73,6 +73,7 @@ impl ClickHouseSink {
         }
         let key = "feed String, symbol String, timeframe String, ts_ms Int64, ordinal UInt32, \
                    seq UInt64, lane String, captured_at_ns Int64";
+        let order = SORTING_KEY.join(", ");
         let mut ddl = vec![format!("CREATE DATABASE IF NOT EXISTS {}", self.database)];
         for (kind, columns) in [
             (
@@ -95,14 +96,54 @@ impl ClickHouseSink {
                 "CREATE TABLE IF NOT EXISTS {} ({key}, {columns})
                  ENGINE = ReplacingMergeTree(seq)
                  PARTITION BY toYYYYMM(toDate(toDateTime(intDiv(ts_ms, 1000))))
-                 ORDER BY (feed, symbol, timeframe, ts_ms, ordinal)",
+                 ORDER BY ({order})",
                 self.qualified(kind)
             ));
         }
         for sql in ddl {
             self.client.query(&sql).execute().await.map_err(classify)?;
         }
+        self.check_tables().await?;
         self.prepared = true;
+        Ok(())
+    }
+
+    /// Refuses tables of our names that were there before and would not keep each event
+    /// once (`CREATE TABLE IF NOT EXISTS` leaves them as they are): made by someone
+    /// else, or by hand, as a plain MergeTree (every replayed copy kept) or ordered by
+    /// other columns (copies kept, or distinct events folded into one).
+    async fn check_tables(&self) -> Result<(), SinkError> {
+        let tables = self
+            .client
+            .query("SELECT name, engine, sorting_key FROM system.tables WHERE database = ?")
+            .bind(&self.database)
+            .fetch_all::<TableShape>()
+            .await
+            .map_err(classify)?;
+        for kind in KINDS {
+            let name = format!("{}_{}", self.table, table(kind));
+            let Some(shape) = tables.iter().find(|t| t.name == name) else {
+                // Dropped under us since the DDL: the next attempt makes it again.
+                return Err(SinkError::retriable(
+                    NAME,
+                    "table",
+                    format!("{}.{name} is gone", self.database),
+                ));
+            };
+            if let Some(problem) = shape.problem() {
+                return Err(SinkError::fatal(
+                    NAME,
+                    "table",
+                    format!(
+                        "{}.{name} was there already and {problem}: each event would not be kept once; \
+                         tickvault makes a ReplacingMergeTree(seq) ordered by ({}). Rename or drop that table, \
+                         or set sinks.clickhouse.table to another prefix",
+                        self.database,
+                        SORTING_KEY.join(", ")
+                    ),
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -122,7 +163,10 @@ impl ClickHouseSink {
     }
 
     /// Distinct natural keys and rows per group and day, for `verify`.
-    pub async fn group_counts(&self) -> Result<Vec<GroupCount>, SinkError> {
+    pub async fn group_counts(&mut self) -> Result<Vec<GroupCount>, SinkError> {
+        // As a write would: tables made if missing (none held yet), and refused if they
+        // cannot keep each event once.
+        self.prepare().await?;
         let mut out = Vec::new();
         for kind in KINDS {
             let sql = format!(
@@ -167,6 +211,33 @@ impl ClickHouseSink {
             self.insert(Kind::Bar, &bars),
         );
         quotes.and(trades).and(bars)
+    }
+}
+
+/// The natural key, the order of every table: a ReplacingMergeTree keeps one row per
+/// value of it.
+const SORTING_KEY: [&str; 5] = ["feed", "symbol", "timeframe", "ts_ms", "ordinal"];
+
+/// A table as `system.tables` describes it (columns both 18.16 and current releases have).
+#[derive(Debug, Deserialize, clickhouse::Row)]
+struct TableShape {
+    name: String,
+    engine: String,
+    sorting_key: String,
+}
+
+impl TableShape {
+    /// What keeps this table from holding each natural key once, if anything. Any
+    /// ReplacingMergeTree will do (`Replicated...`, `Shared...` in ClickHouse Cloud).
+    fn problem(&self) -> Option<String> {
+        let columns: Vec<&str> = self.sorting_key.split(',').map(str::trim).collect();
+        if !self.engine.ends_with("ReplacingMergeTree") {
+            Some(format!("is a {}, not a ReplacingMergeTree", self.engine))
+        } else if columns != SORTING_KEY {
+            Some(format!("is ordered by ({})", self.sorting_key))
+        } else {
+            None
+        }
     }
 }
 
@@ -346,6 +417,36 @@ fn exception_code(text: &str) -> Option<u32> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_table_keeps_each_event_once_only_as_a_replacing_merge_tree_on_the_natural_key() {
+        let shape = |engine: &str, sorting_key: &str| TableShape {
+            name: "events_bars".into(),
+            engine: engine.into(),
+            sorting_key: sorting_key.into(),
+        };
+        let key = "feed, symbol, timeframe, ts_ms, ordinal";
+        assert_eq!(shape("ReplacingMergeTree", key).problem(), None);
+        assert_eq!(shape("ReplicatedReplacingMergeTree", key).problem(), None);
+        assert_eq!(
+            shape("ReplacingMergeTree", "feed,symbol,timeframe,ts_ms,ordinal").problem(),
+            None
+        );
+        assert_eq!(
+            shape("MergeTree", key).problem().as_deref(),
+            Some("is a MergeTree, not a ReplacingMergeTree")
+        );
+        assert_eq!(
+            shape("ReplacingMergeTree", "feed, symbol, ts_ms").problem().as_deref(),
+            Some("is ordered by (feed, symbol, ts_ms)")
+        );
+        assert!(
+            shape("ReplacingMergeTree", "feed, symbol, timeframe, ts_ms, ordinal, seq")
+                .problem()
+                .is_some()
+        );
+        assert!(shape("Distributed", "").problem().is_some());
+    }
 
     #[test]
     fn exception_codes_are_read_from_old_and_new_servers() {

@@ -252,11 +252,53 @@ impl NatsSink {
                         SinkError::retriable(NAME, "stream", text)
                     }
                 })?;
+            self.check_stream(&stream.cached_info().config)?;
             self.stream_seq = self.stream_seq.max(stream.cached_info().state.last_sequence);
             self.stream_seen = true;
             self.context = Some(context);
         }
         Ok(self.context.as_ref().expect("connected above"))
+    }
+
+    /// A stream of our name that was there before is taken as it is: refused if it does
+    /// not take our subjects (every publish would fail with "no stream found"), and
+    /// named in a warning where it keeps less than the config asks (in memory only, or a
+    /// shorter duplicate window).
+    fn check_stream(&self, found: &stream::Config) -> Result<(), SinkError> {
+        // What the sink publishes: `<prefix>.<lane>.<symbol>.<timeframe>`.
+        let published = format!("{}.*.*.*", self.config.subject_prefix);
+        if !found.subjects.iter().any(|s| subject_covers(s, &published)) {
+            return Err(SinkError::fatal(
+                NAME,
+                "stream",
+                format!(
+                    "stream {} was there already with subjects [{}], which do not take what tickvault \
+                     publishes ({}.<lane>.<symbol>.<timeframe>): add {} to its subjects, or set \
+                     sinks.nats.stream to another name",
+                    self.config.stream,
+                    found.subjects.join(", "),
+                    self.config.subject_prefix,
+                    self.subjects()
+                ),
+            ));
+        }
+        if found.storage == stream::StorageType::Memory {
+            tracing::warn!(
+                stream = %self.config.stream,
+                "the stream was there already with memory storage: a restart of the NATS server loses \
+                 what it holds (tickvault makes its streams with file storage)"
+            );
+        }
+        if found.duplicate_window < self.config.duplicate_window {
+            tracing::warn!(
+                stream = %self.config.stream,
+                window = ?found.duplicate_window,
+                configured = ?self.config.duplicate_window,
+                "the stream was there already with a shorter duplicate window than \
+                 sinks.nats.duplicate_window: its own applies"
+            );
+        }
+        Ok(())
     }
 
     /// The JetStream context, or a retriable error at once while the client is
@@ -671,6 +713,22 @@ impl<'a> From<&'a Row> for Message<'a> {
 
 /// The messages of an ordered (ephemeral, in stream order) consumer on `stream`; `None`
 /// when no message matches it (nothing to wait for).
+/// Whether every subject `pattern` matches is also matched by `filter` (NATS
+/// wildcards: `*` one token, `>` one or more at the end).
+fn subject_covers(filter: &str, pattern: &str) -> bool {
+    let (mut filter, mut pattern) = (filter.split('.'), pattern.split('.'));
+    loop {
+        match (filter.next(), pattern.next()) {
+            (Some(">"), Some(_)) => return true,
+            (Some(_), Some(">")) => return false,
+            (Some("*"), Some(_)) => {}
+            (Some(f), Some(p)) if f == p => {}
+            (None, None) => return true,
+            _ => return false,
+        }
+    }
+}
+
 async fn ordered(
     stream: &stream::Stream,
     config: jetstream::consumer::pull::OrderedConfig,
@@ -748,6 +806,29 @@ impl Sink for NatsSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stream_takes_our_subjects_only_with_a_filter_that_covers_all_of_them() {
+        // What the sink publishes with prefix `market`.
+        let published = "market.*.*.*";
+        for filter in [">", "market.>", "*.>", "market.*.>", "market.*.*.*", "*.*.*.*"] {
+            assert!(subject_covers(filter, published), "{filter}");
+        }
+        for filter in [
+            "other.>",
+            "market",
+            "market.*",
+            "market.*.*",
+            "market.live.>",
+            "*",
+            "m.>",
+            "market.*.*.*.*",
+        ] {
+            assert!(!subject_covers(filter, published), "{filter}");
+        }
+        assert!(subject_covers("a.>", "a.b.>"));
+        assert!(!subject_covers("a.b.>", "a.>"));
+    }
 
     #[test]
     fn subjects_carry_lane_symbol_and_timeframe_with_dots_replaced() {

@@ -435,6 +435,7 @@ async fn prepare(client: &Client, config: &PostgresConfig) -> Result<(), SinkErr
         ))
         .await
         .map_err(classify)?;
+    check_unique_key(client, table).await?;
     if timescale {
         client
             .batch_execute(&format!(
@@ -456,6 +457,43 @@ async fn prepare(client: &Client, config: &PostgresConfig) -> Result<(), SinkErr
         }
     }
     Ok(())
+}
+
+/// The columns of the events table's unique key: the natural key, and `ts` (see
+/// [`prepare`]). Sorted, as the check below compares them.
+const UNIQUE_KEY: [&str; 7] = ["feed", "kind", "ordinal", "symbol", "timeframe", "ts", "ts_ms"];
+
+/// Refuses an events table that was there before without a unique index on exactly
+/// the natural key (`CREATE TABLE IF NOT EXISTS` leaves it as it is): the direct COPY
+/// relies on it to fail on a key that is there, and the merge names it in its
+/// `ON CONFLICT`, so without it every replayed copy would be kept.
+async fn check_unique_key(client: &Client, table: &str) -> Result<(), SinkError> {
+    let key: Vec<String> = UNIQUE_KEY.iter().map(|c| c.to_string()).collect();
+    let found: bool = client
+        .query_one(
+            "SELECT EXISTS (
+                SELECT 1 FROM pg_index i
+                WHERE i.indrelid = to_regclass($1) AND i.indisunique
+                  AND i.indpred IS NULL AND i.indexprs IS NULL
+                  AND (SELECT array_agg(a.attname::text ORDER BY a.attname::text) FROM pg_attribute a
+                       WHERE a.attrelid = i.indrelid AND a.attnum = ANY (i.indkey)) = $2::text[])",
+            &[&table, &key],
+        )
+        .await
+        .map_err(classify)?
+        .get(0);
+    if found {
+        return Ok(());
+    }
+    Err(SinkError::fatal(
+        NAME,
+        "table",
+        format!(
+            "table {table} was there already without a unique key on (feed, symbol, kind, timeframe, \
+             ts_ms, ordinal, ts): each event would not be kept once; tickvault makes it with that \
+             primary key. Add it, rename or drop that table, or set sinks.postgres.table to another name"
+        ),
+    ))
 }
 
 impl Sink for PostgresSink {

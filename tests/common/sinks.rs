@@ -64,13 +64,13 @@ impl Drop for Target {
     }
 }
 
-fn clickhouse() -> clickhouse::Client {
+pub fn clickhouse() -> clickhouse::Client {
     clickhouse::Client::default()
         .with_url("http://127.0.0.1:8123")
         .with_compression(clickhouse::Compression::None)
 }
 
-async fn postgres(db: &str) -> tokio_postgres::Client {
+pub async fn postgres(db: &str) -> tokio_postgres::Client {
     let (client, conn) = tokio_postgres::Config::new()
         .host("127.0.0.1")
         .user("tickvault")
