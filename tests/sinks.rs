@@ -11,7 +11,7 @@ use rand::Rng;
 
 mod common;
 
-use common::sinks::{caught_up_in, drain, log_keys, verify, wait_for, write_config, Daemon, Target, PG_PASSWORD};
+use common::sinks::{caught_up_in, drain, log_keys, rt, verify, wait_for, write_config, Daemon, Target, PG_PASSWORD};
 use common::{simulator, tickvault};
 use tickvault_wal::Lane;
 
@@ -129,6 +129,56 @@ fn the_sinks_demo_matches_and_exits_1_when_the_sinks_hold_another_logs_events() 
         "{out}"
     );
     assert!(out.contains("the verification found differences (exit 1)"), "{out}");
+}
+
+/// A sink that refuses every write (here a stream of the configured name, made before
+/// for other subjects) matches too, over the nothing its cursors passed: the demo names
+/// it as failing, with the error, and exits 1, while the other sinks take everything.
+#[test]
+fn the_sinks_demo_exits_1_naming_a_sink_that_refused_every_write() {
+    let _serial = serial();
+    let target = Target::new("demo_refused");
+    rt().block_on(async {
+        let client = async_nats::connect(format!("nats://127.0.0.1:{NATS}")).await.unwrap();
+        async_nats::jetstream::new(client)
+            .create_stream(async_nats::jetstream::stream::Config {
+                name: target.stream.clone(),
+                subjects: vec!["tv_demo_refused_other.>".into()],
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(&dir.path().join("demo.toml"), SOURCES, &target, NATS);
+    let out = tickvault()
+        .args(["demo", "--duration", "3", "--config"])
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(dir.path().join("log"))
+        .env("TICKVAULT_POSTGRES_PASSWORD", PG_PASSWORD)
+        .output()
+        .unwrap();
+    let out = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    ) + &format!("\nexit: {:?}", out.status.code());
+    assert!(out.ends_with("exit: Some(1)"), "{out}");
+    for sink in ["clickhouse", "postgres  "] {
+        assert!(out.contains(&format!("verify {sink} MATCH")), "{sink}: {out}");
+    }
+    for lane in ["live", "backfill"] {
+        assert!(
+            out.contains(&format!("nats {lane} was failing when the demo ended (breaker open)")),
+            "{lane}: {out}"
+        );
+    }
+    assert!(
+        out.contains("[tv_demo_refused_other.>]") && out.contains("sinks.nats.stream"),
+        "{out}"
+    );
+    assert!(out.contains("a sink was failing (exit 1)"), "{out}");
 }
 
 #[test]

@@ -99,6 +99,9 @@ pub struct RunnerStats {
     /// Capture to the start of the attempt that the sink acknowledged, per row, in µs:
     /// `latency_us` less the sink's write (the log's share and the wait for the runner).
     pub queued_us: Mutex<hdrhistogram::Histogram<u64>>,
+    /// The last failed attempt's error, kept after the sink recovers (the breaker's
+    /// state says whether it is failing now).
+    last_error: Mutex<Option<String>>,
 }
 
 impl RunnerStats {
@@ -118,7 +121,18 @@ impl RunnerStats {
             latency_us: Mutex::new(histogram()),
             write_us: Mutex::new(histogram()),
             queued_us: Mutex::new(histogram()),
+            last_error: Mutex::new(None),
         }
+    }
+
+    /// The last failed attempt's error, if any attempt failed.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().expect("last error").clone()
+    }
+
+    fn failed(&self, e: &SinkError) {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        *self.last_error.lock().expect("last error") = Some(e.to_string());
     }
 
     pub fn state(&self) -> State {
@@ -347,7 +361,7 @@ async fn drain<S: Sink>(
             match attempt(sink, &Op::Write(&batch), spec.attempt_timeout.min(remaining), stats).await {
                 Ok(_) => stats.note(breaker.on_success()),
                 Err(e) => {
-                    stats.failures.fetch_add(1, Ordering::Relaxed);
+                    stats.failed(&e);
                     stats.note(breaker.on_failure(Instant::now(), e.retriable));
                     tracing::warn!(sink = e.sink, %lane, code = e.code, error = %e.message, "sink write failed while draining at stop");
                     break;
@@ -623,7 +637,7 @@ async fn until_acked<S: Sink>(
                 return Some(value);
             }
             Err(e) => {
-                stats.failures.fetch_add(1, Ordering::Relaxed);
+                stats.failed(&e);
                 if e.retriable {
                     tracing::warn!(sink = e.sink, lane = %stats.lane, code = e.code, error = %e.message, "sink write failed; will retry");
                 } else {
