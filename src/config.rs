@@ -8,6 +8,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::event::Feed;
+use crate::sink::config::TrustedCa;
 
 /// A configuration that could not be used. Always names the field (or the file).
 #[derive(Debug, thiserror::Error)]
@@ -309,6 +310,23 @@ impl Config {
                 },
             };
         }
+        for (field, path, ca) in [
+            (
+                "sinks.clickhouse.ca_file",
+                &sinks.clickhouse.ca_file,
+                &mut sinks.clickhouse.ca,
+            ),
+            (
+                "sinks.postgres.ca_file",
+                &sinks.postgres.ca_file,
+                &mut sinks.postgres.ca,
+            ),
+        ] {
+            *ca = match path {
+                Some(path) => Some(TrustedCa::read(path).map_err(|why| ConfigError::field(file, field, why))?),
+                None => None,
+            };
+        }
         Ok(())
     }
 
@@ -579,6 +597,59 @@ mod tests {
         config.polygon.api_key_file = Some(dir.path().join("missing"));
         let err = config.apply_env("t", |_| None).unwrap_err();
         assert_eq!(err.location, "field `polygon.api_key_file`");
+    }
+
+    #[test]
+    fn a_sinks_ca_file_is_read_at_load_and_a_missing_or_bad_one_or_one_without_tls_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let not_pem = dir.path().join("not.pem");
+        std::fs::write(&not_pem, "not a certificate\n").unwrap();
+        for (toml, field) in [
+            (
+                "[sinks.postgres]\ntls = true\nca_file = \"/nonexistent/ca.pem\"\n",
+                "sinks.postgres.ca_file",
+            ),
+            (
+                &format!(
+                    "[sinks.clickhouse]\nurl = \"https://h:8443\"\nca_file = {:?}\n",
+                    not_pem.display().to_string()
+                ),
+                "sinks.clickhouse.ca_file",
+            ),
+        ] {
+            let mut config = Config::parse("t", toml).unwrap();
+            let err = config.apply_env("t", |_| None).unwrap_err();
+            assert_eq!(err.location, format!("field `{field}`"), "{err}");
+        }
+        // A certificate read, but no TLS asked for: named by the validation.
+        let key = rcgen::KeyPair::generate().unwrap();
+        let ca = rcgen::CertificateParams::new(vec!["ca".to_owned()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let pem = dir.path().join("ca.pem");
+        std::fs::write(&pem, ca.pem()).unwrap();
+        let pem = pem.display().to_string();
+        for (toml, field) in [
+            (
+                format!("[sinks.postgres]\nca_file = {pem:?}\n"),
+                "sinks.postgres.ca_file",
+            ),
+            (
+                format!("[sinks.clickhouse]\nca_file = {pem:?}\n"),
+                "sinks.clickhouse.ca_file",
+            ),
+        ] {
+            let mut config = Config::parse("t", &toml).unwrap();
+            config.apply_env("t", |_| None).unwrap();
+            assert!(config.sinks.postgres.ca.is_some() || config.sinks.clickhouse.ca.is_some());
+            let err = config.validate("t").unwrap_err();
+            assert_eq!(err.location, format!("field `{field}`"), "{err}");
+        }
+        let mut config = Config::parse("t", &format!("[sinks.postgres]\ntls = true\nca_file = {pem:?}\n")).unwrap();
+        config.apply_env("t", |_| None).unwrap();
+        config.validate("t").unwrap();
+        assert_eq!(config.sinks.postgres.ca.unwrap().path.display().to_string(), pem);
     }
 
     #[test]

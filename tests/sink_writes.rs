@@ -3,6 +3,7 @@
 //! what a sink holds (a redundant appliance, a key on both lanes) leave each key once.
 
 use std::collections::{HashMap, HashSet};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use tickvault::config::Config;
@@ -490,4 +491,104 @@ fn nats_refuses_a_stream_of_its_name_that_does_not_take_its_subjects() {
         send(&mut sink, &[events(0, 30)]).await;
     });
     assert_stream_holds_each_key_once(&target, 30);
+}
+
+/// A TLS terminator in front of a server's port on loopback (as a load balancer in front
+/// of ClickHouse would be), its certificate for 127.0.0.1 signed by a CA made here:
+/// the terminator's port and the CA's certificate (PEM).
+fn tls_terminator(rt: &tokio::runtime::Runtime, upstream: u16) -> (u16, String) {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "tickvault test CA");
+    let ca = ca.self_signed(&ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .unwrap()
+        .signed_by(&key, &ca, &ca_key)
+        .unwrap();
+    let identity = native_tls::Identity::from_pkcs8(cert.pem().as_bytes(), key.serialize_pem().as_bytes()).unwrap();
+    let acceptor = tokio_native_tls::TlsAcceptor::from(native_tls::TlsAcceptor::new(identity).unwrap());
+    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    rt.spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                // A client that does not trust the certificate ends its handshake here.
+                let Ok(mut client) = acceptor.accept(stream).await else {
+                    return;
+                };
+                let mut server = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await.unwrap();
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+            });
+        }
+    });
+    (port, ca.pem())
+}
+
+/// ClickHouse at an `https://` url: refused, as TLS and not retriable, while the
+/// server's CA is not trusted; with it as `ca_file`, the sink writes over TLS and each
+/// key is kept once.
+#[test]
+fn clickhouse_over_tls_trusts_its_ca_file_and_refuses_a_certificate_it_cannot_verify() {
+    let target = Target::new("ch_tls");
+    let rt = rt();
+    let (port, ca_pem) = tls_terminator(&rt, 8123);
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca_pem).unwrap();
+    let mut config = config(&target).sinks.clickhouse;
+    config.url = format!("https://127.0.0.1:{port}");
+    rt.block_on(async {
+        let e = ClickHouseSink::new(&config)
+            .write(&events(0, 30))
+            .await
+            .expect_err("a certificate of a CA not trusted");
+        assert_refused(&e, &["clickhouse tls", "certificate verify failed"]);
+
+        config.ca = Some(tickvault::sink::config::TrustedCa::read(&ca_file).unwrap());
+        let mut sink = ClickHouseSink::new(&config);
+        send(&mut sink, &[events(0, 30), events(0, 30)]).await;
+        assert_eq!(held(&sink.group_counts().await.unwrap()), (30, 30));
+    });
+}
+
+/// PostgreSQL with `tls = true`: Debian's server has TLS on with its "snakeoil"
+/// certificate for `localhost` (the package's default, which `scripts/services.sh`
+/// keeps): trusted as `ca_file`, the sink writes over TLS (the server's
+/// `pg_stat_ssl` says so); at 127.0.0.1, an address that certificate is not for, it is
+/// refused as TLS, not retriable.
+#[test]
+fn postgres_over_tls_verifies_the_servers_certificate_and_its_host_name() {
+    let target = Target::new("pg_tls");
+    let mut config = config(&target).sinks.postgres;
+    config.tls = true;
+    config.ca =
+        Some(tickvault::sink::config::TrustedCa::read(Path::new("/etc/ssl/certs/ssl-cert-snakeoil.pem")).unwrap());
+    rt().block_on(async {
+        let e = PostgresSink::new(&config, "test-log")
+            .write(&events(0, 30))
+            .await
+            .expect_err("a certificate for localhost, at 127.0.0.1");
+        assert_refused(&e, &["postgres tls", "certificate verify failed"]);
+
+        config.host = "localhost".into();
+        let mut sink = PostgresSink::new(&config, "test-log");
+        send(&mut sink, &[events(0, 30), events(0, 30)]).await;
+        assert_eq!(held(&sink.group_counts().await.unwrap()), (30, 30));
+        // The sink keeps its connection: seen from another one, it is over TLS.
+        let over_tls: i64 = postgres(&target.name)
+            .await
+            .query_one(
+                "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid)
+                 WHERE a.application_name = 'tickvault' AND a.datname = $1 AND s.ssl",
+                &[&target.name],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(over_tls, 1, "the sink's connection is over TLS");
+    });
 }

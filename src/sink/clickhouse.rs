@@ -43,6 +43,11 @@ impl ClickHouseSink {
         let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
         connector.set_nodelay(true);
         connector.set_keepalive(Some(std::time::Duration::from_secs(60)));
+        // `https://` urls over TLS (native-tls: the system's CAs and `ca_file`), and
+        // `http://` as before.
+        connector.enforce_http(false);
+        let tls = super::config::TrustedCa::connector(config.ca.as_ref());
+        let connector = hyper_tls::HttpsConnector::from((connector, tls.into()));
         let http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
             // Below ClickHouse's 3 s keep-alive, so the pool never reuses a closing socket.
             .pool_idle_timeout(std::time::Duration::from_secs(2))
@@ -394,7 +399,11 @@ const RETRIABLE_CODES: [u32; 14] = [60, 81, 159, 164, 202, 203, 209, 210, 241, 2
 pub(crate) fn classify(e: clickhouse::error::Error) -> SinkError {
     use clickhouse::error::Error;
     match &e {
-        Error::Network(_) | Error::TimedOut => SinkError::retriable(NAME, "network", e),
+        Error::Network(_) => match super::error::tls_failure(&e) {
+            Some(text) => SinkError::fatal(NAME, "tls", text),
+            None => SinkError::retriable(NAME, "network", e),
+        },
+        Error::TimedOut => SinkError::retriable(NAME, "network", e),
         Error::BadResponse(text) => {
             let code = exception_code(text);
             if code.is_some_and(|c| RETRIABLE_CODES.contains(&c)) || code.is_none() {

@@ -103,6 +103,9 @@ pub struct ClickHouseConfig {
     /// A file holding the password (first line). Default: none (no password). The
     /// environment variable `TICKVAULT_CLICKHOUSE_PASSWORD` takes precedence.
     pub password_file: Option<PathBuf>,
+    /// With an `https://` url: a PEM file of CA certificates trusted besides the
+    /// system's (a private CA). Default: none.
+    pub ca_file: Option<PathBuf>,
     /// Live rows per insert at most. Default 10000.
     pub live_batch_rows: usize,
     /// How long a live batch waits to fill once it has a row. Default `0ms`: send what
@@ -116,6 +119,9 @@ pub struct ClickHouseConfig {
     pub backfill_flush_interval: Duration,
     #[serde(skip)]
     pub password: Option<Secret>,
+    /// `ca_file`'s certificates, read when the config is loaded.
+    #[serde(skip)]
+    pub ca: Option<TrustedCa>,
 }
 
 impl Default for ClickHouseConfig {
@@ -127,15 +133,52 @@ impl Default for ClickHouseConfig {
             table: "events".into(),
             user: "default".into(),
             password_file: None,
+            ca_file: None,
             live_batch_rows: 10_000,
             live_flush_interval: Duration::ZERO,
             backfill_batch_rows: 100_000,
             backfill_flush_interval: Duration::from_millis(200),
             password: None,
+            ca: None,
         }
     }
 }
 batching_fields!(ClickHouseConfig);
+
+/// The CA certificates of a sink's `ca_file` (PEM, one or more), read and checked when
+/// the config is loaded, so a sink's TLS connector is made without a fallible step.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrustedCa {
+    pub path: PathBuf,
+    pem: Vec<u8>,
+}
+
+impl TrustedCa {
+    /// Reads `path`; `Err` says why it is not a PEM file of certificates.
+    pub fn read(path: &std::path::Path) -> Result<TrustedCa, String> {
+        let pem = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        match native_tls::Certificate::stack_from_pem(&pem) {
+            Ok(certificates) if !certificates.is_empty() => Ok(TrustedCa {
+                path: path.to_owned(),
+                pem,
+            }),
+            Ok(_) => Err(format!("{} holds no PEM certificate", path.display())),
+            Err(e) => Err(format!("{} is not a PEM file of certificates: {e}", path.display())),
+        }
+    }
+
+    /// A TLS connector trusting the system's CAs and these.
+    pub fn connector(ca: Option<&TrustedCa>) -> native_tls::TlsConnector {
+        let mut builder = native_tls::TlsConnector::builder();
+        for certificate in ca
+            .map(|ca| native_tls::Certificate::stack_from_pem(&ca.pem).expect("checked when read"))
+            .unwrap_or_default()
+        {
+            builder.add_root_certificate(certificate);
+        }
+        builder.build().expect("a TLS connector with the system's defaults")
+    }
+}
 
 /// `[sinks.postgres]`: TimescaleDB or plain PostgreSQL.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
@@ -156,6 +199,12 @@ pub struct PostgresConfig {
     /// A file holding the password (first line). Default: none. The environment
     /// variable `TICKVAULT_POSTGRES_PASSWORD` takes precedence.
     pub password_file: Option<PathBuf>,
+    /// Connect over TLS, required, the server's certificate and host name verified
+    /// against the system's CAs and `ca_file`. Default false (no TLS: loopback).
+    pub tls: bool,
+    /// With `tls`: a PEM file of CA certificates trusted besides the system's.
+    /// Default: none.
+    pub ca_file: Option<PathBuf>,
     /// With the timescaledb extension: drop chunks older than this (a retention policy).
     /// Independent of gap detection, which reads the local log. Default: none (keep all).
     #[serde(with = "humantime_serde")]
@@ -172,6 +221,9 @@ pub struct PostgresConfig {
     pub backfill_flush_interval: Duration,
     #[serde(skip)]
     pub password: Option<Secret>,
+    /// `ca_file`'s certificates, read when the config is loaded.
+    #[serde(skip)]
+    pub ca: Option<TrustedCa>,
 }
 
 impl Default for PostgresConfig {
@@ -184,12 +236,15 @@ impl Default for PostgresConfig {
             table: "events".into(),
             user: "tickvault".into(),
             password_file: None,
+            tls: false,
+            ca_file: None,
             retention: None,
             live_batch_rows: 5_000,
             live_flush_interval: Duration::ZERO,
             backfill_batch_rows: 50_000,
             backfill_flush_interval: Duration::from_millis(200),
             password: None,
+            ca: None,
         }
     }
 }
@@ -310,6 +365,15 @@ impl SinksConfig {
         let ch = &self.clickhouse;
         if !(ch.url.starts_with("http://") || ch.url.starts_with("https://")) {
             return err("sinks.clickhouse.url", "must start with http:// or https://");
+        }
+        if ch.ca_file.is_some() && !ch.url.starts_with("https://") {
+            return err(
+                "sinks.clickhouse.ca_file",
+                "is for TLS: the url must start with https://",
+            );
+        }
+        if self.postgres.ca_file.is_some() && !self.postgres.tls {
+            return err("sinks.postgres.ca_file", "is for TLS: set sinks.postgres.tls = true");
         }
         for (field, name) in [
             ("sinks.clickhouse.database", &ch.database),

@@ -33,3 +33,22 @@ impl SinkError {
         }
     }
 }
+
+/// A failure of the TLS handshake among `e`'s sources (a certificate not trusted, a
+/// host name it is not for, a server without TLS): no retry mends it. `Some` with the
+/// whole chain as one line, each cause once, since the outer errors ("client error
+/// (Connect)", "error performing TLS handshake") leave the why to their sources.
+pub fn tls_failure(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+    let mut text = e.to_string();
+    let mut tls = false;
+    let mut source = e.source();
+    while let Some(error) = source {
+        tls |= error.is::<native_tls::Error>();
+        let cause = error.to_string();
+        if !text.contains(&cause) {
+            text.push_str(&format!(": {cause}"));
+        }
+        source = error.source();
+    }
+    tls.then_some(text)
+}

@@ -13,12 +13,14 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use postgres_native_tls::MakeTlsConnector;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
+use tokio_postgres::config::SslMode;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, NoTls, Statement};
 
-use super::config::PostgresConfig;
+use super::config::{PostgresConfig, TrustedCa};
 use super::{Batch, GroupCount, Sink, SinkError};
 use tickvault_wal::Lane;
 
@@ -119,16 +121,22 @@ impl PostgresSink {
         if let Some(password) = &self.config.password {
             pg.password(password.expose());
         }
+        if self.config.tls {
+            pg.ssl_mode(SslMode::Require);
+        }
         pg
     }
 
     async fn open(&self, database: &str) -> Result<Client, tokio_postgres::Error> {
-        let (client, connection) = self.pg_config(database).connect(NoTls).await?;
-        tokio::spawn(async move {
-            if let Err(e) = connection.await {
-                tracing::debug!(error = %e, "postgres connection ended");
-            }
-        });
+        let config = self.pg_config(database);
+        if !self.config.tls {
+            let (client, connection) = config.connect(NoTls).await?;
+            tokio::spawn(drive(connection));
+            return Ok(client);
+        }
+        let tls = MakeTlsConnector::new(TrustedCa::connector(self.config.ca.as_ref()));
+        let (client, connection) = config.connect(tls).await?;
+        tokio::spawn(drive(connection));
         Ok(client)
     }
 
@@ -381,6 +389,17 @@ fn timestamp(ts_ms: i64) -> SystemTime {
     }
 }
 
+/// Runs a connection until it ends (the client drops it, or the server goes).
+async fn drive<S, T>(connection: tokio_postgres::Connection<S, T>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    if let Err(e) = connection.await {
+        tracing::debug!(error = %e, "postgres connection ended");
+    }
+}
+
 /// Creates what is missing: with timescaledb, the events table as a hypertable.
 async fn prepare(client: &Client, config: &PostgresConfig) -> Result<(), SinkError> {
     let table = &config.table;
@@ -533,6 +552,9 @@ impl Sink for PostgresSink {
 
 pub(crate) fn classify(e: tokio_postgres::Error) -> SinkError {
     let Some(code) = e.code() else {
+        if let Some(text) = super::error::tls_failure(&e) {
+            return SinkError::fatal(NAME, "tls", text);
+        }
         // No SQLSTATE: the connection itself failed (refused, reset, closed).
         return SinkError::retriable(NAME, "connection", e);
     };
