@@ -321,6 +321,7 @@ impl Config {
                 &sinks.postgres.ca_file,
                 &mut sinks.postgres.ca,
             ),
+            ("sinks.nats.ca_file", &sinks.nats.ca_file, &mut sinks.nats.ca),
         ] {
             *ca = match path {
                 Some(path) => Some(TrustedCa::read(path).map_err(|why| ConfigError::field(file, field, why))?),
@@ -608,6 +609,10 @@ mod tests {
             (
                 "[sinks.postgres]\ntls = true\nca_file = \"/nonexistent/ca.pem\"\n",
                 "sinks.postgres.ca_file",
+            ),
+            (
+                "[sinks.nats]\nca_file = \"/nonexistent/ca.pem\"\n",
+                "sinks.nats.ca_file",
             ),
             (
                 &format!(

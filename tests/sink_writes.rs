@@ -493,10 +493,9 @@ fn nats_refuses_a_stream_of_its_name_that_does_not_take_its_subjects() {
     assert_stream_holds_each_key_once(&target, 30);
 }
 
-/// A TLS terminator in front of a server's port on loopback (as a load balancer in front
-/// of ClickHouse would be), its certificate for 127.0.0.1 signed by a CA made here:
-/// the terminator's port and the CA's certificate (PEM).
-fn tls_terminator(rt: &tokio::runtime::Runtime, upstream: u16) -> (u16, String) {
+/// A CA made here and a certificate it signed for 127.0.0.1: (the CA's PEM, the
+/// certificate's PEM, its key's PEM).
+fn certificate_for_loopback() -> (String, String, String) {
     let ca_key = rcgen::KeyPair::generate().unwrap();
     let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -508,7 +507,15 @@ fn tls_terminator(rt: &tokio::runtime::Runtime, upstream: u16) -> (u16, String) 
         .unwrap()
         .signed_by(&key, &ca, &ca_key)
         .unwrap();
-    let identity = native_tls::Identity::from_pkcs8(cert.pem().as_bytes(), key.serialize_pem().as_bytes()).unwrap();
+    (ca.pem(), cert.pem(), key.serialize_pem())
+}
+
+/// A TLS terminator in front of a server's port on loopback (as a load balancer in front
+/// of ClickHouse would be), its certificate for 127.0.0.1 signed by a CA made here:
+/// the terminator's port and the CA's certificate (PEM).
+fn tls_terminator(rt: &tokio::runtime::Runtime, upstream: u16) -> (u16, String) {
+    let (ca, cert, key) = certificate_for_loopback();
+    let identity = native_tls::Identity::from_pkcs8(cert.as_bytes(), key.as_bytes()).unwrap();
     let acceptor = tokio_native_tls::TlsAcceptor::from(native_tls::TlsAcceptor::new(identity).unwrap());
     let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
     let port = listener.local_addr().unwrap().port();
@@ -525,7 +532,7 @@ fn tls_terminator(rt: &tokio::runtime::Runtime, upstream: u16) -> (u16, String) 
             });
         }
     });
-    (port, ca.pem())
+    (port, ca)
 }
 
 /// ClickHouse at an `https://` url: refused, as TLS and not retriable, while the
@@ -590,5 +597,63 @@ fn postgres_over_tls_verifies_the_servers_certificate_and_its_host_name() {
             .unwrap()
             .get(0);
         assert_eq!(over_tls, 1, "the sink's connection is over TLS");
+    });
+}
+
+/// JetStream over TLS: a nats-server of this test's own with TLS required and a
+/// certificate of a CA made here. Refused, as TLS and not retriable, while the CA is not
+/// trusted; with it as `ca_file`, the sink publishes and the stream holds each key once.
+#[test]
+fn nats_over_tls_trusts_its_ca_file_and_refuses_a_certificate_it_cannot_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = certificate_for_loopback();
+    let file = |name: &str, pem: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, pem).unwrap();
+        path
+    };
+    let (ca_file, cert_file, key_file) = (file("ca.pem", &ca), file("cert.pem", &cert), file("key.pem", &key));
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let _server = common::Child(
+        std::process::Command::new("nats-server")
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+            .arg(dir.path().join("js"))
+            .arg("--tls")
+            .arg("--tlscert")
+            .arg(&cert_file)
+            .arg("--tlskey")
+            .arg(&key_file)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("nats-server (scripts/services.sh up installs it)"),
+    );
+    common::sinks::wait_for("nats-server to listen", Duration::from_secs(20), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    let mut nats = tickvault::sink::config::NatsConfig {
+        url: format!("tls://127.0.0.1:{port}"),
+        stream: "TV_NATS_TLS".into(),
+        subject_prefix: "tv_nats_tls".into(),
+        ..Default::default()
+    };
+    rt().block_on(async {
+        let e = NatsSink::new(&nats)
+            .write(&events(0, 30))
+            .await
+            .expect_err("a certificate of a CA not trusted");
+        assert_refused(&e, &["nats tls"]);
+
+        nats.ca = Some(tickvault::sink::config::TrustedCa::read(&ca_file).unwrap());
+        let mut sink = NatsSink::new(&nats);
+        send(&mut sink, &[events(0, 30), events(0, 30)]).await;
+        let mut keys = Vec::new();
+        sink.scan(|row| keys.push(row.key_string())).await.unwrap();
+        let distinct: HashSet<&String> = keys.iter().collect();
+        assert_eq!((keys.len(), distinct.len()), (30, 30));
     });
 }

@@ -261,6 +261,9 @@ pub struct NatsConfig {
     /// A file holding an auth token (first line). Default: none. The environment
     /// variable `TICKVAULT_NATS_TOKEN` takes precedence.
     pub token_file: Option<PathBuf>,
+    /// A PEM file of CA certificates trusted besides the system's, for TLS (a `tls://`
+    /// url, or a server that requires TLS). Default: none.
+    pub ca_file: Option<PathBuf>,
     /// Created if missing (file storage). Default `MARKET`.
     pub stream: String,
     /// Subjects are `<prefix>.<lane>.<symbol>.<timeframe>`; the stream takes `<prefix>.>`.
@@ -286,6 +289,9 @@ pub struct NatsConfig {
     pub backfill_flush_interval: Duration,
     #[serde(skip)]
     pub token: Option<Secret>,
+    /// `ca_file`'s certificates, read (and checked) when the config is loaded.
+    #[serde(skip)]
+    pub ca: Option<TrustedCa>,
 }
 
 impl Default for NatsConfig {
@@ -294,6 +300,7 @@ impl Default for NatsConfig {
             enabled: false,
             url: "nats://127.0.0.1:4222".into(),
             token_file: None,
+            ca_file: None,
             stream: "MARKET".into(),
             subject_prefix: "market".into(),
             duplicate_window: Duration::from_secs(2 * 3600),
@@ -302,6 +309,7 @@ impl Default for NatsConfig {
             backfill_batch_rows: 20_000,
             backfill_flush_interval: Duration::from_millis(200),
             token: None,
+            ca: None,
         }
     }
 }

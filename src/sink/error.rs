@@ -43,7 +43,13 @@ pub fn tls_failure(e: &(dyn std::error::Error + 'static)) -> Option<String> {
     let mut tls = false;
     let mut source = e.source();
     while let Some(error) = source {
-        tls |= error.is::<native_tls::Error>();
+        // native-tls (ClickHouse, PostgreSQL); rustls (NATS), inside an io::Error.
+        tls |= error.is::<native_tls::Error>()
+            || error.is::<rustls::Error>()
+            || error
+                .downcast_ref::<std::io::Error>()
+                .and_then(|io| io.get_ref())
+                .is_some_and(|inner| inner.is::<rustls::Error>());
         let cause = error.to_string();
         if !text.contains(&cause) {
             text.push_str(&format!(": {cause}"));

@@ -205,10 +205,18 @@ impl NatsSink {
         if let Some(token) = &self.config.token {
             options = options.token(token.expose().to_owned());
         }
-        let client = options
-            .connect(self.config.url.as_str())
-            .await
-            .map_err(|e| SinkError::retriable(NAME, "connect", e))?;
+        if let Some(ca) = &self.config.ca {
+            options = options.add_root_certificates(ca.path.clone());
+        }
+        let client =
+            options
+                .connect(self.config.url.as_str())
+                .await
+                .map_err(|e| match super::error::tls_failure(&e) {
+                    Some(text) => SinkError::fatal(NAME, "tls", text),
+                    None if e.kind() == async_nats::ConnectErrorKind::Tls => SinkError::fatal(NAME, "tls", e),
+                    None => SinkError::retriable(NAME, "connect", e),
+                })?;
         Ok(jetstream::ContextBuilder::new()
             .timeout(Duration::from_secs(5))
             .build(client))
