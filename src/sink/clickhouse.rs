@@ -399,9 +399,9 @@ const RETRIABLE_CODES: [u32; 14] = [60, 81, 159, 164, 202, 203, 209, 210, 241, 2
 pub(crate) fn classify(e: clickhouse::error::Error) -> SinkError {
     use clickhouse::error::Error;
     match &e {
-        Error::Network(_) => match super::error::tls_failure(&e) {
-            Some(text) => SinkError::fatal(NAME, "tls", text),
-            None => SinkError::retriable(NAME, "network", e),
+        Error::Network(_) => match super::error::explain(&e) {
+            (text, true) => SinkError::fatal(NAME, "tls", text),
+            (text, false) => SinkError::retriable(NAME, "network", text),
         },
         Error::TimedOut => SinkError::retriable(NAME, "network", e),
         Error::BadResponse(text) => {

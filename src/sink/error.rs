@@ -34,11 +34,12 @@ impl SinkError {
     }
 }
 
-/// A failure of the TLS handshake among `e`'s sources (a certificate not trusted, a
-/// host name it is not for, a server without TLS): no retry mends it. `Some` with the
-/// whole chain as one line, each cause once, since the outer errors ("client error
-/// (Connect)", "error performing TLS handshake") leave the why to their sources.
-pub fn tls_failure(e: &(dyn std::error::Error + 'static)) -> Option<String> {
+/// `e` and its sources as one line, each cause once (the outer errors, "client error
+/// (Connect)", "error connecting to server", "error performing TLS handshake", leave
+/// the why to their sources: "Connection refused", OpenSSL's reason); and whether a
+/// TLS handshake failed among them (a certificate not trusted, a host name it is not
+/// for, a server without TLS), which no retry mends.
+pub fn explain(e: &(dyn std::error::Error + 'static)) -> (String, bool) {
     let mut text = e.to_string();
     let mut tls = false;
     let mut source = e.source();
@@ -56,5 +57,34 @@ pub fn tls_failure(e: &(dyn std::error::Error + 'static)) -> Option<String> {
         }
         source = error.source();
     }
-    tls.then_some(text)
+    (text, tls)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An outer error whose why is in its source, as hyper's and tokio-postgres's are.
+    #[derive(Debug, thiserror::Error)]
+    #[error("error connecting to server")]
+    struct Outer(#[source] std::io::Error);
+
+    #[test]
+    fn an_error_is_explained_by_its_sources_and_a_rustls_failure_inside_an_io_error_is_tls() {
+        let refused = Outer(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        assert_eq!(
+            explain(&refused),
+            ("error connecting to server: connection refused".to_owned(), false)
+        );
+        let untrusted = Outer(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            rustls::Error::InvalidCertificate(rustls::CertificateError::UnknownIssuer),
+        ));
+        let (text, tls) = explain(&untrusted);
+        assert!(tls, "{text}");
+        assert_eq!(
+            text,
+            "error connecting to server: invalid peer certificate: UnknownIssuer"
+        );
+    }
 }

@@ -208,15 +208,14 @@ impl NatsSink {
         if let Some(ca) = &self.config.ca {
             options = options.add_root_certificates(ca.path.clone());
         }
-        let client =
-            options
-                .connect(self.config.url.as_str())
-                .await
-                .map_err(|e| match super::error::tls_failure(&e) {
-                    Some(text) => SinkError::fatal(NAME, "tls", text),
-                    None if e.kind() == async_nats::ConnectErrorKind::Tls => SinkError::fatal(NAME, "tls", e),
-                    None => SinkError::retriable(NAME, "connect", e),
-                })?;
+        let client = options
+            .connect(self.config.url.as_str())
+            .await
+            .map_err(|e| match super::error::explain(&e) {
+                (text, true) => SinkError::fatal(NAME, "tls", text),
+                (text, false) if e.kind() == async_nats::ConnectErrorKind::Tls => SinkError::fatal(NAME, "tls", text),
+                (text, false) => SinkError::retriable(NAME, "connect", text),
+            })?;
         Ok(jetstream::ContextBuilder::new()
             .timeout(Duration::from_secs(5))
             .build(client))

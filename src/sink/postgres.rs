@@ -552,11 +552,11 @@ impl Sink for PostgresSink {
 
 pub(crate) fn classify(e: tokio_postgres::Error) -> SinkError {
     let Some(code) = e.code() else {
-        if let Some(text) = super::error::tls_failure(&e) {
-            return SinkError::fatal(NAME, "tls", text);
-        }
-        // No SQLSTATE: the connection itself failed (refused, reset, closed).
-        return SinkError::retriable(NAME, "connection", e);
+        // No SQLSTATE: the connection itself failed (refused, reset, closed), or its TLS.
+        return match super::error::explain(&e) {
+            (text, true) => SinkError::fatal(NAME, "tls", text),
+            (text, false) => SinkError::retriable(NAME, "connection", text),
+        };
     };
     let state = code.code();
     let retriable = state.starts_with("08") // connection exceptions
