@@ -553,6 +553,20 @@ mod tests {
     }
 
     #[test]
+    fn a_postgres_name_that_is_a_reserved_word_names_its_field() {
+        for (field, toml) in [
+            ("sinks.postgres.table", "[sinks.postgres]\ntable = \"User\"\n"),
+            ("sinks.postgres.database", "[sinks.postgres]\ndatabase = \"order\"\n"),
+        ] {
+            let err = Config::parse("t", toml).unwrap().validate("t").unwrap_err();
+            assert_eq!(err.location, format!("field `{field}`"), "{err}");
+            assert!(err.message.contains("reserved word"), "{err}");
+        }
+        let config = Config::parse("t", "[sinks.postgres]\ntable = \"users\"\n").unwrap();
+        config.validate("t").unwrap();
+    }
+
+    #[test]
     fn a_syntax_error_names_the_line() {
         let err = Config::parse("t", "[log]\n\ndata_dir = \n").unwrap_err();
         assert_eq!(err.location, "line 3", "{err}");

@@ -406,6 +406,17 @@ impl SinksConfig {
         if pg.user.is_empty() {
             return err("sinks.postgres.user", "must not be empty");
         }
+        for (field, name) in [
+            ("sinks.postgres.database", &pg.database),
+            ("sinks.postgres.table", &pg.table),
+        ] {
+            if POSTGRES_RESERVED.contains(&name.to_ascii_lowercase().as_str()) {
+                return err(
+                    field,
+                    "is a reserved word in PostgreSQL's SQL (the sink does not quote names): choose another",
+                );
+            }
+        }
         let nats = &self.nats;
         if !nats.url.starts_with("nats://") && !nats.url.starts_with("tls://") {
             return err("sinks.nats.url", "must start with nats:// or tls://");
@@ -435,6 +446,112 @@ impl SinksConfig {
         Ok(())
     }
 }
+
+/// PostgreSQL 15's reserved key words and those that may name only a function or a type
+/// (`pg_get_keywords()`, categories R and T): not a table's or a database's name unless
+/// quoted.
+const POSTGRES_RESERVED: [&str; 100] = [
+    "all",
+    "analyse",
+    "analyze",
+    "and",
+    "any",
+    "array",
+    "as",
+    "asc",
+    "asymmetric",
+    "authorization",
+    "binary",
+    "both",
+    "case",
+    "cast",
+    "check",
+    "collate",
+    "collation",
+    "column",
+    "concurrently",
+    "constraint",
+    "create",
+    "cross",
+    "current_catalog",
+    "current_date",
+    "current_role",
+    "current_schema",
+    "current_time",
+    "current_timestamp",
+    "current_user",
+    "default",
+    "deferrable",
+    "desc",
+    "distinct",
+    "do",
+    "else",
+    "end",
+    "except",
+    "false",
+    "fetch",
+    "for",
+    "foreign",
+    "freeze",
+    "from",
+    "full",
+    "grant",
+    "group",
+    "having",
+    "ilike",
+    "in",
+    "initially",
+    "inner",
+    "intersect",
+    "into",
+    "is",
+    "isnull",
+    "join",
+    "lateral",
+    "leading",
+    "left",
+    "like",
+    "limit",
+    "localtime",
+    "localtimestamp",
+    "natural",
+    "not",
+    "notnull",
+    "null",
+    "offset",
+    "on",
+    "only",
+    "or",
+    "order",
+    "outer",
+    "overlaps",
+    "placing",
+    "primary",
+    "references",
+    "returning",
+    "right",
+    "select",
+    "session_user",
+    "similar",
+    "some",
+    "symmetric",
+    "table",
+    "tablesample",
+    "then",
+    "to",
+    "trailing",
+    "true",
+    "union",
+    "unique",
+    "user",
+    "using",
+    "variadic",
+    "verbose",
+    "when",
+    "where",
+    "window",
+    "with",
+];
 
 /// A bare SQL identifier: safe to splice into statements without quoting.
 pub fn is_identifier(s: &str) -> bool {
