@@ -296,6 +296,15 @@ impl NatsSink {
                  what it holds (tickvault makes its streams with file storage)"
             );
         }
+        let limits = limits(found);
+        if !limits.is_empty() {
+            tracing::warn!(
+                stream = %self.config.stream,
+                limits = %limits.join(", "),
+                "the stream was there already with limits: the messages it discards by them \
+                 (or refuses, with discard new) are gone from it, and verify reports them missing"
+            );
+        }
         if found.duplicate_window < self.config.duplicate_window {
             tracing::warn!(
                 stream = %self.config.stream,
@@ -720,6 +729,25 @@ impl<'a> From<&'a Row> for Message<'a> {
 
 /// The messages of an ordered (ephemeral, in stream order) consumer on `stream`; `None`
 /// when no message matches it (nothing to wait for).
+/// The limits a stream keeps its messages within, as `name value` (none on a stream the
+/// sink makes).
+fn limits(config: &stream::Config) -> Vec<String> {
+    let mut out = Vec::new();
+    if !config.max_age.is_zero() {
+        out.push(format!("max_age {:?}", config.max_age));
+    }
+    for (name, value) in [
+        ("max_msgs", config.max_messages),
+        ("max_bytes", config.max_bytes),
+        ("max_msgs_per_subject", config.max_messages_per_subject),
+    ] {
+        if value > 0 {
+            out.push(format!("{name} {value}"));
+        }
+    }
+    out
+}
+
 /// Whether every subject `pattern` matches is also matched by `filter` (NATS
 /// wildcards: `*` one token, `>` one or more at the end).
 fn subject_covers(filter: &str, pattern: &str) -> bool {
@@ -813,6 +841,23 @@ impl Sink for NatsSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_streams_limits_are_named_and_a_stream_as_the_sink_makes_it_has_none() {
+        let ours = stream::Config {
+            name: "MARKET".into(),
+            subjects: vec!["market.>".into()],
+            ..Default::default()
+        };
+        assert!(limits(&ours).is_empty());
+        let limited = stream::Config {
+            max_age: Duration::from_secs(86_400),
+            max_messages: 1_000_000,
+            max_messages_per_subject: -1,
+            ..ours
+        };
+        assert_eq!(limits(&limited), ["max_age 86400s", "max_msgs 1000000"]);
+    }
 
     #[test]
     fn a_stream_takes_our_subjects_only_with_a_filter_that_covers_all_of_them() {
