@@ -13,7 +13,7 @@ use rand::{Rng, SeedableRng};
 use tickvault::cli::DRILL_CURSOR;
 use tickvault::event::SYNTHETIC_KIND;
 use tickvault::synthetic;
-use tickvault_wal::{Lane, Wal};
+use tickvault_wal::{Batch, Lane, RecordKind, Wal};
 
 const ROUNDS: usize = 24;
 
@@ -224,6 +224,41 @@ fn every_acknowledged_record_survives_sigkill_at_random_moments() {
         "only {kills_with_acks} of {ROUNDS} kills landed while records were being acknowledged"
     );
 }
+
+/// Kills aimed at a log's creation: a new directory each round, the load killed within
+/// its first tens of milliseconds, while RocksDB makes the database's files and column
+/// families (a kill there once left a directory no open would take). Every log opens
+/// afterwards, holding what was acknowledged, and takes appends; at least a few kills
+/// must land before the creation finished (the log found empty or not made yet).
+#[test]
+fn a_log_killed_while_it_is_being_created_opens_afterwards() {
+    let Drill { mut rng, dir, rt, .. } = Drill::new("creation drill");
+    let mut before_any_ack = 0;
+    for round in 0..CREATION_ROUNDS {
+        let log = dir.path().join(format!("log{round}"));
+        let load = Load::start(&log, 1, rng.random_range(1..=100usize), None);
+        std::thread::sleep(Duration::from_millis(rng.random_range(0..60)));
+        let acked = load.kill().acked;
+        if acked == 0 {
+            before_any_ack += 1;
+        }
+        let wal = Wal::open(&log).unwrap_or_else(|e| panic!("round {round}, killed after {acked} acked: {e}"));
+        let head = wal.head(Lane::Live);
+        assert!(head >= acked, "round {round}: acknowledged up to {acked}, head {head}");
+        check_records(&wal, round, head);
+        let mut after = Batch::new();
+        after.push(RecordKind(1), b"after the restart").unwrap();
+        assert_eq!(rt.block_on(wal.append(Lane::Live, after)).unwrap().first_seq, head + 1);
+        rt.block_on(wal.shutdown()).unwrap();
+        eprintln!("round {round}: acked {acked}, recovered {head}");
+    }
+    assert!(
+        before_any_ack >= 3,
+        "only {before_any_ack} of {CREATION_ROUNDS} kills landed before the first acknowledgement"
+    );
+}
+
+const CREATION_ROUNDS: usize = 12;
 
 /// Kills that must land while a reclaim runs, and the fewest and most rounds.
 const KILLS_WHILE_RECLAIMING: usize = 6;

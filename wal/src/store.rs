@@ -209,12 +209,14 @@ pub(crate) fn open(path: &Path, mode: Mode) -> Result<Arc<DB>, OpenError> {
     if exists && !path.is_dir() {
         return Err(not_a_log("it is a file, not a directory"));
     }
+    let creating = path.join(CREATING);
+    let cut_short = exists && creating.try_exists().map_err(io)?;
     let empty = !exists || std::fs::read_dir(path).map_err(io)?.next().is_none();
-    if empty {
+    if empty || cut_short {
         if mode == Mode::ReadOnly {
             return Err(OpenError::NotFound { path: path.to_owned() });
         }
-        std::fs::create_dir_all(path).map_err(io)?;
+        create(path, cut_short).map_err(io)?;
     } else {
         if !path.join("CURRENT").exists() {
             return Err(not_a_log("the directory holds other files and no RocksDB database"));
@@ -237,14 +239,17 @@ pub(crate) fn open(path: &Path, mode: Mode) -> Result<Arc<DB>, OpenError> {
     match db.get_cf(&meta, META_MAGIC).map_err(rocks)? {
         Some(magic) if magic == MAGIC => {}
         Some(_) => return Err(not_a_log("wrong magic in metadata")),
-        None if empty => {
-            // A new log: stamp it, synced, before anything else is written.
+        None if empty || cut_short => {
+            // A new log: stamp it, synced, before anything else is written; only then
+            // is the creation done.
             let mut batch = rocksdb::WriteBatch::default();
             batch.put_cf(&meta, META_MAGIC, MAGIC);
             batch.put_cf(&meta, META_FORMAT, [FORMAT_VERSION]);
+            batch.put_cf(&meta, META_LOG_ID, new_log_id());
             let mut wo = rocksdb::WriteOptions::default();
             wo.set_sync(true);
             db.write_opt(batch, &wo).map_err(rocks)?;
+            created(path).map_err(io)?;
         }
         None => return Err(not_a_log("metadata has no tickvault magic")),
     }
@@ -265,6 +270,46 @@ pub(crate) fn open(path: &Path, mode: Mode) -> Result<Arc<DB>, OpenError> {
         db.put_cf_opt(&meta, META_LOG_ID, new_log_id(), &wo).map_err(rocks)?;
     }
     Ok(Arc::new(db))
+}
+
+/// Present in a log's directory from before its first file until its metadata is
+/// stamped: RocksDB makes a new database's files and column families one after another,
+/// and a crash among them left a directory that every later open refused ("a RocksDB
+/// database without tickvault's metadata"). With this file there, the directory holds
+/// only a creation that was cut short (nothing was appended to it: appends come after
+/// the open), and the next open for writing clears it and creates the log again.
+const CREATING: &str = "TICKVAULT-CREATING";
+
+/// Starts a log's creation in `path` (missing, empty, or a creation cut short): the
+/// marker, durable in the directory, before anything else.
+fn create(path: &Path, cut_short: bool) -> std::io::Result<()> {
+    if cut_short {
+        for entry in std::fs::read_dir(path)? {
+            let entry = entry?;
+            if entry.file_name() == CREATING {
+                continue;
+            }
+            if entry.file_type()?.is_dir() {
+                std::fs::remove_dir_all(entry.path())?;
+            } else {
+                std::fs::remove_file(entry.path())?;
+            }
+        }
+    } else {
+        std::fs::create_dir_all(path)?;
+        std::fs::File::create(path.join(CREATING))?.sync_all()?;
+    }
+    sync_dir(path)
+}
+
+/// Ends a log's creation: the marker goes, durably, once the metadata is stamped.
+fn created(path: &Path) -> std::io::Result<()> {
+    std::fs::remove_file(path.join(CREATING))?;
+    sync_dir(path)
+}
+
+fn sync_dir(path: &Path) -> std::io::Result<()> {
+    std::fs::File::open(path)?.sync_all()
 }
 
 /// Sets the stored format version; for tests of the newer-format refusal.

@@ -308,6 +308,41 @@ fn a_directory_that_is_not_a_log_is_refused_and_left_alone() {
     );
 }
 
+/// RocksDB makes a new database's files and column families one after another; a
+/// crash among them (seen in the SIGKILL drill) left a database without the log's
+/// metadata, refused by every later open. The marker the creation starts with tells such
+/// a directory from any other: cleared and made again, while one without the marker is
+/// still refused and left alone.
+#[tokio::test]
+async fn a_creation_cut_short_is_made_again_and_a_database_without_the_marker_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let half_made = |path: &std::path::Path, marker: bool| {
+        std::fs::create_dir_all(path).unwrap();
+        if marker {
+            std::fs::write(path.join("TICKVAULT-CREATING"), "").unwrap();
+        }
+        let mut options = rocksdb::Options::default();
+        options.create_if_missing(true);
+        drop(rocksdb::DB::open(&options, path).unwrap());
+    };
+    let foreign = dir.path().join("foreign");
+    half_made(&foreign, false);
+    let err = Wal::open(&foreign).err().unwrap();
+    assert!(matches!(err, OpenError::NotALog { .. }), "{err}");
+
+    let cut_short = dir.path().join("cut_short");
+    half_made(&cut_short, true);
+    let err = Wal::open_read_only(&cut_short).err().unwrap();
+    assert!(matches!(err, OpenError::NotFound { .. }), "{err}");
+    let wal = Wal::open(&cut_short).unwrap();
+    wal.append(Lane::Live, batch(1, "first")).await.unwrap();
+    wal.shutdown().await.unwrap();
+    drop(wal);
+    assert!(!cut_short.join("TICKVAULT-CREATING").exists());
+    let reader = Wal::open_read_only(&cut_short).unwrap();
+    assert_eq!(reader.last_seq(Lane::Live).unwrap(), Some(1));
+}
+
 #[test]
 fn a_missing_directory_is_not_found_for_read_only_inspection() {
     let dir = tempfile::tempdir().unwrap();
