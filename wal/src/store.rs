@@ -297,6 +297,9 @@ fn create(path: &Path, cut_short: bool) -> std::io::Result<()> {
         }
     } else {
         std::fs::create_dir_all(path)?;
+        // The directory's own entry, durable before anything in it is acknowledged.
+        let parent = path.parent().filter(|p| !p.as_os_str().is_empty());
+        sync_dir(parent.unwrap_or(Path::new(".")))?;
         std::fs::File::create(path.join(CREATING))?.sync_all()?;
     }
     sync_dir(path)
