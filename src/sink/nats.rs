@@ -269,8 +269,8 @@ impl NatsSink {
 
     /// A stream of our name that was there before is taken as it is: refused if it does
     /// not take our subjects (every publish would fail with "no stream found"), and
-    /// named in a warning where it keeps less than the config asks (in memory only, or a
-    /// shorter duplicate window).
+    /// named in a warning where it keeps less than the config asks (in memory only, with
+    /// limits that discard messages, or a shorter duplicate window).
     fn check_stream(&self, found: &stream::Config) -> Result<(), SinkError> {
         // What the sink publishes: `<prefix>.<lane>.<symbol>.<timeframe>`.
         let published = format!("{}.*.*.*", self.config.subject_prefix);
