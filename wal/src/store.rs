@@ -219,6 +219,12 @@ pub(crate) fn open(path: &Path, mode: Mode) -> Result<Arc<DB>, OpenError> {
         create(path, cut_short).map_err(io)?;
     } else {
         if !path.join("CURRENT").exists() {
+            if path.join("lost+found").is_dir() {
+                // As PostgreSQL's initdb says of such a directory.
+                return Err(not_a_log(
+                    "it holds lost+found, so it is probably a mount point: make a directory under it for the log",
+                ));
+            }
             return Err(not_a_log("the directory holds other files and no RocksDB database"));
         }
         let existing = DB::list_cf(&Options::default(), path).map_err(rocks)?;

@@ -343,6 +343,19 @@ async fn a_creation_cut_short_is_made_again_and_a_database_without_the_marker_is
     assert_eq!(reader.last_seq(Lane::Live).unwrap(), Some(1));
 }
 
+/// A fresh ext4 file system's root holds lost+found: refused, as any directory with
+/// other files, but saying what to do.
+#[test]
+fn a_mount_point_is_refused_with_a_hint_to_make_a_directory_under_it() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir(dir.path().join("lost+found")).unwrap();
+    let err = Wal::open(dir.path()).err().unwrap();
+    assert!(matches!(err, OpenError::NotALog { .. }), "{err}");
+    assert!(err.to_string().contains("make a directory under it"), "{err}");
+    assert!(dir.path().join("lost+found").is_dir());
+    Wal::open(dir.path().join("log")).unwrap();
+}
+
 #[test]
 fn a_missing_directory_is_not_found_for_read_only_inspection() {
     let dir = tempfile::tempdir().unwrap();
