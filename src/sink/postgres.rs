@@ -169,7 +169,7 @@ impl PostgresSink {
                 .prepare(&format!(
                     "INSERT INTO {table} ({STAGING_COLUMNS}, ts)
                      SELECT {STAGING_COLUMNS}, to_timestamp(ts_ms / 1000.0) FROM tickvault_staging
-                     ON CONFLICT (feed, symbol, kind, timeframe, ts_ms, ordinal, ts) DO NOTHING"
+                     ON CONFLICT ({UNIQUE_KEY}) DO NOTHING"
                 ))
                 .await
                 .map_err(classify)?;
@@ -434,7 +434,7 @@ async fn prepare(client: &Client, config: &PostgresConfig) -> Result<(), SinkErr
                 open double precision, high double precision, low double precision,
                 close double precision, volume double precision, vwap double precision,
                 trades bigint, exchange integer, trade_id text, conditions integer[] NOT NULL,
-                PRIMARY KEY (feed, symbol, kind, timeframe, ts_ms, ordinal, ts)
+                PRIMARY KEY ({UNIQUE_KEY})
             );
             CREATE TABLE IF NOT EXISTS {table}_cursors (
                 log_id text NOT NULL, lane text NOT NULL, seq bigint NOT NULL,
@@ -478,16 +478,18 @@ async fn prepare(client: &Client, config: &PostgresConfig) -> Result<(), SinkErr
     Ok(())
 }
 
-/// The columns of the events table's unique key: the natural key, and `ts` (see
-/// [`prepare`]). Sorted, as the check below compares them.
-const UNIQUE_KEY: [&str; 7] = ["feed", "kind", "ordinal", "symbol", "timeframe", "ts", "ts_ms"];
+/// The events table's unique key: the natural key, and `ts` (see [`prepare`]); its
+/// primary key, the merge's `ON CONFLICT` target, and what [`check_unique_key`] looks for.
+const UNIQUE_KEY: &str = "feed, symbol, kind, timeframe, ts_ms, ordinal, ts";
 
 /// Refuses an events table that was there before without a unique index on exactly
 /// the natural key (`CREATE TABLE IF NOT EXISTS` leaves it as it is): the direct COPY
 /// relies on it to fail on a key that is there, and the merge names it in its
 /// `ON CONFLICT`, so without it every replayed copy would be kept.
 async fn check_unique_key(client: &Client, table: &str) -> Result<(), SinkError> {
-    let key: Vec<String> = UNIQUE_KEY.iter().map(|c| c.to_string()).collect();
+    // Sorted, as the query sorts the index's columns.
+    let mut key: Vec<&str> = UNIQUE_KEY.split(", ").collect();
+    key.sort_unstable();
     let found: bool = client
         .query_one(
             "SELECT EXISTS (
@@ -508,9 +510,9 @@ async fn check_unique_key(client: &Client, table: &str) -> Result<(), SinkError>
         NAME,
         "table",
         format!(
-            "table {table} was there already without a unique key on (feed, symbol, kind, timeframe, \
-             ts_ms, ordinal, ts): each event would not be kept once; tickvault makes it with that \
-             primary key. Add it, rename or drop that table, or set sinks.postgres.table to another name"
+            "table {table} was there already without a unique key on ({UNIQUE_KEY}): each event would \
+             not be kept once; tickvault makes it with that primary key. Add it, rename or drop that \
+             table, or set sinks.postgres.table to another name"
         ),
     ))
 }
