@@ -6,7 +6,6 @@
 //! restored; stopping the shared servers would stop them for everything else using them.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -15,27 +14,13 @@ use tickvault_wal::{Lane, Wal};
 mod common;
 
 use common::proxy::Proxy;
-use common::sinks::{caught_up, drain, log_keys, verify, wait_for, write_config_at, Daemon, Ports, Target, SINKS};
+use common::sinks::{
+    caught_up, drain, log_keys, nats_server, verify, wait_for, write_config_at, Daemon, Ports, Target, SINKS,
+};
 use common::{simulator, Child};
 
 /// One outage at a time: each drives a daemon, and they share the simulator's CPU.
 static SERIAL: Mutex<()> = Mutex::new(());
-
-fn nats_server(port: u16, store: &Path) -> Child {
-    let child = Child(
-        Command::new("nats-server")
-            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
-            .arg(store)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("nats-server (scripts/services.sh up installs it)"),
-    );
-    wait_for("nats-server to listen", Duration::from_secs(20), || {
-        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-    });
-    child
-}
 
 fn cursor(log: &Path, sink: &str, lane: Lane) -> u64 {
     Wal::open_read_only(log).unwrap().cursor(sink, lane).unwrap()
@@ -86,7 +71,7 @@ impl Outage {
         match sink {
             "nats" => {
                 let (port, store) = (free_port(), dir.join("nats"));
-                let server = Some(nats_server(port, &store));
+                let server = Some(nats_server(port, &store, None));
                 Outage::Nats { port, store, server }
             }
             "postgres" => Outage::Relay(Proxy::start(Ports::SHARED.postgres)),
@@ -115,7 +100,7 @@ impl Outage {
 
     fn up(&mut self) {
         match self {
-            Outage::Nats { port, store, server } => *server = Some(nats_server(*port, store)),
+            Outage::Nats { port, store, server } => *server = Some(nats_server(*port, store, None)),
             Outage::Relay(p) => p.restore(),
         }
     }

@@ -618,23 +618,7 @@ fn nats_over_tls_trusts_its_ca_file_and_refuses_a_certificate_it_cannot_verify()
         .local_addr()
         .unwrap()
         .port();
-    let _server = common::Child(
-        std::process::Command::new("nats-server")
-            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
-            .arg(dir.path().join("js"))
-            .arg("--tls")
-            .arg("--tlscert")
-            .arg(&cert_file)
-            .arg("--tlskey")
-            .arg(&key_file)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("nats-server (scripts/services.sh up installs it)"),
-    );
-    common::sinks::wait_for("nats-server to listen", Duration::from_secs(20), || {
-        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-    });
+    let _server = common::sinks::nats_server(port, &dir.path().join("js"), Some((&cert_file, &key_file)));
     let mut nats = tickvault::sink::config::NatsConfig {
         url: format!("tls://127.0.0.1:{port}"),
         stream: "TV_NATS_TLS".into(),

@@ -439,6 +439,29 @@ impl Daemon {
 }
 
 /// Polls `done` every 200 ms until it holds, or fails after `timeout` naming `what`.
+/// A nats-server of a test's own on `port` with JetStream stored in `store`, listening
+/// when this returns; with `tls` (certificate and key files) it requires TLS.
+pub fn nats_server(port: u16, store: &Path, tls: Option<(&Path, &Path)>) -> Child {
+    let mut command = Command::new("nats-server");
+    command
+        .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+        .arg(store);
+    if let Some((cert, key)) = tls {
+        command.arg("--tls").arg("--tlscert").arg(cert).arg("--tlskey").arg(key);
+    }
+    let child = Child(
+        command
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server (scripts/services.sh up installs it)"),
+    );
+    wait_for("nats-server to listen", Duration::from_secs(20), || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+    });
+    child
+}
+
 pub fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
     let started = Instant::now();
     while !done() {
