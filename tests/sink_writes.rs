@@ -10,7 +10,7 @@ use tickvault::config::Config;
 use tickvault::sink::clickhouse::ClickHouseSink;
 use tickvault::sink::nats::NatsSink;
 use tickvault::sink::postgres::{PostgresSink, Written, MERGE_AFTER_CONFLICT};
-use tickvault::sink::{Batch, Row, Sink};
+use tickvault::sink::{Batch, Holds, Row, Sink};
 use tickvault_wal::Lane;
 
 mod common;
@@ -117,7 +117,7 @@ fn batches_sent_again_or_overlapping_leave_each_key_once_in_every_sink() {
         let mut pg = PostgresSink::new(&config.sinks.postgres, "test-log");
         send(&mut pg, &overlapping()).await;
         // The cursor row moved with the data, to the furthest batch.
-        assert_eq!(pg.stored_cursor(Lane::Backfill).await.unwrap(), Some(2_499));
+        assert_eq!(pg.holds(Lane::Backfill).await.unwrap(), Holds::UpTo(2_499));
         assert_eq!(pg.sessions(), 1);
         send(&mut NatsSink::new(&config.sinks.nats), &overlapping()).await;
     });
@@ -279,7 +279,7 @@ fn nats_killed_before_its_first_cursor_move_publishes_nothing_twice_after_a_rest
     rt().block_on(async {
         let mut first = NatsSink::new(&nats);
         assert_eq!(first.note(), None, "no note before the stream was seen");
-        first.stored_cursor(Lane::Backfill).await.expect("connected");
+        first.holds(Lane::Backfill).await.expect("connected");
         let note = first
             .note()
             .expect("a note once the stream was seen, though it is empty");
@@ -321,8 +321,8 @@ fn postgres_copies_directly_merges_after_a_conflict_and_then_copies_directly_aga
             }
         );
         assert_eq!(
-            pg.stored_cursor(Lane::Backfill).await.unwrap(),
-            Some(1_509 + (merges + 1) * 10)
+            pg.holds(Lane::Backfill).await.unwrap(),
+            Holds::UpTo(1_509 + (merges + 1) * 10)
         );
         assert_eq!(target.postgres_keys().await.len(), 1_520 + merges as usize * 10);
         assert_eq!(pg.sessions(), 1, "every batch, the conflict too, over one connection");
@@ -343,7 +343,7 @@ fn postgres_replaces_the_connection_of_a_write_given_up_half_way() {
         // Sent again, the batch goes over a new connection, once.
         send(&mut pg, &[big]).await;
         assert_eq!(pg.sessions(), 2);
-        assert_eq!(pg.stored_cursor(Lane::Backfill).await.unwrap(), Some(200_009));
+        assert_eq!(pg.holds(Lane::Backfill).await.unwrap(), Holds::UpTo(200_009));
         assert_eq!(target.postgres_keys().await.len(), 200_010);
     });
 }

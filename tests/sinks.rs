@@ -440,6 +440,95 @@ fn verify_still_matches_once_truncation_took_the_first_records_of_a_day() {
 }
 
 #[test]
+fn what_a_sink_lost_after_it_was_sent_is_sent_again_from_the_log_at_the_next_start() {
+    let _serial = serial();
+    let target = Target::new("lost");
+    let (_sim, addr) = simulator(&["--always-open", "--quotes-per-minute", "1200"]);
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let config = write_config(&dir.path().join("run.toml"), SOURCES, &target, NATS);
+    let daemon = Daemon::start(&config, &log, &addr, &dir.path().join("run.stderr"));
+    daemon.wait_for_backfill(Duration::from_secs(90));
+    std::thread::sleep(Duration::from_secs(2));
+    daemon.stop();
+    drain(dir.path(), &log, &target, &addr, NATS);
+    let keys = log_keys(&log);
+    target.assert_exactly(NATS, &keys);
+
+    // ClickHouse's database dropped (as `scripts/services.sh reset` does); PostgreSQL
+    // back to where it was halfway through each lane (as a restore from a backup would
+    // leave it: the rows and the cursor rows committed with them).
+    rt().block_on(async {
+        common::sinks::clickhouse()
+            .query(&format!("DROP DATABASE {}", target.name))
+            .execute()
+            .await
+            .unwrap();
+        let pg = common::sinks::postgres(&target.name).await;
+        let cursors = pg.query("SELECT lane, seq FROM events_cursors", &[]).await.unwrap();
+        assert_eq!(cursors.len(), 2);
+        for row in cursors {
+            let (lane, seq): (String, i64) = (row.get(0), row.get(1));
+            let deleted = pg
+                .execute("DELETE FROM events WHERE lane = $1 AND seq > $2", &[&lane, &(seq / 2)])
+                .await
+                .unwrap();
+            assert!(deleted > 0, "{lane}: nothing past {}", seq / 2);
+            pg.execute(
+                "UPDATE events_cursors SET seq = $2 WHERE lane = $1",
+                &[&lane, &(seq / 2)],
+            )
+            .await
+            .unwrap();
+        }
+    });
+    let (code, report) = verify(&config, &log);
+    assert_eq!(code, 1, "verify should find what the sinks lost: {report:#}");
+
+    // The next start sends it again, and each sink holds every event once.
+    let forward = write_config(
+        &dir.path().join("forward.toml"),
+        "[live]\nenabled = false\n[backfill]\nenabled = false\n",
+        &target,
+        NATS,
+    );
+    let daemon = Daemon::start(&forward, &log, &addr, &dir.path().join("forward.stderr"));
+    // The live runners start before the daemon says it is running: read all its output
+    // (its own file).
+    wait_for(
+        "the four runners of the two sinks to go back",
+        Duration::from_secs(60),
+        || {
+            daemon
+                .log()
+                .matches("the destination lacks what the cursor passed")
+                .count()
+                == 4
+        },
+    );
+    wait_for("the sinks to catch up with the log", Duration::from_secs(120), || {
+        caught_up_in(&log, &[Lane::Live, Lane::Backfill])
+    });
+    let run = daemon.stop();
+    for sink in ["clickhouse", "postgres"] {
+        let rewinds = run
+            .lines()
+            .filter(|l| {
+                l.contains("the destination lacks what the cursor passed") && l.contains(&format!("sink=\"{sink}\""))
+            })
+            .count();
+        assert_eq!(rewinds, 2, "{sink}: {run}");
+    }
+    let all = run.matches("the destination lacks what the cursor passed").count();
+    assert_eq!(
+        all, 4,
+        "only ClickHouse's and PostgreSQL's runners go back (JetStream lost nothing): {run}"
+    );
+    target.assert_exactly(NATS, &keys);
+    assert_verify_matches(&config, &log);
+}
+
+#[test]
 fn two_appliances_with_separate_logs_show_each_event_once() {
     let _serial = serial();
     let target = Target::new("redundancy");

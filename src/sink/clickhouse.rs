@@ -17,8 +17,9 @@
 //! (18.16 returns nothing for a compressed RowBinary query).
 
 use super::config::ClickHouseConfig;
-use super::{Batch, GroupCount, Row, Sink, SinkError};
+use super::{Batch, GroupCount, Holds, Row, Sink, SinkError};
 use serde::{Deserialize, Serialize};
+use tickvault_wal::Lane;
 
 use crate::event::EventKind as Kind;
 
@@ -30,6 +31,11 @@ pub struct ClickHouseSink {
     table: String,
     /// Whether the database and table are known to exist (checked after any error).
     prepared: bool,
+    /// The tables this sink writes to, as found when it started (see [`Tables`]): kept
+    /// with the cursor, so that the next start can tell whether they are the same.
+    tables: Option<String>,
+    /// That of the last run, from the cursor's note.
+    noted: Option<String>,
 }
 
 impl ClickHouseSink {
@@ -64,6 +70,8 @@ impl ClickHouseSink {
             database: config.database.clone(),
             table: config.table.clone(),
             prepared: false,
+            tables: None,
+            noted: None,
         }
     }
 
@@ -117,14 +125,18 @@ impl ClickHouseSink {
     /// once (`CREATE TABLE IF NOT EXISTS` leaves them as they are): made by someone
     /// else, or by hand, as a plain MergeTree (every replayed copy kept) or ordered by
     /// other columns (copies kept, or distinct events folded into one).
-    async fn check_tables(&self) -> Result<(), SinkError> {
+    async fn check_tables(&mut self) -> Result<(), SinkError> {
         let tables = self
             .client
-            .query("SELECT name, engine, sorting_key FROM system.tables WHERE database = ?")
+            .query(
+                "SELECT name, engine, sorting_key, toUInt32(metadata_modification_time) AS made
+                 FROM system.tables WHERE database = ?",
+            )
             .bind(&self.database)
             .fetch_all::<TableShape>()
             .await
             .map_err(classify)?;
+        let mut made = Vec::new();
         for kind in KINDS {
             let name = format!("{}_{}", self.table, table(kind));
             let Some(shape) = tables.iter().find(|t| t.name == name) else {
@@ -148,6 +160,20 @@ impl ClickHouseSink {
                     ),
                 ));
             }
+            made.push(shape.made);
+        }
+        let found = Tables::describe(&self.database, &self.table, &made);
+        match &self.tables {
+            None => self.tables = Some(found),
+            Some(known) if *known != found => {
+                // Dropped and made again while this runner wrote to them (by our own
+                // prepare after a failed write, or by someone else): the note keeps the
+                // tables the cursor's rows went to, so that the next start sends them
+                // again.
+                tracing::warn!(known = %known, found = %found,
+                    "the ClickHouse tables were made anew while running: what was sent before them is sent again at the next start");
+            }
+            Some(_) => {}
         }
         Ok(())
     }
@@ -229,6 +255,21 @@ struct TableShape {
     name: String,
     engine: String,
     sorting_key: String,
+    /// When the table was made (or last altered), Unix seconds.
+    made: u32,
+}
+
+/// The tables a sink writes to, as one string kept in the cursor's note: the database,
+/// the prefix, and when each table was made (`system.tables`' `metadata_modification_time`,
+/// in 18.16 and current releases; an `ALTER` changes it too). Another database or
+/// prefix, or tables dropped and made again, describe differently.
+struct Tables;
+
+impl Tables {
+    fn describe(database: &str, prefix: &str, made: &[u32]) -> String {
+        let made: Vec<String> = made.iter().map(u32::to_string).collect();
+        format!("{database}.{prefix} made {}", made.join(" "))
+    }
 }
 
 impl TableShape {
@@ -381,6 +422,20 @@ impl Sink for ClickHouseSink {
         NAME
     }
 
+    /// Whether the tables are those the cursor's note was written for: if they were
+    /// made since (dropped with their database, say), or are others (another database
+    /// or prefix), they hold none of what the cursor passed. No note (a log's first
+    /// start, or one from before notes were kept): the cursor stands.
+    async fn holds(&mut self, _lane: Lane) -> Result<Holds, SinkError> {
+        self.prepare().await?;
+        Ok(match (&self.noted, &self.tables) {
+            (Some(noted), Some(found)) if noted != found => Holds::Nothing(format!(
+                "the cursor's rows went to {noted}, and the tables now are {found}"
+            )),
+            _ => Holds::Unknown,
+        })
+    }
+
     async fn write(&mut self, batch: &Batch) -> Result<(), SinkError> {
         self.prepare().await?;
         let result = self.write_rows(&batch.rows).await;
@@ -389,6 +444,14 @@ impl Sink for ClickHouseSink {
             self.prepared = false;
         }
         result
+    }
+
+    fn note(&self) -> Option<Vec<u8>> {
+        self.tables.as_ref().map(|t| t.as_bytes().to_vec())
+    }
+
+    fn restore(&mut self, note: &[u8]) {
+        self.noted = String::from_utf8(note.to_vec()).ok();
     }
 }
 
@@ -433,6 +496,7 @@ mod tests {
             name: "events_bars".into(),
             engine: engine.into(),
             sorting_key: sorting_key.into(),
+            made: 0,
         };
         let key = "feed, symbol, timeframe, ts_ms, ordinal";
         assert_eq!(shape("ReplacingMergeTree", key).problem(), None);

@@ -21,4 +21,4 @@ pub mod runner;
 pub use config::SinksConfig;
 pub use error::SinkError;
 pub use row::{Batch, GroupCount, Pushed, Row};
-pub use runner::{RunnerSpec, RunnerStats, Sink};
+pub use runner::{Holds, RunnerSpec, RunnerStats, Sink};

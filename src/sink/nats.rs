@@ -19,7 +19,7 @@ use async_nats::jetstream::{self, message::PublishMessage, stream};
 use futures_util::StreamExt;
 
 use super::config::NatsConfig;
-use super::{Batch, Row, Sink, SinkError};
+use super::{Batch, Holds, Row, Sink, SinkError};
 use tickvault_wal::Lane;
 
 const NAME: &str = "nats";
@@ -798,9 +798,9 @@ impl Sink for NatsSink {
     /// before the first write when the log has none (a log's first run): a SIGKILL
     /// between the first batch's PubAcks and the first cursor move then still leaves a
     /// sequence below everything the killed run published.
-    async fn stored_cursor(&mut self, _lane: Lane) -> Result<Option<u64>, SinkError> {
+    async fn holds(&mut self, _lane: Lane) -> Result<Holds, SinkError> {
         self.context().await?;
-        Ok(None)
+        Ok(Holds::Unknown)
     }
 
     async fn write(&mut self, batch: &Batch) -> Result<(), SinkError> {

@@ -2,9 +2,10 @@
 //! events table and records the sink's cursor for this log. The rows go in by binary
 //! COPY, straight into the events table while none of their keys is there (the usual
 //! case), else into a session-local staging table and from it with
-//! `INSERT ... ON CONFLICT (natural key) DO NOTHING` (see `write_batch`). A crash between
-//! that commit and the log's own cursor move is healed on restart: the runner resumes
-//! from the later of the two.
+//! `INSERT ... ON CONFLICT (natural key) DO NOTHING` (see `write_batch`). The runner
+//! starts from that cursor row: past the log's cursor after a crash between the commit
+//! and the log's own cursor move, behind it when the database lost what it was sent
+//! (restored from a backup, emptied, or a new one), so the log sends it again.
 //!
 //! With the timescaledb extension available the events table becomes a hypertable on
 //! `ts` (and gets a retention policy when one is configured); without it, it is a plain
@@ -21,7 +22,7 @@ use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, NoTls, Statement};
 
 use super::config::{PostgresConfig, TrustedCa};
-use super::{Batch, GroupCount, Sink, SinkError};
+use super::{Batch, GroupCount, Holds, Sink, SinkError};
 use tickvault_wal::Lane;
 
 const NAME: &str = "postgres";
@@ -522,7 +523,11 @@ impl Sink for PostgresSink {
         NAME
     }
 
-    async fn stored_cursor(&mut self, lane: Lane) -> Result<Option<u64>, SinkError> {
+    /// The cursor row, committed with the rows: what this database holds of the log's
+    /// lane, whichever way it differs from the log's cursor. No row: nothing (a new
+    /// database or table, or one emptied or restored from before this log's first
+    /// write to it).
+    async fn holds(&mut self, lane: Lane) -> Result<Holds, SinkError> {
         let (table, log_id) = (self.config.table.clone(), self.log_id.clone());
         let client = &self.session().await?.client;
         let row = client
@@ -532,7 +537,8 @@ impl Sink for PostgresSink {
             )
             .await
             .map_err(classify)?;
-        Ok(row.and_then(|r| u64::try_from(r.get::<_, i64>(0)).ok()))
+        let seq = row.map_or(0, |r| r.get::<_, i64>(0));
+        Ok(Holds::UpTo(u64::try_from(seq).unwrap_or(0)))
     }
 
     async fn write(&mut self, batch: &Batch) -> Result<(), SinkError> {

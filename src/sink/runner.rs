@@ -26,12 +26,12 @@ pub trait Sink: Send + 'static {
     /// The sink's name: its cursor in the log, and its label in logs.
     fn name(&self) -> &'static str;
 
-    /// The last position of `lane` the sink recorded itself, for sinks that commit their
-    /// cursor with the data (PostgreSQL). The runner resumes from the later of this and
-    /// the log's cursor. Called once at the start, before any write, and retried like
-    /// a write until it succeeds: a sink may connect here to learn its first note.
-    fn stored_cursor(&mut self, _lane: Lane) -> impl Future<Output = Result<Option<u64>, SinkError>> + Send {
-        async { Ok(None) }
+    /// What the destination holds of this log's `lane`, by its own record: where the
+    /// runner starts. Called once at the start, after [`Sink::restore`] and before any
+    /// write, and retried like a write until it succeeds: a sink may connect here to
+    /// learn its first note.
+    fn holds(&mut self, _lane: Lane) -> impl Future<Output = Result<Holds, SinkError>> + Send {
+        async { Ok(Holds::Unknown) }
     }
 
     /// Writes a batch and returns once the sink has acknowledged all of it.
@@ -42,13 +42,29 @@ pub trait Sink: Send + 'static {
     /// back to [`Sink::restore`] at the next start. JetStream keeps the stream's
     /// sequence there, to find what it published past the cursor before a crash. When
     /// the log holds no note at the start, the runner keeps this one (as it is after
-    /// [`Sink::stored_cursor`]) with the cursor before the first write.
+    /// [`Sink::holds`]) with the cursor before the first write.
     fn note(&self) -> Option<Vec<u8>> {
         None
     }
 
     /// The note kept with the cursor by the last run, before its first write.
     fn restore(&mut self, _note: &[u8]) {}
+}
+
+/// What a destination holds of one lane of this log, as [`Sink::holds`] finds it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Holds {
+    /// It keeps no record of its own: the log's cursor stands.
+    Unknown,
+    /// Every record of the lane up to this sequence (0: none), by a record it commits
+    /// with its data (PostgreSQL's cursor row). The runner starts there, forward when
+    /// a crash came between that commit and the log's cursor move, back when the
+    /// destination lost what the log's cursor says it was sent (restored from a backup,
+    /// emptied, or a new one).
+    UpTo(u64),
+    /// None of this log's records: the destination is not the one the cursor's note
+    /// was written for (made anew since, or another one), said why.
+    Nothing(String),
 }
 
 /// How one runner works.
@@ -89,6 +105,9 @@ pub struct RunnerStats {
     pub skipped: AtomicU64,
     pub undecodable: AtomicU64,
     pub corrupt: AtomicU64,
+    /// Records the cursor was moved back at the start because the destination lacked
+    /// them (see [`Holds`]), to be forwarded again.
+    pub rewound: AtomicU64,
     /// The breaker's state: 0 closed, 1 open, 2 half-open.
     state: AtomicU8,
     /// Capture (the appliance received the event) to the sink's acknowledgement, in µs.
@@ -117,6 +136,7 @@ impl RunnerStats {
             skipped: AtomicU64::new(0),
             undecodable: AtomicU64::new(0),
             corrupt: AtomicU64::new(0),
+            rewound: AtomicU64::new(0),
             state: AtomicU8::new(0),
             latency_us: Mutex::new(histogram()),
             write_us: Mutex::new(histogram()),
@@ -199,6 +219,16 @@ fn quantile_ms(h: &Mutex<hdrhistogram::Histogram<u64>>, q: f64) -> f64 {
     }
 }
 
+/// Where a runner whose cursor is at `position` starts, given what the destination
+/// holds; `None` to start at the cursor.
+fn start_from(holds: &Holds, position: u64) -> Option<u64> {
+    match *holds {
+        Holds::Unknown => None,
+        Holds::UpTo(seq) => (seq != position).then_some(seq),
+        Holds::Nothing(_) => (position > 0).then_some(0),
+    }
+}
+
 enum Op<'a> {
     Resume,
     Write(&'a Batch),
@@ -216,27 +246,52 @@ pub async fn run<S: Sink>(
     let lane = spec.lane;
     let mut breaker = Breaker::new(spec.breaker_threshold, spec.retry_min, spec.retry_max);
     let mut position = wal.reader().cursor(name, lane)?;
-    // Where the sink itself says it is (it may be past the log's cursor if we crashed
-    // between its commit and the cursor move).
-    let Some(stored) = until_acked(&mut sink, Op::Resume, &spec, &mut breaker, &stats, &mut shutdown).await else {
+    let noted = wal.reader().cursor_note(name, lane)?;
+    if let Some(note) = &noted {
+        sink.restore(note);
+    }
+    // Where the destination itself says it is: past the log's cursor if we crashed
+    // between its commit and the cursor move, behind it if it lost what it was sent.
+    let Some(holds) = until_acked(&mut sink, Op::Resume, &spec, &mut breaker, &stats, &mut shutdown).await else {
         return Ok(());
     };
-    if let Some(stored) = stored.filter(|s| *s > position) {
-        wal.move_cursor(name, lane, stored).await?;
-        position = stored;
-    }
-    match wal.reader().cursor_note(name, lane)? {
-        Some(note) => sink.restore(&note),
+    match start_from(&holds, position) {
+        Some(start) => {
+            if start < position {
+                let reader = wal.reader();
+                let gone = reader.first_retained(lane)?.saturating_sub(start + 1);
+                let why = match &holds {
+                    Holds::Nothing(why) => why.clone(),
+                    _ => format!("its own record of this log's {lane} lane ends at {start}"),
+                };
+                tracing::warn!(
+                    sink = name,
+                    %lane,
+                    cursor = position,
+                    from = start,
+                    "the destination lacks what the cursor passed ({why}): forwarding it again from the log"
+                );
+                if gone > 0 {
+                    tracing::warn!(sink = name, %lane, records = gone,
+                        "of those, records truncated from the log cannot be forwarded again");
+                }
+                stats.rewound.fetch_add(position - start, Ordering::Relaxed);
+            }
+            // With the sink's note of now: the destination it was taken from.
+            wal.move_cursor_noted(name, lane, start, sink.note()).await?;
+            position = start;
+        }
         // A sink that keeps notes has one in the log before its first write: otherwise a
         // crash after that write was acknowledged and before the first cursor move would
         // leave the next start nothing to look from (JetStream: what the killed run
         // published past the cursor would be published again, and stored twice once
         // the stream's duplicate window has passed).
-        None => {
+        None if noted.is_none() => {
             if let Some(note) = sink.note() {
                 wal.move_cursor_noted(name, lane, position, Some(note)).await?;
             }
         }
+        None => {}
     }
     stats.acked_seq.store(position, Ordering::Relaxed);
     tracing::info!(sink = name, %lane, cursor = position, "sink runner started");
@@ -590,7 +645,7 @@ async fn until_acked<S: Sink>(
     breaker: &mut Breaker,
     stats: &RunnerStats,
     shutdown: &mut watch::Receiver<bool>,
-) -> Option<Option<u64>> {
+) -> Option<Holds> {
     loop {
         if *shutdown.borrow() {
             return None;
@@ -655,11 +710,11 @@ async fn attempt<S: Sink>(
     op: &Op<'_>,
     timeout: Duration,
     stats: &RunnerStats,
-) -> Result<Option<u64>, SinkError> {
+) -> Result<Holds, SinkError> {
     let attempt = async {
         match op {
-            Op::Resume => sink.stored_cursor(stats.lane).await,
-            Op::Write(batch) => sink.write(batch).await.map(|()| None),
+            Op::Resume => sink.holds(stats.lane).await,
+            Op::Write(batch) => sink.write(batch).await.map(|()| Holds::Unknown),
         }
     };
     let (started, started_ns) = (Instant::now(), jiff::Timestamp::now().as_nanosecond());
@@ -1034,6 +1089,65 @@ mod tests {
         scenario.teardown();
     }
 
+    #[test]
+    fn a_runner_starts_where_the_destination_says_it_is() {
+        assert_eq!(start_from(&Holds::Unknown, 7), None);
+        assert_eq!(start_from(&Holds::UpTo(7), 7), None);
+        assert_eq!(start_from(&Holds::UpTo(9), 7), Some(9), "a crash after its commit");
+        assert_eq!(start_from(&Holds::UpTo(3), 7), Some(3), "it lost 4..=7");
+        assert_eq!(start_from(&Holds::UpTo(0), 7), Some(0), "it has nothing of this log");
+        assert_eq!(start_from(&Holds::Nothing("new".into()), 7), Some(0));
+        assert_eq!(start_from(&Holds::Nothing("new".into()), 0), None);
+    }
+
+    /// Says at the start that it holds the lane up to `holds`, and records writes.
+    struct Holding {
+        holds: Holds,
+        inner: Recorder,
+    }
+
+    impl Sink for Holding {
+        fn name(&self) -> &'static str {
+            "recorder"
+        }
+
+        async fn holds(&mut self, _lane: Lane) -> Result<Holds, SinkError> {
+            Ok(self.holds.clone())
+        }
+
+        async fn write(&mut self, batch: &Batch) -> Result<(), SinkError> {
+            self.inner.write(batch).await
+        }
+    }
+
+    #[tokio::test]
+    async fn what_the_destination_lost_is_sent_again_and_nothing_it_holds_is_skipped() {
+        let f = Fixture::new();
+        let head = f.forward(Duration::ZERO, 0..4).await;
+        assert_eq!((head, f.cursor()), (12, 12));
+        for (holds, resent) in [
+            (Holds::UpTo(12), vec![]),
+            (Holds::Unknown, vec![]),
+            (Holds::UpTo(5), (6..=12).collect::<Vec<u64>>()),
+            (Holds::Nothing("made anew".into()), (1..=12).collect()),
+        ] {
+            f.seqs.lock().unwrap().clear();
+            let stats = Arc::new(RunnerStats::new("recorder", Lane::Live));
+            let sink = Holding {
+                holds: holds.clone(),
+                inner: f.sink(Duration::ZERO),
+            };
+            let (stop, shutdown) = watch::channel(false);
+            let runner = tokio::spawn(run(sink, f.wal.clone(), spec(), stats.clone(), shutdown));
+            wait_until_acked(&stats, head, Duration::from_secs(10)).await;
+            stop.send(true).unwrap();
+            runner.await.unwrap().unwrap();
+            assert_eq!(f.written(), resent, "{holds:?}");
+            assert_eq!(stats.rewound.load(Ordering::Relaxed), resent.len() as u64, "{holds:?}");
+            assert_eq!(f.cursor(), head, "{holds:?}");
+        }
+    }
+
     /// Learns its note when it connects at the start (as JetStream reads the stream's
     /// last sequence), and records at each write the note the log held for it then.
     struct Connecting {
@@ -1047,9 +1161,9 @@ mod tests {
             "recorder"
         }
 
-        async fn stored_cursor(&mut self, _lane: Lane) -> Result<Option<u64>, SinkError> {
+        async fn holds(&mut self, _lane: Lane) -> Result<Holds, SinkError> {
             self.connected = true;
-            Ok(None)
+            Ok(Holds::Unknown)
         }
 
         async fn write(&mut self, _batch: &Batch) -> Result<(), SinkError> {
