@@ -455,10 +455,16 @@ fn what_a_sink_lost_after_it_was_sent_is_sent_again_from_the_log_at_the_next_sta
     let keys = log_keys(&log);
     target.assert_exactly(NATS, &keys);
 
-    // ClickHouse's database dropped (as `scripts/services.sh reset` does); PostgreSQL
-    // back to where it was halfway through each lane (as a restore from a backup would
-    // leave it: the rows and the cursor rows committed with them).
+    // ClickHouse's database dropped and JetStream's stream deleted (as
+    // `scripts/services.sh reset` does); PostgreSQL back to where it was halfway through
+    // each lane (as a restore from a backup would leave it: the rows and the cursor rows
+    // committed with them).
     rt().block_on(async {
+        let nats = async_nats::connect(format!("nats://127.0.0.1:{NATS}")).await.unwrap();
+        async_nats::jetstream::new(nats)
+            .delete_stream(&target.stream)
+            .await
+            .unwrap();
         common::sinks::clickhouse()
             .query(&format!("DROP DATABASE {}", target.name))
             .execute()
@@ -495,22 +501,18 @@ fn what_a_sink_lost_after_it_was_sent_is_sent_again_from_the_log_at_the_next_sta
     let daemon = Daemon::start(&forward, &log, &addr, &dir.path().join("forward.stderr"));
     // The live runners start before the daemon says it is running: read all its output
     // (its own file).
-    wait_for(
-        "the four runners of the two sinks to go back",
-        Duration::from_secs(60),
-        || {
-            daemon
-                .log()
-                .matches("the destination lacks what the cursor passed")
-                .count()
-                == 4
-        },
-    );
+    wait_for("the six runners to go back", Duration::from_secs(60), || {
+        daemon
+            .log()
+            .matches("the destination lacks what the cursor passed")
+            .count()
+            == 6
+    });
     wait_for("the sinks to catch up with the log", Duration::from_secs(120), || {
         caught_up_in(&log, &[Lane::Live, Lane::Backfill])
     });
     let run = daemon.stop();
-    for sink in ["clickhouse", "postgres"] {
+    for sink in ["clickhouse", "postgres", "nats"] {
         let rewinds = run
             .lines()
             .filter(|l| {
@@ -519,12 +521,69 @@ fn what_a_sink_lost_after_it_was_sent_is_sent_again_from_the_log_at_the_next_sta
             .count();
         assert_eq!(rewinds, 2, "{sink}: {run}");
     }
-    let all = run.matches("the destination lacks what the cursor passed").count();
-    assert_eq!(
-        all, 4,
-        "only ClickHouse's and PostgreSQL's runners go back (JetStream lost nothing): {run}"
-    );
     target.assert_exactly(NATS, &keys);
+    assert_verify_matches(&config, &log);
+}
+
+#[test]
+fn sinks_made_anew_while_the_daemon_runs_get_what_they_lost_without_a_restart() {
+    let _serial = serial();
+    let target = Target::new("lost_running");
+    let (_sim, addr) = simulator(&["--always-open", "--quotes-per-minute", "1200"]);
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let config = write_config(&dir.path().join("run.toml"), SOURCES, &target, NATS);
+    let daemon = Daemon::start(&config, &log, &addr, &dir.path().join("run.stderr"));
+    daemon.wait_for_backfill(Duration::from_secs(90));
+    wait_for("the backfill to be forwarded", Duration::from_secs(60), || {
+        caught_up_in(&log, &[Lane::Backfill])
+    });
+
+    // Every destination goes while live events flow: ClickHouse's database, PostgreSQL's
+    // (its sessions ended), JetStream's stream.
+    rt().block_on(async {
+        common::sinks::clickhouse()
+            .query(&format!("DROP DATABASE {}", target.name))
+            .execute()
+            .await
+            .unwrap();
+        common::sinks::postgres("postgres")
+            .await
+            .batch_execute(&format!("DROP DATABASE {} WITH (FORCE)", target.name))
+            .await
+            .unwrap();
+        let nats = async_nats::connect(format!("nats://127.0.0.1:{NATS}")).await.unwrap();
+        async_nats::jetstream::new(nats)
+            .delete_stream(&target.stream)
+            .await
+            .unwrap();
+    });
+    // The live runners find out at their next write, which fails and makes the
+    // destination again; the backfill runners, with nothing to write, at their recheck
+    // (every 30 s).
+    wait_for("the six runners to go back", Duration::from_secs(90), || {
+        daemon
+            .log()
+            .matches("the destination lacks what the cursor passed")
+            .count()
+            == 6
+    });
+    std::thread::sleep(Duration::from_secs(2));
+    let run = daemon.stop();
+    for sink in ["clickhouse", "postgres", "nats"] {
+        for lane in ["live", "backfill"] {
+            let rewinds = run
+                .lines()
+                .filter(|l| {
+                    l.contains("the destination lacks what the cursor passed")
+                        && l.contains(&format!("sink=\"{sink}\" lane={lane} "))
+                })
+                .count();
+            assert_eq!(rewinds, 1, "{sink} {lane}: {run}");
+        }
+    }
+    drain(dir.path(), &log, &target, &addr, NATS);
+    target.assert_exactly(NATS, &log_keys(&log));
     assert_verify_matches(&config, &log);
 }
 

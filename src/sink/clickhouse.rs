@@ -31,11 +31,12 @@ pub struct ClickHouseSink {
     table: String,
     /// Whether the database and table are known to exist (checked after any error).
     prepared: bool,
-    /// The tables this sink writes to, as found when it started (see [`Tables`]): kept
-    /// with the cursor, so that the next start can tell whether they are the same.
+    /// The tables the cursor's rows went to (see [`Tables`]): from the cursor's note, or
+    /// as first found; kept with the cursor, so that the sink can tell when the tables
+    /// it finds are others.
     tables: Option<String>,
-    /// That of the last run, from the cursor's note.
-    noted: Option<String>,
+    /// The tables as last found.
+    found: Option<String>,
 }
 
 impl ClickHouseSink {
@@ -71,7 +72,7 @@ impl ClickHouseSink {
             table: config.table.clone(),
             prepared: false,
             tables: None,
-            noted: None,
+            found: None,
         }
     }
 
@@ -124,7 +125,8 @@ impl ClickHouseSink {
     /// Refuses tables of our names that were there before and would not keep each event
     /// once (`CREATE TABLE IF NOT EXISTS` leaves them as they are): made by someone
     /// else, or by hand, as a plain MergeTree (every replayed copy kept) or ordered by
-    /// other columns (copies kept, or distinct events folded into one).
+    /// other columns (copies kept, or distinct events folded into one). Notes the
+    /// tables found (see [`Tables`]).
     async fn check_tables(&mut self) -> Result<(), SinkError> {
         let tables = self
             .client
@@ -163,18 +165,10 @@ impl ClickHouseSink {
             made.push(shape.made);
         }
         let found = Tables::describe(&self.database, &self.table, &made);
-        match &self.tables {
-            None => self.tables = Some(found),
-            Some(known) if *known != found => {
-                // Dropped and made again while this runner wrote to them (by our own
-                // prepare after a failed write, or by someone else): the note keeps the
-                // tables the cursor's rows went to, so that the next start sends them
-                // again.
-                tracing::warn!(known = %known, found = %found,
-                    "the ClickHouse tables were made anew while running: what was sent before them is sent again at the next start");
-            }
-            Some(_) => {}
+        if self.tables.is_none() {
+            self.tables = Some(found.clone());
         }
+        self.found = Some(found);
         Ok(())
     }
 
@@ -422,18 +416,26 @@ impl Sink for ClickHouseSink {
         NAME
     }
 
-    /// Whether the tables are those the cursor's note was written for: if they were
-    /// made since (dropped with their database, say), or are others (another database
-    /// or prefix), they hold none of what the cursor passed. No note (a log's first
-    /// start, or one from before notes were kept): the cursor stands.
+    /// Whether the tables are those the cursor's rows went to: if they were made since
+    /// (dropped with their database, say, and made again by this sink), or are others
+    /// (another database or prefix), they hold none of them, and from now on the
+    /// tables found are the cursor's. Without a note (a log's first start, or one from
+    /// before notes were kept) the tables found are taken as the cursor's.
     async fn holds(&mut self, _lane: Lane) -> Result<Holds, SinkError> {
+        // A recheck while running looks at the tables; if one is gone, they are made
+        // again (as a write would), so that a runner with nothing to write finds out too.
+        if self.prepared && self.check_tables().await.is_err() {
+            self.prepared = false;
+        }
         self.prepare().await?;
-        Ok(match (&self.noted, &self.tables) {
-            (Some(noted), Some(found)) if noted != found => Holds::Nothing(format!(
-                "the cursor's rows went to {noted}, and the tables now are {found}"
-            )),
-            _ => Holds::Unknown,
-        })
+        match (&self.tables, &self.found) {
+            (Some(tables), Some(found)) if tables != found => {
+                let why = format!("its rows went to {tables}, and the tables now are {found}");
+                self.tables = Some(found.clone());
+                Ok(Holds::Nothing(why))
+            }
+            _ => Ok(Holds::Unknown),
+        }
     }
 
     async fn write(&mut self, batch: &Batch) -> Result<(), SinkError> {
@@ -451,7 +453,7 @@ impl Sink for ClickHouseSink {
     }
 
     fn restore(&mut self, note: &[u8]) {
-        self.noted = String::from_utf8(note.to_vec()).ok();
+        self.tables = String::from_utf8(note.to_vec()).ok();
     }
 }
 

@@ -60,14 +60,37 @@ pub struct NatsSink {
     /// Rows that the first writes after a restart found in the stream and did not
     /// publish again.
     found_after_restart: u64,
+    /// Whether the stream was looked up (made if missing) on this connection since the
+    /// last failure.
+    stream_ready: bool,
+    /// The stream the cursor's messages went to (see [`stream_id`]): from the cursor's
+    /// note, or as first found.
+    stream_made: Option<String>,
+    /// The stream as last found, and when it was made (ns since the Unix epoch).
+    found: Option<(String, i128)>,
 }
 
-/// The note kept with the cursor: the stream and the highest sequence known to hold an
-/// earlier message than any past the cursor.
+/// The note kept with the cursor: the stream, the highest sequence known to hold an
+/// earlier message than any past the cursor, and which stream of that name the
+/// cursor's messages went to (see [`stream_id`]).
 #[derive(Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 struct Note {
     stream: String,
     seq: u64,
+    made: String,
+}
+
+/// The note as kept before it said which stream (read back from older logs).
+#[derive(Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct NoteBefore {
+    stream: String,
+    seq: u64,
+}
+
+/// One stream of a name: its name and when it was made (ns since the Unix epoch, as
+/// the server says). A stream deleted and made again (or a new server) has another.
+fn stream_id(name: &str, created_ns: i128) -> String {
+    format!("{name} created {created_ns}")
 }
 
 /// What a restarted sink knows of the messages its last run may have published past its
@@ -160,6 +183,9 @@ impl NatsSink {
             found_unacknowledged: 0,
             restart: None,
             found_after_restart: 0,
+            stream_ready: false,
+            stream_made: None,
+            found: None,
         }
     }
 
@@ -231,7 +257,11 @@ impl NatsSink {
     /// The JetStream context, connected and with the stream made, if needed.
     pub async fn context(&mut self) -> Result<&jetstream::Context, SinkError> {
         if self.context.is_none() {
-            let context = self.connect().await?;
+            self.context = Some(self.connect().await?);
+            self.stream_ready = false;
+        }
+        if !self.stream_ready {
+            let context = self.context.as_ref().expect("connected above");
             let stream = context
                 .get_or_create_stream(stream::Config {
                     name: self.config.stream.clone(),
@@ -259,10 +289,20 @@ impl NatsSink {
                         SinkError::retriable(NAME, "stream", text)
                     }
                 })?;
-            self.check_stream(&stream.cached_info().config)?;
-            self.stream_seq = self.stream_seq.max(stream.cached_info().state.last_sequence);
+            let info = stream.cached_info();
+            self.check_stream(&info.config)?;
+            let created_ns = info.created.unix_timestamp_nanos();
+            let found = stream_id(&self.config.stream, created_ns);
+            if self.found.as_ref().is_some_and(|(f, _)| *f != found) {
+                // Made anew since it was last looked up: its sequences start again.
+                self.stream_seq = info.state.last_sequence;
+            } else {
+                self.stream_seq = self.stream_seq.max(info.state.last_sequence);
+            }
+            self.stream_made.get_or_insert_with(|| found.clone());
+            self.found = Some((found, created_ns));
             self.stream_seen = true;
-            self.context = Some(context);
+            self.stream_ready = true;
         }
         Ok(self.context.as_ref().expect("connected above"))
     }
@@ -785,7 +825,14 @@ async fn ordered(
 /// Waits for one PubAck. A "duplicate" answer is a success: the stream already holds
 /// that natural key (a replay, or a redundant appliance's copy).
 async fn await_ack(ack: jetstream::context::PublishAckFuture) -> Result<jetstream::publish::PublishAck, SinkError> {
-    ack.await.map_err(|e| SinkError::retriable(NAME, "puback", e))
+    ack.await.map_err(|e| {
+        if e.kind() == jetstream::context::PublishErrorKind::StreamNotFound {
+            // No stream takes the subject (deleted under us): the retry makes it again.
+            SinkError::retriable(NAME, "stream", e)
+        } else {
+            SinkError::retriable(NAME, "puback", e)
+        }
+    })
 }
 
 impl Sink for NatsSink {
@@ -798,15 +845,48 @@ impl Sink for NatsSink {
     /// before the first write when the log has none (a log's first run): a SIGKILL
     /// between the first batch's PubAcks and the first cursor move then still leaves a
     /// sequence below everything the killed run published.
+    ///
+    /// Whether the stream is the one the cursor's messages went to: one deleted and
+    /// made again since (by this sink, when it finds it gone) holds none of them, and
+    /// from now on the stream found is the cursor's. Without a note that says (a log's
+    /// first start, or a note from before notes said it) the stream found is taken as
+    /// the cursor's.
     async fn holds(&mut self, _lane: Lane) -> Result<Holds, SinkError> {
+        // Looked up afresh each time: a recheck while running must see the stream as it
+        // is now.
+        self.stream_ready = false;
         self.context().await?;
-        Ok(Holds::Unknown)
+        let Some((found, created)) = self.found.clone() else {
+            return Ok(Holds::Unknown);
+        };
+        match &self.stream_made {
+            Some(made) if *made != found => {
+                let why = format!("its messages went to stream {made}, and the stream now is {found}");
+                let age_ns = jiff::Timestamp::now().as_nanosecond() - created;
+                if age_ns > self.config.duplicate_window.as_nanos() as i128 {
+                    tracing::warn!(stream = %self.config.stream, age_s = age_ns / 1_000_000_000,
+                        "the stream was made longer ago than its duplicate window: events another appliance \
+                         published to it before the window would be stored twice by sending them again");
+                }
+                self.stream_made = Some(found);
+                // What the last run noted is of the other stream.
+                self.restart = None;
+                self.resume = None;
+                Ok(Holds::Nothing(why))
+            }
+            _ => Ok(Holds::Unknown),
+        }
     }
 
     async fn write(&mut self, batch: &Batch) -> Result<(), SinkError> {
         // The client reconnects by itself; an error here (no PubAck in time) leaves the
-        // connection to it and the batch to the runner's retry.
-        self.publish(batch).await
+        // connection to it and the batch to the runner's retry. A stream found gone is
+        // looked up again first, and so made again.
+        let result = self.publish(batch).await;
+        if result.as_ref().is_err_and(|e| e.code == "stream") {
+            self.stream_ready = false;
+        }
+        result
     }
 
     /// The stream and a sequence below every message it holds for a row past the cursor:
@@ -820,6 +900,7 @@ impl Sink for NatsSink {
         let note = Note {
             stream: self.config.stream.clone(),
             seq,
+            made: self.stream_made.clone().unwrap_or_default(),
         };
         (self.stream_seen || self.restart.is_some())
             .then(|| tickvault_wal::payload::to_bytes(&note).ok())
@@ -827,13 +908,30 @@ impl Sink for NatsSink {
     }
 
     fn restore(&mut self, note: &[u8]) {
-        match tickvault_wal::payload::from_bytes::<Note>(note) {
-            Ok(note) if note.stream == self.config.stream => self.restart = Some(AfterRestart::Noted(note.seq)),
-            Ok(note) => tracing::info!(noted = %note.stream, stream = %self.config.stream,
-                "the cursor's note is of another stream; not looking for what the last run published"),
-            Err(e) => {
-                tracing::warn!(error = %e, "the cursor's note does not decode; not looking for what the last run published")
-            }
+        let note = match tickvault_wal::payload::from_bytes::<Note>(note) {
+            Ok(note) => note,
+            Err(_) => match tickvault_wal::payload::from_bytes::<NoteBefore>(note) {
+                Ok(before) => Note {
+                    stream: before.stream,
+                    seq: before.seq,
+                    made: String::new(),
+                },
+                Err(e) => {
+                    tracing::warn!(error = %e, "the cursor's note does not decode; not looking for what the last run published");
+                    return;
+                }
+            },
+        };
+        // Another stream (sinks.nats.stream changed) is another `made`: its messages are
+        // sent again to this one (see `holds`).
+        if !note.made.is_empty() {
+            self.stream_made = Some(note.made);
+        }
+        if note.stream == self.config.stream {
+            self.restart = Some(AfterRestart::Noted(note.seq));
+        } else {
+            tracing::info!(noted = %note.stream, stream = %self.config.stream,
+                "the cursor's note is of another stream; not looking for what the last run published");
         }
     }
 }
@@ -841,6 +939,30 @@ impl Sink for NatsSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_note_says_which_stream_and_one_kept_before_it_did_still_restores() {
+        let config = NatsConfig::default();
+        let mut sink = NatsSink::new(&config);
+        sink.stream_seen = true;
+        sink.stream_seq = 42;
+        sink.stream_made = Some(stream_id(&config.stream, 7));
+        let note = sink.note().unwrap();
+        let mut restored = NatsSink::new(&config);
+        restored.restore(&note);
+        assert_eq!(restored.stream_made, Some(stream_id(&config.stream, 7)));
+        assert!(matches!(restored.restart, Some(AfterRestart::Noted(42))));
+
+        let before = tickvault_wal::payload::to_bytes(&NoteBefore {
+            stream: config.stream.clone(),
+            seq: 9,
+        })
+        .unwrap();
+        let mut restored = NatsSink::new(&config);
+        restored.restore(&before);
+        assert_eq!(restored.stream_made, None, "the stream found is taken as the cursor's");
+        assert!(matches!(restored.restart, Some(AfterRestart::Noted(9))));
+    }
 
     #[test]
     fn a_streams_limits_are_named_and_a_stream_as_the_sink_makes_it_has_none() {

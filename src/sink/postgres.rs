@@ -79,6 +79,10 @@ pub struct PostgresSink {
     written: Written,
     /// Sessions (connections) opened so far.
     sessions: u64,
+    /// The events table the cursor's rows went to: `<database>.<table> oid <oid>`, from
+    /// the cursor's note or as first found. A table dropped and made again has another
+    /// oid.
+    table_id: Option<String>,
 }
 
 /// Batches a PostgreSQL sink wrote each way.
@@ -108,6 +112,7 @@ impl PostgresSink {
             merge_next: 0,
             written: Written::default(),
             sessions: 0,
+            table_id: None,
         }
     }
 
@@ -142,6 +147,24 @@ impl PostgresSink {
     }
 
     /// The session, made (and the database, tables and staging table created) if needed.
+    /// The events table's oid (`None` if it is gone) and this log's cursor row for
+    /// `lane`, in one query.
+    async fn look(&mut self, lane: Lane) -> Result<(Option<u32>, Option<i64>), SinkError> {
+        let (table, log_id) = (self.config.table.clone(), self.log_id.clone());
+        let client = &self.session().await?.client;
+        let row = client
+            .query_one(
+                &format!(
+                    "SELECT to_regclass($1)::oid,
+                            (SELECT seq FROM {table}_cursors WHERE log_id = $2 AND lane = $3)"
+                ),
+                &[&table, &log_id, &lane.name()],
+            )
+            .await
+            .map_err(classify)?;
+        Ok((row.get(0), row.get(1)))
+    }
+
     async fn session(&mut self) -> Result<&mut Session, SinkError> {
         if self.session.as_ref().is_some_and(|s| s.client.is_closed()) {
             self.session = None;
@@ -526,19 +549,35 @@ impl Sink for PostgresSink {
     /// The cursor row, committed with the rows: what this database holds of the log's
     /// lane, whichever way it differs from the log's cursor. No row: nothing (a new
     /// database or table, or one emptied or restored from before this log's first
-    /// write to it).
+    /// write to it). An events table other than the one the cursor's rows went to
+    /// (dropped and made again) holds nothing of them either, whatever its cursor row.
     async fn holds(&mut self, lane: Lane) -> Result<Holds, SinkError> {
-        let (table, log_id) = (self.config.table.clone(), self.log_id.clone());
-        let client = &self.session().await?.client;
-        let row = client
-            .query_opt(
-                &format!("SELECT seq FROM {table}_cursors WHERE log_id = $1 AND lane = $2"),
-                &[&log_id, &lane.name()],
-            )
-            .await
-            .map_err(classify)?;
-        let seq = row.map_or(0, |r| r.get::<_, i64>(0));
-        Ok(Holds::UpTo(u64::try_from(seq).unwrap_or(0)))
+        let looked = self.look(lane).await;
+        if looked.is_err() {
+            self.session = None;
+        }
+        let (oid, seq) = match looked? {
+            (Some(oid), seq) => (oid, seq),
+            // The table is gone under a session that made it: make it again.
+            (None, _) => {
+                self.session = None;
+                match self.look(lane).await? {
+                    (Some(oid), seq) => (oid, seq),
+                    (None, _) => return Err(SinkError::retriable(NAME, "table", "the events table is gone")),
+                }
+            }
+        };
+        let found = format!("{}.{} oid {oid}", self.config.database, self.config.table);
+        match &self.table_id {
+            Some(known) if *known != found => {
+                let why = format!("its rows went to {known}, and the table now is {found}");
+                self.table_id = Some(found);
+                return Ok(Holds::Nothing(why));
+            }
+            Some(_) => {}
+            None => self.table_id = Some(found),
+        }
+        Ok(Holds::UpTo(seq.map_or(0, |s| u64::try_from(s).unwrap_or(0))))
     }
 
     async fn write(&mut self, batch: &Batch) -> Result<(), SinkError> {
@@ -555,6 +594,14 @@ impl Sink for PostgresSink {
             self.session = None;
         }
         result
+    }
+
+    fn note(&self) -> Option<Vec<u8>> {
+        self.table_id.as_ref().map(|t| t.as_bytes().to_vec())
+    }
+
+    fn restore(&mut self, note: &[u8]) {
+        self.table_id = String::from_utf8(note.to_vec()).ok();
     }
 }
 

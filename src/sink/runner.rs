@@ -27,9 +27,10 @@ pub trait Sink: Send + 'static {
     fn name(&self) -> &'static str;
 
     /// What the destination holds of this log's `lane`, by its own record: where the
-    /// runner starts. Called once at the start, after [`Sink::restore`] and before any
-    /// write, and retried like a write until it succeeds: a sink may connect here to
-    /// learn its first note.
+    /// runner starts. Called at the start, after [`Sink::restore`] and before any write,
+    /// and retried like a write until it succeeds (a sink may connect here to learn its
+    /// first note); then again after every write that needed a retry and every
+    /// [`RECHECK_EVERY`], once each, while the runner goes on (see [`Holds`]).
     fn holds(&mut self, _lane: Lane) -> impl Future<Output = Result<Holds, SinkError>> + Send {
         async { Ok(Holds::Unknown) }
     }
@@ -105,9 +106,13 @@ pub struct RunnerStats {
     pub skipped: AtomicU64,
     pub undecodable: AtomicU64,
     pub corrupt: AtomicU64,
-    /// Records the cursor was moved back at the start because the destination lacked
-    /// them (see [`Holds`]), to be forwarded again.
+    /// Records the cursor was moved back because the destination lacked them (see
+    /// [`Holds`]), to be forwarded again.
     pub rewound: AtomicU64,
+    /// The furthest position the cursor was moved back from: rows up to it are sent
+    /// again, and their time since capture is not the pipeline's, so the latency
+    /// histograms leave them out.
+    resent_to: AtomicU64,
     /// The breaker's state: 0 closed, 1 open, 2 half-open.
     state: AtomicU8,
     /// Capture (the appliance received the event) to the sink's acknowledgement, in µs.
@@ -137,6 +142,7 @@ impl RunnerStats {
             undecodable: AtomicU64::new(0),
             corrupt: AtomicU64::new(0),
             rewound: AtomicU64::new(0),
+            resent_to: AtomicU64::new(0),
             state: AtomicU8::new(0),
             latency_us: Mutex::new(histogram()),
             write_us: Mutex::new(histogram()),
@@ -192,16 +198,21 @@ impl RunnerStats {
     }
 
     fn record_latency(&self, batch: &Batch) {
-        record_since_capture(&self.latency_us, jiff::Timestamp::now().as_nanosecond(), batch);
+        self.record_since_capture(&self.latency_us, jiff::Timestamp::now().as_nanosecond(), batch);
     }
-}
 
-/// Records, per row of `batch`, the time from its capture to `at_ns`.
-fn record_since_capture(h: &Mutex<hdrhistogram::Histogram<u64>>, at_ns: i128, batch: &Batch) {
-    let mut h = h.lock().unwrap_or_else(|p| p.into_inner());
-    for row in &batch.rows {
-        let us = (at_ns - i128::from(row.captured_at_ns)) / 1000;
-        let _ = h.record(u64::try_from(us).unwrap_or(1).max(1));
+    /// Records in `h`, per row of `batch` sent for the first time, the time from its
+    /// capture to `at_ns`.
+    fn record_since_capture(&self, h: &Mutex<hdrhistogram::Histogram<u64>>, at_ns: i128, batch: &Batch) {
+        let resent_to = self.resent_to.load(Ordering::Relaxed);
+        if batch.last_seq <= resent_to {
+            return;
+        }
+        let mut h = h.lock().unwrap_or_else(|p| p.into_inner());
+        for row in batch.rows.iter().filter(|r| r.seq > resent_to) {
+            let us = (at_ns - i128::from(row.captured_at_ns)) / 1000;
+            let _ = h.record(u64::try_from(us).unwrap_or(1).max(1));
+        }
     }
 }
 
@@ -229,10 +240,148 @@ fn start_from(holds: &Holds, position: u64) -> Option<u64> {
     }
 }
 
+/// Where a runner that has written up to `written` goes back to, mid-run, given what
+/// the destination now holds; `None` while it holds all of it. Compared with what was
+/// written rather than the cursor, which also passes records with nothing to send.
+fn lost_since(holds: &Holds, written: u64) -> Option<u64> {
+    match *holds {
+        Holds::Unknown => None,
+        Holds::UpTo(seq) => (seq < written).then_some(seq),
+        Holds::Nothing(_) => (written > 0).then_some(0),
+    }
+}
+
+/// Moves the cursor from `position` to `start`, with the sink's `note` of now (the
+/// destination it was taken from), saying so when it goes back. Returns `start`.
+async fn go_back(
+    wal: &Wal,
+    stats: &RunnerStats,
+    note: Option<Vec<u8>>,
+    position: u64,
+    start: u64,
+    holds: &Holds,
+) -> anyhow::Result<u64> {
+    let (name, lane) = (stats.sink, stats.lane);
+    if start < position {
+        let why = match holds {
+            Holds::Nothing(why) => why.clone(),
+            _ => format!("its own record of this log's {lane} lane ends at {start}"),
+        };
+        tracing::warn!(
+            sink = name,
+            %lane,
+            cursor = position,
+            from = start,
+            "the destination lacks what the cursor passed ({why}): forwarding it again from the log"
+        );
+        let gone = wal.reader().first_retained(lane)?.saturating_sub(start + 1);
+        if gone > 0 {
+            tracing::warn!(sink = name, %lane, records = gone,
+                "of those, records truncated from the log cannot be forwarded again");
+        }
+        stats.rewound.fetch_add(position - start, Ordering::Relaxed);
+        stats.resent_to.fetch_max(position, Ordering::Relaxed);
+    }
+    wal.move_cursor_noted(name, lane, start, note).await?;
+    stats.acked_seq.store(start, Ordering::Relaxed);
+    Ok(start)
+}
+
+/// Forwards the lane from `position` until told to stop or the log shuts down (`None`),
+/// or until the destination is found to lack what it was sent (where to start again,
+/// and what it holds). Returns the last acknowledged position with it.
+async fn forward<S: Sink>(
+    sink: &mut S,
+    wal: &Wal,
+    spec: &RunnerSpec,
+    stats: &Arc<RunnerStats>,
+    breaker: &mut Breaker,
+    shutdown: &mut watch::Receiver<bool>,
+    mut position: u64,
+) -> anyhow::Result<(u64, Option<(u64, Holds)>)> {
+    let (name, lane) = (sink.name(), spec.lane);
+    let tail = wal.tail(lane, position);
+    // Live: a batch is cut when the previous one is acknowledged, taking everything that
+    // arrived meanwhile (cutting ahead would only make live rows wait longer). Backfill:
+    // the next batch is cut (read and decoded) by its own task while this one is written.
+    let mut batches = Batches::new(tail, spec, stats.clone(), shutdown.clone(), lane != Lane::Live);
+    let mut cursor = CursorMover::start(wal.clone(), name, lane, position, stats.clone());
+    let mut written = position;
+    let mut recheck_at = tokio::time::Instant::now() + RECHECK_EVERY;
+    let mut lost = None;
+    let outcome = async {
+        loop {
+            let next = tokio::select! {
+                // Stop between batches, never in the middle of one.
+                biased;
+                _ = shutdown.changed() => {
+                    if !spec.drain_on_stop.is_zero() && breaker.state() == State::Closed {
+                        position = drain(sink, wal, &mut cursor, spec, breaker, stats, position).await?;
+                    }
+                    break;
+                }
+                // The mover ends only when a move failed (reading the next batch is
+                // abandoned, which is fine: the runner stops).
+                error = cursor.failed() => return Err(error),
+                next = batches.next(recheck_at) => next?,
+            };
+            match next {
+                Next::Batch(None) => break,
+                Next::Batch(Some(batch)) => {
+                    if !batch.rows.is_empty() {
+                        let failures = stats.failures.load(Ordering::Relaxed);
+                        let acked = until_acked(sink, Op::Write(&batch), spec, breaker, stats, shutdown).await;
+                        if acked.is_none() {
+                            break;
+                        }
+                        written = batch.last_seq;
+                        if stats.failures.load(Ordering::Relaxed) != failures {
+                            // The sink failed and prepared its destination again: it may
+                            // have made it anew (a server that came back empty).
+                            recheck_at = tokio::time::Instant::now();
+                        }
+                    }
+                    position = commit(&mut cursor, spec, stats, &batch, sink.note())?;
+                }
+                Next::Recheck => {}
+            }
+            if tokio::time::Instant::now() >= recheck_at {
+                recheck_at = tokio::time::Instant::now() + RECHECK_EVERY;
+                // One attempt: a failure here is left to the next write and its retries.
+                match attempt(sink, &Op::Resume, spec.attempt_timeout, stats).await {
+                    Ok(holds) => {
+                        if let Some(start) = lost_since(&holds, written) {
+                            lost = Some((start, holds));
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::debug!(sink = name, %lane, error = %e.message, "rechecking the destination failed")
+                    }
+                }
+            }
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    batches.close().await;
+    // The last acknowledged position reaches the log before the runner ends, even when
+    // the loop ended on an error.
+    cursor.finish().await?;
+    outcome?;
+    Ok((position, lost))
+}
+
 enum Op<'a> {
     Resume,
     Write(&'a Batch),
 }
+
+/// How often a runner asks its destination again whether it still holds what it was
+/// sent, besides at its start and after every write that needed a retry: a runner with
+/// nothing to send (a backfill done, a market closed) finds a destination made anew
+/// under it within this.
+const RECHECK_EVERY: Duration = Duration::from_secs(30);
 
 /// Runs until `shutdown` says stop (between batches) or the log shuts down.
 pub async fn run<S: Sink>(
@@ -257,29 +406,7 @@ pub async fn run<S: Sink>(
     };
     match start_from(&holds, position) {
         Some(start) => {
-            if start < position {
-                let reader = wal.reader();
-                let gone = reader.first_retained(lane)?.saturating_sub(start + 1);
-                let why = match &holds {
-                    Holds::Nothing(why) => why.clone(),
-                    _ => format!("its own record of this log's {lane} lane ends at {start}"),
-                };
-                tracing::warn!(
-                    sink = name,
-                    %lane,
-                    cursor = position,
-                    from = start,
-                    "the destination lacks what the cursor passed ({why}): forwarding it again from the log"
-                );
-                if gone > 0 {
-                    tracing::warn!(sink = name, %lane, records = gone,
-                        "of those, records truncated from the log cannot be forwarded again");
-                }
-                stats.rewound.fetch_add(position - start, Ordering::Relaxed);
-            }
-            // With the sink's note of now: the destination it was taken from.
-            wal.move_cursor_noted(name, lane, start, sink.note()).await?;
-            position = start;
+            position = go_back(&wal, &stats, sink.note(), position, start, &holds).await?;
         }
         // A sink that keeps notes has one in the log before its first write: otherwise a
         // crash after that write was acknowledged and before the first cursor move would
@@ -295,46 +422,12 @@ pub async fn run<S: Sink>(
     }
     stats.acked_seq.store(position, Ordering::Relaxed);
     tracing::info!(sink = name, %lane, cursor = position, "sink runner started");
-
-    let tail = wal.tail(lane, position);
-    // Live: a batch is cut when the previous one is acknowledged, taking everything that
-    // arrived meanwhile (cutting ahead would only make live rows wait longer). Backfill:
-    // the next batch is cut (read and decoded) by its own task while this one is written.
-    let mut batches = Batches::new(tail, &spec, stats.clone(), shutdown.clone(), lane != Lane::Live);
-    let mut cursor = CursorMover::start(wal.clone(), name, lane, position, stats.clone());
-    let outcome = async {
-        loop {
-            let next = tokio::select! {
-                // Stop between batches, never in the middle of one.
-                biased;
-                _ = shutdown.changed() => {
-                    if !spec.drain_on_stop.is_zero() && breaker.state() == State::Closed {
-                        position = drain(&mut sink, &wal, &mut cursor, &spec, &mut breaker, &stats, position).await?;
-                    }
-                    break;
-                }
-                // The mover ends only when a move failed (reading the next batch is
-                // abandoned, which is fine: the runner stops).
-                error = cursor.failed() => return Err(error),
-                next = batches.next() => next?,
-            };
-            let Some(batch) = next else { break };
-            if !batch.rows.is_empty() {
-                let acked = until_acked(&mut sink, Op::Write(&batch), &spec, &mut breaker, &stats, &mut shutdown).await;
-                if acked.is_none() {
-                    break;
-                }
-            }
-            position = commit(&mut cursor, &spec, &stats, &batch, sink.note())?;
-        }
-        anyhow::Ok(())
+    loop {
+        let (at, lost) = forward(&mut sink, &wal, &spec, &stats, &mut breaker, &mut shutdown, position).await?;
+        position = at;
+        let Some((start, holds)) = lost else { break };
+        position = go_back(&wal, &stats, sink.note(), position, start, &holds).await?;
     }
-    .await;
-    batches.close().await;
-    // The last acknowledged position reaches the log before the runner ends, even when
-    // the loop ended on an error.
-    cursor.finish().await?;
-    outcome?;
     tracing::info!(
         sink = name,
         %lane,
@@ -579,13 +672,34 @@ impl Batches {
         }
     }
 
-    /// The next batch; `None` once the log has shut down (or the cutter stopped).
-    async fn next(&mut self) -> anyhow::Result<Option<Batch>> {
+    /// The next batch (`None` once the log has shut down or the cutter stopped), or
+    /// [`Next::Recheck`] at `recheck_at` if no record came before. Cancel-safe until a
+    /// first record came.
+    async fn next(&mut self, recheck_at: tokio::time::Instant) -> anyhow::Result<Next> {
         match self {
-            Batches::Inline(cutter) => cutter.cut().await,
-            Batches::Ahead { rx, .. } => rx.recv().await.transpose(),
+            Batches::Inline(cutter) => {
+                let first = tokio::select! {
+                    first = cutter.tail.next_batch(cutter.batch_rows) => first?,
+                    _ = tokio::time::sleep_until(recheck_at) => return Ok(Next::Recheck),
+                };
+                match first {
+                    Some(first) => Ok(Next::Batch(Some(cutter.fill(first).await?))),
+                    None => Ok(Next::Batch(None)),
+                }
+            }
+            Batches::Ahead { rx, .. } => tokio::select! {
+                next = rx.recv() => Ok(Next::Batch(next.transpose()?)),
+                _ = tokio::time::sleep_until(recheck_at) => Ok(Next::Recheck),
+            },
         }
     }
+}
+
+/// What [`Batches::next`] gives.
+enum Next {
+    Batch(Option<Batch>),
+    /// Time to ask the destination whether it still holds what it was sent.
+    Recheck,
 }
 
 /// Cuts a lane into batches at log positions.
@@ -605,6 +719,11 @@ impl Cutter {
         let Some(first) = self.tail.next_batch(self.batch_rows).await? else {
             return Ok(None);
         };
+        self.fill(first).await.map(Some)
+    }
+
+    /// A batch from its `first` records, filled as [`Cutter::cut`] says.
+    async fn fill(&mut self, first: ReadBatch) -> anyhow::Result<Batch> {
         let mut batch = Batch::new(self.lane, self.position);
         let mut records = add(&mut batch, &first, &self.stats);
         if !self.flush_interval.is_zero() {
@@ -618,7 +737,7 @@ impl Cutter {
             }
         }
         self.position = batch.last_seq;
-        Ok(Some(batch))
+        Ok(batch)
     }
 }
 
@@ -735,7 +854,7 @@ async fn attempt<S: Sink>(
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .record(elapsed_us.max(1));
-        record_since_capture(&stats.queued_us, started_ns, batch);
+        stats.record_since_capture(&stats.queued_us, started_ns, batch);
     }
     tracing::debug!(sink = stats.sink, lane = %stats.lane, elapsed_us, "acknowledged");
     Ok(value)
@@ -1098,6 +1217,14 @@ mod tests {
         assert_eq!(start_from(&Holds::UpTo(0), 7), Some(0), "it has nothing of this log");
         assert_eq!(start_from(&Holds::Nothing("new".into()), 7), Some(0));
         assert_eq!(start_from(&Holds::Nothing("new".into()), 0), None);
+        // While running, against what was written: the cursor also passes records with
+        // nothing to send, which a destination's own record does not.
+        assert_eq!(lost_since(&Holds::UpTo(7), 7), None);
+        assert_eq!(lost_since(&Holds::UpTo(9), 7), None);
+        assert_eq!(lost_since(&Holds::UpTo(5), 7), Some(5));
+        assert_eq!(lost_since(&Holds::Unknown, 7), None);
+        assert_eq!(lost_since(&Holds::Nothing("new".into()), 7), Some(0));
+        assert_eq!(lost_since(&Holds::Nothing("new".into()), 0), None);
     }
 
     /// Says at the start that it holds the lane up to `holds`, and records writes.
@@ -1145,6 +1272,11 @@ mod tests {
             assert_eq!(f.written(), resent, "{holds:?}");
             assert_eq!(stats.rewound.load(Ordering::Relaxed), resent.len() as u64, "{holds:?}");
             assert_eq!(f.cursor(), head, "{holds:?}");
+            assert_eq!(
+                stats.latency_ms(0.5),
+                0.0,
+                "rows sent again are not the pipeline's latency"
+            );
         }
     }
 
