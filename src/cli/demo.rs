@@ -208,7 +208,7 @@ pub async fn run(
         let head = heads[usize::from(s.lane != Lane::Live)];
         let acked = s.acked_seq.load(Ordering::Relaxed);
         println!(
-            "    {:<10} {:<9} {:>10} rows in {:>6} batches  {}  capture-to-commit p50 {:.1} ms / p99 {:.1} ms  breaker {}, {} failed attempts",
+            "    {:<10} {:<9} {:>10} rows in {:>6} batches  {}  capture-to-commit p50 {:.1} ms / p99 {:.1} ms  breaker {}, {} failed attempts{}",
             s.sink,
             s.lane.name(),
             thousands(s.rows.load(Ordering::Relaxed)),
@@ -217,7 +217,11 @@ pub async fn run(
             s.latency_ms(0.5),
             s.latency_ms(0.99),
             s.state().name(),
-            s.failures.load(Ordering::Relaxed)
+            s.failures.load(Ordering::Relaxed),
+            match s.rewound.load(Ordering::Relaxed) {
+                0 => String::new(),
+                n => format!(", {} records sent again (the sink lacked them)", thousands(n)),
+            }
         );
     }
     let report = crate::verify::verify(&config, &data_dir).await?;

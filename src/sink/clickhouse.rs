@@ -37,6 +37,8 @@ pub struct ClickHouseSink {
     tables: Option<String>,
     /// The tables as last found.
     found: Option<String>,
+    /// Whether the server's `system.tables` has a `uuid` column (asked once).
+    has_uuid: Option<bool>,
 }
 
 impl ClickHouseSink {
@@ -73,6 +75,7 @@ impl ClickHouseSink {
             prepared: false,
             tables: None,
             found: None,
+            has_uuid: None,
         }
     }
 
@@ -128,12 +131,30 @@ impl ClickHouseSink {
     /// other columns (copies kept, or distinct events folded into one). Notes the
     /// tables found (see [`Tables`]).
     async fn check_tables(&mut self) -> Result<(), SinkError> {
+        let has_uuid = match self.has_uuid {
+            Some(has) => has,
+            None => {
+                let has = self
+                    .client
+                    .query(
+                        "SELECT count() FROM system.columns
+                         WHERE database = 'system' AND table = 'tables' AND name = 'uuid'",
+                    )
+                    .fetch_one::<u64>()
+                    .await
+                    .map_err(classify)?
+                    > 0;
+                *self.has_uuid.insert(has)
+            }
+        };
+        // 18.16 has no `uuid` column: naming it there fails the query.
+        let uuid = if has_uuid { "toString(uuid)" } else { "''" };
         let tables = self
             .client
-            .query(
-                "SELECT name, engine, sorting_key, toUInt32(metadata_modification_time) AS made
-                 FROM system.tables WHERE database = ?",
-            )
+            .query(&format!(
+                "SELECT name, engine, sorting_key, toUInt32(metadata_modification_time) AS made, {uuid} AS uuid
+                 FROM system.tables WHERE database = ?"
+            ))
             .bind(&self.database)
             .fetch_all::<TableShape>()
             .await
@@ -162,7 +183,7 @@ impl ClickHouseSink {
                     ),
                 ));
             }
-            made.push(shape.made);
+            made.push(shape.identity());
         }
         let found = Tables::describe(&self.database, &self.table, &made);
         if self.tables.is_none() {
@@ -251,18 +272,34 @@ struct TableShape {
     sorting_key: String,
     /// When the table was made (or last altered), Unix seconds.
     made: u32,
+    /// Its UUID, where the server has them (not 18.16; all zeros in an `Ordinary`
+    /// database), else empty.
+    uuid: String,
 }
 
 /// The tables a sink writes to, as one string kept in the cursor's note: the database,
-/// the prefix, and when each table was made (`system.tables`' `metadata_modification_time`,
-/// in 18.16 and current releases; an `ALTER` changes it too). Another database or
-/// prefix, or tables dropped and made again, describe differently.
+/// the prefix, and each table's [`TableShape::identity`]. Another database or prefix,
+/// or tables dropped and made again, describe differently.
 struct Tables;
 
 impl Tables {
-    fn describe(database: &str, prefix: &str, made: &[u32]) -> String {
-        let made: Vec<String> = made.iter().map(u32::to_string).collect();
-        format!("{database}.{prefix} made {}", made.join(" "))
+    fn describe(database: &str, prefix: &str, tables: &[String]) -> String {
+        format!("{database}.{prefix} made {}", tables.join(" "))
+    }
+}
+
+impl TableShape {
+    /// Which table of its name this is: its UUID where the server gives one (current
+    /// releases, `Atomic` and `Replicated` databases: the same on every replica, and
+    /// kept through `ALTER`s and restarts; a table dropped and made again within the
+    /// same second has another); else when it was made (`metadata_modification_time`,
+    /// seconds: 18.16, and `Ordinary` databases; an `ALTER` changes it too).
+    fn identity(&self) -> String {
+        if !self.uuid.is_empty() && self.uuid.chars().any(|c| c != '0' && c != '-') {
+            self.uuid.clone()
+        } else {
+            self.made.to_string()
+        }
     }
 }
 
@@ -493,12 +530,34 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_table_is_told_by_its_uuid_where_the_server_has_one_else_by_when_it_was_made() {
+        let shape = |uuid: &str| TableShape {
+            name: "events_bars".into(),
+            engine: "ReplacingMergeTree".into(),
+            sorting_key: SORTING_KEY.join(", "),
+            made: 1_796_264_857,
+            uuid: uuid.into(),
+        };
+        assert_eq!(shape("").identity(), "1796264857", "18.16");
+        assert_eq!(
+            shape("00000000-0000-0000-0000-000000000000").identity(),
+            "1796264857",
+            "Ordinary"
+        );
+        assert_eq!(
+            shape("7c63db0b-915c-4853-a039-b6ea3daf94c8").identity(),
+            "7c63db0b-915c-4853-a039-b6ea3daf94c8"
+        );
+    }
+
+    #[test]
     fn a_table_keeps_each_event_once_only_as_a_replacing_merge_tree_on_the_natural_key() {
         let shape = |engine: &str, sorting_key: &str| TableShape {
             name: "events_bars".into(),
             engine: engine.into(),
             sorting_key: sorting_key.into(),
             made: 0,
+            uuid: String::new(),
         };
         let key = "feed, symbol, timeframe, ts_ms, ordinal";
         assert_eq!(shape("ReplacingMergeTree", key).problem(), None);

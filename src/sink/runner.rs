@@ -106,8 +106,8 @@ pub struct RunnerStats {
     pub skipped: AtomicU64,
     pub undecodable: AtomicU64,
     pub corrupt: AtomicU64,
-    /// Records the cursor was moved back because the destination lacked them (see
-    /// [`Holds`]), to be forwarded again.
+    /// Records the cursor was moved back over because the destination lacked them (see
+    /// [`Holds`]), to be forwarded again (those the log still holds).
     pub rewound: AtomicU64,
     /// The furthest position the cursor was moved back from: rows up to it are sent
     /// again, and their time since capture is not the pipeline's, so the latency
@@ -279,7 +279,9 @@ async fn go_back(
             tracing::warn!(sink = name, %lane, records = gone,
                 "of those, records truncated from the log cannot be forwarded again");
         }
-        stats.rewound.fetch_add(position - start, Ordering::Relaxed);
+        stats
+            .rewound
+            .fetch_add((position - start).saturating_sub(gone), Ordering::Relaxed);
         stats.resent_to.fetch_max(position, Ordering::Relaxed);
     }
     wal.move_cursor_noted(name, lane, start, note).await?;
