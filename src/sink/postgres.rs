@@ -146,7 +146,6 @@ impl PostgresSink {
         Ok(client)
     }
 
-    /// The session, made (and the database, tables and staging table created) if needed.
     /// The events table's oid (`None` if it is gone) and this log's cursor row for
     /// `lane`, in one query.
     async fn look(&mut self, lane: Lane) -> Result<(Option<u32>, Option<i64>), SinkError> {
@@ -165,6 +164,7 @@ impl PostgresSink {
         Ok((row.get(0), row.get(1)))
     }
 
+    /// The session, made (and the database, tables and staging table created) if needed.
     async fn session(&mut self) -> Result<&mut Session, SinkError> {
         if self.session.as_ref().is_some_and(|s| s.client.is_closed()) {
             self.session = None;
