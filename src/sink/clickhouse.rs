@@ -290,9 +290,9 @@ impl Tables {
 
 impl TableShape {
     /// Which table of its name this is: its UUID where the server gives one (current
-    /// releases, `Atomic` and `Replicated` databases: the same on every replica, and
-    /// kept through `ALTER`s and restarts; a table dropped and made again within the
-    /// same second has another); else when it was made (`metadata_modification_time`,
+    /// releases, `Atomic` and `Replicated` databases: kept through `ALTER`s and
+    /// restarts, and a table dropped and made again within the same second has another,
+    /// as seen in ClickHouse 26.9); else when it was made (`metadata_modification_time`,
     /// seconds: 18.16, and `Ordinary` databases; an `ALTER` changes it too).
     fn identity(&self) -> String {
         if !self.uuid.is_empty() && self.uuid.chars().any(|c| c != '0' && c != '-') {
