@@ -439,37 +439,90 @@ fn verify_still_matches_once_truncation_took_the_first_records_of_a_day() {
     }
 }
 
+/// What the runners say when they find a destination lacking what the cursor passed.
+const SENT_AGAIN: &str = "the destination lacks what the cursor passed";
+
+/// A daemon on a log of its own, sending everything to `target`, once its backfill is
+/// captured; with the simulator it runs against (kept alive with it) and its directory.
+struct Capturing {
+    _sim: common::Child,
+    addr: String,
+    dir: tempfile::TempDir,
+    log: std::path::PathBuf,
+    config: std::path::PathBuf,
+    daemon: Daemon,
+}
+
+impl Capturing {
+    fn start(target: &Target) -> Capturing {
+        let (_sim, addr) = simulator(&["--always-open", "--quotes-per-minute", "1200"]);
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("log");
+        let config = write_config(&dir.path().join("run.toml"), SOURCES, target, NATS);
+        let daemon = Daemon::start(&config, &log, &addr, &dir.path().join("run.stderr"));
+        daemon.wait_for_backfill(Duration::from_secs(90));
+        Capturing {
+            _sim,
+            addr,
+            dir,
+            log,
+            config,
+            daemon,
+        }
+    }
+}
+
+/// Drops the target's ClickHouse database and deletes its JetStream stream, as
+/// `scripts/services.sh reset` does.
+async fn drop_clickhouse_database_and_stream(target: &Target) {
+    common::sinks::clickhouse()
+        .query(&format!("DROP DATABASE {}", target.name))
+        .execute()
+        .await
+        .unwrap();
+    let nats = async_nats::connect(format!("nats://127.0.0.1:{NATS}")).await.unwrap();
+    async_nats::jetstream::new(nats)
+        .delete_stream(&target.stream)
+        .await
+        .unwrap();
+}
+
+/// Waits until the daemon has said six times that a destination lacked what its cursor
+/// passed, then asserts it said so once for each sink and lane. Reads all its output
+/// (live runners start before the daemon says it is running).
+fn assert_every_runner_sends_again(daemon: &Daemon, within: Duration) {
+    wait_for("the six runners to go back", within, || {
+        daemon.log().matches(SENT_AGAIN).count() >= 6
+    });
+    let said = daemon.log();
+    for sink in ["clickhouse", "postgres", "nats"] {
+        for lane in ["live", "backfill"] {
+            let times = said
+                .lines()
+                .filter(|l| l.contains(SENT_AGAIN) && l.contains(&format!("sink=\"{sink}\" lane={lane} ")))
+                .count();
+            assert_eq!(times, 1, "{sink} {lane}: {said}");
+        }
+    }
+}
+
 #[test]
 fn what_a_sink_lost_after_it_was_sent_is_sent_again_from_the_log_at_the_next_start() {
     let _serial = serial();
     let target = Target::new("lost");
-    let (_sim, addr) = simulator(&["--always-open", "--quotes-per-minute", "1200"]);
-    let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("log");
-    let config = write_config(&dir.path().join("run.toml"), SOURCES, &target, NATS);
-    let daemon = Daemon::start(&config, &log, &addr, &dir.path().join("run.stderr"));
-    daemon.wait_for_backfill(Duration::from_secs(90));
+    let c = Capturing::start(&target);
+    let (dir, log, config) = (c.dir.path(), &c.log, &c.config);
     std::thread::sleep(Duration::from_secs(2));
-    daemon.stop();
-    drain(dir.path(), &log, &target, &addr, NATS);
-    let keys = log_keys(&log);
+    c.daemon.stop();
+    drain(dir, log, &target, &c.addr, NATS);
+    let keys = log_keys(log);
     target.assert_exactly(NATS, &keys);
 
-    // ClickHouse's database dropped and JetStream's stream deleted (as
-    // `scripts/services.sh reset` does); PostgreSQL back to where it was halfway through
-    // each lane (as a restore from a backup would leave it: the rows and the cursor rows
-    // committed with them).
+    // ClickHouse's database dropped and JetStream's stream deleted; PostgreSQL back to
+    // where it was halfway through each lane (as a restore from a backup would leave
+    // it: the rows and the cursor rows committed with them).
     rt().block_on(async {
-        let nats = async_nats::connect(format!("nats://127.0.0.1:{NATS}")).await.unwrap();
-        async_nats::jetstream::new(nats)
-            .delete_stream(&target.stream)
-            .await
-            .unwrap();
-        common::sinks::clickhouse()
-            .query(&format!("DROP DATABASE {}", target.name))
-            .execute()
-            .await
-            .unwrap();
+        drop_clickhouse_database_and_stream(&target).await;
         let pg = common::sinks::postgres(&target.name).await;
         let cursors = pg.query("SELECT lane, seq FROM events_cursors", &[]).await.unwrap();
         assert_eq!(cursors.len(), 2);
@@ -488,103 +541,55 @@ fn what_a_sink_lost_after_it_was_sent_is_sent_again_from_the_log_at_the_next_sta
             .unwrap();
         }
     });
-    let (code, report) = verify(&config, &log);
+    let (code, report) = verify(config, log);
     assert_eq!(code, 1, "verify should find what the sinks lost: {report:#}");
 
     // The next start sends it again, and each sink holds every event once.
     let forward = write_config(
-        &dir.path().join("forward.toml"),
+        &dir.join("forward.toml"),
         "[live]\nenabled = false\n[backfill]\nenabled = false\n",
         &target,
         NATS,
     );
-    let daemon = Daemon::start(&forward, &log, &addr, &dir.path().join("forward.stderr"));
-    // The live runners start before the daemon says it is running: read all its output
-    // (its own file).
-    wait_for("the six runners to go back", Duration::from_secs(60), || {
-        daemon
-            .log()
-            .matches("the destination lacks what the cursor passed")
-            .count()
-            == 6
-    });
+    let daemon = Daemon::start(&forward, log, &c.addr, &dir.join("forward.stderr"));
+    assert_every_runner_sends_again(&daemon, Duration::from_secs(60));
     wait_for("the sinks to catch up with the log", Duration::from_secs(120), || {
-        caught_up_in(&log, &[Lane::Live, Lane::Backfill])
+        caught_up_in(log, &[Lane::Live, Lane::Backfill])
     });
-    let run = daemon.stop();
-    for sink in ["clickhouse", "postgres", "nats"] {
-        let rewinds = run
-            .lines()
-            .filter(|l| {
-                l.contains("the destination lacks what the cursor passed") && l.contains(&format!("sink=\"{sink}\""))
-            })
-            .count();
-        assert_eq!(rewinds, 2, "{sink}: {run}");
-    }
+    daemon.stop();
     target.assert_exactly(NATS, &keys);
-    assert_verify_matches(&config, &log);
+    assert_verify_matches(config, log);
 }
 
 #[test]
 fn sinks_made_anew_while_the_daemon_runs_get_what_they_lost_without_a_restart() {
     let _serial = serial();
     let target = Target::new("lost_running");
-    let (_sim, addr) = simulator(&["--always-open", "--quotes-per-minute", "1200"]);
-    let dir = tempfile::tempdir().unwrap();
-    let log = dir.path().join("log");
-    let config = write_config(&dir.path().join("run.toml"), SOURCES, &target, NATS);
-    let daemon = Daemon::start(&config, &log, &addr, &dir.path().join("run.stderr"));
-    daemon.wait_for_backfill(Duration::from_secs(90));
+    let c = Capturing::start(&target);
+    let (dir, log, config) = (c.dir.path(), &c.log, &c.config);
     wait_for("the backfill to be forwarded", Duration::from_secs(60), || {
-        caught_up_in(&log, &[Lane::Backfill])
+        caught_up_in(log, &[Lane::Backfill])
     });
 
     // Every destination goes while live events flow: ClickHouse's database, PostgreSQL's
     // (its sessions ended), JetStream's stream.
     rt().block_on(async {
-        common::sinks::clickhouse()
-            .query(&format!("DROP DATABASE {}", target.name))
-            .execute()
-            .await
-            .unwrap();
+        drop_clickhouse_database_and_stream(&target).await;
         common::sinks::postgres("postgres")
             .await
             .batch_execute(&format!("DROP DATABASE {} WITH (FORCE)", target.name))
-            .await
-            .unwrap();
-        let nats = async_nats::connect(format!("nats://127.0.0.1:{NATS}")).await.unwrap();
-        async_nats::jetstream::new(nats)
-            .delete_stream(&target.stream)
             .await
             .unwrap();
     });
     // The live runners find out at their next write, which fails and makes the
     // destination again; the backfill runners, with nothing to write, at their recheck
     // (every 30 s).
-    wait_for("the six runners to go back", Duration::from_secs(90), || {
-        daemon
-            .log()
-            .matches("the destination lacks what the cursor passed")
-            .count()
-            == 6
-    });
+    assert_every_runner_sends_again(&c.daemon, Duration::from_secs(90));
     std::thread::sleep(Duration::from_secs(2));
-    let run = daemon.stop();
-    for sink in ["clickhouse", "postgres", "nats"] {
-        for lane in ["live", "backfill"] {
-            let rewinds = run
-                .lines()
-                .filter(|l| {
-                    l.contains("the destination lacks what the cursor passed")
-                        && l.contains(&format!("sink=\"{sink}\" lane={lane} "))
-                })
-                .count();
-            assert_eq!(rewinds, 1, "{sink} {lane}: {run}");
-        }
-    }
-    drain(dir.path(), &log, &target, &addr, NATS);
-    target.assert_exactly(NATS, &log_keys(&log));
-    assert_verify_matches(&config, &log);
+    c.daemon.stop();
+    drain(dir, log, &target, &c.addr, NATS);
+    target.assert_exactly(NATS, &log_keys(log));
+    assert_verify_matches(config, log);
 }
 
 #[test]
