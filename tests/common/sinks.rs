@@ -438,7 +438,6 @@ impl Daemon {
     }
 }
 
-/// Polls `done` every 200 ms until it holds, or fails after `timeout` naming `what`.
 /// A nats-server of a test's own on `port` with JetStream stored in `store`, listening
 /// when this returns; with `tls` (certificate and key files) it requires TLS.
 pub fn nats_server(port: u16, store: &Path, tls: Option<(&Path, &Path)>) -> Child {
@@ -462,6 +461,7 @@ pub fn nats_server(port: u16, store: &Path, tls: Option<(&Path, &Path)>) -> Chil
     child
 }
 
+/// Polls `done` every 200 ms until it holds, or fails after `timeout` naming `what`.
 pub fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
     let started = Instant::now();
     while !done() {
