@@ -17,6 +17,7 @@
 //! (18.16 returns nothing for a compressed RowBinary query).
 
 use super::config::ClickHouseConfig;
+use super::runner::WentTo;
 use super::{Batch, GroupCount, Holds, Row, Sink, SinkError};
 use serde::{Deserialize, Serialize};
 use tickvault_wal::Lane;
@@ -31,10 +32,8 @@ pub struct ClickHouseSink {
     table: String,
     /// Whether the database and table are known to exist (checked after any error).
     prepared: bool,
-    /// The tables the cursor's rows went to (see [`Tables`]): from the cursor's note, or
-    /// as first found; kept with the cursor, so that the sink can tell when the tables
-    /// it finds are others.
-    tables: Option<String>,
+    /// The tables the cursor's rows went to (see [`Tables`]).
+    tables: WentTo,
     /// The tables as last found.
     found: Option<String>,
     /// Whether the server's `system.tables` has a `uuid` column (asked once).
@@ -73,7 +72,7 @@ impl ClickHouseSink {
             database: config.database.clone(),
             table: config.table.clone(),
             prepared: false,
-            tables: None,
+            tables: WentTo::default(),
             found: None,
             has_uuid: None,
         }
@@ -185,11 +184,7 @@ impl ClickHouseSink {
             }
             made.push(shape.identity());
         }
-        let found = Tables::describe(&self.database, &self.table, &made);
-        if self.tables.is_none() {
-            self.tables = Some(found.clone());
-        }
-        self.found = Some(found);
+        self.found = Some(Tables::describe(&self.database, &self.table, &made));
         Ok(())
     }
 
@@ -465,14 +460,10 @@ impl Sink for ClickHouseSink {
             self.prepared = false;
         }
         self.prepare().await?;
-        match (&self.tables, &self.found) {
-            (Some(tables), Some(found)) if tables != found => {
-                let why = format!("its rows went to {tables}, and the tables now are {found}");
-                self.tables = Some(found.clone());
-                Ok(Holds::Nothing(why))
-            }
-            _ => Ok(Holds::Unknown),
-        }
+        Ok(match &self.found {
+            Some(found) => self.tables.found(found),
+            None => Holds::Unknown,
+        })
     }
 
     async fn write(&mut self, batch: &Batch) -> Result<(), SinkError> {
@@ -486,11 +477,11 @@ impl Sink for ClickHouseSink {
     }
 
     fn note(&self) -> Option<Vec<u8>> {
-        self.tables.as_ref().map(|t| t.as_bytes().to_vec())
+        self.tables.get().map(|t| t.as_bytes().to_vec())
     }
 
     fn restore(&mut self, note: &[u8]) {
-        self.tables = String::from_utf8(note.to_vec()).ok();
+        self.tables = WentTo::noted(String::from_utf8(note.to_vec()).ok());
     }
 }
 

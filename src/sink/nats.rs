@@ -19,6 +19,7 @@ use async_nats::jetstream::{self, message::PublishMessage, stream};
 use futures_util::StreamExt;
 
 use super::config::NatsConfig;
+use super::runner::WentTo;
 use super::{Batch, Holds, Row, Sink, SinkError};
 use tickvault_wal::Lane;
 
@@ -63,9 +64,8 @@ pub struct NatsSink {
     /// Whether the stream was looked up (made if missing) on this connection since the
     /// last failure.
     stream_ready: bool,
-    /// The stream the cursor's messages went to (see [`stream_id`]): from the cursor's
-    /// note, or as first found.
-    stream_made: Option<String>,
+    /// The stream the cursor's messages went to (see [`stream_id`]).
+    stream_made: WentTo,
     /// The stream as last found, and when it was made (ns since the Unix epoch).
     found: Option<(String, i128)>,
 }
@@ -184,7 +184,7 @@ impl NatsSink {
             restart: None,
             found_after_restart: 0,
             stream_ready: false,
-            stream_made: None,
+            stream_made: WentTo::default(),
             found: None,
         }
     }
@@ -299,7 +299,6 @@ impl NatsSink {
             } else {
                 self.stream_seq = self.stream_seq.max(info.state.last_sequence);
             }
-            self.stream_made.get_or_insert_with(|| found.clone());
             self.found = Some((found, created_ns));
             self.stream_seen = true;
             self.stream_ready = true;
@@ -859,23 +858,19 @@ impl Sink for NatsSink {
         let Some((found, created)) = self.found.clone() else {
             return Ok(Holds::Unknown);
         };
-        match &self.stream_made {
-            Some(made) if *made != found => {
-                let why = format!("its messages went to stream {made}, and the stream now is {found}");
-                let age_ns = jiff::Timestamp::now().as_nanosecond() - created;
-                if age_ns > self.config.duplicate_window.as_nanos() as i128 {
-                    tracing::warn!(stream = %self.config.stream, age_s = age_ns / 1_000_000_000,
-                        "the stream was made longer ago than its duplicate window: events another appliance \
-                         published to it before the window would be stored twice by sending them again");
-                }
-                self.stream_made = Some(found);
-                // What the last run noted is of the other stream.
-                self.restart = None;
-                self.resume = None;
-                Ok(Holds::Nothing(why))
+        let holds = self.stream_made.found(&found);
+        if let Holds::Nothing(_) = holds {
+            let age_ns = jiff::Timestamp::now().as_nanosecond() - created;
+            if age_ns > self.config.duplicate_window.as_nanos() as i128 {
+                tracing::warn!(stream = %self.config.stream, age_s = age_ns / 1_000_000_000,
+                    "the stream was made longer ago than its duplicate window: events another appliance \
+                     published to it before the window would be stored twice by sending them again");
             }
-            _ => Ok(Holds::Unknown),
+            // What the last run noted is of the other stream.
+            self.restart = None;
+            self.resume = None;
         }
+        Ok(holds)
     }
 
     async fn write(&mut self, batch: &Batch) -> Result<(), SinkError> {
@@ -900,7 +895,7 @@ impl Sink for NatsSink {
         let note = Note {
             stream: self.config.stream.clone(),
             seq,
-            made: self.stream_made.clone().unwrap_or_default(),
+            made: self.stream_made.get().unwrap_or_default().to_owned(),
         };
         (self.stream_seen || self.restart.is_some())
             .then(|| tickvault_wal::payload::to_bytes(&note).ok())
@@ -924,9 +919,7 @@ impl Sink for NatsSink {
         };
         // Another stream (sinks.nats.stream changed) is another `made`: its messages are
         // sent again to this one (see `holds`).
-        if !note.made.is_empty() {
-            self.stream_made = Some(note.made);
-        }
+        self.stream_made = WentTo::noted(Some(note.made).filter(|m| !m.is_empty()));
         if note.stream == self.config.stream {
             self.restart = Some(AfterRestart::Noted(note.seq));
         } else {
@@ -946,11 +939,11 @@ mod tests {
         let mut sink = NatsSink::new(&config);
         sink.stream_seen = true;
         sink.stream_seq = 42;
-        sink.stream_made = Some(stream_id(&config.stream, 7));
+        sink.stream_made = WentTo::noted(Some(stream_id(&config.stream, 7)));
         let note = sink.note().unwrap();
         let mut restored = NatsSink::new(&config);
         restored.restore(&note);
-        assert_eq!(restored.stream_made, Some(stream_id(&config.stream, 7)));
+        assert_eq!(restored.stream_made.get(), Some(stream_id(&config.stream, 7).as_str()));
         assert!(matches!(restored.restart, Some(AfterRestart::Noted(42))));
 
         let before = tickvault_wal::payload::to_bytes(&NoteBefore {
@@ -960,7 +953,11 @@ mod tests {
         .unwrap();
         let mut restored = NatsSink::new(&config);
         restored.restore(&before);
-        assert_eq!(restored.stream_made, None, "the stream found is taken as the cursor's");
+        assert_eq!(
+            restored.stream_made.get(),
+            None,
+            "the stream found is taken as the cursor's"
+        );
         assert!(matches!(restored.restart, Some(AfterRestart::Noted(9))));
     }
 

@@ -22,6 +22,7 @@ use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, NoTls, Statement};
 
 use super::config::{PostgresConfig, TrustedCa};
+use super::runner::WentTo;
 use super::{Batch, GroupCount, Holds, Sink, SinkError};
 use tickvault_wal::Lane;
 
@@ -79,10 +80,9 @@ pub struct PostgresSink {
     written: Written,
     /// Sessions (connections) opened so far.
     sessions: u64,
-    /// The events table the cursor's rows went to: `<database>.<table> oid <oid>`, from
-    /// the cursor's note or as first found. A table dropped and made again has another
-    /// oid.
-    table_id: Option<String>,
+    /// The events table the cursor's rows went to: `<database>.<table> oid <oid>`. A
+    /// table dropped and made again has another oid.
+    table_id: WentTo,
 }
 
 /// Batches a PostgreSQL sink wrote each way.
@@ -112,7 +112,7 @@ impl PostgresSink {
             merge_next: 0,
             written: Written::default(),
             sessions: 0,
-            table_id: None,
+            table_id: WentTo::default(),
         }
     }
 
@@ -568,14 +568,8 @@ impl Sink for PostgresSink {
             }
         };
         let found = format!("{}.{} oid {oid}", self.config.database, self.config.table);
-        match &self.table_id {
-            Some(known) if *known != found => {
-                let why = format!("its rows went to {known}, and the table now is {found}");
-                self.table_id = Some(found);
-                return Ok(Holds::Nothing(why));
-            }
-            Some(_) => {}
-            None => self.table_id = Some(found),
+        if let nothing @ Holds::Nothing(_) = self.table_id.found(&found) {
+            return Ok(nothing);
         }
         Ok(Holds::UpTo(seq.map_or(0, |s| u64::try_from(s).unwrap_or(0))))
     }
@@ -597,11 +591,11 @@ impl Sink for PostgresSink {
     }
 
     fn note(&self) -> Option<Vec<u8>> {
-        self.table_id.as_ref().map(|t| t.as_bytes().to_vec())
+        self.table_id.get().map(|t| t.as_bytes().to_vec())
     }
 
     fn restore(&mut self, note: &[u8]) {
-        self.table_id = String::from_utf8(note.to_vec()).ok();
+        self.table_id = WentTo::noted(String::from_utf8(note.to_vec()).ok());
     }
 }
 

@@ -68,6 +68,33 @@ pub enum Holds {
     Nothing(String),
 }
 
+/// Which destination a sink's rows went to (a table's oid, a stream's creation time,
+/// as the sink tells one from another), kept in the cursor's note, so that the sink can
+/// tell a destination made anew, or another one, from the one they went to.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct WentTo(Option<String>);
+
+impl WentTo {
+    /// As a cursor's note kept it (`None`: not noted).
+    pub fn noted(went_to: Option<String>) -> WentTo {
+        WentTo(went_to)
+    }
+
+    pub fn get(&self) -> Option<&str> {
+        self.0.as_deref()
+    }
+
+    /// The destination as found now: [`Holds::Nothing`] when it is not the one the rows
+    /// went to (from now on they go to it), [`Holds::Unknown`] when it is, or when none
+    /// was noted (it is taken as theirs).
+    pub fn found(&mut self, found: &str) -> Holds {
+        match self.0.replace(found.to_owned()) {
+            Some(went) if went != found => Holds::Nothing(format!("its rows went to {went}, and it now is {found}")),
+            _ => Holds::Unknown,
+        }
+    }
+}
+
 /// How one runner works.
 #[derive(Clone, Debug)]
 pub struct RunnerSpec {
@@ -1227,6 +1254,16 @@ mod tests {
         assert_eq!(lost_since(&Holds::Unknown, 7), None);
         assert_eq!(lost_since(&Holds::Nothing("new".into()), 7), Some(0));
         assert_eq!(lost_since(&Holds::Nothing("new".into()), 0), None);
+    }
+
+    #[test]
+    fn a_destination_other_than_the_one_the_rows_went_to_holds_nothing_of_them() {
+        let mut went_to = WentTo::default();
+        assert_eq!(went_to.found("a"), Holds::Unknown, "none noted: taken as theirs");
+        assert_eq!(went_to.found("a"), Holds::Unknown);
+        assert!(matches!(went_to.found("b"), Holds::Nothing(_)));
+        assert_eq!(went_to.get(), Some("b"), "from now on the rows go to b");
+        assert_eq!(WentTo::noted(Some("b".into())).found("b"), Holds::Unknown);
     }
 
     /// Says at the start that it holds the lane up to `holds`, and records writes.
