@@ -229,27 +229,29 @@ impl ClickHouseSink {
         Ok(out)
     }
 
-    /// Inserts one kind's rows.
-    async fn insert<T: clickhouse::Row + Serialize>(&self, kind: Kind, rows: &[T]) -> Result<(), SinkError> {
-        if rows.is_empty() {
-            return Ok(());
+    /// Inserts the rows of one kind, each made as it is sent (a batch of 100,000 rows is
+    /// not copied into a vector of its kind first).
+    async fn insert<'r, T: KindRow<'r>>(&self, rows: &'r [Row]) -> Result<(), SinkError> {
+        let mut insert = None;
+        for row in rows.iter().filter(|row| row.kind == T::KIND.name()) {
+            let insert = match &mut insert {
+                Some(insert) => insert,
+                None => insert.insert(self.client.insert::<T>(&self.qualified(T::KIND)).map_err(classify)?),
+            };
+            insert.write(&T::from_row(row)).await.map_err(classify)?;
         }
-        let mut insert = self.client.insert::<T>(&self.qualified(kind)).map_err(classify)?;
-        for row in rows {
-            insert.write(row).await.map_err(classify)?;
+        match insert {
+            Some(insert) => insert.end().await.map_err(classify),
+            None => Ok(()),
         }
-        insert.end().await.map_err(classify)
     }
 
     /// A batch: an insert per kind in it, at the same time.
     async fn write_rows(&self, rows: &[Row]) -> Result<(), SinkError> {
-        let quotes: Vec<QuoteRow<'_>> = rows.iter().filter_map(QuoteRow::from_row).collect();
-        let trades: Vec<TradeRow<'_>> = rows.iter().filter_map(TradeRow::from_row).collect();
-        let bars: Vec<BarRow<'_>> = rows.iter().filter_map(BarRow::from_row).collect();
         let (quotes, trades, bars) = tokio::join!(
-            self.insert(Kind::Quote, &quotes),
-            self.insert(Kind::Trade, &trades),
-            self.insert(Kind::Bar, &bars),
+            self.insert::<QuoteRow>(rows),
+            self.insert::<TradeRow>(rows),
+            self.insert::<BarRow>(rows),
         );
         quotes.and(trades).and(bars)
     }
@@ -325,6 +327,12 @@ fn table(kind: Kind) -> &'static str {
     }
 }
 
+/// A row of one kind's table, made from the flat row of an event of that kind.
+trait KindRow<'a>: clickhouse::Row + Serialize {
+    const KIND: Kind;
+    fn from_row(r: &'a Row) -> Self;
+}
+
 /// A quote as `<table>_quotes` stores it.
 #[derive(Serialize, clickhouse::Row)]
 struct QuoteRow<'a> {
@@ -343,9 +351,10 @@ struct QuoteRow<'a> {
     exchange: Option<i32>,
 }
 
-impl<'a> QuoteRow<'a> {
-    fn from_row(r: &'a Row) -> Option<QuoteRow<'a>> {
-        (r.kind == Kind::Quote.name()).then(|| QuoteRow {
+impl<'a> KindRow<'a> for QuoteRow<'a> {
+    const KIND: Kind = Kind::Quote;
+    fn from_row(r: &'a Row) -> QuoteRow<'a> {
+        QuoteRow {
             feed: &r.feed,
             symbol: &r.symbol,
             timeframe: &r.timeframe,
@@ -359,7 +368,7 @@ impl<'a> QuoteRow<'a> {
             bid_size: r.bid_size,
             ask_size: r.ask_size,
             exchange: r.exchange,
-        })
+        }
     }
 }
 
@@ -381,9 +390,10 @@ struct TradeRow<'a> {
     conditions: &'a [i32],
 }
 
-impl<'a> TradeRow<'a> {
-    fn from_row(r: &'a Row) -> Option<TradeRow<'a>> {
-        (r.kind == Kind::Trade.name()).then(|| TradeRow {
+impl<'a> KindRow<'a> for TradeRow<'a> {
+    const KIND: Kind = Kind::Trade;
+    fn from_row(r: &'a Row) -> TradeRow<'a> {
+        TradeRow {
             feed: &r.feed,
             symbol: &r.symbol,
             timeframe: &r.timeframe,
@@ -397,7 +407,7 @@ impl<'a> TradeRow<'a> {
             exchange: r.exchange,
             trade_id: r.trade_id.as_deref(),
             conditions: &r.conditions,
-        })
+        }
     }
 }
 
@@ -421,9 +431,10 @@ struct BarRow<'a> {
     trades: Option<u64>,
 }
 
-impl<'a> BarRow<'a> {
-    fn from_row(r: &'a Row) -> Option<BarRow<'a>> {
-        (r.kind == Kind::Bar.name()).then(|| BarRow {
+impl<'a> KindRow<'a> for BarRow<'a> {
+    const KIND: Kind = Kind::Bar;
+    fn from_row(r: &'a Row) -> BarRow<'a> {
+        BarRow {
             feed: &r.feed,
             symbol: &r.symbol,
             timeframe: &r.timeframe,
@@ -439,7 +450,7 @@ impl<'a> BarRow<'a> {
             volume: r.volume.unwrap_or(f64::NAN),
             vwap: r.vwap,
             trades: r.trades,
-        })
+        }
     }
 }
 

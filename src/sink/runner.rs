@@ -771,6 +771,9 @@ impl Cutter {
 }
 
 fn add(batch: &mut Batch, read: &ReadBatch, stats: &RunnerStats) -> usize {
+    // One allocation of the right size where one read fills the batch (a backlog),
+    // rather than a vector of large rows doubled and copied over and over.
+    batch.rows.reserve(read.records.len());
     for record in &read.records {
         match batch.push(record) {
             Pushed::Row => {}
