@@ -390,12 +390,7 @@ async fn nats_counts(config: &Config, index: &mut KeyIndex) -> anyhow::Result<Ho
     let mut sink = NatsSink::new(&config.sinks.nats);
     let scanned = sink
         .scan(|row| {
-            let names = (
-                row.feed.as_str(),
-                row.symbol.as_str(),
-                row.kind.as_str(),
-                row.timeframe.as_str(),
-            );
+            let names = (&*row.feed, row.symbol.as_str(), &*row.kind, &*row.timeframe);
             index.add(names, row.ts_ms, row.ordinal, From::Stream);
         })
         .await;

@@ -1024,7 +1024,7 @@ mod tests {
                     trades: None,
                 }),
             };
-            Row::from_event(1, &event)
+            Row::from_event(1, event)
         };
         let live = bar("BRK.B", tickvault_wal::Lane::Live);
         assert_eq!(NatsSink::subject("market", &live), "market.live.BRK_B.1m");
@@ -1039,7 +1039,7 @@ mod tests {
             for seq in first..=last {
                 b.rows.push(Row::from_event(
                     seq,
-                    &crate::event::Event {
+                    crate::event::Event {
                         capture: crate::event::Capture {
                             feed: crate::event::Feed::Crypto,
                             lane,
@@ -1119,7 +1119,7 @@ mod tests {
     fn a_message_leaves_out_absent_fields_and_reads_back_as_the_row() {
         let row = Row::from_event(
             7,
-            &crate::event::Event {
+            crate::event::Event {
                 capture: crate::event::Capture {
                     feed: crate::event::Feed::Crypto,
                     lane: tickvault_wal::Lane::Live,
