@@ -348,6 +348,33 @@ fn postgres_replaces_the_connection_of_a_write_given_up_half_way() {
     });
 }
 
+/// A database dropped with its sessions (as a restore or a failover ends them) is found
+/// at the next write, not at the runner's next recheck: the write on the new session
+/// says, once, that the events table is not the one the rows went to (so the runner
+/// asks what the destination holds right after its retry), and the sink then holds
+/// nothing of what it was sent before.
+#[test]
+fn postgres_finds_at_its_next_write_a_database_made_anew_under_it() {
+    let target = Target::new("pg_made_anew");
+    let config = config(&target);
+    rt().block_on(async {
+        let mut pg = PostgresSink::new(&config.sinks.postgres, "test-log");
+        send(&mut pg, &[events(0, 10)]).await;
+        assert_eq!(pg.holds(Lane::Backfill).await.unwrap(), Holds::UpTo(9));
+        postgres("postgres")
+            .await
+            .batch_execute(&format!("DROP DATABASE {} WITH (FORCE)", target.name))
+            .await
+            .unwrap();
+        let e = pg.write(&events(10, 20)).await.expect_err("a table made anew");
+        assert!(e.retriable && e.code == "table", "{e}");
+        assert!(e.to_string().contains("not the one this log's rows went to"), "{e}");
+        pg.write(&events(10, 20)).await.expect("the retry writes");
+        assert!(matches!(pg.holds(Lane::Backfill).await.unwrap(), Holds::Nothing(_)));
+        assert_eq!(target.postgres_keys().await.len(), 10);
+    });
+}
+
 /// A second stream asked for subjects another stream takes: refused, not retriable (no
 /// retry mends it), and the error says what to change; with its own prefix it goes.
 #[test]

@@ -83,6 +83,9 @@ pub struct PostgresSink {
     /// The events table the cursor's rows went to: `<database>.<table> oid <oid>`. A
     /// table dropped and made again has another oid.
     table_id: WentTo,
+    /// The events table [`PostgresSink::made_anew`] last said a write found in place of
+    /// the one the rows went to.
+    anew_said: Option<String>,
 }
 
 /// Batches a PostgreSQL sink wrote each way.
@@ -113,6 +116,7 @@ impl PostgresSink {
             written: Written::default(),
             sessions: 0,
             table_id: WentTo::default(),
+            anew_said: None,
         }
     }
 
@@ -298,6 +302,38 @@ impl PostgresSink {
         self.write_rows(batch, Way::Merge).await.map_err(Failed::into_sink)?;
         self.written.merged += 1;
         Ok(())
+    }
+
+    /// Which events table this is: its database, name and oid.
+    fn identity(&self, oid: u32) -> String {
+        format!("{}.{} oid {oid}", self.config.database, self.config.table)
+    }
+
+    /// Before a write on a new session (the server ended the last one: a restart, a
+    /// failover, the database dropped with its sessions): an error if the events table
+    /// is not the one this log's rows went to, so that the runner asks what the
+    /// destination holds right after this write, rather than at its next recheck.
+    /// Reconnecting is silent otherwise (the session is opened again within the write),
+    /// and a database made anew under a live runner went unnoticed for up to 30 s.
+    async fn made_anew(&mut self, lane: Lane) -> Result<(), SinkError> {
+        let reopens = self.session.as_ref().is_none_or(|s| s.client.is_closed());
+        let Some(went_to) = self.table_id.get().filter(|_| reopens).map(str::to_owned) else {
+            return Ok(());
+        };
+        let now = match self.look(lane).await? {
+            (Some(oid), _) => self.identity(oid),
+            (None, _) => "gone".to_owned(),
+        };
+        // Said once per table found: the retry writes, and the runner's look that
+        // follows adopts the table.
+        if now == went_to || self.anew_said.as_deref() == Some(&now) {
+            return Ok(());
+        }
+        let message = format!(
+            "the session was ended and the events table is not the one this log's rows went to ({went_to}; now {now})"
+        );
+        self.anew_said = Some(now);
+        Err(SinkError::retriable(NAME, "table", message))
     }
 
     /// Sessions (connections) opened so far: one, while nothing fails.
@@ -567,7 +603,7 @@ impl Sink for PostgresSink {
                 }
             }
         };
-        let found = format!("{}.{} oid {oid}", self.config.database, self.config.table);
+        let found = self.identity(oid);
         if let nothing @ Holds::Nothing(_) = self.table_id.found(&found) {
             return Ok(nothing);
         }
@@ -581,7 +617,10 @@ impl Sink for PostgresSink {
             self.session = None;
         }
         self.in_flight = true;
-        let result = self.write_batch(batch).await;
+        let result = match self.made_anew(batch.lane).await {
+            Ok(()) => self.write_batch(batch).await,
+            Err(e) => Err(e),
+        };
         self.in_flight = false;
         if result.is_err() {
             // Start from a fresh session: the staging table and any half transaction go.
