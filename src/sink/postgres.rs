@@ -83,9 +83,6 @@ pub struct PostgresSink {
     /// The events table the cursor's rows went to: `<database>.<table> oid <oid>`. A
     /// table dropped and made again has another oid.
     table_id: WentTo,
-    /// The events table [`PostgresSink::made_anew`] last said a write found in place of
-    /// the one the rows went to.
-    anew_said: Option<String>,
 }
 
 /// Batches a PostgreSQL sink wrote each way.
@@ -116,7 +113,6 @@ impl PostgresSink {
             written: Written::default(),
             sessions: 0,
             table_id: WentTo::default(),
-            anew_said: None,
         }
     }
 
@@ -324,16 +320,16 @@ impl PostgresSink {
             (Some(oid), _) => self.identity(oid),
             (None, _) => "gone".to_owned(),
         };
-        // Said once per table found: the retry writes, and the runner's look that
-        // follows adopts the table.
-        if now == went_to || self.anew_said.as_deref() == Some(&now) {
+        if now == went_to {
             return Ok(());
         }
-        let message = format!(
-            "the session was ended and the events table is not the one this log's rows went to ({went_to}; now {now})"
-        );
-        self.anew_said = Some(now);
-        Err(SinkError::retriable(NAME, "table", message))
+        Err(SinkError::retriable(
+            NAME,
+            "table",
+            format!(
+                "the session was ended and the events table is not the one this log's rows went to ({went_to}; now {now})"
+            ),
+        ))
     }
 
     /// Sessions (connections) opened so far: one, while nothing fails.
@@ -616,11 +612,11 @@ impl Sink for PostgresSink {
             // may still be open on that connection.
             self.session = None;
         }
+        // Said before any row is sent, keeping the session just opened: the retry writes
+        // on it, and the runner's look that follows adopts the table.
+        self.made_anew(batch.lane).await?;
         self.in_flight = true;
-        let result = match self.made_anew(batch.lane).await {
-            Ok(()) => self.write_batch(batch).await,
-            Err(e) => Err(e),
-        };
+        let result = self.write_batch(batch).await;
         self.in_flight = false;
         if result.is_err() {
             // Start from a fresh session: the staging table and any half transaction go.
