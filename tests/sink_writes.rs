@@ -295,6 +295,53 @@ fn nats_killed_before_its_first_cursor_move_publishes_nothing_twice_after_a_rest
     assert_stream_holds_each_key_once(&target, 3_000);
 }
 
+/// The statements of a write go to the server pipelined (BEGIN with the COPY, then the
+/// COPY's end, the cursor row and COMMIT): a cursor row the server refuses must take the
+/// batch's rows with it, both ways (direct COPY, and merged after a conflict).
+#[test]
+fn postgres_commits_a_batchs_rows_only_with_its_cursor_row() {
+    let target = Target::new("pg_rows_with_cursor");
+    let config = config(&target);
+    rt().block_on(async {
+        let mut pg = PostgresSink::new(&config.sinks.postgres, "test-log");
+        send(&mut pg, &[events(0, 1_000)]).await;
+        let admin = postgres(&target.name).await;
+        admin
+            .batch_execute("ALTER TABLE events_cursors ADD CONSTRAINT test_below CHECK (seq < 1500)")
+            .await
+            .unwrap();
+        // Direct: the COPY succeeds, the cursor row does not.
+        let refused = pg.write(&events(1_000, 2_000)).await;
+        assert!(refused.is_err(), "a cursor row past the constraint was taken");
+        assert_eq!(
+            target.postgres_keys().await.len(),
+            1_000,
+            "rows committed without their cursor row"
+        );
+        // Merged: half of it is there, so the direct COPY fails on a key, and the merge
+        // fails at the cursor row.
+        let refused = pg.write(&events(500, 1_600)).await;
+        assert!(
+            refused.is_err(),
+            "a merged batch's cursor row past the constraint was taken"
+        );
+        assert_eq!(
+            target.postgres_keys().await.len(),
+            1_000,
+            "merged rows committed without their cursor row"
+        );
+        assert_eq!(pg.holds(Lane::Backfill).await.unwrap(), Holds::UpTo(999));
+        // The same batch again once the server takes it: all of it, once.
+        admin
+            .batch_execute("ALTER TABLE events_cursors DROP CONSTRAINT test_below")
+            .await
+            .unwrap();
+        send(&mut pg, &[events(500, 1_600), events(1_600, 2_000)]).await;
+        assert_eq!(target.postgres_keys().await.len(), 2_000);
+        assert_eq!(pg.holds(Lane::Backfill).await.unwrap(), Holds::UpTo(1_999));
+    });
+}
+
 #[test]
 fn postgres_copies_directly_merges_after_a_conflict_and_then_copies_directly_again() {
     let target = Target::new("pg_direct_again");

@@ -94,10 +94,13 @@ pub struct Written {
     pub merged: u64,
 }
 
-/// One connection and the two statements of every batch, prepared on it: staging ->
-/// events, and the cursor upsert.
+/// One connection and the statements of every batch, prepared on it: the two COPYs
+/// (into the events table, into the staging table), staging -> events, and the cursor
+/// upsert.
 struct Session {
     client: Client,
+    copy_direct: Statement,
+    copy_staging: Statement,
     insert: Statement,
     cursor: Statement,
 }
@@ -205,7 +208,21 @@ impl PostgresSink {
                 ))
                 .await
                 .map_err(classify)?;
-            self.session = Some(Session { client, insert, cursor });
+            let copy_direct = client
+                .prepare(&format!("COPY {table} ({STAGING_COLUMNS}, ts) FROM STDIN BINARY"))
+                .await
+                .map_err(classify)?;
+            let copy_staging = client
+                .prepare(&format!("COPY tickvault_staging ({STAGING_COLUMNS}) FROM STDIN BINARY"))
+                .await
+                .map_err(classify)?;
+            self.session = Some(Session {
+                client,
+                copy_direct,
+                copy_staging,
+                insert,
+                cursor,
+            });
             self.sessions += 1;
         }
         Ok(self.session.as_mut().expect("connected above"))
@@ -287,6 +304,11 @@ impl PostgresSink {
                 Err(Failed::Db(e)) if e.code() == Some(&SqlState::UNIQUE_VIOLATION) => {
                     tracing::debug!(lane = %batch.lane, last_seq = batch.last_seq, "rows already there; merging");
                     self.merge_next = MERGE_AFTER_CONFLICT;
+                    // The COMMIT sent with the COPY ended the failed transaction; this
+                    // makes sure of it whatever the COPY's error stopped (a warning, not
+                    // an error, when there is none).
+                    let session = self.session().await?;
+                    session.client.batch_execute("ROLLBACK").await.map_err(classify)?;
                 }
                 Ok(()) => {
                     self.written.direct += 1;
@@ -345,18 +367,17 @@ impl PostgresSink {
     async fn write_rows(&mut self, batch: &Batch, way: Way) -> Result<(), Failed> {
         let log_id = self.log_id.clone();
         let lane = batch.lane.name();
-        let table = self.config.table.clone();
         let session = self.session().await.map_err(Failed::Sink)?;
-        let tx = session.client.transaction().await?;
-        let copy = match way {
-            Way::Direct => format!("COPY {table} ({STAGING_COLUMNS}, ts) FROM STDIN BINARY"),
-            Way::Merge => format!("COPY tickvault_staging ({STAGING_COLUMNS}) FROM STDIN BINARY"),
+        let client = &session.client;
+        let (copy, types) = match way {
+            Way::Direct => (&session.copy_direct, &EVENT_TYPES[..]),
+            Way::Merge => (&session.copy_staging, &EVENT_TYPES[..STAGING_TYPES]),
         };
-        let copy = tx.copy_in(&copy).await?;
-        let types = match way {
-            Way::Direct => &EVENT_TYPES[..],
-            Way::Merge => &EVENT_TYPES[..STAGING_TYPES],
-        };
+        // Pipelined: BEGIN and the COPY's start go together, one round trip (a write on
+        // a busy host pays a wake-up of the server's backend and of this task for each).
+        // BEGIN cannot fail where the COPY would then go on outside a transaction: an
+        // error drops the COPY's sink, which ends the COPY with CopyFail.
+        let ((), copy) = tokio::try_join!(client.batch_execute("BEGIN"), client.copy_in(copy))?;
         let writer = BinaryCopyInWriter::new(copy, types);
         tokio::pin!(writer);
         for r in &batch.rows {
@@ -393,13 +414,26 @@ impl PostgresSink {
             ];
             writer.as_mut().write(&values[..types.len()]).await?;
         }
-        writer.as_mut().finish().await?;
-        if way == Way::Merge {
-            tx.execute(&session.insert, &[]).await?;
-        }
+        // Pipelined too: the COPY's end, the merge, the cursor row and COMMIT, one round
+        // trip. The server runs them in order; after an error in one, the rest fail
+        // and COMMIT ends the transaction as a ROLLBACK, and the first error is what
+        // this returns.
         let seq = i64::try_from(batch.last_seq).unwrap_or(i64::MAX);
-        tx.execute(&session.cursor, &[&log_id, &lane, &seq]).await?;
-        tx.commit().await?;
+        let position: [&(dyn ToSql + Sync); 3] = [&log_id, &lane, &seq];
+        let cursor = client.execute(&session.cursor, &position);
+        match way {
+            Way::Direct => {
+                tokio::try_join!(writer.as_mut().finish(), cursor, client.batch_execute("COMMIT"))?;
+            }
+            Way::Merge => {
+                tokio::try_join!(
+                    writer.as_mut().finish(),
+                    client.execute(&session.insert, &[]),
+                    cursor,
+                    client.batch_execute("COMMIT")
+                )?;
+            }
+        }
         Ok(())
     }
 }
