@@ -375,8 +375,9 @@ impl PostgresSink {
         };
         // Pipelined: BEGIN and the COPY's start go together, one round trip (a write on
         // a busy host pays a wake-up of the server's backend and of this task for each).
-        // BEGIN cannot fail where the COPY would then go on outside a transaction: an
-        // error drops the COPY's sink, which ends the COPY with CopyFail.
+        // Should BEGIN fail, the COPY does not go on outside a transaction: the error
+        // drops the COPY's sink, and a sink dropped unfinished ends the COPY with
+        // CopyFail.
         let ((), copy) = tokio::try_join!(client.batch_execute("BEGIN"), client.copy_in(copy))?;
         let writer = BinaryCopyInWriter::new(copy, types);
         tokio::pin!(writer);
