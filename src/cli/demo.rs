@@ -208,14 +208,24 @@ pub async fn run(
         let head = heads[usize::from(s.lane != Lane::Live)];
         let acked = s.acked_seq.load(Ordering::Relaxed);
         println!(
-            "    {:<10} {:<9} {:>10} rows in {:>6} batches  {}  capture-to-commit p50 {:.1} ms / p99 {:.1} ms  breaker {}, {} failed attempts{}",
+            "    {:<10} {:<9} {:>10} rows in {:>6} batches  {}  capture-to-commit {}  breaker {}, {} failed attempts{}",
             s.sink,
             s.lane.name(),
             thousands(s.rows.load(Ordering::Relaxed)),
             thousands(s.batches.load(Ordering::Relaxed)),
-            if acked >= head { "caught up".to_owned() } else { format!("{} behind", thousands(head - acked)) },
-            s.latency_ms(0.5),
-            s.latency_ms(0.99),
+            if acked >= head {
+                "caught up".to_owned()
+            } else {
+                format!("{} behind", thousands(head - acked))
+            },
+            if s.latency_measured() {
+                format!("p50 {:.1} ms / p99 {:.1} ms", s.latency_ms(0.5), s.latency_ms(0.99))
+            } else if s.rewound.load(Ordering::Relaxed) > 0 {
+                // Rows sent again carry an old capture time: they are not measured.
+                "not measured (only rows sent again)".to_owned()
+            } else {
+                "not measured (no rows)".to_owned()
+            },
             s.state().name(),
             s.failures.load(Ordering::Relaxed),
             match s.rewound.load(Ordering::Relaxed) {
@@ -316,7 +326,7 @@ fn sink_line(running: &daemon::Running, last: &mut Vec<u64>) -> String {
             thousands(rows - last[i]),
             thousands(lag)
         );
-        if s.lane == Lane::Live {
+        if s.lane == Lane::Live && s.latency_measured() {
             part.push_str(&format!(" p99 {:.1} ms", s.latency_ms(0.99)));
         }
         if s.state() != crate::sink::breaker::State::Closed {
