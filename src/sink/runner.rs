@@ -201,6 +201,14 @@ impl RunnerStats {
         quantile_ms(&self.latency_us, q)
     }
 
+    /// Empties the latency histograms (capture to commit, the write, the wait before
+    /// it): figures from now on, for a measurement that leaves a warm-up out.
+    pub fn reset_latency(&self) {
+        for h in [&self.latency_us, &self.write_us, &self.queued_us] {
+            h.lock().unwrap_or_else(|p| p.into_inner()).reset();
+        }
+    }
+
     /// Whether any row's capture-to-commit latency was recorded (rows sent again are
     /// not: see `resent_to`).
     pub fn latency_measured(&self) -> bool {
