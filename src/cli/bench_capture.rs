@@ -74,7 +74,7 @@ async fn live_latency(dir: &Path, events_per_sec: u64, seconds: u64) -> anyhow::
     let task = tokio::spawn(live::run(spec, wal.clone(), stats.clone(), shutdown));
     // Let the connection settle before measuring.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    stats.latency_us.lock().unwrap_or_else(|p| p.into_inner()).reset();
+    stats.reset_latency();
     let before = stats.captured.load(Ordering::Relaxed);
     let started = Instant::now();
     tokio::time::sleep(Duration::from_secs(seconds)).await;

@@ -166,7 +166,7 @@ async fn live_window(config: &Config, seconds: u64) -> anyhow::Result<(Vec<Windo
         s.reset_latency();
     }
     for (_, live) in &running.live {
-        live.latency_us.lock().unwrap_or_else(|p| p.into_inner()).reset();
+        live.reset_latency();
     }
     tokio::time::sleep(Duration::from_secs(seconds)).await;
     let backlog = running.wal.head(Lane::Backfill);

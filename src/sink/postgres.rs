@@ -440,7 +440,7 @@ impl PostgresSink {
 }
 
 /// How a batch goes into the events table (see `write_batch`).
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy)]
 enum Way {
     Direct,
     Merge,

@@ -89,6 +89,12 @@ impl Default for LiveStats {
 }
 
 impl LiveStats {
+    /// Empties the latency histogram: figures from now on, for a measurement that
+    /// leaves a warm-up out.
+    pub fn reset_latency(&self) {
+        self.latency_us.lock().unwrap_or_else(|p| p.into_inner()).reset();
+    }
+
     /// The latency at quantile `q` (0..=1) in milliseconds.
     pub fn latency_ms(&self, q: f64) -> f64 {
         self.latency_us
