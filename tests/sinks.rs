@@ -493,9 +493,8 @@ async fn drop_clickhouse_database_and_stream(target: &Target) {
 /// output (live runners start before the daemon says it is running).
 fn assert_every_runner_sends_again(daemon: &Daemon, within: Duration) {
     let started = std::time::Instant::now();
-    while daemon.log().matches(SENT_AGAIN).count() < 6 && started.elapsed() < within {
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    // Not `wait_for`: on a timeout the assertions below name the runner that did not.
+    common::sinks::waited_for(within, || daemon.log().matches(SENT_AGAIN).count() >= 6);
     let said = daemon.log();
     for sink in ["clickhouse", "postgres", "nats"] {
         for lane in ["live", "backfill"] {

@@ -462,15 +462,24 @@ pub fn nats_server(port: u16, store: &Path, tls: Option<(&Path, &Path)>) -> Chil
 }
 
 /// Polls `done` every 200 ms until it holds, or fails after `timeout` naming `what`.
-pub fn wait_for(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) {
+pub fn wait_for(what: &str, timeout: Duration, done: impl FnMut() -> bool) {
+    assert!(
+        waited_for(timeout, done),
+        "timed out after {timeout:?} waiting for {what}"
+    );
+}
+
+/// Polls `done` every 200 ms until it holds (true) or `timeout` has passed (false), for
+/// a caller that says itself what was missing.
+pub fn waited_for(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
     let started = Instant::now();
     while !done() {
-        assert!(
-            started.elapsed() < timeout,
-            "timed out after {timeout:?} waiting for {what}"
-        );
+        if started.elapsed() >= timeout {
+            return false;
+        }
         std::thread::sleep(Duration::from_millis(200));
     }
+    true
 }
 
 /// `tickvault verify --json` on a log; returns (exit code, report).
