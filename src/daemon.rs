@@ -36,6 +36,8 @@ pub struct Running {
     pub backfill: Option<Arc<BackfillStats>>,
     /// One per sink runner: (sink, lane).
     pub sinks: Vec<Arc<RunnerStats>>,
+    /// How the backfill gives way to live (its share of the duties under the budget).
+    pub priority: Arc<Priority>,
     /// Everything but the live sink runners.
     tasks: JoinSet<anyhow::Result<&'static str>>,
     /// The live sink runners: stopped last, so that they can forward what the sources
@@ -157,7 +159,12 @@ fn runner_spec(sinks: &SinksConfig, batching: Batching, lane: Lane, priority: &A
 }
 
 /// Starts one runner per (enabled sink, forwarded lane), each with its own connection.
-fn start_sinks(config: &Config, wal: &Wal, parts: &mut Parts) -> anyhow::Result<Vec<Arc<RunnerStats>>> {
+fn start_sinks(
+    config: &Config,
+    wal: &Wal,
+    priority: &Arc<Priority>,
+    parts: &mut Parts,
+) -> anyhow::Result<Vec<Arc<RunnerStats>>> {
     fn spawn<S: Sink>(sink: S, spec: RunnerSpec, wal: &Wal, parts: &mut Parts) -> Arc<RunnerStats> {
         let stats = Arc::new(RunnerStats::new(sink.name(), spec.lane));
         let lane = spec.lane;
@@ -179,7 +186,6 @@ fn start_sinks(config: &Config, wal: &Wal, parts: &mut Parts) -> anyhow::Result<
         out
     }
     let sinks = &config.sinks;
-    let priority = Arc::new(Priority::new(sinks.backfill_writes, sinks.backfill_duty));
     let log_id = wal.reader().log_id()?;
     let enabled = sinks.enabled();
     for cursor in wal.reader().cursors()? {
@@ -197,16 +203,16 @@ fn start_sinks(config: &Config, wal: &Wal, parts: &mut Parts) -> anyhow::Result<
     let mut stats = Vec::new();
     for lane in FORWARDED_LANES {
         if sinks.clickhouse.enabled {
-            let spec = runner_spec(sinks, sinks.clickhouse.batching(), lane, &priority);
+            let spec = runner_spec(sinks, sinks.clickhouse.batching(), lane, priority);
             stats.push(spawn(ClickHouseSink::new(&sinks.clickhouse), spec, wal, parts));
         }
         if sinks.postgres.enabled {
-            let spec = runner_spec(sinks, sinks.postgres.batching(), lane, &priority);
+            let spec = runner_spec(sinks, sinks.postgres.batching(), lane, priority);
             let sink = PostgresSink::new(&sinks.postgres, &log_id);
             stats.push(spawn(sink, spec, wal, parts));
         }
         if sinks.nats.enabled {
-            let spec = runner_spec(sinks, sinks.nats.batching(), lane, &priority);
+            let spec = runner_spec(sinks, sinks.nats.batching(), lane, priority);
             stats.push(spawn(NatsSink::new(&sinks.nats), spec, wal, parts));
         }
     }
@@ -287,13 +293,18 @@ pub fn start(config: &Config) -> anyhow::Result<Running> {
             Ok("live collector")
         });
     }
-    let sinks = start_sinks(config, &wal, &mut parts)?;
+    // Shared by the sink runners and the backfill's capture: live's latency budget
+    // scales both duties.
+    let s = &config.sinks;
+    let priority = Arc::new(Priority::new(s.backfill_writes, s.backfill_duty, s.live_latency_budget));
+    let sinks = start_sinks(config, &wal, &priority, &mut parts)?;
     let jobs = backfill_jobs(config, jiff::Timestamp::now().as_millisecond());
     let backfill = if jobs.is_empty() {
         None
     } else {
         let stats = Arc::new(BackfillStats::default());
-        let downloader = Downloader::new(backfill_spec(config)?, wal.clone(), stats.clone())?;
+        let downloader =
+            Downloader::new(backfill_spec(config)?, wal.clone(), stats.clone())?.yielding_to(priority.clone());
         let shutdown = shutdown.clone();
         parts.tasks.spawn_on(
             async move {
@@ -333,6 +344,7 @@ pub fn start(config: &Config) -> anyhow::Result<Running> {
         live: live_stats,
         backfill,
         sinks,
+        priority,
         tasks: parts.tasks,
         live_runners: parts.live_runners,
         _background: background,

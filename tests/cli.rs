@@ -56,6 +56,8 @@ fn validate_names_the_bad_field_and_exits_2() {
         ("[sinks.postgres]\ntable = \"events; drop\"\n", "sinks.postgres.table"),
         ("[sinks.nats]\nurl = \"http://127.0.0.1:4222\"\n", "sinks.nats.url"),
         ("[sinks]\nbreaker_threshold = 0\n", "sinks.breaker_threshold"),
+        ("[sinks]\nlive_latency_budget = \"1min\"\n", "sinks.live_latency_budget"),
+        ("[sinks]\nlive_latency_budget = 40\n", "sinks.live_latency_budget"),
     ];
     for (body, field) in cases {
         let path = dir.path().join("bad.toml");

@@ -187,6 +187,10 @@ pub enum BenchCommand {
         /// 1 for a capture that never pauses for live.
         #[arg(long)]
         capture_duty: Option<f64>,
+        /// `sinks.live_latency_budget` for every window (default: the config's default,
+        /// 40ms), e.g. 0ms for the duties as they are, with no budget.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        budget: Option<std::time::Duration>,
     },
     /// Durable appends (1 and 4 producers) against naive synced single puts, and replay reads.
     Wal {

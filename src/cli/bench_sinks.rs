@@ -142,6 +142,11 @@ struct LogWindow {
     captured: u64,
     /// Time the capture paused for live, ms.
     paused_ms: u64,
+    /// The backfill's share of its duties (the live latency budget's), sampled every
+    /// 100 ms over the window: its mean.
+    share: f64,
+    /// Periods that found live over its budget during the window.
+    cuts: u64,
 }
 
 /// Live figures per sink over one window, and the log's.
@@ -168,7 +173,12 @@ async fn live_window(config: &Config, seconds: u64) -> anyhow::Result<(Vec<Windo
     for (_, live) in &running.live {
         live.reset_latency();
     }
-    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    let (cuts, mut shares) = (running.priority.budget_cuts(), Vec::new());
+    let until = Instant::now() + Duration::from_secs(seconds);
+    while Instant::now() < until {
+        shares.push(running.priority.backfill_share());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let backlog = running.wal.head(Lane::Backfill);
     let (p50, p99) = running
         .live
@@ -182,6 +192,8 @@ async fn live_window(config: &Config, seconds: u64) -> anyhow::Result<(Vec<Windo
             .backfill
             .as_ref()
             .map_or(0, |b| b.paused_ms.load(Ordering::Relaxed)),
+        share: shares.iter().sum::<f64>() / shares.len().max(1) as f64,
+        cuts: running.priority.budget_cuts() - cuts,
     };
     let mut out = Vec::new();
     for s in running.sinks.iter().filter(|s| s.lane == Lane::Live) {
@@ -221,6 +233,8 @@ pub struct Duties {
     pub forwarding: Option<f64>,
     /// `backfill.live_duty`.
     pub capture: Option<f64>,
+    /// `sinks.live_latency_budget`.
+    pub budget: Option<Duration>,
 }
 
 pub async fn sinks(
@@ -246,6 +260,10 @@ pub async fn sinks(
             return Ok(ExitCode::from(2));
         }
     }
+    if duties.budget.is_some_and(|b| b > Duration::from_secs(10)) {
+        eprintln!("bench sinks: --budget: must be at most 10s (0ms: no budget)");
+        return Ok(ExitCode::from(2));
+    }
     let _ = std::fs::remove_dir_all(dir.join("sinks"));
     let dir = dir.join("sinks");
     std::fs::create_dir_all(&dir)?;
@@ -262,18 +280,24 @@ pub async fn sinks(
         if let Some(duty) = duties.capture {
             config.backfill.live_duty = duty;
         }
+        if let Some(budget) = duties.budget {
+            config.sinks.live_latency_budget = budget;
+        }
     };
     if part != SinkBenchPart::Throughput {
         println!(
             "bench sinks: live crypto BTC-USD, ETH-USD quotes and trades (~400 events/s); \
              {rounds} rounds of an idle then a backfill window, {seconds} s each; sinks.backfill_duty {}, \
-             backfill.live_duty {}",
+             backfill.live_duty {}, sinks.live_latency_budget {:?}",
             duties
                 .forwarding
                 .unwrap_or(crate::sink::SinksConfig::default().backfill_duty),
             duties
                 .capture
-                .unwrap_or(crate::config::BackfillConfig::default().live_duty)
+                .unwrap_or(crate::config::BackfillConfig::default().live_duty),
+            duties
+                .budget
+                .unwrap_or(crate::sink::SinksConfig::default().live_latency_budget)
         );
         let (mut idle, mut busy) = (Vec::new(), Vec::new());
         let (mut idle_log, mut busy_log) = (Vec::new(), Vec::new());
@@ -346,6 +370,14 @@ pub async fn sinks(
             log(&busy_log),
             median(&captured),
             median(&paused)
+        );
+        let shares: Vec<String> = busy_log.iter().map(|w| format!("{:.2}", w.share)).collect();
+        let cuts: Vec<String> = busy_log.iter().map(|w| w.cuts.to_string()).collect();
+        println!(
+            "  the backfill's share of its duties under the live latency budget, mean per round: {}; \
+             periods with live over the budget: {}",
+            shares.join(" "),
+            cuts.join(" ")
         );
     }
     if part == SinkBenchPart::Latency {

@@ -335,6 +335,11 @@ fn sink_line(running: &daemon::Running, last: &mut Vec<u64>) -> String {
         last[i] = rows;
         parts.push(part);
     }
+    let share = running.priority.backfill_share();
+    if share < 1.0 {
+        // Live over its latency budget: the backfill yields more than its duties.
+        parts.push(format!("backfill at 1/{:.0} of its duties for live", 1.0 / share));
+    }
     format!("      | sinks: {}", parts.join(" | "))
 }
 

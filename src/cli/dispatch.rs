@@ -139,6 +139,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 sinks,
                 backfill_duty,
                 capture_duty,
+                budget,
             } => runtime()?.block_on(super::bench_sinks::sinks(
                 &dir,
                 seconds,
@@ -149,6 +150,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Duties {
                     forwarding: backfill_duty,
                     capture: capture_duty,
+                    budget,
                 },
             )),
             BenchCommand::Wal {

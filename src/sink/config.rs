@@ -30,6 +30,15 @@ pub struct SinksConfig {
     /// and disk free. With no live rows flowing, backfill goes at full speed. Between
     /// 0.05 and 1; 1 means no pause. Default 0.5.
     pub backfill_duty: f64,
+    /// The live latency the backfill yields for: while more than 1% of the live batches
+    /// acknowledged in half a second took longer than this from capture to commit (their
+    /// oldest row), the backfill's share of `backfill_duty` and of `backfill.live_duty` is
+    /// halved, down to a sixteenth; while they are within it, it grows back by a
+    /// sixteenth each half second. So the duties are what the backfill may take at most,
+    /// and it takes what the host leaves it once live is within its budget. `0ms`: no
+    /// budget (the duties apply as they are). At most 10 s. Default `40ms`.
+    #[serde(with = "humantime_serde")]
+    pub live_latency_budget: Duration,
     /// At a graceful stop, once the sources have stopped, how long each live runner may
     /// go on forwarding what the live lane still holds, so that a stop leaves nothing
     /// captured live behind (what is left is sent at the next start). A runner whose
@@ -52,6 +61,7 @@ impl Default for SinksConfig {
             breaker_threshold: 3,
             backfill_writes: 1,
             backfill_duty: 0.5,
+            live_latency_budget: Duration::from_millis(40),
             stop_drain: Duration::from_secs(5),
             clickhouse: ClickHouseConfig::default(),
             postgres: PostgresConfig::default(),
@@ -341,6 +351,12 @@ impl SinksConfig {
             return err(
                 "sinks.backfill_duty",
                 "must be between 0.05 and 1 (1: backfill never pauses)",
+            );
+        }
+        if self.live_latency_budget > Duration::from_secs(10) {
+            return err(
+                "sinks.live_latency_budget",
+                "must be at most 10s (0ms: no budget, the duties apply as they are)",
             );
         }
         if self.stop_drain > Duration::from_secs(60) {

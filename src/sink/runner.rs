@@ -238,22 +238,34 @@ impl RunnerStats {
         tracing::warn!(sink = self.sink, lane = %self.lane, from = t.from.name(), to = t.to.name(), "sink breaker");
     }
 
-    fn record_latency(&self, batch: &Batch) {
-        self.record_since_capture(&self.latency_us, jiff::Timestamp::now().as_nanosecond(), batch);
+    /// Records each new row's capture-to-commit latency; returns the longest (`None`
+    /// when every row was sent again).
+    fn record_latency(&self, batch: &Batch) -> Option<Duration> {
+        self.record_since_capture(&self.latency_us, jiff::Timestamp::now().as_nanosecond(), batch)
     }
 
     /// Records in `h`, per row of `batch` sent for the first time, the time from its
-    /// capture to `at_ns`.
-    fn record_since_capture(&self, h: &Mutex<hdrhistogram::Histogram<u64>>, at_ns: i128, batch: &Batch) {
+    /// capture to `at_ns`; returns the longest.
+    fn record_since_capture(
+        &self,
+        h: &Mutex<hdrhistogram::Histogram<u64>>,
+        at_ns: i128,
+        batch: &Batch,
+    ) -> Option<Duration> {
         let resent_to = self.resent_to.load(Ordering::Relaxed);
         if batch.last_seq <= resent_to {
-            return;
+            return None;
         }
         let mut h = h.lock().unwrap_or_else(|p| p.into_inner());
+        let mut longest = None;
         for row in batch.rows.iter().filter(|r| r.seq > resent_to) {
-            let us = (at_ns - i128::from(row.captured_at_ns)) / 1000;
-            let _ = h.record(u64::try_from(us).unwrap_or(1).max(1));
+            let us = u64::try_from((at_ns - i128::from(row.captured_at_ns)) / 1000)
+                .unwrap_or(1)
+                .max(1);
+            let _ = h.record(us);
+            longest = longest.max(Some(us));
         }
+        longest.map(Duration::from_micros)
     }
 }
 
@@ -499,9 +511,9 @@ fn commit(
     note: Option<Vec<u8>>,
 ) -> anyhow::Result<u64> {
     if !batch.rows.is_empty() {
-        stats.record_latency(batch);
+        let longest = stats.record_latency(batch);
         if let (Lane::Live, Some(priority)) = (spec.lane, &spec.priority) {
-            priority.live_acknowledged();
+            priority.live_acknowledged(longest);
         }
     }
     cursor.acknowledged(batch.last_seq, note)?;
@@ -1080,7 +1092,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let wal = Wal::open(dir.path()).unwrap();
         append_to(&wal, Lane::Backfill, 100, 0).await;
-        let priority = Arc::new(Priority::new(1, 0.5));
+        let priority = Arc::new(Priority::new(1, 0.5, Duration::ZERO));
         let writes = Arc::new(Mutex::new(Vec::new()));
         let (stop, shutdown) = watch::channel(false);
         let spec = RunnerSpec {
@@ -1094,7 +1106,7 @@ mod tests {
             tokio::spawn(async move {
                 if live {
                     loop {
-                        priority.live_acknowledged();
+                        priority.live_acknowledged(None);
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                 }
@@ -1149,6 +1161,34 @@ mod tests {
             assert!(gap >= Duration::from_millis(20), "gap {gap:?} after a 20 ms write");
         }
         assert!(yielded >= 19 * 20, "yielded {yielded} ms");
+    }
+
+    /// A live runner reports each batch's oldest row's latency to the priority: writes
+    /// slower than the live latency budget (150 ms) halve the backfill's share of its
+    /// duties; fast ones leave it whole.
+    #[tokio::test]
+    async fn live_batches_over_the_latency_budget_cut_the_backfills_share() {
+        for (delay, over) in [(Duration::from_millis(200), true), (Duration::from_millis(1), false)] {
+            let f = Fixture::new();
+            let priority = Arc::new(Priority::new(1, 0.5, Duration::from_millis(150)));
+            let (stop, shutdown) = watch::channel(false);
+            let spec = RunnerSpec {
+                batch_rows: 1_000,
+                priority: Some(priority.clone()),
+                ..spec()
+            };
+            let runner = tokio::spawn(run(f.sink(delay), f.wal.clone(), spec, f.stats.clone(), shutdown));
+            // Over a second of appends: two half-second periods at least.
+            append_while_running(&f.wal, &f.stats, 0..1_000).await;
+            stop.send(true).unwrap();
+            runner.await.unwrap().unwrap();
+            let (cuts, share) = (priority.budget_cuts(), priority.backfill_share());
+            assert_eq!(
+                (cuts > 0, share < 1.0),
+                (over, over),
+                "writes of {delay:?}: {cuts} cuts, share {share}"
+            );
+        }
     }
 
     #[tokio::test]

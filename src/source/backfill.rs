@@ -32,7 +32,7 @@ use crate::backoff::Backoff;
 use crate::config::Secret;
 use crate::event::{Bar, Body, Capture, Event, Feed, Timeframe, EVENT_KIND};
 use crate::polygon::symbol;
-use crate::sink::priority::{pause_for, LIVE_FLOWING};
+use crate::sink::priority::{pause_for, Priority, LIVE_FLOWING};
 
 /// One symbol's backfill over `from_ms..to_ms`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -246,6 +246,8 @@ pub struct Downloader {
     http: reqwest::Client,
     limiter: DefaultDirectRateLimiter,
     pub stats: Arc<BackfillStats>,
+    /// The sinks' priority: its live latency budget scales `live_duty` too.
+    priority: Option<Arc<Priority>>,
 }
 
 impl Downloader {
@@ -278,7 +280,15 @@ impl Downloader {
             http,
             limiter: RateLimiter::direct(quota),
             stats,
+            priority: None,
         })
+    }
+
+    /// Paces the appends by `priority`'s share of `live_duty` (the sinks' live latency
+    /// budget) instead of `live_duty` alone.
+    pub fn yielding_to(mut self, priority: Arc<Priority>) -> Downloader {
+        self.priority = Some(priority);
+        self
     }
 
     /// Runs every job to completion (or until `shutdown`). Finished periods are skipped.
@@ -438,7 +448,11 @@ impl Downloader {
                 save(&self.wal, &period).await?;
             }
             if seen.flowing(self.wal.head(Lane::Live), Instant::now()) {
-                let pause = pause_for(started.elapsed(), self.spec.live_duty);
+                let duty = match &self.priority {
+                    Some(p) => p.scaled(self.spec.live_duty),
+                    None => self.spec.live_duty,
+                };
+                let pause = pause_for(started.elapsed(), duty);
                 if !pause.is_zero() {
                     self.stats
                         .paused_ms
