@@ -363,6 +363,10 @@ async fn forward<S: Sink>(
     let mut cursor = CursorMover::start(wal.clone(), name, lane, position, stats.clone());
     let mut written = position;
     let mut recheck_at = tokio::time::Instant::now() + RECHECK_EVERY;
+    // After a failed recheck the next comes sooner (a destination made anew under a
+    // runner with nothing to send is found within seconds of the server's answering
+    // again): exponential from 1 s with full jitter, up to the usual interval.
+    let mut recheck_retry = crate::backoff::Backoff::new(Duration::from_secs(1), RECHECK_EVERY);
     let mut lost = None;
     let outcome = async {
         loop {
@@ -402,15 +406,18 @@ async fn forward<S: Sink>(
             }
             if tokio::time::Instant::now() >= recheck_at {
                 recheck_at = tokio::time::Instant::now() + RECHECK_EVERY;
-                // One attempt: a failure here is left to the next write and its retries.
+                // One attempt: a failure here is left to the next write and its retries,
+                // and to the next recheck, sooner than the usual interval.
                 match attempt(sink, &Op::Resume, spec.attempt_timeout, stats).await {
                     Ok(holds) => {
+                        recheck_retry.reset();
                         if let Some(start) = lost_since(&holds, written) {
                             lost = Some((start, holds));
                             break;
                         }
                     }
                     Err(e) => {
+                        recheck_at = tokio::time::Instant::now() + recheck_retry.next_delay();
                         tracing::debug!(sink = name, %lane, error = %e.message, "rechecking the destination failed")
                     }
                 }
@@ -1374,6 +1381,68 @@ mod tests {
                 "rows sent again are not the pipeline's latency"
             );
         }
+    }
+
+    /// Answers `holds` from a script (the start's call first, then each recheck's; past
+    /// its end, `Unknown`), recording when each call came.
+    struct Rechecked {
+        script: Vec<Result<Holds, ()>>,
+        calls: Arc<Mutex<Vec<tokio::time::Instant>>>,
+    }
+
+    impl Sink for Rechecked {
+        fn name(&self) -> &'static str {
+            "recorder"
+        }
+
+        async fn holds(&mut self, _lane: Lane) -> Result<Holds, SinkError> {
+            let mut calls = self.calls.lock().unwrap();
+            let answer = self.script.get(calls.len()).cloned().unwrap_or(Ok(Holds::Unknown));
+            calls.push(tokio::time::Instant::now());
+            answer.map_err(|()| SinkError::retriable("recorder", "down", "not answering"))
+        }
+
+        async fn write(&mut self, _batch: &Batch) -> Result<(), SinkError> {
+            Ok(())
+        }
+    }
+
+    /// A runner with nothing to send asks its destination every 30 s whether it still
+    /// holds what it was sent; after a recheck that failed it asks again within
+    /// seconds (exponential from 1 s, full jitter), and after one that succeeded, 30 s
+    /// later again.
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_recheck_is_tried_again_within_seconds_not_at_the_next_interval() {
+        let f = Fixture::new();
+        let calls = Arc::new(Mutex::new(Vec::new()));
+        let sink = Rechecked {
+            script: vec![Ok(Holds::Unknown), Err(()), Err(()), Err(()), Ok(Holds::Unknown)],
+            calls: calls.clone(),
+        };
+        let (stop, shutdown) = watch::channel(false);
+        let runner = tokio::spawn(run(sink, f.wal.clone(), spec(), f.stats.clone(), shutdown));
+        let started = tokio::time::Instant::now();
+        while calls.lock().unwrap().len() < 6 {
+            assert!(
+                started.elapsed() < Duration::from_secs(600),
+                "{:?}",
+                calls.lock().unwrap()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        stop.send(true).unwrap();
+        runner.await.unwrap().unwrap();
+        let calls = calls.lock().unwrap().clone();
+        let gaps: Vec<Duration> = calls.windows(2).map(|w| w[1] - w[0]).collect();
+        assert!(gaps[0] >= RECHECK_EVERY, "the first recheck, {gaps:?}");
+        // After the failures: at most 1 s, 2 s, 4 s.
+        for (i, gap) in gaps[1..4].iter().enumerate() {
+            assert!(
+                *gap <= Duration::from_secs(1 << i) + Duration::from_millis(10),
+                "{gaps:?}"
+            );
+        }
+        assert!(gaps[4] >= RECHECK_EVERY, "after a recheck that succeeded, {gaps:?}");
     }
 
     /// Learns its note when it connects at the start (as JetStream reads the stream's
