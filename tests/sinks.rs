@@ -495,6 +495,7 @@ fn assert_every_runner_sends_again(daemon: &Daemon, within: Duration) {
     let started = std::time::Instant::now();
     // Not `wait_for`: on a timeout the assertions below name the runner that did not.
     common::sinks::waited_for(within, || daemon.log().matches(SENT_AGAIN).count() >= 6);
+    eprintln!("waited {:.1?} for the runners to send again", started.elapsed());
     let said = daemon.log();
     for sink in ["clickhouse", "postgres", "nats"] {
         for lane in ["live", "backfill"] {

@@ -463,10 +463,13 @@ pub fn nats_server(port: u16, store: &Path, tls: Option<(&Path, &Path)>) -> Chil
 
 /// Polls `done` every 200 ms until it holds, or fails after `timeout` naming `what`.
 pub fn wait_for(what: &str, timeout: Duration, done: impl FnMut() -> bool) {
+    let started = Instant::now();
     assert!(
         waited_for(timeout, done),
         "timed out after {timeout:?} waiting for {what}"
     );
+    // Shown with a failure of the test (or with --nocapture): where its time went.
+    eprintln!("waited {:.1?} for {what}", started.elapsed());
 }
 
 /// Polls `done` every 200 ms until it holds (true) or `timeout` has passed (false), for
