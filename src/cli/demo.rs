@@ -188,6 +188,7 @@ pub async fn run(
     let data_dir = config.log.data_dir.clone();
     let backfill_stats = running.backfill.clone();
     let sink_stats = running.sinks.clone();
+    let priority = running.priority.clone();
     let heads = [running.wal.head(Lane::Live), running.wal.head(Lane::Backfill)];
     let result = running.shutdown().await;
     simulator.stop().await?;
@@ -233,6 +234,21 @@ pub async fn run(
                 n => format!(", {} records sent again (the sink lacked them)", thousands(n)),
             }
         );
+    }
+    match priority.budget() {
+        (budget, _) if budget.is_zero() => {}
+        (_, 0) => {}
+        (budget, periods) => println!(
+            "  live first: in {} of {} half seconds live batches were over the {} ms latency budget, each time \
+             halving the backfill's share of its duties; it ended at {}",
+            priority.budget_cuts(),
+            periods,
+            budget.as_millis(),
+            match priority.backfill_share() {
+                1.0 => "all of them".to_owned(),
+                share => format!("1/{:.0}", 1.0 / share),
+            }
+        ),
     }
     let report = crate::verify::verify(&config, &data_dir).await?;
     for s in &report.sinks {

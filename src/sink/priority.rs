@@ -75,6 +75,8 @@ struct Control {
     share: f64,
     /// How many periods found live over its budget.
     cuts: u64,
+    /// How many periods had live batches to judge.
+    periods: u64,
 }
 
 impl Control {
@@ -86,6 +88,7 @@ impl Control {
             return;
         }
         if self.batches > 0 {
+            self.periods += 1;
             if self.over * 100 > self.batches {
                 self.share = (self.share / 2.0).max(MIN_SHARE);
                 self.cuts += 1;
@@ -116,6 +119,7 @@ impl Priority {
                 over: 0,
                 share: 1.0,
                 cuts: 0,
+                periods: 0,
             }),
         }
     }
@@ -153,6 +157,14 @@ impl Priority {
     /// How many periods so far found live over its budget.
     pub fn budget_cuts(&self) -> u64 {
         self.control().cuts
+    }
+
+    /// The budget (zero: none), and how many periods so far had live batches to judge
+    /// against it.
+    pub fn budget(&self) -> (Duration, u64) {
+        let mut c = self.control();
+        c.roll();
+        (self.budget, c.periods)
     }
 
     /// The duty `configured` scaled by the budget's share (for the backfill's capture,
@@ -253,6 +265,7 @@ mod tests {
         }
         assert_eq!(p.backfill_share(), MIN_SHARE, "halved down to the floor, never below");
         assert_eq!(p.budget_cuts(), 7);
+        assert_eq!(p.budget(), (Duration::from_millis(40), 8), "every period with batches");
         // Duty 0.5 / 16: the pause is 31 times the write.
         assert_eq!(p.pause_after(took), Duration::from_millis(3_100));
         for _ in 0..20 {
