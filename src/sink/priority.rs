@@ -81,8 +81,8 @@ struct Control {
 
 impl Control {
     /// Closes the period if it is over: more than 1% of its live batches over the budget
-    /// (its p99 over it) halves the share, none over or fewer grows it by a step; a
-    /// period with no live batch leaves it.
+    /// (its p99 over it) halves the share, otherwise it grows by a step; a period with
+    /// no live batch leaves it.
     fn roll(&mut self) {
         if self.period_start.elapsed() < PERIOD {
             return;
