@@ -246,7 +246,7 @@ pub async fn run(
             budget.as_millis(),
             match priority.backfill_share() {
                 1.0 => "all of them".to_owned(),
-                share => format!("1/{:.0}", 1.0 / share),
+                share => format!("{:.0}% of them", share * 100.0),
             }
         ),
     }
@@ -354,7 +354,7 @@ fn sink_line(running: &daemon::Running, last: &mut Vec<u64>) -> String {
     let share = running.priority.backfill_share();
     if share < 1.0 {
         // Live over its latency budget: the backfill yields more than its duties.
-        parts.push(format!("backfill at 1/{:.0} of its duties for live", 1.0 / share));
+        parts.push(format!("backfill at {:.0}% of its duties for live", share * 100.0));
     }
     format!("      | sinks: {}", parts.join(" | "))
 }
