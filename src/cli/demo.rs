@@ -240,7 +240,7 @@ pub async fn run(
         (_, 0) => {}
         (budget, periods) => println!(
             "  live first: in {} of {} half seconds live batches were over the {} ms latency budget, each time \
-             halving the backfill's share of its duties; it ended at {}",
+             halving the backfill's share of its duties (down to a sixteenth); it ended at {}",
             priority.budget_cuts(),
             periods,
             budget.as_millis(),
