@@ -173,7 +173,7 @@ async fn live_window(config: &Config, seconds: u64) -> anyhow::Result<(Vec<Windo
     for (_, live) in &running.live {
         live.reset_latency();
     }
-    let (cuts, mut shares) = (running.priority.budget_cuts(), Vec::new());
+    let (cuts, mut shares) = (running.priority.budget().cuts, Vec::new());
     let until = Instant::now() + Duration::from_secs(seconds);
     while Instant::now() < until {
         shares.push(running.priority.backfill_share());
@@ -193,7 +193,7 @@ async fn live_window(config: &Config, seconds: u64) -> anyhow::Result<(Vec<Windo
             .as_ref()
             .map_or(0, |b| b.paused_ms.load(Ordering::Relaxed)),
         share: shares.iter().sum::<f64>() / shares.len().max(1) as f64,
-        cuts: running.priority.budget_cuts() - cuts,
+        cuts: running.priority.budget().cuts - cuts,
     };
     let mut out = Vec::new();
     for s in running.sinks.iter().filter(|s| s.lane == Lane::Live) {

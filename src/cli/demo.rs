@@ -235,20 +235,19 @@ pub async fn run(
             }
         );
     }
-    match priority.budget() {
-        (budget, _) if budget.is_zero() => {}
-        (_, 0) => {}
-        (budget, periods) => println!(
+    let seen = priority.budget();
+    if !seen.budget.is_zero() && seen.periods > 0 {
+        println!(
             "  live first: in {} of {} half seconds live batches were over the {} ms latency budget, each time \
              halving the backfill's share of its duties (down to a sixteenth); it ended at {}",
-            priority.budget_cuts(),
-            periods,
-            budget.as_millis(),
-            match priority.backfill_share() {
+            seen.cuts,
+            seen.periods,
+            seen.budget.as_millis(),
+            match seen.share {
                 1.0 => "all of them".to_owned(),
                 share => format!("{:.0}% of them", share * 100.0),
             }
-        ),
+        );
     }
     let report = crate::verify::verify(&config, &data_dir).await?;
     for s in &report.sinks {

@@ -65,6 +65,20 @@ pub struct Priority {
     control: Mutex<Control>,
 }
 
+/// The live latency budget and what it has seen ([`Priority::budget`]).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BudgetSeen {
+    /// `sinks.live_latency_budget`; zero: none.
+    pub budget: Duration,
+    /// Periods that had live batches to judge.
+    pub periods: u64,
+    /// Periods that found live over the budget (each halved the share, down to
+    /// [`MIN_SHARE`]).
+    pub cuts: u64,
+    /// The backfill's share of its duties now.
+    pub share: f64,
+}
+
 /// The budget's state: the current period's live batches, and the share they set.
 #[derive(Debug)]
 struct Control {
@@ -154,17 +168,16 @@ impl Priority {
         c.share
     }
 
-    /// How many periods so far found live over its budget.
-    pub fn budget_cuts(&self) -> u64 {
-        self.control().cuts
-    }
-
-    /// The budget (zero: none), and how many periods so far had live batches to judge
-    /// against it.
-    pub fn budget(&self) -> (Duration, u64) {
+    /// What the budget has seen so far, taken at one moment.
+    pub fn budget(&self) -> BudgetSeen {
         let mut c = self.control();
         c.roll();
-        (self.budget, c.periods)
+        BudgetSeen {
+            budget: self.budget,
+            periods: c.periods,
+            cuts: c.cuts,
+            share: c.share,
+        }
     }
 
     /// The duty `configured` scaled by the budget's share (for the backfill's capture,
@@ -264,15 +277,20 @@ mod tests {
             period(&p, 50, 50).await;
         }
         assert_eq!(p.backfill_share(), MIN_SHARE, "halved down to the floor, never below");
-        assert_eq!(p.budget_cuts(), 7);
-        assert_eq!(p.budget(), (Duration::from_millis(40), 8), "every period with batches");
+        let seen = p.budget();
+        assert_eq!(seen.cuts, 7);
+        assert_eq!(
+            (seen.budget, seen.periods),
+            (Duration::from_millis(40), 8),
+            "every period with batches"
+        );
         // Duty 0.5 / 16: the pause is 31 times the write.
         assert_eq!(p.pause_after(took), Duration::from_millis(3_100));
         for _ in 0..20 {
             period(&p, 50, 0).await;
         }
         assert_eq!(p.backfill_share(), 1.0, "grown back by steps, never above");
-        assert_eq!(p.budget_cuts(), 7);
+        assert_eq!(p.budget().cuts, 7);
     }
 
     #[tokio::test(start_paused = true)]
@@ -286,7 +304,7 @@ mod tests {
             }
             tokio::time::advance(PERIOD).await;
         }
-        assert_eq!((none.backfill_share(), none.budget_cuts()), (1.0, 0));
+        assert_eq!((none.backfill_share(), none.budget().cuts), (1.0, 0));
         assert_eq!(rows_sent_again.backfill_share(), 1.0);
     }
 

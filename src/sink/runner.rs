@@ -1189,7 +1189,8 @@ mod tests {
             append_while_running(&f.wal, &f.stats, 0..1_000).await;
             stop.send(true).unwrap();
             runner.await.unwrap().unwrap();
-            let (cuts, share) = (priority.budget_cuts(), priority.backfill_share());
+            let seen = priority.budget();
+            let (cuts, share) = (seen.cuts, seen.share);
             assert_eq!(
                 (cuts > 0, share < 1.0),
                 (over, over),
