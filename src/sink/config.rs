@@ -52,6 +52,8 @@ pub struct SinksConfig {
 
 /// The values `sinks.backfill_duty` may take.
 pub const BACKFILL_DUTY: std::ops::RangeInclusive<f64> = 0.05..=1.0;
+/// The longest `sinks.live_latency_budget`.
+pub const LIVE_LATENCY_BUDGET_MAX: Duration = Duration::from_secs(10);
 
 impl Default for SinksConfig {
     fn default() -> Self {
@@ -353,7 +355,7 @@ impl SinksConfig {
                 "must be between 0.05 and 1 (1: backfill never pauses)",
             );
         }
-        if self.live_latency_budget > Duration::from_secs(10) {
+        if self.live_latency_budget > LIVE_LATENCY_BUDGET_MAX {
             return err(
                 "sinks.live_latency_budget",
                 "must be at most 10s (0ms: no budget, the duties apply as they are)",
