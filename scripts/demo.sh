@@ -5,6 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
+. scripts/lib/cache.sh
 cargo build --release --bin tickvault
 args=("$@")
 [ ${#args[@]} -gt 0 ] || args=(--duration 30)

@@ -16,4 +16,14 @@ if [ ${#need[@]} -gt 0 ]; then
     $sudo apt-get update -q >/dev/null
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q "${need[@]}" >/dev/null
 fi
+# The compiler cache (scripts/lib/cache.sh): a build works without it, so a failed
+# install is said and not fatal.
+if ! command -v sccache >/dev/null 2>&1; then
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    echo "installing: sccache" >&2
+    [ ${#need[@]} -gt 0 ] || $sudo apt-get update -q >/dev/null || true
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q sccache >/dev/null \
+        || echo "sccache could not be installed: building without a compiler cache" >&2
+fi
 command -v cargo >/dev/null || { echo "cargo not found: install Rust (rustup) first" >&2; exit 1; }

@@ -6,6 +6,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
+. scripts/lib/cache.sh
 # The sink tests talk to real servers: PostgreSQL, NATS JetStream and ClickHouse on loopback.
 scripts/services.sh up
 
