@@ -9,6 +9,8 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 use tickvault_wal::{payload, Lane, RecordKind};
 
+pub mod identity;
+
 /// Record kind of a market event (payload: postcard [`Event`]).
 pub const EVENT_KIND: RecordKind = RecordKind(1);
 /// Record kind of the synthetic records `wal load` writes (payload: see `cli::load`).
@@ -126,8 +128,9 @@ pub struct Quote {
     pub symbol: String,
     /// Exchange timestamp, Unix milliseconds.
     pub ts_ms: i64,
-    /// Position among this symbol's quotes with the same timestamp (0 for the first).
-    pub ordinal: u32,
+    /// Tells this quote from others of its symbol with the same timestamp (see
+    /// [`identity`]); set by the live collector.
+    pub uid: u64,
     pub bid: f64,
     pub ask: f64,
     pub bid_size: Option<f64>,
@@ -140,7 +143,9 @@ pub struct Quote {
 pub struct Trade {
     pub symbol: String,
     pub ts_ms: i64,
-    pub ordinal: u32,
+    /// Tells this trade from others of its symbol with the same timestamp (see
+    /// [`identity`]); set by the live collector.
+    pub uid: u64,
     pub price: f64,
     pub size: f64,
     pub exchange: Option<i32>,
@@ -217,7 +222,8 @@ pub struct NaturalKey {
     /// `tick` for quotes and trades; the bar's timeframe otherwise.
     pub timeframe: String,
     pub ts_ms: i64,
-    pub ordinal: u32,
+    /// 0 for bars (one per symbol, timeframe and window); see [`identity`] for ticks.
+    pub uid: u64,
 }
 
 impl fmt::Display for NaturalKey {
@@ -232,7 +238,7 @@ impl fmt::Display for NaturalKey {
             self.kind.name(),
             self.timeframe,
             self.ts_ms,
-            self.ordinal
+            self.uid
         )
     }
 }
@@ -264,10 +270,10 @@ impl Event {
     }
 
     pub fn natural_key(&self) -> NaturalKey {
-        let (timeframe, ordinal) = match &self.body {
-            Body::Quote(q) => ("tick".to_owned(), q.ordinal),
-            Body::Trade(t) => ("tick".to_owned(), t.ordinal),
-            // One bar per symbol, timeframe and window: the ordinal is always 0.
+        let (timeframe, uid) = match &self.body {
+            Body::Quote(q) => ("tick".to_owned(), q.uid),
+            Body::Trade(t) => ("tick".to_owned(), t.uid),
+            // One bar per symbol, timeframe and window: the uid is always 0.
             Body::Bar(b) => (b.timeframe.to_string(), 0),
         };
         NaturalKey {
@@ -276,7 +282,7 @@ impl Event {
             kind: self.kind(),
             timeframe,
             ts_ms: self.ts_ms(),
-            ordinal,
+            uid,
         }
     }
 
@@ -304,7 +310,7 @@ mod tests {
             body: Body::Quote(Quote {
                 symbol: "EUR/USD".into(),
                 ts_ms: 1_700_000_000_123,
-                ordinal: 2,
+                uid: 2,
                 bid: 1.0842,
                 ask: 1.0843,
                 bid_size: None,
@@ -328,6 +334,46 @@ mod tests {
         b.capture.lane = Lane::Backfill;
         assert_eq!(a.natural_key(), b.natural_key());
         assert_eq!(a.natural_key().to_string(), "forex:EUR/USD:quote:tick:1700000000123:2");
+    }
+
+    #[test]
+    fn an_event_written_when_the_key_held_a_u32_ordinal_reads_with_it_as_its_uid() {
+        // The shape of a quote before the uid (postcard: field names are not written).
+        #[derive(Serialize)]
+        struct OldQuote<'a> {
+            symbol: &'a str,
+            ts_ms: i64,
+            ordinal: u32,
+            bid: f64,
+            ask: f64,
+            bid_size: Option<f64>,
+            ask_size: Option<f64>,
+            exchange: Option<i32>,
+        }
+        #[derive(Serialize)]
+        enum OldBody<'a> {
+            Quote(OldQuote<'a>),
+        }
+        #[derive(Serialize)]
+        struct OldEvent<'a> {
+            capture: Capture,
+            body: OldBody<'a>,
+        }
+        let event = sample();
+        let old = OldEvent {
+            capture: event.capture.clone(),
+            body: OldBody::Quote(OldQuote {
+                symbol: "EUR/USD",
+                ts_ms: 1_700_000_000_123,
+                ordinal: 2,
+                bid: 1.0842,
+                ask: 1.0843,
+                bid_size: None,
+                ask_size: None,
+                exchange: Some(48),
+            }),
+        };
+        assert_eq!(Event::from_payload(&payload::to_bytes(&old).unwrap()).unwrap(), event);
     }
 
     #[test]

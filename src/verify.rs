@@ -213,7 +213,7 @@ pub async fn verify(config: &Config, data_dir: &Path) -> anyhow::Result<Report> 
             index.add(
                 names,
                 key.ts_ms,
-                key.ordinal,
+                key.uid,
                 From::Log {
                     lane: index_of_lane,
                     seq,
@@ -391,7 +391,7 @@ async fn nats_counts(config: &Config, index: &mut KeyIndex) -> anyhow::Result<Ho
     let scanned = sink
         .scan(|row| {
             let names = (&*row.feed, row.symbol.as_str(), &*row.kind, &*row.timeframe);
-            index.add(names, row.ts_ms, row.ordinal, From::Stream);
+            index.add(names, row.ts_ms, row.uid, From::Stream);
         })
         .await;
     if let Err(e) = scanned {

@@ -403,3 +403,85 @@ async fn a_reader_that_stops_reading_is_cut_off_as_a_slow_consumer() {
     assert!(ended.is_ok(), "the server kept a reader that did not read");
     sim.stop().await.unwrap();
 }
+
+/// Every captured tick's natural key as a string, per feed and kind, with its timestamp.
+fn tick_keys(captured: &[Event]) -> Vec<(i64, String)> {
+    captured
+        .iter()
+        .filter(|e| !matches!(e.body, Body::Bar(_)))
+        .map(|e| (e.ts_ms(), e.natural_key().to_string()))
+        .collect()
+}
+
+#[tokio::test]
+async fn ticks_whose_timestamps_go_back_and_repeat_each_keep_their_own_key_on_two_appliances() {
+    // One tick in two is followed by another exchange's, stamped with the tick before.
+    let faults = Faults {
+        interleave_every: 2,
+        ..Faults::default()
+    };
+    let sim = sim::spawn(
+        any_port(),
+        SimOptions {
+            quotes_per_minute: 3000,
+            faults,
+            always_open: true,
+            ..SimOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    // Two appliances on one feed (two keys: one key's second connection evicts the first).
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (wal_a, wal_b) = (Wal::open(dir_a.path()).unwrap(), Wal::open(dir_b.path()).unwrap());
+    let appliance = |key: &str| {
+        let mut both = Vec::new();
+        for (feed, symbol, channels) in [
+            (Feed::Crypto, "BTC-USD", &["XQ", "XT"][..]),
+            (Feed::Forex, "EUR/USD", &["C"][..]),
+        ] {
+            let mut s = spec(&sim, feed, &[symbol], channels);
+            s.api_key = Secret::new(key);
+            both.push(s);
+        }
+        both
+    };
+    let [a_crypto, a_forex]: [LiveSpec; 2] = appliance("key-a").try_into().unwrap();
+    let [b_crypto, b_forex]: [LiveSpec; 2] = appliance("key-b").try_into().unwrap();
+    let how_long = Duration::from_secs(3);
+    tokio::join!(
+        capture_for(a_crypto, &wal_a, how_long),
+        capture_for(a_forex, &wal_a, how_long),
+        capture_for(b_crypto, &wal_b, how_long),
+        capture_for(b_forex, &wal_b, how_long),
+    );
+    let (a, b) = (tick_keys(&events(&wal_a)), tick_keys(&events(&wal_b)));
+    // The feed went back in time and repeated timestamps...
+    assert!(a.windows(2).any(|w| w[1].0 < w[0].0), "no timestamp went back");
+    // ...and still no two captured ticks share a key.
+    for keys in [&a, &b] {
+        let distinct: HashSet<&String> = keys.iter().map(|(_, k)| k).collect();
+        assert_eq!(distinct.len(), keys.len(), "ticks shared a key");
+    }
+    // Where both appliances were connected, they gave every tick the same key.
+    let span = |keys: &[(i64, String)]| {
+        (
+            keys.iter().map(|k| k.0).min().unwrap(),
+            keys.iter().map(|k| k.0).max().unwrap(),
+        )
+    };
+    let ((a_from, a_to), (b_from, b_to)) = (span(&a), span(&b));
+    let (from, to) = (a_from.max(b_from) + 500, a_to.min(b_to) - 500);
+    let within = |keys: &[(i64, String)]| -> BTreeSet<String> {
+        keys.iter()
+            .filter(|(ts, _)| (from..=to).contains(ts))
+            .map(|(_, k)| k.clone())
+            .collect()
+    };
+    let (in_a, in_b) = (within(&a), within(&b));
+    assert!(in_a.len() > 50, "overlap too short: {}", in_a.len());
+    assert_eq!(in_a, in_b);
+    wal_a.shutdown().await.unwrap();
+    wal_b.shutdown().await.unwrap();
+    sim.stop().await.unwrap();
+}

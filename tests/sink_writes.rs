@@ -31,7 +31,7 @@ fn events(from: u64, to: u64) -> Batch {
                 kind: kind.into(),
                 timeframe: if kind == "bar" { "1m" } else { "tick" }.into(),
                 ts_ms: 1_700_000_000_000 + i as i64 * 60_000,
-                ordinal: 0,
+                uid: 0,
                 seq: i,
                 lane: "backfill".into(),
                 captured_at_ns: 1,
@@ -471,9 +471,9 @@ fn clickhouse_refuses_a_table_of_its_name_that_would_keep_copies() {
             format!("CREATE DATABASE {db}"),
             format!(
                 "CREATE TABLE {db}.events_trades (feed String, symbol String, timeframe String, ts_ms Int64, \
-                 ordinal UInt32, seq UInt64, lane String, captured_at_ns Int64, price Float64, size Float64, \
+                 uid UInt64, seq UInt64, lane String, captured_at_ns Int64, price Float64, size Float64, \
                  exchange Nullable(Int32), trade_id Nullable(String), conditions Array(Int32)) \
-                 ENGINE = MergeTree ORDER BY (feed, symbol, timeframe, ts_ms, ordinal)"
+                 ENGINE = MergeTree ORDER BY (feed, symbol, timeframe, ts_ms, uid)"
             ),
         ] {
             ch.query(&sql).execute().await.unwrap();
@@ -518,7 +518,7 @@ fn postgres_refuses_an_events_table_without_the_natural_key_as_unique_key() {
         db.batch_execute(
             "CREATE TABLE events (
                 feed text NOT NULL, symbol text NOT NULL, kind text NOT NULL, timeframe text NOT NULL,
-                ts_ms bigint NOT NULL, ordinal bigint NOT NULL, ts timestamptz NOT NULL,
+                ts_ms bigint NOT NULL, uid bigint NOT NULL, ts timestamptz NOT NULL,
                 seq bigint NOT NULL, lane text NOT NULL, captured_at_ns bigint NOT NULL,
                 bid double precision, ask double precision, bid_size double precision,
                 ask_size double precision, price double precision, size double precision,
@@ -532,7 +532,7 @@ fn postgres_refuses_an_events_table_without_the_natural_key_as_unique_key() {
         let e = sink.write(&events(0, 30)).await.expect_err("no unique key");
         assert_refused(&e, &["table events", "unique key", "sinks.postgres.table"]);
 
-        db.batch_execute("ALTER TABLE events ADD PRIMARY KEY (symbol, feed, kind, timeframe, ts_ms, ordinal, ts)")
+        db.batch_execute("ALTER TABLE events ADD PRIMARY KEY (symbol, feed, kind, timeframe, ts_ms, uid, ts)")
             .await
             .unwrap();
         send(&mut sink, &[events(0, 30), events(0, 30)]).await;

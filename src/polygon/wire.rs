@@ -14,7 +14,7 @@ pub enum WireItem {
         status: String,
         message: String,
     },
-    /// A market event; its `ordinal` is 0 and is assigned by the collector.
+    /// A market event; its `uid` is 0 and is assigned by the collector.
     Event(Body),
     /// An `ev` this client does not capture (e.g. `XL2`, `LULD`).
     Ignored(String),
@@ -116,7 +116,7 @@ fn parse_item(feed: Feed, item: &Value) -> Result<WireItem, Malformed> {
             Body::Quote(Quote {
                 symbol,
                 ts_ms: need_int("t")?,
-                ordinal: 0,
+                uid: 0,
                 bid: need_num(bid)?,
                 ask: need_num(ask)?,
                 bid_size: num(item, "bs"),
@@ -131,7 +131,7 @@ fn parse_item(feed: Feed, item: &Value) -> Result<WireItem, Malformed> {
         "XT" | "T" => Body::Trade(Trade {
             symbol,
             ts_ms: need_int("t")?,
-            ordinal: 0,
+            uid: 0,
             price: need_num("p")?,
             size: num(item, "s").unwrap_or(0.0),
             exchange,

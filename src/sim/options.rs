@@ -7,7 +7,9 @@ use std::time::Duration;
 /// `429=N` (answer the first N REST requests of every minute with 429),
 /// `slow=200ms` (delay every REST response), `holes=N` (one minute in N has no data at
 /// the source), `5xx=N` (answer one REST request in N with a 502), `malformed=N` (send a
-/// malformed frame before one live frame in N).
+/// malformed frame before one live frame in N), `interleave=N` (after one live tick in N,
+/// a tick from another exchange stamped with the previous tick's time, so timestamps go
+/// back and repeat, as a crypto pair's trades from several exchanges do).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Faults {
     pub disconnect_every: Option<Duration>,
@@ -16,6 +18,7 @@ pub struct Faults {
     pub hole_every: u32,
     pub error_5xx_every: u32,
     pub malformed_every: u32,
+    pub interleave_every: u32,
 }
 
 impl std::str::FromStr for Faults {
@@ -39,9 +42,10 @@ impl std::str::FromStr for Faults {
                 "holes" => faults.hole_every = count()?,
                 "5xx" => faults.error_5xx_every = count()?,
                 "malformed" => faults.malformed_every = count()?,
+                "interleave" => faults.interleave_every = count()?,
                 other => {
                     return Err(format!(
-                        "unknown fault {other:?} (disconnect, 429, slow, holes, 5xx, malformed)"
+                        "unknown fault {other:?} (disconnect, 429, slow, holes, 5xx, malformed, interleave)"
                     ))
                 }
             }

@@ -174,7 +174,7 @@ async fn connection(sim: Arc<Sim>, feed: Feed, socket: WebSocket) {
             _ = tick.tick() => {
                 let now = now_ms();
                 if key.is_some() && !subs.items.is_empty() {
-                    let events = gather(&sim.market, feed, &subs, last_emit, now);
+                    let events = gather(&sim.market, feed, &subs, last_emit, now, sim.options.faults.interleave_every);
                     if !events.is_empty() {
                         frames_sent += 1;
                         let every = sim.options.faults.malformed_every;
@@ -213,6 +213,30 @@ async fn connection(sim: Arc<Sim>, feed: Feed, socket: WebSocket) {
         // An abrupt cut: no close frame, the TCP connection just ends.
         writer.abort();
     }
+}
+
+/// The `interleave` fault: a tick from another exchange stamped with the time of the
+/// symbol's tick before (a later tick stamped earlier, and a timestamp seen twice), its
+/// price a cent away, a trade with its own trade id. Which ticks get one depends on the
+/// tick alone, so every connection receives the same feed.
+fn twin(tick: &Value, earlier_ts: i64) -> Value {
+    let mut twin = tick.clone();
+    twin["t"] = json!(earlier_ts);
+    for (field, exchange) in [("x", 2), ("bx", 5)] {
+        if twin.get(field).is_some() {
+            twin[field] = json!(exchange);
+        }
+    }
+    // Forex's `p` is the pair, not a price: only numbers move.
+    for field in ["p", "b", "bp"] {
+        if let Some(price) = twin.get(field).and_then(Value::as_f64) {
+            twin[field] = json!(price + 0.01);
+        }
+    }
+    if let Some(id) = twin.get("i").and_then(Value::as_str) {
+        twin["i"] = json!(format!("x2-{id}"));
+    }
+    twin
 }
 
 fn size(ts: i64) -> f64 {
@@ -278,8 +302,16 @@ fn fold(quotes: &[SimQuote], start: i64, end: i64) -> Option<Window> {
 }
 
 /// Every event of the subscriptions that happened in `(after, upto]`, in time order;
-/// bars are sent when their window has closed.
-fn gather(market: &Market, feed: Feed, subs: &Subscriptions, after: i64, upto: i64) -> Vec<Value> {
+/// bars are sent when their window has closed. With `interleave_every` N > 0, a tick
+/// whose time is a multiple of N is followed by its [`twin`].
+fn gather(
+    market: &Market,
+    feed: Feed,
+    subs: &Subscriptions,
+    after: i64,
+    upto: i64,
+    interleave_every: u32,
+) -> Vec<Value> {
     let mut events: Vec<(i64, Value)> = Vec::new();
     let first_minute = after.div_euclid(MINUTE_MS) * MINUTE_MS - MINUTE_MS;
     for &prefix in prefixes(feed) {
@@ -288,8 +320,20 @@ fn gather(market: &Market, feed: Feed, subs: &Subscriptions, after: i64, upto: i
             while minute <= upto {
                 match prefix {
                     "C" | "XQ" | "XT" | "Q" | "T" => {
-                        for q in market.quotes_between(feed, &symbol, minute, after, upto) {
-                            events.push((q.ts_ms, quote_json(feed, &symbol, prefix, &q)));
+                        let quotes = market.quotes_between(feed, &symbol, minute, after, upto);
+                        for q in &quotes {
+                            let tick = quote_json(feed, &symbol, prefix, q);
+                            let every = i64::from(interleave_every);
+                            if every > 0 && q.ts_ms % every == 0 {
+                                let before = market.quotes_between(feed, &symbol, minute, minute - 1, q.ts_ms - 1);
+                                if let Some(earlier) = before.last() {
+                                    // Sorting is stable: the twin stays right after its tick.
+                                    events.push((q.ts_ms, tick.clone()));
+                                    events.push((q.ts_ms, twin(&tick, earlier.ts_ms)));
+                                    continue;
+                                }
+                            }
+                            events.push((q.ts_ms, tick));
                         }
                     }
                     "CA" | "XA" | "AM" => {

@@ -87,7 +87,7 @@ impl ClickHouseSink {
         if self.prepared {
             return Ok(());
         }
-        let key = "feed String, symbol String, timeframe String, ts_ms Int64, ordinal UInt32, \
+        let key = "feed String, symbol String, timeframe String, ts_ms Int64, uid UInt64, \
                    seq UInt64, lane String, captured_at_ns Int64";
         let order = SORTING_KEY.join(", ");
         let mut ddl = vec![format!("CREATE DATABASE IF NOT EXISTS {}", self.database)];
@@ -212,7 +212,7 @@ impl ClickHouseSink {
         for kind in KINDS {
             let sql = format!(
                 "SELECT feed, symbol, '{}' AS kind, timeframe, intDiv(ts_ms, 86400000) AS day,
-                        uniqExact(ts_ms, ordinal) AS keys, count() AS rows
+                        uniqExact(ts_ms, uid) AS keys, count() AS rows
                  FROM {} FINAL
                  GROUP BY feed, symbol, timeframe, day",
                 kind.name(),
@@ -259,7 +259,7 @@ impl ClickHouseSink {
 
 /// The natural key, the order of every table: a ReplacingMergeTree keeps one row per
 /// value of it.
-const SORTING_KEY: [&str; 5] = ["feed", "symbol", "timeframe", "ts_ms", "ordinal"];
+const SORTING_KEY: [&str; 5] = ["feed", "symbol", "timeframe", "ts_ms", "uid"];
 
 /// A table as `system.tables` describes it (columns both 18.16 and current releases have).
 #[derive(Debug, Deserialize, clickhouse::Row)]
@@ -340,7 +340,7 @@ struct QuoteRow<'a> {
     symbol: &'a str,
     timeframe: &'a str,
     ts_ms: i64,
-    ordinal: u32,
+    uid: u64,
     seq: u64,
     lane: &'a str,
     captured_at_ns: i64,
@@ -359,7 +359,7 @@ impl<'a> KindRow<'a> for QuoteRow<'a> {
             symbol: &r.symbol,
             timeframe: &r.timeframe,
             ts_ms: r.ts_ms,
-            ordinal: r.ordinal,
+            uid: r.uid,
             seq: r.seq,
             lane: &r.lane,
             captured_at_ns: r.captured_at_ns,
@@ -379,7 +379,7 @@ struct TradeRow<'a> {
     symbol: &'a str,
     timeframe: &'a str,
     ts_ms: i64,
-    ordinal: u32,
+    uid: u64,
     seq: u64,
     lane: &'a str,
     captured_at_ns: i64,
@@ -398,7 +398,7 @@ impl<'a> KindRow<'a> for TradeRow<'a> {
             symbol: &r.symbol,
             timeframe: &r.timeframe,
             ts_ms: r.ts_ms,
-            ordinal: r.ordinal,
+            uid: r.uid,
             seq: r.seq,
             lane: &r.lane,
             captured_at_ns: r.captured_at_ns,
@@ -418,7 +418,7 @@ struct BarRow<'a> {
     symbol: &'a str,
     timeframe: &'a str,
     ts_ms: i64,
-    ordinal: u32,
+    uid: u64,
     seq: u64,
     lane: &'a str,
     captured_at_ns: i64,
@@ -439,7 +439,7 @@ impl<'a> KindRow<'a> for BarRow<'a> {
             symbol: &r.symbol,
             timeframe: &r.timeframe,
             ts_ms: r.ts_ms,
-            ordinal: r.ordinal,
+            uid: r.uid,
             seq: r.seq,
             lane: &r.lane,
             captured_at_ns: r.captured_at_ns,
@@ -561,11 +561,11 @@ mod tests {
             made: 0,
             uuid: String::new(),
         };
-        let key = "feed, symbol, timeframe, ts_ms, ordinal";
+        let key = "feed, symbol, timeframe, ts_ms, uid";
         assert_eq!(shape("ReplacingMergeTree", key).problem(), None);
         assert_eq!(shape("ReplicatedReplacingMergeTree", key).problem(), None);
         assert_eq!(
-            shape("ReplacingMergeTree", "feed,symbol,timeframe,ts_ms,ordinal").problem(),
+            shape("ReplacingMergeTree", "feed,symbol,timeframe,ts_ms,uid").problem(),
             None
         );
         assert_eq!(
@@ -576,11 +576,9 @@ mod tests {
             shape("ReplacingMergeTree", "feed, symbol, ts_ms").problem().as_deref(),
             Some("is ordered by (feed, symbol, ts_ms)")
         );
-        assert!(
-            shape("ReplacingMergeTree", "feed, symbol, timeframe, ts_ms, ordinal, seq")
-                .problem()
-                .is_some()
-        );
+        assert!(shape("ReplacingMergeTree", "feed, symbol, timeframe, ts_ms, uid, seq")
+            .problem()
+            .is_some());
         assert!(shape("Distributed", "").problem().is_some());
     }
 

@@ -29,7 +29,7 @@ use tickvault_wal::Lane;
 const NAME: &str = "postgres";
 
 /// Staging columns, in COPY order (the events table adds `ts`, computed from `ts_ms`).
-const STAGING_COLUMNS: &str = "feed, symbol, kind, timeframe, ts_ms, ordinal, seq, lane, captured_at_ns, \
+const STAGING_COLUMNS: &str = "feed, symbol, kind, timeframe, ts_ms, uid, seq, lane, captured_at_ns, \
      bid, ask, bid_size, ask_size, price, size, open, high, low, close, volume, vwap, \
      trades, exchange, trade_id, conditions";
 
@@ -382,7 +382,11 @@ impl PostgresSink {
         let writer = BinaryCopyInWriter::new(copy, types);
         tokio::pin!(writer);
         for r in &batch.rows {
-            let (ordinal, seq) = (i64::from(r.ordinal), i64::try_from(r.seq).unwrap_or(i64::MAX));
+            // A uid has 63 bits (event::identity): it fits a bigint as it is.
+            let (uid, seq) = (
+                i64::try_from(r.uid).unwrap_or(i64::MAX),
+                i64::try_from(r.seq).unwrap_or(i64::MAX),
+            );
             let trades = r.trades.map(|t| i64::try_from(t).unwrap_or(i64::MAX));
             let ts = timestamp(r.ts_ms);
             let values: [&(dyn ToSql + Sync); 26] = [
@@ -391,7 +395,7 @@ impl PostgresSink {
                 &r.kind,
                 &r.timeframe,
                 &r.ts_ms,
-                &ordinal,
+                &uid,
                 &seq,
                 &r.lane,
                 &r.captured_at_ns,
@@ -517,7 +521,7 @@ async fn prepare(client: &Client, config: &PostgresConfig) -> Result<(), SinkErr
             SELECT pg_advisory_xact_lock(hashtext('tickvault-ddl'));
             CREATE TABLE IF NOT EXISTS {table} (
                 feed text NOT NULL, symbol text NOT NULL, kind text NOT NULL, timeframe text NOT NULL,
-                ts_ms bigint NOT NULL, ordinal bigint NOT NULL, ts timestamptz NOT NULL,
+                ts_ms bigint NOT NULL, uid bigint NOT NULL, ts timestamptz NOT NULL,
                 seq bigint NOT NULL, lane text NOT NULL, captured_at_ns bigint NOT NULL,
                 bid double precision, ask double precision,
                 bid_size double precision, ask_size double precision,
@@ -533,7 +537,7 @@ async fn prepare(client: &Client, config: &PostgresConfig) -> Result<(), SinkErr
             );
             COMMIT;
             CREATE TEMP TABLE IF NOT EXISTS tickvault_staging (
-                feed text, symbol text, kind text, timeframe text, ts_ms bigint, ordinal bigint,
+                feed text, symbol text, kind text, timeframe text, ts_ms bigint, uid bigint,
                 seq bigint, lane text, captured_at_ns bigint,
                 bid double precision, ask double precision,
                 bid_size double precision, ask_size double precision,
@@ -571,7 +575,7 @@ async fn prepare(client: &Client, config: &PostgresConfig) -> Result<(), SinkErr
 
 /// The events table's unique key: the natural key, and `ts` (see [`prepare`]); its
 /// primary key, the merge's `ON CONFLICT` target, and what [`check_unique_key`] looks for.
-const UNIQUE_KEY: &str = "feed, symbol, kind, timeframe, ts_ms, ordinal, ts";
+const UNIQUE_KEY: &str = "feed, symbol, kind, timeframe, ts_ms, uid, ts";
 
 /// Refuses an events table that was there before without a unique index on exactly
 /// the natural key (`CREATE TABLE IF NOT EXISTS` leaves it as it is): the direct COPY

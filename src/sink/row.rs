@@ -20,7 +20,7 @@ pub struct Row {
     pub kind: Cow<'static, str>,
     pub timeframe: Cow<'static, str>,
     pub ts_ms: i64,
-    pub ordinal: u32,
+    pub uid: u64,
     // Where it came from: the capture sequence is ClickHouse's version column.
     pub seq: u64,
     pub lane: Cow<'static, str>,
@@ -71,7 +71,7 @@ impl Row {
             kind: Cow::Borrowed(kind.name()),
             timeframe: Cow::Borrowed("tick"),
             ts_ms: event.ts_ms(),
-            ordinal: 0,
+            uid: 0,
             seq,
             lane: Cow::Borrowed(event.capture.lane.name()),
             captured_at_ns: event.capture.captured_at_ns,
@@ -96,7 +96,7 @@ impl Row {
         match event.body {
             Body::Quote(q) => {
                 row.symbol = q.symbol;
-                row.ordinal = q.ordinal;
+                row.uid = q.uid;
                 row.bid = Some(q.bid);
                 row.ask = Some(q.ask);
                 row.bid_size = q.bid_size;
@@ -105,7 +105,7 @@ impl Row {
             }
             Body::Trade(t) => {
                 row.symbol = t.symbol;
-                row.ordinal = t.ordinal;
+                row.uid = t.uid;
                 row.price = Some(t.price);
                 row.size = Some(t.size);
                 row.exchange = t.exchange;
@@ -132,7 +132,7 @@ impl Row {
     pub fn key_string(&self) -> String {
         format!(
             "{}:{}:{}:{}:{}:{}",
-            self.feed, self.symbol, self.kind, self.timeframe, self.ts_ms, self.ordinal
+            self.feed, self.symbol, self.kind, self.timeframe, self.ts_ms, self.uid
         )
     }
 }
@@ -231,7 +231,7 @@ mod tests {
         let quote = event(Body::Quote(Quote {
             symbol: "EUR/USD".into(),
             ts_ms: 1_700_000_000_123,
-            ordinal: 2,
+            uid: 2,
             bid: 1.0,
             ask: 1.1,
             bid_size: None,
@@ -247,7 +247,7 @@ mod tests {
         let trade = event(Body::Trade(Trade {
             symbol: "BTC-USD".into(),
             ts_ms: 1_700_000_000_456,
-            ordinal: 3,
+            uid: 3,
             price: 5.0,
             size: 0.25,
             exchange: Some(1),

@@ -1057,7 +1057,7 @@ mod tests {
                 body: Body::Quote(Quote {
                     symbol: "BTC-USD".into(),
                     ts_ms: 1_700_000_000_000 + i as i64,
-                    ordinal: 0,
+                    uid: 0,
                     bid: 1.0,
                     ask: 2.0,
                     bid_size: None,

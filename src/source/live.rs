@@ -7,7 +7,6 @@
 //! jitter, re-authenticated and re-subscribed, and the interval it was down is recorded
 //! as a suspected gap.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,7 +19,8 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::backoff::Backoff;
 use crate::config::Secret;
-use crate::event::{Body, Capture, Event, EventKind, Feed, EVENT_KIND};
+use crate::event::identity::Uids;
+use crate::event::{Capture, Event, Feed, EVENT_KIND};
 use crate::gaps::{self, SuspectedGap};
 use crate::polygon::wire::{self, WireItem};
 
@@ -130,7 +130,9 @@ pub async fn run(
     let (tx, rx) = mpsc::channel::<Arrival>(4096);
     let appender = tokio::spawn(append_loop(wal.clone(), rx, stats.clone()));
     let mut backoff = Backoff::new(spec.reconnect_min, spec.reconnect_max);
-    let mut ordinals = Ordinals::default();
+    // Not reset per connection: a reconnect resends nothing, and copies of identical
+    // content across it still count on.
+    let mut uids = Uids::default();
     // Set when a connection was lost after subscribing: the last event timestamp seen.
     let mut open_gap: Option<(i64, String)> = None;
     let mut last_event_ms: Option<i64> = None;
@@ -142,7 +144,7 @@ pub async fn run(
             &spec,
             &tx,
             &stats,
-            &mut ordinals,
+            &mut uids,
             &mut open_gap,
             &mut last_event_ms,
             &wal,
@@ -205,31 +207,12 @@ async fn record_gap(wal: &Wal, stats: &LiveStats, spec: &LiveSpec, from_ms: i64,
     }
 }
 
-/// Assigns each event its ordinal among same-timestamp events of its symbol and kind.
-#[derive(Default)]
-struct Ordinals {
-    last: HashMap<(String, EventKind), (i64, u32)>,
-}
-
-impl Ordinals {
-    fn assign(&mut self, body: &mut Body) {
-        let (symbol, kind, ts, ordinal) = match body {
-            Body::Quote(q) => (&q.symbol, EventKind::Quote, q.ts_ms, &mut q.ordinal),
-            Body::Trade(t) => (&t.symbol, EventKind::Trade, t.ts_ms, &mut t.ordinal),
-            Body::Bar(_) => return,
-        };
-        let entry = self.last.entry((symbol.clone(), kind)).or_insert((i64::MIN, 0));
-        *ordinal = if entry.0 == ts { entry.1 + 1 } else { 0 };
-        *entry = (ts, *ordinal);
-    }
-}
-
 #[allow(clippy::too_many_arguments)]
 async fn session(
     spec: &LiveSpec,
     tx: &mpsc::Sender<Arrival>,
     stats: &LiveStats,
-    ordinals: &mut Ordinals,
+    uids: &mut Uids,
     open_gap: &mut Option<(i64, String)>,
     last_event_ms: &mut Option<i64>,
     wal: &Wal,
@@ -331,7 +314,7 @@ async fn session(
                     _ => tracing::debug!(feed = %spec.feed, %status, %message, "status"),
                 },
                 Ok(WireItem::Event(mut body)) => {
-                    ordinals.assign(&mut body);
+                    uids.assign(&mut body);
                     events.push(Event {
                         capture: Capture {
                             feed: spec.feed,

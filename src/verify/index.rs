@@ -12,7 +12,7 @@
 //! entry (lz4) while it runs (BENCHMARKS.md).
 //!
 //! Groups (feed, symbol, kind, timeframe) are numbered as first seen, so a key is fixed
-//! width: `source (1) | group (4) | day (8) | ts_ms (8) | ordinal (4) | suffix (9)`, with
+//! width: `source (1) | group (4) | day (8) | ts_ms (8) | uid (8) | suffix (9)`, with
 //! signed numbers stored so that their bytes sort as the numbers do.
 
 use std::collections::HashMap;
@@ -44,8 +44,8 @@ pub enum From {
 /// A group's four names: feed, symbol, kind, timeframe.
 pub type GroupNames = (String, String, String, String);
 
-/// The bytes of a key that name a natural key: source, group, day, ts_ms, ordinal.
-const NATURAL_KEY_LEN: usize = 1 + 4 + 8 + 8 + 4;
+/// The bytes of a key that name a natural key: source, group, day, ts_ms, uid.
+const NATURAL_KEY_LEN: usize = 1 + 4 + 8 + 8 + 8;
 const KEY_LEN: usize = NATURAL_KEY_LEN + 9;
 /// Entries buffered before a write to the index.
 const BATCH: usize = 65_536;
@@ -130,7 +130,7 @@ impl KeyIndex {
         &self.names
     }
 
-    /// Adds one entry for the natural key `names`, `ts_ms`, `ordinal` (its day is
+    /// Adds one entry for the natural key `names`, `ts_ms`, `uid` (its day is
     /// `ts_ms / DAY_MS`, as the sinks' queries count it). Returns false once a write to
     /// the index has failed: what is added after that is dropped, and `walk` returns the
     /// error.
@@ -138,7 +138,7 @@ impl KeyIndex {
         &mut self,
         (feed, symbol, kind, timeframe): (&str, &str, &str, &str),
         ts_ms: i64,
-        ordinal: u32,
+        uid: u64,
         from: From,
     ) -> bool {
         if self.failed.is_some() {
@@ -149,15 +149,15 @@ impl KeyIndex {
         key[1..5].copy_from_slice(&group.to_be_bytes());
         key[5..13].copy_from_slice(&sortable(ts_ms / DAY_MS));
         key[13..21].copy_from_slice(&sortable(ts_ms));
-        key[21..25].copy_from_slice(&ordinal.to_be_bytes());
+        key[21..29].copy_from_slice(&uid.to_be_bytes());
         let (source, tag, suffix) = match from {
             From::Log { lane, seq } => (Source::Log, lane, seq),
             // Nothing names a stream entry but its key: the count keeps copies apart.
             From::Stream => (Source::Stream, 0, self.entries),
         };
         key[0] = source as u8;
-        key[25] = tag;
-        key[26..34].copy_from_slice(&suffix.to_be_bytes());
+        key[29] = tag;
+        key[30..38].copy_from_slice(&suffix.to_be_bytes());
         self.batch.put(key, []);
         self.entries += 1;
         if self.batch.len() >= BATCH {
@@ -196,8 +196,8 @@ impl KeyIndex {
             }
             let natural: [u8; NATURAL_KEY_LEN] = key[..NATURAL_KEY_LEN].try_into().expect("fixed width");
             let (tag, seq) = (
-                key[25],
-                u64::from_be_bytes(key[26..34].try_into().expect("fixed width")),
+                key[29],
+                u64::from_be_bytes(key[30..38].try_into().expect("fixed width")),
             );
             match &mut current {
                 Some((k, entries)) if *k == natural => entries.add(tag, seq),

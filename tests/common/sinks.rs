@@ -135,7 +135,7 @@ impl Target {
                 ch.extend(
                     clickhouse()
                         .query(&format!(
-                            "SELECT concat(feed, ':', symbol, ':{kind}:', timeframe, ':', toString(ts_ms), ':', toString(ordinal)) \
+                            "SELECT concat(feed, ':', symbol, ':{kind}:', timeframe, ':', toString(ts_ms), ':', toString(uid)) \
                              FROM {}.events_{table} FINAL",
                             self.name
                         ))
@@ -177,7 +177,7 @@ impl Target {
         postgres(&self.name)
             .await
             .query(
-                "SELECT feed || ':' || symbol || ':' || kind || ':' || timeframe || ':' || ts_ms || ':' || ordinal FROM events",
+                "SELECT feed || ':' || symbol || ':' || kind || ':' || timeframe || ':' || ts_ms || ':' || uid FROM events",
                 &[],
             )
             .await
