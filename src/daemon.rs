@@ -159,7 +159,7 @@ fn runner_spec(sinks: &SinksConfig, batching: Batching, lane: Lane, priority: &A
 }
 
 /// Starts one runner per (enabled sink, forwarded lane), each with its own connection.
-fn start_sinks(
+async fn start_sinks(
     config: &Config,
     wal: &Wal,
     priority: &Arc<Priority>,
@@ -198,6 +198,19 @@ fn start_sinks(
                 seq = cursor.seq,
                 "a cursor of a sink that is not enabled holds back log truncation"
             );
+        }
+    }
+    // A runner writes its cursor only after its first contact with its sink: until then
+    // an enabled sink unreachable from its first start would hold nothing back, and
+    // truncation would remove what it was never sent. A cursor at 0 (passed nothing)
+    // makes every enabled sink hold back truncation, and count toward the backfill's
+    // high-water mark, from its first start.
+    let held: Vec<(String, Lane)> = wal.reader().cursors()?.into_iter().map(|c| (c.sink, c.lane)).collect();
+    for lane in FORWARDED_LANES {
+        for &sink in &enabled {
+            if !held.iter().any(|(s, l)| s == sink && *l == lane) {
+                wal.move_cursor(sink, lane, 0).await?;
+            }
         }
     }
     let mut stats = Vec::new();
@@ -271,7 +284,7 @@ fn lower_priority() {
 }
 
 /// Opens the log and starts every configured part.
-pub fn start(config: &Config) -> anyhow::Result<Running> {
+pub async fn start(config: &Config) -> anyhow::Result<Running> {
     let background = BackgroundRuntime::new()?;
     let wal = Wal::open_with(&config.log.data_dir, config.wal_options())?;
     let (stop, shutdown) = watch::channel(false);
@@ -297,7 +310,7 @@ pub fn start(config: &Config) -> anyhow::Result<Running> {
     // scales both duties.
     let s = &config.sinks;
     let priority = Arc::new(Priority::new(s.backfill_writes, s.backfill_duty, s.live_latency_budget));
-    let sinks = start_sinks(config, &wal, &priority, &mut parts)?;
+    let sinks = start_sinks(config, &wal, &priority, &mut parts).await?;
     let jobs = backfill_jobs(config, jiff::Timestamp::now().as_millisecond());
     let backfill = if jobs.is_empty() {
         None

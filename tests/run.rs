@@ -131,3 +131,107 @@ fn a_bad_config_stops_run_before_anything_starts() {
         "a log was created for a config that failed"
     );
 }
+
+/// `tickvault run` on a fresh log with `config`, against the simulator at `addr`.
+fn run_daemon(config: &std::path::Path, log: &std::path::Path, addr: &str, key: &str) -> Child {
+    Child(
+        tickvault()
+            .args([
+                "run",
+                "--config",
+                config.to_str().unwrap(),
+                "--data-dir",
+                log.to_str().unwrap(),
+            ])
+            .env("TICKVAULT_POLYGON_WS_URL", format!("ws://{addr}"))
+            .env("TICKVAULT_POLYGON_REST_URL", format!("http://{addr}"))
+            .env("TICKVAULT_POLYGON_API_KEY", key)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+#[test]
+fn an_enabled_sink_that_never_answered_holds_back_truncation_from_its_first_start() {
+    let (_sim, addr) = simulator(&["--always-open", "--quotes-per-minute", "3000"]);
+    let dir = tempfile::tempdir().unwrap();
+    // A port nothing listens on: the sink is never reached.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let capture = "[log]\nretention = \"1s\"\ntruncate_every = \"1s\"\n\
+                   [live.forex]\nsymbols = [\"EUR/USD\"]\nchannels = [\"C\"]\n";
+    let with_sink = dir.path().join("with-sink.toml");
+    std::fs::write(
+        &with_sink,
+        format!("{capture}[sinks.clickhouse]\nenabled = true\nurl = \"http://{dead}\"\n"),
+    )
+    .unwrap();
+    // The same capture with no sink: retention alone governs its log, and truncates it.
+    let without = dir.path().join("without.toml");
+    std::fs::write(&without, capture).unwrap();
+    let (log_sink, log_none) = (dir.path().join("log-sink"), dir.path().join("log-none"));
+    let a = run_daemon(&with_sink, &log_sink, &addr, "key-a");
+    let b = run_daemon(&without, &log_none, &addr, "key-b");
+    std::thread::sleep(Duration::from_secs(6));
+    drop((a, b));
+
+    let none = Wal::open_read_only(&log_none).unwrap();
+    assert!(
+        none.first_retained(Lane::Live).unwrap() > 1,
+        "the log without sinks was not truncated: the test cannot tell"
+    );
+    let held = Wal::open_read_only(&log_sink).unwrap();
+    assert!(
+        held.last_seq(Lane::Live).unwrap().unwrap_or(0) > 20,
+        "too little captured"
+    );
+    assert_eq!(
+        held.first_retained(Lane::Live).unwrap(),
+        1,
+        "truncation removed records a sink was never sent"
+    );
+    let cursors: Vec<(String, Lane, u64)> = held
+        .cursors()
+        .unwrap()
+        .into_iter()
+        .map(|c| (c.sink, c.lane, c.seq))
+        .collect();
+    assert!(cursors.contains(&("clickhouse".into(), Lane::Live, 0)), "{cursors:?}");
+    assert!(
+        cursors.contains(&("clickhouse".into(), Lane::Backfill, 0)),
+        "{cursors:?}"
+    );
+}
+
+#[test]
+fn sighup_leaves_the_daemon_running_and_sigterm_then_stops_it() {
+    let (_sim, addr) = simulator(&["--always-open"]);
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("run.toml");
+    std::fs::write(&config, "[live.forex]\nsymbols = [\"EUR/USD\"]\nchannels = [\"C\"]\n").unwrap();
+    let mut daemon = run_daemon(&config, &dir.path().join("log"), &addr, "key");
+    std::thread::sleep(Duration::from_secs(2));
+    let pid = daemon.0.id().to_string();
+    for _ in 0..2 {
+        assert!(Command::new("kill").args(["-HUP", &pid]).status().unwrap().success());
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(daemon.0.try_wait().unwrap().is_none(), "SIGHUP ended the daemon");
+    }
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = daemon.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(15),
+            "run did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}");
+}

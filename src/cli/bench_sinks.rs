@@ -153,7 +153,7 @@ struct LogWindow {
 async fn live_window(config: &Config, seconds: u64) -> anyhow::Result<(Vec<Window>, LogWindow)> {
     reset(config).await?;
     settle(config).await;
-    let running = daemon::start(config)?;
+    let running = daemon::start(config).await?;
     // The window is measured from the moment every live runner's first write was
     // acknowledged: before it, rows wait for what a first start does once (the
     // window's database, tables and stream made, sessions opened), which is not the
@@ -395,7 +395,7 @@ pub async fn sinks(
     capture.sinks.clickhouse.enabled = false;
     capture.sinks.postgres.enabled = false;
     capture.sinks.nats.enabled = false;
-    let mut running = daemon::start(&capture)?;
+    let mut running = daemon::start(&capture).await?;
     while let Some(part) = running.join_next().await {
         if part? == "backfill" {
             break;
@@ -414,7 +414,7 @@ pub async fn sinks(
         config.sinks.postgres.enabled = sink == "postgres";
         config.sinks.nats.enabled = sink == "nats";
         reset(&config).await?;
-        let running = daemon::start(&config)?;
+        let running = daemon::start(&config).await?;
         let (started, cpu, server_cpu) = (Instant::now(), process_cpu(), server_ticks(sink));
         let stats = running
             .sinks

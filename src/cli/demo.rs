@@ -98,7 +98,7 @@ pub async fn run(
         None => println!("  running until Ctrl-C\n"),
     }
 
-    let mut running = daemon::start(&config)?;
+    let mut running = daemon::start(&config).await?;
     let started = Instant::now();
     let deadline = duration.map(|s| started + Duration::from_secs(s));
     let mut tick = tokio::time::interval(Duration::from_secs(1));

@@ -4,6 +4,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use futures_util::StreamExt;
+
 use crate::config::Config;
 use crate::daemon;
 use crate::sim::{self, SimOptions};
@@ -37,9 +39,29 @@ pub fn load_config(path: &Path, data_dir: Option<PathBuf>) -> anyhow::Result<Con
     Ok(config)
 }
 
+/// Resolves at each SIGHUP, and never where there is none. Its default action ends the
+/// process at once: systemd's reload and a closed terminal send it, and neither should
+/// stop capture. Once this is made, SIGHUP no longer ends the process.
+fn hangups() -> impl futures_util::Stream<Item = ()> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::hangup()) {
+            Ok(mut hup) => futures_util::stream::poll_fn(move |cx| hup.poll_recv(cx)).left_stream(),
+            Err(e) => {
+                tracing::warn!(error = %e, "could not handle SIGHUP: it will end the daemon");
+                futures_util::stream::pending().right_stream()
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    futures_util::stream::pending()
+}
+
 pub async fn run(config_path: &Path, data_dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
     let config = load_config(config_path, data_dir)?;
-    let mut running = daemon::start(&config)?;
+    let mut hangup = hangups();
+    let mut running = daemon::start(&config).await?;
     tracing::info!(
         data_dir = %config.log.data_dir.display(),
         live_feeds = running.live.len(),
@@ -53,6 +75,9 @@ pub async fn run(config_path: &Path, data_dir: Option<PathBuf>) -> anyhow::Resul
             _ = &mut signal => {
                 tracing::info!("stop signal: shutting down");
                 break;
+            }
+            Some(()) = hangup.next() => {
+                tracing::warn!("SIGHUP ignored: the configuration is read at start; restart to apply a change");
             }
             ended = running.join_next() => match ended {
                 Some(Ok(part)) => tracing::info!(part, "finished"),
