@@ -11,9 +11,11 @@
 //! 2. **Sequences are dense.** Each [`Lane`] has its own `u64` sequence, starting at 1,
 //!    with no holes: truncation removes only a prefix, and a corrupt record is
 //!    quarantined but keeps its place.
-//! 3. **Cursors move only forward in time, durably.** A cursor `(sink, lane) = n` means
-//!    the sink acknowledged every record up to `n`. Cursor moves are synced writes
-//!    through the same group commit, and can never pass the lane's head.
+//! 3. **Cursors are durable and never pass the head.** A cursor `(sink, lane) = n`
+//!    means the sink acknowledged every record up to `n`. Cursor moves are synced
+//!    writes through the same group commit, and can never pass the lane's head. A
+//!    cursor moves forward as acknowledgements come, and back only when its sink's
+//!    destination lost what it was sent (the runner then sends that part again).
 //! 4. **Truncation keeps what someone still needs.** A record is removed only when every
 //!    cursor on its lane has passed it *and* it is older than the replay retention (so
 //!    offline replay has a window even when every sink is current). The disk space comes
@@ -89,7 +91,7 @@ pub use error::{Corruption, OpenError, ReadError, WriteError};
 pub use lane::{Lane, UnknownLane};
 pub use reader::{CheckReport, CursorInfo, LaneSummary, LogReader, ReadBatch, Record, Summary, Tail};
 pub use record::{DecodeError, EncodeError, RecordKind, FORMAT_VERSION};
-pub use store::Space;
+pub use store::{Space, MAX_WAL_BYTES};
 pub use writer::{AppendOutcome, Batch, LaneTruncation, BACKFILL_WITH_LIVE};
 
 #[cfg(feature = "failpoints")]
@@ -180,9 +182,15 @@ impl Wal {
         let path = path.as_ref();
         let db = store::open(path, Mode::Write)?;
         let (writer, shared) =
-            Writer::load(db.clone(), options.clock, options.max_group_records).map_err(|source| OpenError::Rocks {
-                path: path.to_owned(),
-                source,
+            Writer::load(db.clone(), options.clock, options.max_group_records).map_err(|e| match e {
+                writer::LoadError::Rocks(source) => OpenError::Rocks {
+                    path: path.to_owned(),
+                    source,
+                },
+                writer::LoadError::BadLastKey(lane) => OpenError::NotALog {
+                    path: path.to_owned(),
+                    reason: format!("the {lane} lane's last key is not a sequence number: the log is damaged"),
+                },
             })?;
         let (tx, rx) = mpsc::channel(options.channel_capacity.max(1));
         let handle = std::thread::Builder::new()
@@ -195,7 +203,10 @@ impl Wal {
         Ok(Wal {
             reader: LogReader {
                 db,
-                quarantine: Some(tx.downgrade()),
+                quarantine: Some(reader::QuarantineReports {
+                    found: shared.to_quarantine.clone(),
+                    wake: tx.downgrade(),
+                }),
             },
             tx,
             shared,
@@ -254,7 +265,6 @@ impl Wal {
         self.call(|reply| Command::Append {
             lane,
             batch,
-            low_priority: lane == Lane::Backfill,
             state,
             reply,
         })
@@ -266,7 +276,6 @@ impl Wal {
         self.call_blocking(|reply| Command::Append {
             lane,
             batch,
-            low_priority: lane == Lane::Backfill,
             state: None,
             reply,
         })

@@ -63,13 +63,21 @@ pub struct Summary {
     pub quarantined: u64,
 }
 
+/// Where a reader of a writable log reports corrupt records: the writer's set of them,
+/// and its channel, weak so that readers do not keep the writer alive after the last
+/// `Wal` is gone.
+#[derive(Clone)]
+pub(crate) struct QuarantineReports {
+    pub(crate) found: Arc<std::sync::Mutex<std::collections::BTreeSet<(Lane, u64)>>>,
+    pub(crate) wake: mpsc::WeakSender<Command>,
+}
+
 /// Read access to a log. Cheap to clone; many readers run beside the one writer.
 #[derive(Clone)]
 pub struct LogReader {
     pub(crate) db: Arc<DB>,
-    /// Where corrupt records are sent to be quarantined; `None` for a read-only open.
-    /// Weak, so that readers do not keep the writer alive after the last `Wal` is gone.
-    pub(crate) quarantine: Option<mpsc::WeakSender<Command>>,
+    /// Where corrupt records are reported to be quarantined; `None` for a read-only open.
+    pub(crate) quarantine: Option<QuarantineReports>,
 }
 
 impl LogReader {
@@ -152,19 +160,22 @@ impl LogReader {
     }
 
     fn send_to_quarantine(&self, lane: Lane, seqs: &[u64]) {
-        let Some(tx) = self.quarantine.as_ref().and_then(mpsc::WeakSender::upgrade) else {
+        let Some(reports) = &self.quarantine else {
             return;
         };
-        let cf = self.cf(lane.name());
-        for &seq in seqs {
-            let raw = match self.db.get_cf(cf, store::seq_key(seq)) {
-                Ok(Some(raw)) => raw,
-                _ => continue,
-            };
-            tracing::error!(%lane, seq, "corrupt record: copied to quarantine and skipped");
-            // Best effort: if the writer is busy or gone the record is still skipped,
-            // still reported, and found again by the next read or `wal check`.
-            let _ = tx.try_send(Command::Quarantine { lane, seq, raw });
+        {
+            let mut found = reports.found.lock().unwrap_or_else(|p| p.into_inner());
+            for &seq in seqs {
+                if found.insert((lane, seq)) {
+                    tracing::error!(%lane, seq, "corrupt record: skipped, to be copied to quarantine");
+                }
+            }
+        }
+        // Wakes an idle writer. A full channel means a busy writer, which takes the set
+        // at its next group anyway; a gone one copies nothing, and the record stays in
+        // its lane for the next open.
+        if let Some(tx) = reports.wake.upgrade() {
+            let _ = tx.try_send(Command::Quarantine);
         }
     }
 
@@ -373,9 +384,13 @@ impl Tail {
         self.lane
     }
 
-    /// The next records after the position, at most `max`; waits until there is at least
-    /// one. Returns `None` when the log has shut down and everything was read.
+    /// The next records after the position, at most `max` (and at least one: 0 reads
+    /// one); waits until there is at least one. Returns `None` when the log has shut
+    /// down and everything was read.
     pub async fn next_batch(&mut self, max: usize) -> Result<Option<ReadBatch>, ReadError> {
+        // A read of 0 records ends where it began, which would read below as records
+        // truncated under us and skip to the head.
+        let max = max.max(1);
         loop {
             let head = *self.head.borrow_and_update();
             if head > self.position {

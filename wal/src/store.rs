@@ -168,8 +168,18 @@ fn db_options() -> Options {
     // All memtables of all column families together: the log's memory does not grow
     // with a backfill's range or a sink's outage.
     opts.set_db_write_buffer_size(96 << 20);
+    // RocksDB keeps a write-ahead file until every column family with writes in it has
+    // flushed them, and the small ones written with every group (cursors, time index,
+    // meta) rarely fill a memtable: unbounded, their files pinned gigabytes of the lanes'
+    // writes, all replayed at every open. Past this, the column families holding the
+    // oldest file are flushed.
+    opts.set_max_total_wal_size(MAX_WAL_BYTES);
     opts
 }
+
+/// The most RocksDB's write-ahead files hold before the oldest is released by a flush:
+/// two and a half times the memtable budget (96 MiB), so lanes flush on their own.
+pub const MAX_WAL_BYTES: u64 = 256 << 20;
 
 /// The block cache all column families share.
 const BLOCK_CACHE_BYTES: usize = 32 << 20;
@@ -180,6 +190,30 @@ fn descriptors() -> Vec<ColumnFamilyDescriptor> {
         .iter()
         .map(|name| ColumnFamilyDescriptor::new(*name, cf_options(name, &cache)))
         .collect()
+}
+
+/// Times a read-only open is tried when the writer removed a file it was reading.
+const READ_ONLY_TRIES: u32 = 10;
+
+/// A read-only open reads the files its MANIFEST names and replays the write-ahead files
+/// it finds, and the writer beside it may delete one in the meantime (a memtable flushed,
+/// a compaction done): RocksDB then fails with "No such file or directory" (an I/O error,
+/// or a corruption of the MANIFEST it read). The next try finds the files as they are now.
+fn open_read_only_beside_the_writer(path: &Path) -> Result<DB, rocksdb::Error> {
+    let mut tries = 1;
+    loop {
+        match DB::open_cf_descriptors_read_only(&db_options(), path, descriptors(), false) {
+            Err(e)
+                if tries < READ_ONLY_TRIES
+                    && e.kind() == rocksdb::ErrorKind::IOError
+                    && e.to_string().contains("No such file") =>
+            {
+                tries += 1;
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
 }
 
 /// How to open a directory.
@@ -235,7 +269,7 @@ pub(crate) fn open(path: &Path, mode: Mode) -> Result<Arc<DB>, OpenError> {
 
     let db = match mode {
         Mode::Write => DB::open_cf_descriptors(&db_options(), path, descriptors()),
-        Mode::ReadOnly => DB::open_cf_descriptors_read_only(&db_options(), path, descriptors(), false),
+        Mode::ReadOnly => open_read_only_beside_the_writer(path),
     }
     .map_err(rocks)?;
 
@@ -260,6 +294,15 @@ pub(crate) fn open(path: &Path, mode: Mode) -> Result<Arc<DB>, OpenError> {
         None => return Err(not_a_log("metadata has no tickvault magic")),
     }
     match db.get_cf(&meta, META_FORMAT).map_err(rocks)?.as_deref() {
+        // A log an older build wrote: this build writes records of its own format from
+        // now on, so the log says so, and an older build refuses it instead of failing
+        // on them record by record.
+        Some([version]) if *version < FORMAT_VERSION && mode == Mode::Write => {
+            let mut wo = rocksdb::WriteOptions::default();
+            wo.set_sync(true);
+            db.put_cf_opt(&meta, META_FORMAT, [FORMAT_VERSION], &wo)
+                .map_err(rocks)?;
+        }
         Some([version]) if *version <= FORMAT_VERSION => {}
         Some([version]) => {
             return Err(OpenError::NewerFormat {

@@ -8,7 +8,7 @@
 //! and the log is poisoned: later writes are refused, because after a failed fsync the
 //! kernel may have dropped dirty pages and nothing can say what reached the disk.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -101,7 +101,6 @@ pub(crate) enum Command {
     Append {
         lane: Lane,
         batch: Batch,
-        low_priority: bool,
         /// One key of a state space written in the same batch as the records (see
         /// [`crate::Wal::append_with_state`]).
         state: Option<(Space, Vec<u8>, Vec<u8>)>,
@@ -130,11 +129,10 @@ pub(crate) enum Command {
         value: Option<Vec<u8>>,
         reply: Reply<()>,
     },
-    Quarantine {
-        lane: Lane,
-        seq: u64,
-        raw: Vec<u8>,
-    },
+    /// Corrupt records were added to [`Shared::to_quarantine`]: copy them. Only a
+    /// nudge: the writer takes that set at every group, so a nudge lost to a full
+    /// channel loses nothing.
+    Quarantine,
     Shutdown {
         reply: Reply<()>,
     },
@@ -221,6 +219,11 @@ pub(crate) struct Shared {
     pub(crate) poisoned: Mutex<Option<WriteError>>,
     pub(crate) is_poisoned: AtomicBool,
     pub(crate) quarantined: AtomicU64,
+    /// Corrupt records a reader found that are not copied to quarantine yet. Taken by
+    /// the writer at the start of every group, before that group's truncation, so no
+    /// truncation can remove a record found corrupt before it without its copy. It
+    /// holds one entry per corrupt record found, and is emptied at every group.
+    pub(crate) to_quarantine: Arc<Mutex<BTreeSet<(Lane, u64)>>>,
     pub(crate) group_commits: AtomicU64,
     /// Space reclaims started and finished since the log was opened (see [`Writer::reclaim`]).
     pub(crate) reclaims_started: AtomicU64,
@@ -235,8 +238,6 @@ struct State {
     /// First retained sequence per lane (everything below was truncated).
     low: [u64; 3],
     cursors: BTreeMap<(Lane, String), u64>,
-    /// Last second written to the time index, per lane.
-    indexed_second: [u64; 3],
 }
 
 pub(crate) struct Writer {
@@ -250,6 +251,9 @@ pub(crate) struct Writer {
     reclaimer: Option<std::thread::JoinHandle<()>>,
     /// Records truncated per lane since its space was last reclaimed.
     unreclaimed: [u64; 3],
+    /// Per lane, the last removed sequence of a reclaim that is due and not started
+    /// (another was running): started at a later group, once that one finished.
+    due: [Option<u64>; 3],
 }
 
 /// Records a lane's truncations remove before their disk space is reclaimed at once (a
@@ -270,13 +274,28 @@ fn classify(cause: String) -> WriteError {
     }
 }
 
+/// Why the writer's state could not be read at open.
+#[derive(Debug)]
+pub(crate) enum LoadError {
+    Rocks(rocksdb::Error),
+    /// The lane's last key is not a sequence key: the log is damaged.
+    BadLastKey(Lane),
+}
+
+impl From<rocksdb::Error> for LoadError {
+    fn from(e: rocksdb::Error) -> Self {
+        LoadError::Rocks(e)
+    }
+}
+
 impl Writer {
-    pub(crate) fn load(db: Arc<DB>, clock: Clock, max_group: usize) -> Result<(Self, Arc<Shared>), rocksdb::Error> {
+    pub(crate) fn load(db: Arc<DB>, clock: Clock, max_group: usize) -> Result<(Self, Arc<Shared>), LoadError> {
         let (state, quarantined) = Self::load_state(&db)?;
         let shared = Arc::new(Shared {
             poisoned: Mutex::new(None),
             is_poisoned: AtomicBool::new(false),
             quarantined: AtomicU64::new(quarantined),
+            to_quarantine: Arc::new(Mutex::new(BTreeSet::new())),
             group_commits: AtomicU64::new(0),
             reclaims_started: AtomicU64::new(0),
             reclaims_finished: AtomicU64::new(0),
@@ -292,18 +311,18 @@ impl Writer {
                 max_deferred: 1024,
                 reclaimer: None,
                 unreclaimed: [0; 3],
+                due: [None; 3],
             },
             shared,
         ))
     }
 
-    fn load_state(db: &DB) -> Result<(State, u64), rocksdb::Error> {
+    fn load_state(db: &DB) -> Result<(State, u64), LoadError> {
         let meta = cf(db, CF_META);
         let mut state = State {
             head: [0; 3],
             low: [1; 3],
             cursors: BTreeMap::new(),
-            indexed_second: [0; 3],
         };
         for lane in Lane::ALL {
             let i = lane.index();
@@ -313,7 +332,12 @@ impl Writer {
             let lane_cf = cf(db, lane.name());
             let mut iter = db.raw_iterator_cf(lane_cf);
             iter.seek_to_last();
-            let last = iter.key().and_then(store::parse_seq_key).unwrap_or(0);
+            // A last key that is not a sequence would read as an empty lane, and the
+            // next appends would reuse sequences the lane already holds.
+            let last = match iter.key() {
+                None => 0,
+                Some(key) => store::parse_seq_key(key).ok_or(LoadError::BadLastKey(lane))?,
+            };
             iter.status()?;
             state.head[i] = last.max(state.low[i] - 1);
         }
@@ -323,17 +347,6 @@ impl Writer {
             if let (Some(k), Some(v)) = (store::parse_cursor_key(&key), store::u64_value(&value)) {
                 state.cursors.insert(k, v);
             }
-        }
-        let time_cf = cf(db, CF_TIME_INDEX);
-        for lane in Lane::ALL {
-            let mut iter = db.raw_iterator_cf(time_cf);
-            iter.seek_for_prev(store::time_key(lane, u64::MAX));
-            if let Some((l, second)) = iter.key().and_then(store::parse_time_key) {
-                if l == lane {
-                    state.indexed_second[lane.index()] = second;
-                }
-            }
-            iter.status()?;
         }
         let quarantined = db.iterator_cf(cf(db, CF_QUARANTINE), IteratorMode::Start).count() as u64;
         Ok((state, quarantined))
@@ -454,21 +467,19 @@ impl Writer {
         let mut next = self.state.clone();
         let mut batch = WriteBatch::default();
         let mut done: Vec<Done> = Vec::with_capacity(group.len());
-        let mut low_priority = true;
         let mut appended = [false; 3];
         let mut group_records = 0usize;
         let mut touches_cursor = false;
+        let quarantined = self.copy_to_quarantine(&mut batch);
 
         for cmd in group.drain(..) {
             match cmd {
                 Command::Append {
                     lane,
                     batch: records,
-                    low_priority: low,
                     state,
                     reply,
                 } => {
-                    low_priority &= low;
                     let i = lane.index();
                     let first = next.head[i] + 1;
                     let lane_cf = cf(&self.db, lane.name());
@@ -529,7 +540,7 @@ impl Writer {
                     match self.plan_truncation(&mut next, &mut batch, retention) {
                         Ok(outcome) => done.push(Done::Truncate(reply, outcome)),
                         Err(e) => {
-                            let _ = reply.send(Err(classify(rocks_cause(&e))));
+                            let _ = reply.send(Err(e));
                         }
                     }
                 }
@@ -546,14 +557,7 @@ impl Writer {
                     }
                     done.push(Done::Unit(reply));
                 }
-                Command::Quarantine { lane, seq, raw } => {
-                    let q_cf = cf(&self.db, CF_QUARANTINE);
-                    let key = store::quarantine_key(lane, seq);
-                    if matches!(self.db.get_pinned_cf(q_cf, key), Ok(None)) {
-                        batch.put_cf(q_cf, key, raw);
-                        self.shared.quarantined.fetch_add(1, Ordering::Relaxed);
-                    }
-                }
+                Command::Quarantine => {}
                 Command::Shutdown { reply } => {
                     stop = true;
                     done.push(Done::Unit(reply));
@@ -568,11 +572,10 @@ impl Writer {
             let i = lane.index();
             if appended[i] {
                 batch.put_cf(time_cf, store::time_key(lane, second), next.head[i].to_le_bytes());
-                next.indexed_second[i] = next.indexed_second[i].max(second);
             }
         }
 
-        let result = self.write(batch, low_priority, touches_cursor);
+        let result = self.write(batch, touches_cursor);
         match result {
             Ok(()) => {
                 let truncated: Vec<(Lane, u64, u64)> = done
@@ -587,6 +590,12 @@ impl Writer {
                     .collect();
                 self.state = next;
                 self.shared.group_commits.fetch_add(1, Ordering::Relaxed);
+                for (lane, seq) in &quarantined {
+                    tracing::error!(%lane, seq, "corrupt record: copied to quarantine");
+                }
+                self.shared
+                    .quarantined
+                    .fetch_add(quarantined.len() as u64, Ordering::Relaxed);
                 for lane in Lane::ALL {
                     let head = self.state.head[lane.index()];
                     self.shared.heads[lane.index()].send_if_modified(|h| {
@@ -602,6 +611,7 @@ impl Writer {
             }
             Err(err) => {
                 self.poison(&err);
+                self.lock_to_quarantine().extend(quarantined);
                 for d in done {
                     d.fail(err.clone());
                 }
@@ -610,29 +620,73 @@ impl Writer {
         stop
     }
 
+    fn lock_to_quarantine(&self) -> std::sync::MutexGuard<'_, BTreeSet<(Lane, u64)>> {
+        self.shared.to_quarantine.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Adds to `batch` a copy of each corrupt record readers found since the last group
+    /// and the quarantine lacks; returns them, to be counted once committed. A record
+    /// found twice is one entry of the set, and one already there is not copied again.
+    fn copy_to_quarantine(&self, batch: &mut WriteBatch) -> Vec<(Lane, u64)> {
+        let found = std::mem::take(&mut *self.lock_to_quarantine());
+        let q_cf = cf(&self.db, CF_QUARANTINE);
+        let mut copied = Vec::new();
+        let mut again = Vec::new();
+        for (lane, seq) in found {
+            let key = store::quarantine_key(lane, seq);
+            match self.db.get_pinned_cf(q_cf, key) {
+                Ok(Some(_)) => continue,
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(%lane, seq, error = %e, "reading the quarantine failed; copying at the next group");
+                    again.push((lane, seq));
+                    continue;
+                }
+            }
+            match self.db.get_cf(cf(&self.db, lane.name()), store::seq_key(seq)) {
+                Ok(Some(raw)) => {
+                    batch.put_cf(q_cf, key, raw);
+                    copied.push((lane, seq));
+                }
+                // Gone: a truncation committed before the reader's report reached us
+                // (only a record found before a truncation is sure to be copied).
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(%lane, seq, error = %e, "reading a corrupt record failed; copying at the next group");
+                    again.push((lane, seq));
+                }
+            }
+        }
+        self.lock_to_quarantine().extend(again);
+        copied
+    }
+
     /// Gives the disk space of truncated records back, once a lane's truncations have
     /// removed [`RECLAIM_AFTER`] records: `truncated` is (lane, last removed sequence,
     /// records removed) of a committed truncation. Drops the lane's SST files that hold
     /// nothing above the last removed sequence, then compacts the rest of that range.
     /// The range deletion alone frees space only when compaction next runs over those
     /// files, which in a lane that no longer receives writes (a finished backfill) may be
-    /// never. Off the writer thread, so appends do not wait for it; a truncation that
-    /// comes while the last reclaim still runs leaves its range to the next (each covers
-    /// everything below its lane's low).
+    /// never. Off the writer thread, so appends do not wait for it; one that falls due
+    /// while the last still runs starts at the first group after that one finished.
     fn reclaim(&mut self, truncated: Vec<(Lane, u64, u64)>) {
-        let mut due = Vec::new();
         for (lane, upto, removed) in truncated {
-            self.unreclaimed[lane.index()] += removed;
-            if self.unreclaimed[lane.index()] >= RECLAIM_AFTER {
-                due.push((lane, upto));
+            let i = lane.index();
+            self.unreclaimed[i] += removed;
+            if self.unreclaimed[i] >= RECLAIM_AFTER {
+                self.due[i] = Some(self.due[i].map_or(upto, |u| u.max(upto)));
+                self.unreclaimed[i] = 0;
             }
         }
-        if due.is_empty() || self.reclaimer.as_ref().is_some_and(|r| !r.is_finished()) {
+        // One that is due stays due while another runs: the next group starts it (every
+        // truncation is a group, and truncation runs on a timer, removing or not).
+        if self.due.iter().all(Option::is_none) || self.reclaimer.as_ref().is_some_and(|r| !r.is_finished()) {
             return;
         }
-        for (lane, _) in &due {
-            self.unreclaimed[lane.index()] = 0;
-        }
+        let due: Vec<(Lane, u64)> = Lane::ALL
+            .into_iter()
+            .filter_map(|lane| self.due[lane.index()].take().map(|upto| (lane, upto)))
+            .collect();
         if let Some(done) = self.reclaimer.take() {
             let _ = done.join();
         }
@@ -640,6 +694,7 @@ impl Writer {
         let shared = self.shared.clone();
         self.shared.reclaims_started.fetch_add(1, Ordering::Relaxed);
         let spawned = std::thread::Builder::new().name("wal-reclaim".into()).spawn(move || {
+            fail::fail_point!("wal::reclaim");
             for (lane, upto) in due {
                 let lane_cf = cf(&db, lane.name());
                 let size = || {
@@ -677,7 +732,7 @@ impl Writer {
         }
     }
 
-    fn write(&self, batch: WriteBatch, low_priority: bool, touches_cursor: bool) -> Result<(), WriteError> {
+    fn write(&self, batch: WriteBatch, touches_cursor: bool) -> Result<(), WriteError> {
         fail::fail_point!("wal::sync", |_| Err(classify(
             "injected fsync failure (wal::sync)".into()
         )));
@@ -694,8 +749,9 @@ impl Writer {
         }
         let mut opts = WriteOptions::default();
         opts.set_sync(true);
-        // Backfill-only groups yield to live writes when RocksDB is under compaction pressure.
-        opts.set_low_pri(low_priority);
+        // No `set_low_pri` for backfill: RocksDB slows such a write by sleeping inside
+        // the call, on this one thread, and every live append queued behind it would
+        // wait. The backfill yields to live above the log (its duties), not here.
         self.db.write_opt(batch, &opts).map_err(|e| classify(rocks_cause(&e)))
     }
 
@@ -703,20 +759,25 @@ impl Writer {
     ///
     /// Removes, per lane, the records that every cursor on the lane has passed *and* that
     /// were written more than `retention` ago. A lane with no cursor is governed by the
-    /// retention alone.
+    /// retention alone. All or nothing: every lane is read before any delete is added,
+    /// so a read that fails leaves the batch and `next` as they were.
     fn plan_truncation(
         &self,
         next: &mut State,
         batch: &mut WriteBatch,
         retention: Duration,
-    ) -> Result<Vec<LaneTruncation>, rocksdb::Error> {
+    ) -> Result<Vec<LaneTruncation>, WriteError> {
         fail::fail_point!("wal::truncate", |_| Ok(Vec::new()));
         let now_ms = self.clock.now_ms();
         let cutoff_ms = now_ms.saturating_sub(u64::try_from(retention.as_millis()).unwrap_or(u64::MAX));
         let time_cf = cf(&self.db, CF_TIME_INDEX);
         let meta = cf(&self.db, CF_META);
-        let mut out = Vec::new();
+        // Per lane: the last sequence to remove, and the time index's entries read.
+        let mut plans = Vec::new();
         for lane in Lane::ALL {
+            fail::fail_point!("wal::truncate_read", lane == Lane::Backfill, |_| Err(classify(
+                "injected read failure (wal::truncate_read)".into()
+            )));
             let i = lane.index();
             let passed = next
                 .cursors
@@ -734,7 +795,7 @@ impl Writer {
                 .db
                 .iterator_cf(time_cf, IteratorMode::From(&start, Direction::Forward))
             {
-                let (key, value) = item?;
+                let (key, value) = item.map_err(|e| classify(rocks_cause(&e)))?;
                 let Some((l, second)) = store::parse_time_key(&key) else {
                     break;
                 };
@@ -745,6 +806,11 @@ impl Writer {
                 index_keys.push((key, old_enough));
             }
             let upto = passed.min(old_enough).min(next.head[i]); // last sequence to remove
+            plans.push((lane, upto, index_keys));
+        }
+        let mut out = Vec::new();
+        for (lane, upto, index_keys) in plans {
+            let i = lane.index();
             let low = next.low[i];
             if upto < low {
                 out.push(LaneTruncation {
@@ -755,7 +821,9 @@ impl Writer {
                 continue;
             }
             let lane_cf = cf(&self.db, lane.name());
-            batch.delete_range_cf(lane_cf, store::seq_key(low), store::seq_key(upto + 1));
+            // From 0, not from `low`: the tombstone covers everything below the new low,
+            // so no record of an older file can reappear whatever was dropped before.
+            batch.delete_range_cf(lane_cf, store::seq_key(0), store::seq_key(upto + 1));
             // Index entries entirely below the new low are no longer needed.
             for (key, highest) in index_keys {
                 if highest <= upto {
@@ -847,6 +915,6 @@ fn reply_err(cmd: Command, err: WriteError) {
         Command::Shutdown { reply } => {
             let _ = reply.send(Ok(()));
         }
-        Command::Quarantine { .. } => {}
+        Command::Quarantine => {}
     }
 }

@@ -268,6 +268,22 @@ async fn the_tail_reader_wakes_on_new_appends() {
 }
 
 #[tokio::test]
+async fn a_tail_asked_for_no_records_reads_one_and_skips_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(dir.path()).unwrap();
+    wal.append(Lane::Live, batch(3, "t")).await.unwrap();
+    let mut tail = wal.tail(Lane::Live, 0);
+    let read = tokio::time::timeout(Duration::from_secs(5), tail.next_batch(0))
+        .await
+        .expect("skipped to the head and waited for more")
+        .unwrap()
+        .unwrap();
+    assert_eq!(read.records.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![1]);
+    assert_eq!(tail.position(), 1);
+    wal.shutdown().await.unwrap();
+}
+
+#[tokio::test]
 async fn a_tail_ends_after_the_log_shuts_down_and_it_has_read_everything() {
     let dir = tempfile::tempdir().unwrap();
     let wal = Wal::open(dir.path()).unwrap();
@@ -364,6 +380,51 @@ fn a_missing_directory_is_not_found_for_read_only_inspection() {
 }
 
 #[tokio::test]
+async fn a_log_an_older_build_wrote_is_stamped_with_this_builds_format_when_opened_for_writing() {
+    let dir = tempfile::tempdir().unwrap();
+    Wal::open(dir.path()).unwrap().shutdown().await.unwrap();
+    tickvault_wal::stamp_format_version_for_test(dir.path(), 0).unwrap();
+    // Reading leaves it as it is; writing says the log now holds this build's records.
+    assert_eq!(
+        Wal::open_read_only(dir.path())
+            .unwrap()
+            .summary()
+            .unwrap()
+            .format_version,
+        0
+    );
+    let wal = Wal::open(dir.path()).unwrap();
+    assert_eq!(
+        wal.reader().summary().unwrap().format_version,
+        tickvault_wal::FORMAT_VERSION
+    );
+    wal.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_lane_whose_last_key_is_not_a_sequence_is_refused_at_open_instead_of_read_as_empty() {
+    let dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(dir.path()).unwrap();
+    wal.append(Lane::Live, batch(3, "k")).await.unwrap();
+    wal.shutdown().await.unwrap();
+    drop(wal);
+    {
+        let names = rocksdb::DB::list_cf(&rocksdb::Options::default(), dir.path()).unwrap();
+        let db = rocksdb::DB::open_cf(&rocksdb::Options::default(), dir.path(), &names).unwrap();
+        // Sorts after every sequence key.
+        db.put_cf(
+            db.cf_handle("live").unwrap(),
+            b"\xff\xff\xff\xff\xff\xff\xff\xff\xff",
+            b"x",
+        )
+        .unwrap();
+    }
+    let err = Wal::open(dir.path()).err().unwrap();
+    assert!(matches!(err, OpenError::NotALog { .. }), "{err}");
+    assert!(err.to_string().contains("live lane's last key"), "{err}");
+}
+
+#[tokio::test]
 async fn a_log_written_by_a_newer_format_is_refused_with_both_versions_named() {
     let dir = tempfile::tempdir().unwrap();
     let wal = Wal::open(dir.path()).unwrap();
@@ -392,6 +453,83 @@ mod failpoints {
 
     // Fail points are process-global: these run one at a time under a scenario.
     static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+    #[tokio::test]
+    async fn a_truncation_that_fails_part_way_removes_nothing_from_any_lane() {
+        let _serial = SERIAL.lock().await;
+        let scenario = fail::FailScenario::setup();
+        let dir = tempfile::tempdir().unwrap();
+        let (now, options) = manual_clock();
+        let wal = Wal::open_with(dir.path(), options).unwrap();
+        for lane in [Lane::Live, Lane::Backfill] {
+            wal.append(lane, batch(10, "t")).await.unwrap();
+            wal.move_cursor("s", lane, 10).await.unwrap();
+        }
+        now.fetch_add(10_000, Ordering::SeqCst);
+        // Live is planned first; reading the backfill lane's index then fails.
+        fail::cfg("wal::truncate_read", "return").unwrap();
+        assert!(wal.truncate(Duration::ZERO).await.is_err());
+        fail::remove("wal::truncate_read");
+        // A synced write after it: whatever the failed truncation's group held is applied.
+        wal.move_cursor("probe", Lane::Derived, 0).await.unwrap();
+        assert_eq!(
+            wal.reader().first_retained(Lane::Live).unwrap(),
+            1,
+            "live was truncated by a failed truncation"
+        );
+        assert_eq!(wal.reader().read(Lane::Live, 0, 100).unwrap().records.len(), 10);
+        // And the next one removes both.
+        wal.truncate(Duration::ZERO).await.unwrap();
+        assert_eq!(wal.reader().first_retained(Lane::Live).unwrap(), 11);
+        assert_eq!(wal.reader().first_retained(Lane::Backfill).unwrap(), 11);
+        wal.shutdown().await.unwrap();
+        scenario.teardown();
+    }
+
+    #[tokio::test]
+    async fn a_reclaim_that_falls_due_while_another_runs_starts_once_that_one_finished() {
+        let _serial = SERIAL.lock().await;
+        let scenario = fail::FailScenario::setup();
+        // Each reclaim takes at least this long.
+        fail::cfg("wal::reclaim", "sleep(300)").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let (now, options) = manual_clock();
+        let wal = Wal::open_with(dir.path(), options).unwrap();
+        // A lane's truncations start a reclaim once they removed 100,000 records.
+        let truncate_all = async |lane: Lane| {
+            wal.append(lane, batch(100_000, "r")).await.unwrap();
+            wal.move_cursor("s", lane, wal.head(lane)).await.unwrap();
+            now.fetch_add(10_000, Ordering::SeqCst);
+            wal.truncate(Duration::ZERO).await.unwrap();
+        };
+        truncate_all(Lane::Live).await;
+        assert_eq!(wal.reclaims().0, 1);
+        // Due while the first runs: not started yet.
+        truncate_all(Lane::Backfill).await;
+        assert_eq!(wal.reclaims(), (1, 0));
+        let started = std::time::Instant::now();
+        while wal.reclaims().1 < 1 {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "the first reclaim never finished"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // Nothing is left to truncate: a later group (a truncation removing nothing, as
+        // the daemon's timer makes) starts it once the first one's thread has ended.
+        let started = std::time::Instant::now();
+        while wal.reclaims().0 < 2 {
+            assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "the reclaim that fell due meanwhile was dropped"
+            );
+            let out = wal.truncate(Duration::ZERO).await.unwrap();
+            assert!(out.iter().all(|t| t.removed == 0));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        wal.shutdown().await.unwrap();
+        scenario.teardown();
+    }
 
     #[tokio::test]
     async fn a_failed_sync_poisons_the_log_and_nothing_after_it_is_acknowledged() {
@@ -610,5 +748,110 @@ async fn truncating_a_finished_backfill_gives_its_disk_space_back() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(wal.reader().read(Lane::Backfill, 0, 10).unwrap().records.is_empty());
+    wal.shutdown().await.unwrap();
+}
+
+/// The bytes of RocksDB's write-ahead files (`*.log`) in the log's directory.
+fn write_ahead_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| e.path().extension().is_some_and(|x| x == "log"))
+        .map(|e| e.metadata().map(|m| m.len()).unwrap_or(0))
+        .sum()
+}
+
+#[tokio::test]
+async fn rocksdbs_write_ahead_files_stay_bounded_and_read_only_opens_succeed_under_a_long_truncating_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let (now, options) = manual_clock();
+    let wal = Wal::open_with(dir.path(), options).unwrap();
+    // Twice the bound through the backfill lane, a cursor moved and the log
+    // truncated after every batch: the cursors' and time index's column families are
+    // written with every group and never fill a memtable of their own.
+    let record = vec![0x5au8; 16 << 10];
+    let batches = 2 * tickvault_wal::MAX_WAL_BYTES / (1024 * record.len() as u64);
+    // Beside it, read-only opens (as `wal summary` and `verify` make) while the writer
+    // deletes the write-ahead files they replay.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let inspector = {
+        let (path, stop) = (dir.path().to_owned(), stop.clone());
+        std::thread::spawn(move || {
+            let mut opened = 0;
+            while !stop.load(Ordering::Relaxed) {
+                if let Err(e) = Wal::open_read_only(&path) {
+                    return Err(format!("read-only open {opened} failed: {e}"));
+                }
+                opened += 1;
+            }
+            Ok(opened)
+        })
+    };
+    let mut most = 0;
+    for _ in 0..batches {
+        let mut b = Batch::new();
+        for _ in 0..1024 {
+            b.push(RecordKind(1), &record).unwrap();
+        }
+        let out = wal.append(Lane::Backfill, b).await.unwrap();
+        wal.move_cursor("s", Lane::Backfill, out.last_seq).await.unwrap();
+        now.fetch_add(2_000, Ordering::SeqCst);
+        wal.truncate(Duration::from_secs(1)).await.unwrap();
+        most = most.max(write_ahead_bytes(dir.path()));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let opened = inspector.join().unwrap().unwrap();
+    assert!(opened > 0);
+    // The bound, and the memtables that may fill past it before their flush releases a file.
+    let limit = tickvault_wal::MAX_WAL_BYTES + (96 << 20);
+    assert!(
+        most <= limit,
+        "write-ahead files reached {most} bytes, the bound is {limit}"
+    );
+    wal.shutdown().await.unwrap();
+    drop(wal);
+    // What a reopen replays is what is left of them.
+    assert!(write_ahead_bytes(dir.path()) <= limit);
+    let wal = Wal::open(dir.path()).unwrap();
+    assert_eq!(wal.head(Lane::Backfill), batches * 1024);
+    wal.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_corrupt_record_found_while_the_writer_is_busy_is_copied_before_a_truncation_removes_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (now, mut options) = manual_clock();
+    // One command may wait for the writer: busy appenders keep the channel full.
+    options.channel_capacity = 1;
+    let wal = Wal::open_with(dir.path(), options).unwrap();
+    wal.append(Lane::Live, batch(2, "good")).await.unwrap();
+    let mut raw = tickvault_wal::record::encode(RecordKind(1), b"will be corrupted").unwrap();
+    raw[12] ^= 0x40;
+    assert_eq!(wal.append_raw_for_test(Lane::Live, &raw).await.unwrap().first_seq, 3);
+    let busy: Vec<_> = (0..4)
+        .map(|_| {
+            let wal = wal.clone();
+            tokio::spawn(async move {
+                for _ in 0..50 {
+                    wal.append(Lane::Backfill, batch(2_000, "busy")).await.unwrap();
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    // Found twice while the writer is busy...
+    for _ in 0..2 {
+        assert_eq!(wal.reader().read(Lane::Live, 0, 100).unwrap().corrupt.len(), 1);
+    }
+    // ...then passed by every sink and old enough: the next truncation removes it.
+    wal.move_cursor("s", Lane::Live, 3).await.unwrap();
+    now.fetch_add(3_600_000, Ordering::SeqCst);
+    wal.truncate(Duration::from_secs(1)).await.unwrap();
+    assert_eq!(wal.reader().first_retained(Lane::Live).unwrap(), 4);
+    assert_eq!(wal.reader().quarantined().unwrap(), vec![(Lane::Live, 3, raw)]);
+    assert_eq!(wal.quarantined(), 1, "counted once");
+    for task in busy {
+        task.await.unwrap();
+    }
     wal.shutdown().await.unwrap();
 }
