@@ -46,6 +46,9 @@ pub struct Config {
     pub sinks: crate::sink::SinksConfig,
 }
 
+/// The most periods `backfill.lookback` may be cut into by `backfill.chunk`.
+pub const MAX_BACKFILL_PERIODS: u64 = 100_000;
+
 /// `[polygon]`: where Polygon is and how to authenticate.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields, default)]
@@ -353,6 +356,37 @@ impl Config {
                 "must be at least 1000 records (smaller stalls backfill on every batch)",
             ));
         }
+        // Upper bounds: each a value the daemon honours (timers, channel sizes and
+        // period counts that fit), far above what any deployment asks for.
+        let days = |n: u64| Duration::from_secs(n * 86_400);
+        let hours = |n: u64| Duration::from_secs(n * 3_600);
+        for (field, value, max, says) in [
+            ("log.retention", log.retention, days(3_650), "10 years"),
+            ("log.truncate_every", log.truncate_every, days(1), "1 day"),
+            ("live.stale_after", self.live.stale_after, hours(1), "1h"),
+            ("live.reconnect_max", self.live.reconnect_max, hours(1), "1h"),
+            ("backfill.lookback", self.backfill.lookback, days(50 * 365), "50 years"),
+            ("backfill.chunk", self.backfill.chunk, days(3_650), "10 years"),
+        ] {
+            if value > max {
+                return Err(ConfigError::field(file, field, format!("must be at most {says}")));
+            }
+        }
+        for (field, value, max) in [
+            ("log.channel_capacity", log.channel_capacity as u64, 1_000_000),
+            ("log.max_group_records", log.max_group_records as u64, 4_194_304),
+            ("log.backfill_high_water", log.backfill_high_water, 1_000_000_000_000),
+            (
+                "polygon.requests_per_minute",
+                u64::from(self.polygon.requests_per_minute),
+                1_000_000,
+            ),
+            ("backfill.max_attempts", u64::from(self.backfill.max_attempts), 100),
+        ] {
+            if value > max {
+                return Err(ConfigError::field(file, field, format!("must be at most {max}")));
+            }
+        }
         for (field, url, schemes) in [
             ("polygon.ws_url", &self.polygon.ws_url, ["ws://", "wss://"]),
             ("polygon.rest_url", &self.polygon.rest_url, ["http://", "https://"]),
@@ -439,6 +473,15 @@ impl Config {
         if backfill.chunk < Duration::from_secs(3600) {
             return Err(ConfigError::field(file, "backfill.chunk", "must be at least 1h"));
         }
+        // One tracker entry per period, all planned at start.
+        let periods = backfill.lookback.as_secs() / backfill.chunk.as_secs().max(1);
+        if periods > MAX_BACKFILL_PERIODS {
+            return Err(ConfigError::field(
+                file,
+                "backfill.chunk",
+                format!("makes {periods} periods of backfill.lookback; at most {MAX_BACKFILL_PERIODS}: make it longer"),
+            ));
+        }
         if !(1..=50_000).contains(&backfill.page_limit) {
             return Err(ConfigError::field(
                 file,
@@ -464,6 +507,27 @@ impl Config {
             ));
         }
         self.sinks.validate(file)
+    }
+
+    /// What `run` and `backfill` need beyond a valid file: the API key, when a live
+    /// market or a backfill symbol is configured (the key is in the environment or a
+    /// file, so a file can be valid on a machine that does not hold it). Checked before
+    /// anything is created; `validate` reports it too.
+    pub fn check_api_key(&self, file: &str) -> Result<(), ConfigError> {
+        let live = self.live.enabled
+            && [&self.live.forex, &self.live.crypto, &self.live.stocks]
+                .iter()
+                .any(|m| m.is_some());
+        let b = &self.backfill;
+        let backfill = b.enabled && !(b.forex.is_empty() && b.crypto.is_empty() && b.stocks.is_empty());
+        if (live || backfill) && self.polygon.api_key.is_none() {
+            return Err(ConfigError::field(
+                file,
+                "polygon.api_key_file",
+                "no Polygon API key: set TICKVAULT_POLYGON_API_KEY or polygon.api_key_file",
+            ));
+        }
+        Ok(())
     }
 
     pub fn wal_options(&self) -> tickvault_wal::WalOptions {
@@ -555,7 +619,7 @@ mod tests {
     #[test]
     fn a_postgres_name_that_is_a_reserved_word_names_its_field() {
         for (field, toml) in [
-            ("sinks.postgres.table", "[sinks.postgres]\ntable = \"User\"\n"),
+            ("sinks.postgres.table", "[sinks.postgres]\ntable = \"user\"\n"),
             ("sinks.postgres.database", "[sinks.postgres]\ndatabase = \"order\"\n"),
         ] {
             let err = Config::parse("t", toml).unwrap().validate("t").unwrap_err();

@@ -35,9 +35,48 @@ fn load(dir: &Path, lane: &str, records: u64) -> Output {
 fn validate_accepts_the_shipped_configs() {
     for file in ["config/tickvault.toml", "config/demo.toml", "config/local-sinks.toml"] {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
-        let out = tickvault(&["validate", "--config", path.to_str().unwrap()]);
+        let out = Command::new(env!("CARGO_BIN_EXE_tickvault"))
+            .args(["validate", "--config", path.to_str().unwrap()])
+            .env("TICKVAULT_POLYGON_API_KEY", "a-key")
+            .output()
+            .unwrap();
         assert_eq!(out.status.code(), Some(0), "{file}: {}", text(&out.stderr));
     }
+}
+
+#[test]
+fn validate_and_run_without_the_api_key_they_need_exit_2_before_creating_anything() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("live.toml");
+    std::fs::write(&path, "[live.forex]\nsymbols = [\"EUR/USD\"]\nchannels = [\"C\"]\n").unwrap();
+    let log = dir.path().join("log");
+    for args in [
+        vec!["validate", "--config", path.to_str().unwrap()],
+        vec![
+            "run",
+            "--config",
+            path.to_str().unwrap(),
+            "--data-dir",
+            log.to_str().unwrap(),
+        ],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_tickvault"))
+            .args(&args)
+            .env_remove("TICKVAULT_POLYGON_API_KEY")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", text(&out.stderr));
+        assert!(
+            text(&out.stderr).contains("`polygon.api_key_file`"),
+            "{}",
+            text(&out.stderr)
+        );
+        assert!(!log.exists(), "{args:?} created the log directory");
+    }
+    // With nothing to capture, no key is needed.
+    std::fs::write(&path, "[backfill]\nenabled = false\n").unwrap();
+    let out = tickvault(&["validate", "--config", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
 }
 
 #[test]
@@ -58,6 +97,31 @@ fn validate_names_the_bad_field_and_exits_2() {
         ("[sinks]\nbreaker_threshold = 0\n", "sinks.breaker_threshold"),
         ("[sinks]\nlive_latency_budget = \"1min\"\n", "sinks.live_latency_budget"),
         ("[sinks]\nlive_latency_budget = 40\n", "sinks.live_latency_budget"),
+        // Values the daemon cannot honour (each crashed or wedged it once).
+        (
+            "[log]\nchannel_capacity = 2300000000000000000\n",
+            "log.channel_capacity",
+        ),
+        (
+            "[sinks]\nbackfill_writes = 2300000000000000000\n",
+            "sinks.backfill_writes",
+        ),
+        ("[live]\nstale_after = \"300000000000years\"\n", "live.stale_after"),
+        ("[sinks]\nretry_max = \"300000000000years\"\n", "sinks.retry_max"),
+        ("[backfill]\nlookback = \"500000000000years\"\n", "backfill.lookback"),
+        ("[backfill]\nlookback = \"40years\"\nchunk = \"1h\"\n", "backfill.chunk"),
+        (
+            "[sinks.nats]\nduplicate_window = \"300years\"\n",
+            "sinks.nats.duplicate_window",
+        ),
+        (
+            "[sinks.postgres]\ndatabase = \"TvReviewMixed\"\n",
+            "sinks.postgres.database",
+        ),
+        (
+            "[sinks.postgres]\ntable = \"t23456789012345678901234567890123456789012345678901234567\"\n",
+            "sinks.postgres.table",
+        ),
     ];
     for (body, field) in cases {
         let path = dir.path().join("bad.toml");

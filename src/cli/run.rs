@@ -60,6 +60,8 @@ fn hangups() -> impl futures_util::Stream<Item = ()> {
 
 pub async fn run(config_path: &Path, data_dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
     let config = load_config(config_path, data_dir)?;
+    // Before anything is created: a run that cannot capture leaves no log directory.
+    config.check_api_key(&config_path.display().to_string())?;
     let mut hangup = hangups();
     let mut running = daemon::start(&config).await?;
     tracing::info!(

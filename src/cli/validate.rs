@@ -6,6 +6,8 @@ use crate::config::Config;
 /// `tickvault validate --config PATH`.
 pub fn run(path: &Path) -> anyhow::Result<ExitCode> {
     let config = Config::load(path)?;
+    // `run` will need it: a valid file on a machine without the key is not runnable.
+    config.check_api_key(&path.display().to_string())?;
     let sinks = config.sinks.enabled();
     println!(
         "{}: valid (log at {}, retention {}, sinks: {})",

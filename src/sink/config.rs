@@ -346,8 +346,14 @@ impl SinksConfig {
         if self.retry_min.is_zero() || self.retry_max < self.retry_min {
             return err("sinks.retry_max", "retry_min must be above 0 and not above retry_max");
         }
-        if self.breaker_threshold == 0 {
-            return err("sinks.breaker_threshold", "must be at least 1");
+        if self.retry_max > Duration::from_secs(3_600) {
+            return err("sinks.retry_max", "must be at most 1h");
+        }
+        if !(1..=1_000).contains(&self.breaker_threshold) {
+            return err("sinks.breaker_threshold", "must be between 1 and 1000");
+        }
+        if self.backfill_writes > 1_024 {
+            return err("sinks.backfill_writes", "must be at most 1024 (0: no limit)");
         }
         if !BACKFILL_DUTY.contains(&self.backfill_duty) {
             return err(
@@ -424,10 +430,26 @@ impl SinksConfig {
         if pg.user.is_empty() {
             return err("sinks.postgres.user", "must not be empty");
         }
-        for (field, name) in [
-            ("sinks.postgres.database", &pg.database),
-            ("sinks.postgres.table", &pg.table),
+        for (field, name, longest) in [
+            ("sinks.postgres.database", &pg.database, POSTGRES_NAME_MAX),
+            // `<table>_cursors` must fit too.
+            ("sinks.postgres.table", &pg.table, POSTGRES_NAME_MAX - "_cursors".len()),
         ] {
+            // The sink does not quote names, and PostgreSQL folds unquoted ones to lower
+            // case: `TvMixed` would be made as `tvmixed` and then asked for by its name.
+            if name.chars().any(|c| c.is_ascii_uppercase()) {
+                return err(
+                    field,
+                    "must be lower case (PostgreSQL folds unquoted names to lower case)",
+                );
+            }
+            if name.len() > longest {
+                return Err(ConfigError::field(
+                    file,
+                    field,
+                    format!("must be at most {longest} characters (PostgreSQL cuts longer names)"),
+                ));
+            }
             if POSTGRES_RESERVED.contains(&name.to_ascii_lowercase().as_str()) {
                 return err(
                     field,
@@ -458,12 +480,23 @@ impl SinksConfig {
                 "must be dot-separated tokens without `*`, `>` or spaces",
             );
         }
-        if nats.duplicate_window < Duration::from_secs(1) {
-            return err("sinks.nats.duplicate_window", "must be at least 1s");
+        if nats.duplicate_window < Duration::from_secs(1) || nats.duplicate_window > Duration::from_secs(30 * 86_400) {
+            return err(
+                "sinks.nats.duplicate_window",
+                "must be between 1s and 30 days (the server keeps every id of the window)",
+            );
+        }
+        if let Some(retention) = pg.retention {
+            if retention < Duration::from_secs(3_600) || retention > Duration::from_secs(100 * 365 * 86_400) {
+                return err("sinks.postgres.retention", "must be between 1h and 100 years");
+            }
         }
         Ok(())
     }
 }
+
+/// PostgreSQL's longest name (NAMEDATALEN - 1); a longer one is cut, not refused.
+const POSTGRES_NAME_MAX: usize = 63;
 
 /// PostgreSQL 15's reserved key words and those that may name only a function or a type
 /// (`pg_get_keywords()`, categories R and T): not a table's or a database's name unless
