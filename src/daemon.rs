@@ -321,7 +321,10 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
         let shutdown = shutdown.clone();
         parts.tasks.spawn_on(
             async move {
-                downloader.run(&jobs, shutdown).await?;
+                // A fault in backfill never stops live capture or forwarding.
+                if let Err(e) = downloader.run(&jobs, shutdown).await {
+                    tracing::error!(error = %format!("{e:#}"), "backfill stopped; live capture and forwarding go on");
+                }
                 Ok("backfill")
             },
             &background.handle(),

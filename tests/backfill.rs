@@ -588,3 +588,140 @@ async fn the_simulators_rest_answers_match_polygons_shapes() {
     );
     sim.stop().await.unwrap();
 }
+
+/// A job over the last `hours` up to `ahead_ms` past the present.
+fn recent_job(hours: i64, ahead_ms: i64) -> Job {
+    let now = jiff::Timestamp::now().as_millisecond();
+    Job {
+        feed: Feed::Crypto,
+        symbol: "BTC-USD".into(),
+        from_ms: now - hours * 3_600_000,
+        to_ms: now + ahead_ms,
+    }
+}
+
+#[tokio::test]
+async fn a_range_into_the_future_is_downloaded_up_to_the_present_and_later_minutes_are_fetched_later() {
+    let sim = sim::spawn(any_port(), SimOptions::default()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(dir.path()).unwrap();
+    let job = recent_job(2, DAY);
+    let mut s = spec(&sim, 50_000);
+    s.chunk = Duration::from_secs(2 * 86_400);
+    let stats = download(&wal, s.clone(), std::slice::from_ref(&job)).await;
+    let period = backfill::periods(wal.reader())
+        .unwrap()
+        .into_iter()
+        .find(|p| p.start_ms < job.to_ms && job.to_ms <= p.end_ms)
+        .unwrap();
+    // The period is not done: only up to the present minute was there to download.
+    let now = jiff::Timestamp::now().as_millisecond();
+    assert_ne!(period.state, PeriodState::Downloaded, "{period:?}");
+    assert!(
+        period.resume_from_ms <= now,
+        "claimed {} past the present {now}",
+        period.resume_from_ms
+    );
+    assert!(stats.periods_ahead.load(Ordering::Relaxed) >= 1, "{stats:?}");
+    // A later pass asks again from there (and finds the minutes that ended meanwhile).
+    let before = stats.requests.load(Ordering::Relaxed);
+    let again = download(&wal, s, std::slice::from_ref(&job)).await;
+    assert!(
+        again.requests.load(Ordering::Relaxed) >= 1,
+        "the rest was never asked for"
+    );
+    assert!(before >= 1);
+    let got = bars(&wal);
+    assert!(got.values().all(|(n, _)| *n == 1), "a bar was appended twice");
+    wal.shutdown().await.unwrap();
+    sim.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_delayed_answer_marks_downloaded_only_up_to_its_last_bar() {
+    let options = SimOptions {
+        faults: Faults {
+            delayed: Some(Duration::from_secs(15 * 60)),
+            ..Faults::default()
+        },
+        ..SimOptions::default()
+    };
+    let sim = sim::spawn(any_port(), options).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(dir.path()).unwrap();
+    // Up to the present minute: the plan serves all but its last 15 minutes.
+    let now = jiff::Timestamp::now().as_millisecond();
+    let job = Job {
+        to_ms: now.div_euclid(MINUTE_MS) * MINUTE_MS,
+        ..recent_job(2, 0)
+    };
+    let stats = download(&wal, spec(&sim, 50_000), std::slice::from_ref(&job)).await;
+    let last_bar = bars(&wal).keys().map(|(_, t)| *t).max().unwrap();
+    assert!(last_bar <= now - 15 * MINUTE_MS, "a bar inside the delay");
+    for p in backfill::periods(wal.reader()).unwrap() {
+        if p.end_ms > last_bar {
+            assert_ne!(p.state, PeriodState::Downloaded, "{p:?}");
+            assert_eq!(
+                p.resume_from_ms,
+                last_bar + MINUTE_MS,
+                "claimed past the last bar: {p:?}"
+            );
+        }
+    }
+    assert_eq!(stats.periods_failed.load(Ordering::Relaxed), 0);
+    wal.shutdown().await.unwrap();
+    sim.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_http_200_with_an_error_body_is_retried_and_never_marks_a_period_done() {
+    // Every answer is an error in a 200: nothing is ever data.
+    let options = SimOptions {
+        faults: Faults {
+            error_200_every: 1,
+            ..Faults::default()
+        },
+        ..SimOptions::default()
+    };
+    let sim = sim::spawn(any_port(), options).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(dir.path()).unwrap();
+    let mut s = spec(&sim, 50_000);
+    s.max_attempts = 3;
+    let stats = download(&wal, s, &[job(Feed::Crypto, "BTC-USD", 1)]).await;
+    assert_eq!(stats.requests.load(Ordering::Relaxed), 3, "{stats:?}");
+    assert_eq!(stats.periods_failed.load(Ordering::Relaxed), 1, "{stats:?}");
+    assert_eq!(stats.periods_done.load(Ordering::Relaxed), 0, "{stats:?}");
+    assert!(backfill::periods(wal.reader())
+        .unwrap()
+        .iter()
+        .all(|p| p.state != PeriodState::Downloaded));
+    wal.shutdown().await.unwrap();
+    sim.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_next_url_that_does_not_parse_leaves_its_period_pending_and_the_downloader_goes_on() {
+    let options = SimOptions {
+        faults: Faults {
+            bad_next_every: 1,
+            ..Faults::default()
+        },
+        ..SimOptions::default()
+    };
+    let sim = sim::spawn(any_port(), options).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(dir.path()).unwrap();
+    // Pages of 700 bars: every first page's next_url is bad.
+    let jobs = [job(Feed::Crypto, "BTC-USD", 4)];
+    let stats = download(&wal, spec(&sim, 700), &jobs).await;
+    assert_eq!(stats.periods_failed.load(Ordering::Relaxed), 2, "{stats:?}");
+    // What the first pages held is in the log, and the tracker says so.
+    assert_eq!(bars(&wal).len(), 2 * 700);
+    for p in backfill::periods(wal.reader()).unwrap() {
+        assert_ne!(p.state, PeriodState::Downloaded);
+        assert_eq!(p.bars, 700);
+    }
+    wal.shutdown().await.unwrap();
+    sim.stop().await.unwrap();
+}

@@ -53,6 +53,7 @@ pub async fn run(
     data_dir: Option<PathBuf>,
 ) -> anyhow::Result<ExitCode> {
     let config = load_config(config_path, data_dir)?;
+    config.check_api_key(&config_path.display().to_string())?;
     anyhow::ensure!(from <= to, "--from {from} is after --to {to}");
     let (from_ms, to_ms) = (day_ms(from)?, day_ms(to)? + 86_400_000);
     let mut jobs = Vec::new();
@@ -116,7 +117,7 @@ pub async fn run(
     let secs = started.elapsed().as_secs_f64();
     let bars = stats.bars.load(Ordering::Relaxed);
     println!(
-        "backfilled {what} {from}..{to}: {bars} bars in {secs:.2} s ({:.0} bars/s), {} pages, {} requests, {} retries ({} rate-limited), periods {}/{} done ({} already done), peak RSS {} MB",
+        "backfilled {what} {from}..{to}: {bars} bars in {secs:.2} s ({:.0} bars/s), {} pages, {} requests, {} retries ({} rate-limited), periods {}/{} done ({} already done, {} as far as the source has them), peak RSS {} MB",
         bars as f64 / secs.max(1e-9),
         stats.pages.load(Ordering::Relaxed),
         stats.requests.load(Ordering::Relaxed),
@@ -125,6 +126,7 @@ pub async fn run(
         stats.periods_done.load(Ordering::Relaxed),
         stats.periods_total.load(Ordering::Relaxed),
         stats.periods_skipped.load(Ordering::Relaxed),
+        stats.periods_ahead.load(Ordering::Relaxed),
         peak_rss_bytes().map_or(0, |b| b / 1_000_000),
     );
     let failed = stats.periods_failed.load(Ordering::Relaxed);

@@ -7,9 +7,14 @@ use std::time::Duration;
 /// `429=N` (answer the first N REST requests of every minute with 429),
 /// `slow=200ms` (delay every REST response), `holes=N` (one minute in N has no data at
 /// the source), `5xx=N` (answer one REST request in N with a 502), `malformed=N` (send a
-/// malformed frame before one live frame in N), `interleave=N` (after one live tick in N,
-/// a tick from another exchange stamped with the previous tick's time, so timestamps go
-/// back and repeat, as a crypto pair's trades from several exchanges do).
+/// malformed frame before one live frame in N), `interleave=N` (after each live tick whose
+/// millisecond is a multiple of N, one from another exchange stamped with the time of
+/// the symbol's tick before: timestamps go back and repeat, as a crypto pair's trades
+/// from several exchanges do),
+/// `delayed=15m` (a delayed plan: REST answers say `"status":"DELAYED"` and end that long
+/// before the present), `error200=N` (answer one REST request in N with an HTTP 200
+/// whose body is an error), `badnext=N` (one `next_url` in N does not parse). REST
+/// never serves a bar whose minute is not over.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Faults {
     pub disconnect_every: Option<Duration>,
@@ -19,6 +24,9 @@ pub struct Faults {
     pub error_5xx_every: u32,
     pub malformed_every: u32,
     pub interleave_every: u32,
+    pub delayed: Option<Duration>,
+    pub error_200_every: u32,
+    pub bad_next_every: u32,
 }
 
 impl std::str::FromStr for Faults {
@@ -43,9 +51,12 @@ impl std::str::FromStr for Faults {
                 "5xx" => faults.error_5xx_every = count()?,
                 "malformed" => faults.malformed_every = count()?,
                 "interleave" => faults.interleave_every = count()?,
+                "delayed" => faults.delayed = Some(duration()?),
+                "error200" => faults.error_200_every = count()?,
+                "badnext" => faults.bad_next_every = count()?,
                 other => {
                     return Err(format!(
-                        "unknown fault {other:?} (disconnect, 429, slow, holes, 5xx, malformed, interleave)"
+                        "unknown fault {other:?} (disconnect, 429, slow, holes, 5xx, malformed, interleave, delayed, error200, badnext)"
                     ))
                 }
             }

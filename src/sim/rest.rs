@@ -146,6 +146,16 @@ pub(crate) async fn aggregates(
     }
 
     // The simulated plan covers forex, crypto and stocks; options and indices are not in it.
+    let every = sim.options.faults.error_200_every;
+    if every > 0 && n.is_multiple_of(u64::from(every)) {
+        let body = serde_json::json!({
+            "status": "ERROR",
+            "request_id": request_id,
+            "error": "simulated error in an HTTP 200 answer",
+        });
+        return json_response(StatusCode::OK, body.to_string());
+    }
+
     if ticker.starts_with("O:") || ticker.starts_with("I:") {
         return error(
             StatusCode::FORBIDDEN,
@@ -190,10 +200,22 @@ pub(crate) async fn aggregates(
 
     // Widen outward to whole buckets (both ends inclusive).
     let first = from_ms.div_euclid(bucket) * bucket;
-    let last = to_ms.div_euclid(bucket) * bucket;
+    // No bar for a bucket that is not over (nor, on a delayed plan, for the last ones).
+    let delay = sim
+        .options
+        .faults
+        .delayed
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+    let available = super::server::now_ms().saturating_sub(delay).div_euclid(bucket) * bucket - bucket;
+    let last = (to_ms.div_euclid(bucket) * bucket).min(available);
     let (results, next) = collect(&sim, feed, &symbol, bucket, first, last, limit, descending);
 
+    let bad_next = sim.options.faults.bad_next_every;
+    let bad_next = bad_next > 0 && n.is_multiple_of(u64::from(bad_next));
     let next_url = next.map(|next_from| {
+        if bad_next {
+            return "http://[not a url/v2/aggs".to_owned();
+        }
         let host = headers
             .get(header::HOST)
             .and_then(|h| h.to_str().ok())
@@ -217,7 +239,11 @@ pub(crate) async fn aggregates(
         adjusted,
         count: results.len(),
         results,
-        status: "OK",
+        status: if sim.options.faults.delayed.is_some() {
+            "DELAYED"
+        } else {
+            "OK"
+        },
         request_id,
         next_url,
     };

@@ -67,6 +67,9 @@ pub struct BackfillStats {
     pub periods_done: AtomicU64,
     pub periods_skipped: AtomicU64,
     pub periods_failed: AtomicU64,
+    /// Periods downloaded as far as the source has them, the rest not there yet (the
+    /// present, a delayed plan's last minutes): resumed by a later pass.
+    pub periods_ahead: AtomicU64,
     pub requests: AtomicU64,
     pub pages: AtomicU64,
     pub bars: AtomicU64,
@@ -196,6 +199,9 @@ struct Page {
     next_url: Option<String>,
     #[serde(default)]
     status: String,
+    /// An error answer's reason (`error` or `message`).
+    #[serde(default, alias = "message")]
+    error: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -380,18 +386,19 @@ impl Downloader {
                     return Ok(());
                 }
             };
-            if page.status != "OK" && page.status != "DELAYED" {
-                tracing::warn!(%ticker, status = %page.status, "unexpected page status");
-            }
             let count = page.results.len() as u64;
             let captured_at_ns = i64::try_from(jiff::Timestamp::now().as_nanosecond()).unwrap_or(i64::MAX);
             let resumed_at = period.resume_from_ms;
-            // Where the page leaves the period: at the next page's `from`, or done.
-            let last_t = page.results.last().map(|bar| bar.t);
-            let page_end = match &page.next_url {
-                Some(next) => next_from(next).or(last_t.map(|t| t + 60_000)).unwrap_or(until),
-                None => until,
-            };
+            // Where the page leaves the period: what the answer covered, and no further.
+            let last_t = page.results.iter().map(|bar| bar.t).max();
+            let page_end = covered_until(
+                &page,
+                last_t,
+                resumed_at,
+                until,
+                jiff::Timestamp::now().as_millisecond(),
+            );
+            let finished = page.next_url.is_none() && page_end >= until;
             // One page's appends at a time, and while live flows a pause after them.
             let mut seen = self.live.lock().await;
             let started = Instant::now();
@@ -435,7 +442,7 @@ impl Downloader {
                 period.bars += chunk.len() as u64;
                 match earliest[i + 1..].iter().flatten().min() {
                     Some(&t) => period.advance_to(t, false),
-                    None => period.advance_to(page_end, page.next_url.is_none()),
+                    None => period.advance_to(page_end, finished),
                 }
                 let (key, value) = (period.key(), serde_json::to_vec(&period)?);
                 self.wal
@@ -443,8 +450,8 @@ impl Downloader {
                     .await
                     .context("appending backfill bars")?;
             }
-            if page.results.is_empty() {
-                period.advance_to(page_end, page.next_url.is_none());
+            if page.results.is_empty() && page_end > resumed_at {
+                period.advance_to(page_end, finished);
                 save(&self.wal, &period).await?;
             }
             if seen.flowing(self.wal.head(Lane::Live), Instant::now()) {
@@ -470,9 +477,25 @@ impl Downloader {
                 .covered_ms
                 .fetch_add((period.resume_from_ms - resumed_at).max(0) as u64, Ordering::Relaxed);
             match page.next_url {
-                Some(next) => url = self.rebase(&next)?,
-                None => {
+                Some(next) => match self.rebase(&next) {
+                    Ok(next) => url = next,
+                    // One bad answer costs this period, not the downloader (and never
+                    // live capture): it is left pending where the log's bars end.
+                    Err(e) => {
+                        self.stats.periods_failed.fetch_add(1, Ordering::Relaxed);
+                        tracing::error!(%ticker, start_ms = period.start_ms, error = %format!("{e:#}"), "backfill period left pending");
+                        return Ok(());
+                    }
+                },
+                None if finished => {
                     self.stats.periods_done.fetch_add(1, Ordering::Relaxed);
+                    return Ok(());
+                }
+                None => {
+                    // The rest is not at the source yet (the present, or a delayed
+                    // plan's last minutes): fetched by a later pass, from here.
+                    self.stats.periods_ahead.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(%ticker, start_ms = period.start_ms, downloaded_to_ms = period.resume_from_ms, status = %page.status, "backfill period downloaded as far as the source has it");
                     return Ok(());
                 }
             }
@@ -547,7 +570,15 @@ impl Downloader {
                         Err(e) => Err(without_url(&e)),
                     };
                     match parsed {
-                        Ok(page) => return Ok(Some(Fetch::Page(page))),
+                        Ok(page) if page.status == "OK" || page.status == "DELAYED" => {
+                            return Ok(Some(Fetch::Page(page)))
+                        }
+                        // A 200 whose body is an error (`"status":"ERROR"`, or `{}`) is no
+                        // answer: claiming it would mark the period done with no bars.
+                        Ok(page) => {
+                            self.stats.server_errors.fetch_add(1, Ordering::Relaxed);
+                            tracing::warn!(status = %page.status, error = %page.error.as_deref().map(crate::polygon::wire::cut).unwrap_or_default(), "answer without data (HTTP 200); retrying");
+                        }
                         Err(e) => tracing::warn!(error = %e, "unreadable page; retrying"),
                     }
                 }
@@ -596,6 +627,25 @@ fn without_url(e: &reqwest::Error) -> String {
         s = s.replace(url.as_str(), "<url>");
     }
     s
+}
+
+/// How far the period is downloaded once `page` (the answer to a request from
+/// `resumed_at`) is in the log: only what the answer covered. With a `next_url`, up to
+/// where it continues; on the last page of an `OK` answer, up to `until` but never past
+/// the start of the present minute (`now_ms`'s; later minutes are not over, or not yet
+/// there); on the last page of a `DELAYED` answer (a plan that serves recent data late),
+/// up to the end of its last bar. Never before `resumed_at`.
+fn covered_until(page: &Page, last_t: Option<i64>, resumed_at: i64, until: i64, now_ms: i64) -> i64 {
+    let after_last_bar = last_t.map(|t| t.saturating_add(60_000));
+    let claim = match &page.next_url {
+        Some(next) => next_from(next).or(after_last_bar).unwrap_or(until),
+        None if page.status == "DELAYED" => after_last_bar.unwrap_or(resumed_at),
+        None => {
+            let present = now_ms.div_euclid(60_000) * 60_000;
+            until.min(present.max(after_last_bar.unwrap_or(i64::MIN)))
+        }
+    };
+    claim.min(until).max(resumed_at)
 }
 
 /// The `from` path segment of a `next_url` (the next page's first bar, ms).
