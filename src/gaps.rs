@@ -25,9 +25,14 @@ pub struct SuspectedGap {
 
 const PREFIX: &str = "gap/suspected/";
 
+/// Sorted by start; the end and the time it was recorded keep two gaps with one start
+/// (no event between two disconnects) two records.
 fn key(gap: &SuspectedGap) -> Vec<u8> {
     let mut key = format!("{PREFIX}{}/", gap.feed).into_bytes();
     key.extend_from_slice(&gap.from_ms.to_be_bytes());
+    key.extend_from_slice(&gap.to_ms.to_be_bytes());
+    let recorded_ns = jiff::Timestamp::now().as_nanosecond();
+    key.extend_from_slice(&i64::try_from(recorded_ns).unwrap_or(i64::MAX).to_be_bytes());
     key
 }
 

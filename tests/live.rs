@@ -485,3 +485,119 @@ async fn ticks_whose_timestamps_go_back_and_repeat_each_keep_their_own_key_on_tw
     wal_b.shutdown().await.unwrap();
     sim.stop().await.unwrap();
 }
+
+/// A fake Polygon: each connection in turn gets the next script's frames after its
+/// subscribe, then is closed (or, with `None` left, held open).
+async fn scripted_server(scripts: Vec<Vec<Value>>) -> (String, tokio::task::JoinHandle<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("ws://{}", listener.local_addr().unwrap());
+    let task = tokio::spawn(async move {
+        for frames in scripts {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut ws = tokio_tungstenite::accept_async(tcp).await.unwrap();
+            let status = |s: &str| json!([{"ev":"status","status":s,"message":s}]).to_string();
+            ws.send(Message::text(status("connected"))).await.unwrap();
+            // auth, then subscribe
+            let _ = ws.next().await;
+            ws.send(Message::text(status("auth_success"))).await.unwrap();
+            let _ = ws.next().await;
+            for frame in frames {
+                ws.send(Message::text(frame.to_string())).await.unwrap();
+            }
+            let _ = ws.close(None).await;
+        }
+        // Later connections are refused.
+        drop(listener);
+    });
+    (url, task)
+}
+
+fn quote(ts: i64) -> Value {
+    json!({"ev":"C","p":"EUR/USD","x":48,"a":1.1,"b":1.0,"t":ts})
+}
+
+#[tokio::test]
+async fn events_in_the_frame_of_a_disconnect_status_are_captured() {
+    let frame =
+        json!([quote(1_000), quote(2_000), {"ev":"status","status":"force_disconnect","message":"bye"}, quote(3_000)]);
+    let (url, server) = scripted_server(vec![vec![frame]]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(dir.path()).unwrap();
+    let mut s = spec_at(&url);
+    s.reconnect_min = Duration::from_secs(5);
+    capture_for(s, &wal, Duration::from_millis(800)).await;
+    let times: Vec<i64> = events(&wal).iter().map(Event::ts_ms).collect();
+    assert_eq!(times, vec![1_000, 2_000, 3_000]);
+    server.abort();
+    wal.shutdown().await.unwrap();
+}
+
+fn spec_at(url: &str) -> LiveSpec {
+    LiveSpec {
+        feed: Feed::Forex,
+        ws_url: url.to_owned(),
+        api_key: Secret::new("test-key"),
+        symbols: vec!["EUR/USD".into()],
+        channels: vec!["C".into(), "CA".into()],
+        stale_after: Duration::from_secs(5),
+        reconnect_min: Duration::from_millis(20),
+        reconnect_max: Duration::from_millis(100),
+    }
+}
+
+#[tokio::test]
+async fn a_gap_ending_in_a_bar_covers_what_was_missed_and_two_gaps_from_one_event_are_two_records() {
+    const MINUTE: i64 = 1_700_000_040_000;
+    // A tick just before a minute ends; then, after each of two drops, only the bar of
+    // that minute (stamped with its start, before the tick).
+    let bar =
+        json!([{"ev":"CA","pair":"EUR/USD","o":1.0,"c":1.0,"h":1.0,"l":1.0,"v":3,"s":MINUTE,"e":MINUTE + 60_000}]);
+    let (url, server) = scripted_server(vec![
+        vec![json!([quote(MINUTE + 59_900)])],
+        vec![bar.clone()],
+        vec![bar],
+    ])
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(dir.path()).unwrap();
+    capture_for(spec_at(&url), &wal, Duration::from_millis(1_500)).await;
+    let gaps = gaps::suspected(wal.reader()).unwrap();
+    assert!(gaps.len() >= 2, "{gaps:?}");
+    for gap in &gaps {
+        assert!(gap.to_ms >= gap.from_ms, "inverted: {gap:?}");
+    }
+    server.abort();
+    wal.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn two_collectors_on_one_key_back_off_instead_of_evicting_each_other_at_full_speed() {
+    let sim = sim::spawn(
+        any_port(),
+        SimOptions {
+            always_open: true,
+            ..SimOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(dir.path()).unwrap();
+    let one_key = || {
+        let mut s = spec(&sim, Feed::Crypto, &["BTC-USD"], &["XT"]);
+        s.reconnect_min = Duration::from_millis(50);
+        s.reconnect_max = Duration::from_secs(2);
+        s
+    };
+    let (a, b) = tokio::join!(
+        capture_for(one_key(), &wal, Duration::from_secs(8)),
+        capture_for(one_key(), &wal, Duration::from_secs(8)),
+    );
+    let evictions = a.evictions.load(Ordering::Relaxed) + b.evictions.load(Ordering::Relaxed);
+    let drops = a.disconnects.load(Ordering::Relaxed) + b.disconnects.load(Ordering::Relaxed);
+    assert!(evictions >= 1, "the second connection never evicted the first");
+    // Each eviction waits at least reconnect_max (2 s) before taking the feed back.
+    assert!(drops <= 10, "{drops} reconnects in 8 s");
+    wal.shutdown().await.unwrap();
+    sim.stop().await.unwrap();
+}

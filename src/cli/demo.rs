@@ -126,12 +126,13 @@ pub async fn run(
             .iter()
             .map(|(_, s)| s.captured.load(Ordering::Relaxed))
             .sum();
-        let (mut p50, mut p99, mut reconnects, mut up) = (0.0f64, 0.0f64, 0, 0);
+        let (mut p50, mut p99, mut reconnects, mut up, mut evicted) = (0.0f64, 0.0f64, 0, 0, 0);
         let mut closed = Vec::new();
         for (feed, s) in &running.live {
             p50 = p50.max(s.latency_ms(0.5));
             p99 = p99.max(s.latency_ms(0.99));
             reconnects += s.disconnects.load(Ordering::Relaxed);
+            evicted += s.evictions.load(Ordering::Relaxed);
             up += u64::from(s.connected.load(Ordering::Relaxed));
             if !market.is_open(*feed, now_ms) {
                 closed.push(feed.name());
@@ -149,6 +150,11 @@ pub async fn run(
         ));
         if !closed.is_empty() {
             line.push_str(&format!(" ({} closed now)", closed.join(", ")));
+        }
+        if evicted > 0 {
+            line.push_str(&format!(
+                " | EVICTED {evicted}x: another client uses this API key, backing off"
+            ));
         }
         last_live = captured;
         if let Some(b) = &running.backfill {

@@ -80,8 +80,12 @@ fn int(item: &Value, field: &str) -> Option<i64> {
 fn parse_item(feed: Feed, item: &Value) -> Result<WireItem, Malformed> {
     let raw = || item.to_string();
     let bad = |reason: &str| malformed("event", reason, &raw());
-    let Some(ev) = item["ev"].as_str() else {
-        return Err(bad("no `ev` field"));
+    // The spec's `max_connections` example is a status without `ev`: a `status`
+    // field alone makes a status.
+    let ev = match item["ev"].as_str() {
+        Some(ev) => ev,
+        None if item["status"].is_string() => "status",
+        None => return Err(bad("no `ev` field")),
     };
     if ev == "status" {
         return Ok(WireItem::Status {

@@ -20,7 +20,7 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::backoff::Backoff;
 use crate::config::Secret;
 use crate::event::identity::Uids;
-use crate::event::{Capture, Event, Feed, EVENT_KIND};
+use crate::event::{Body, Capture, Event, Feed, EVENT_KIND};
 use crate::gaps::{self, SuspectedGap};
 use crate::polygon::wire::{self, WireItem};
 
@@ -63,6 +63,8 @@ pub struct LiveStats {
     pub connects: AtomicU64,
     pub disconnects: AtomicU64,
     pub gaps: AtomicU64,
+    /// Times another connection with the same key took the feed (`max_connections`).
+    pub evictions: AtomicU64,
     pub connected: AtomicBool,
     /// Frame received to durable in the log, microseconds, per frame.
     pub latency_us: std::sync::Mutex<hdrhistogram::Histogram<u64>>,
@@ -78,6 +80,7 @@ impl Default for LiveStats {
             connects: AtomicU64::new(0),
             disconnects: AtomicU64::new(0),
             gaps: AtomicU64::new(0),
+            evictions: AtomicU64::new(0),
             connected: AtomicBool::new(false),
             // 1 µs to 1 hour at 3 significant figures; values above are clamped.
             latency_us: std::sync::Mutex::new(
@@ -112,7 +115,15 @@ enum Ended {
     /// trying slowly so that a key fixed on the server side is picked up.
     AuthFailed(String),
     Lost(String),
+    /// Another connection with this key took the feed (Polygon allows one per
+    /// cluster): fighting it back would evict it in turn, forever.
+    Evicted(String),
 }
+
+/// A connection that stayed subscribed this long resets the reconnect backoff; one that
+/// ends sooner (evicted, cut right after auth) keeps it growing, so that two clients on
+/// one key, or a feed that drops every few seconds, do not reconnect at full speed.
+const STABLE_AFTER: Duration = Duration::from_secs(30);
 
 /// One frame's events, stamped with when the frame arrived.
 struct Arrival {
@@ -140,6 +151,7 @@ pub async fn run(
         if *shutdown.borrow() {
             break;
         }
+        let mut subscribed_at = None;
         let ended = session(
             &spec,
             &tx,
@@ -148,26 +160,44 @@ pub async fn run(
             &mut open_gap,
             &mut last_event_ms,
             &wal,
-            &mut backoff,
+            &mut subscribed_at,
             &mut shutdown,
         )
         .await;
         stats.connected.store(false, Ordering::Relaxed);
-        match ended {
+        if subscribed_at.is_some_and(|t: Instant| t.elapsed() >= STABLE_AFTER) {
+            backoff.reset();
+        }
+        let mut at_least = Duration::ZERO;
+        let cause = match ended {
             Ended::Shutdown => break,
             Ended::AuthFailed(message) => {
                 tracing::error!(feed = %spec.feed, %message, "Polygon refused the API key");
+                None
             }
             Ended::Lost(cause) => {
-                stats.disconnects.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(feed = %spec.feed, %cause, "live feed lost; reconnecting");
-                if open_gap.is_none() {
-                    let from = last_event_ms.unwrap_or_else(now_ms);
-                    open_gap = Some((from, cause));
+                Some(cause)
+            }
+            Ended::Evicted(cause) => {
+                let n = stats.evictions.fetch_add(1, Ordering::Relaxed) + 1;
+                // Loud once, then every tenth time: the condition persists until an
+                // operator stops the other client.
+                if n == 1 || n.is_multiple_of(10) {
+                    tracing::error!(feed = %spec.feed, %cause, evictions = n, "another connection with this API key took the feed (Polygon allows one per cluster): is a second tickvault or another client using the key? Backing off instead of taking it back");
                 }
+                at_least = spec.reconnect_max;
+                Some(cause)
+            }
+        };
+        if let Some(cause) = cause {
+            stats.disconnects.fetch_add(1, Ordering::Relaxed);
+            if open_gap.is_none() {
+                let from = last_event_ms.unwrap_or_else(now_ms);
+                open_gap = Some((from, cause));
             }
         }
-        let delay = backoff.next_delay();
+        let delay = backoff.next_delay().max(at_least);
         tokio::select! {
             _ = tokio::time::sleep(delay) => {}
             _ = shutdown.changed() => break,
@@ -216,7 +246,7 @@ async fn session(
     open_gap: &mut Option<(i64, String)>,
     last_event_ms: &mut Option<i64>,
     wal: &Wal,
-    backoff: &mut Backoff,
+    subscribed_at: &mut Option<Instant>,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Ended {
     let url = format!(
@@ -268,10 +298,10 @@ async fn session(
             Some(Err(e)) => return Ended::Lost(format!("read: {e}")),
             Some(Ok(Message::Text(text))) => text,
             Some(Ok(Message::Close(frame))) => {
-                return Ended::Lost(format!(
-                    "closed by server: {}",
-                    frame.map(|f| f.reason.to_string()).unwrap_or_default()
-                ))
+                return Ended::Lost(match frame {
+                    Some(f) => format!("closed by server: {} (code {})", f.reason, u16::from(f.code)),
+                    None => "closed by server".to_owned(),
+                })
             }
             Some(Ok(_)) => continue, // pongs; pings are answered by tungstenite
         };
@@ -286,6 +316,9 @@ async fn session(
         };
         let captured_at_ns = now_ns();
         let mut events = Vec::new();
+        // A status that ends the session is acted on after the whole frame: the events
+        // around it in the same frame were received, and cannot be fetched again.
+        let mut ending = None;
         for item in items {
             match item {
                 Ok(WireItem::Status { status, message }) => match status.as_str() {
@@ -303,12 +336,17 @@ async fn session(
                             return Ended::Lost(format!("sending subscribe: {e}"));
                         }
                         stats.connected.store(true, Ordering::Relaxed);
-                        backoff.reset();
+                        *subscribed_at = Some(Instant::now());
                         tracing::info!(feed = %spec.feed, symbols = spec.symbols.len(), "live feed subscribed");
                     }
-                    "auth_failed" | "auth_timeout" => return Ended::AuthFailed(message),
-                    "max_connections" | "force_disconnect" | "slow_consumer" => {
-                        return Ended::Lost(format!("{status}: {message}"));
+                    "auth_failed" | "auth_timeout" => {
+                        ending.get_or_insert(Ended::AuthFailed(message));
+                    }
+                    "max_connections" => {
+                        ending.get_or_insert(Ended::Evicted(format!("{status}: {message}")));
+                    }
+                    "force_disconnect" | "slow_consumer" => {
+                        ending.get_or_insert(Ended::Lost(format!("{status}: {message}")));
                     }
                     "error" => tracing::warn!(feed = %spec.feed, %message, "Polygon status error"),
                     _ => tracing::debug!(feed = %spec.feed, %status, %message, "status"),
@@ -332,14 +370,20 @@ async fn session(
             }
         }
         if events.is_empty() {
-            continue;
+            match ending {
+                Some(ended) => return ended,
+                None => continue,
+            }
         }
+        // When the market happened up to: a bar's window ends after its timestamp.
         let first_ts = events.iter().map(Event::ts_ms).min().unwrap_or(0);
-        let last_ts = events.iter().map(Event::ts_ms).max().unwrap_or(0);
+        let last_ts = events.iter().map(happened_until).max().unwrap_or(0);
         if first_after_reconnect {
             first_after_reconnect = false;
             if let Some((from_ms, cause)) = open_gap.take() {
-                record_gap(wal, stats, spec, from_ms, first_ts, cause).await;
+                // A bar's timestamp is its window's start, up to a minute before what it
+                // says: the gap runs at least to where it began.
+                record_gap(wal, stats, spec, from_ms, first_ts.max(from_ms), cause).await;
             }
         }
         *last_event_ms = Some(last_event_ms.map_or(last_ts, |t| t.max(last_ts)));
@@ -347,6 +391,17 @@ async fn session(
         if tx.send(Arrival { received, events }).await.is_err() {
             return Ended::Shutdown;
         }
+        if let Some(ended) = ending {
+            return ended;
+        }
+    }
+}
+
+/// The end of what an event tells of the market: a tick's time, a bar's window end.
+fn happened_until(event: &Event) -> i64 {
+    match &event.body {
+        Body::Bar(bar) => bar.start_ms.saturating_add(bar.timeframe.millis()),
+        _ => event.ts_ms(),
     }
 }
 
