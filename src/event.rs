@@ -16,6 +16,10 @@ pub const EVENT_KIND: RecordKind = RecordKind(1);
 /// Record kind of the synthetic records `wal load` writes (payload: see `cli::load`).
 pub const SYNTHETIC_KIND: RecordKind = RecordKind(200);
 
+/// The market timestamps an event may have: 2000-01-01 to 2100-01-01 (Unix ms). Far
+/// wider than any market data, far narrower than what overflows a sink's timestamp.
+pub const SANE_TS_MS: std::ops::Range<i64> = 946_684_800_000..4_102_444_800_000;
+
 /// The market a feed serves (Polygon's WebSocket cluster).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -286,6 +290,40 @@ impl Event {
         }
     }
 
+    /// Why this event cannot be stored as it is, if it cannot: a timestamp outside
+    /// [`SANE_TS_MS`], a price or size that is not a finite number, a NUL in a string.
+    /// Every sink refuses such values (PostgreSQL's timestamp overflows, text with NUL
+    /// is an error), so they are refused at capture, counted and logged as malformed,
+    /// and never reach the log.
+    pub fn problem(&self) -> Option<&'static str> {
+        let (ts, symbol) = (self.ts_ms(), self.symbol());
+        if !SANE_TS_MS.contains(&ts) {
+            return Some("timestamp outside 2000-01-01..2100-01-01");
+        }
+        if symbol.is_empty() || symbol.contains('\0') {
+            return Some("symbol empty or with a NUL");
+        }
+        let finite = |values: &[Option<f64>]| values.iter().flatten().all(|v| v.is_finite());
+        let ok = match &self.body {
+            Body::Quote(q) => finite(&[Some(q.bid), Some(q.ask), q.bid_size, q.ask_size]),
+            Body::Trade(t) => {
+                if t.trade_id.as_deref().is_some_and(|id| id.contains('\0')) {
+                    return Some("trade id with a NUL");
+                }
+                finite(&[Some(t.price), Some(t.size)])
+            }
+            Body::Bar(b) => finite(&[
+                Some(b.open),
+                Some(b.high),
+                Some(b.low),
+                Some(b.close),
+                Some(b.volume),
+                b.vwap,
+            ]),
+        };
+        (!ok).then_some("a price, size or volume that is not a finite number")
+    }
+
     pub fn to_payload(&self) -> Result<Vec<u8>, payload::PayloadError> {
         payload::to_bytes(self)
     }
@@ -374,6 +412,35 @@ mod tests {
             }),
         };
         assert_eq!(Event::from_payload(&payload::to_bytes(&old).unwrap()).unwrap(), event);
+    }
+
+    #[test]
+    fn events_a_sink_would_refuse_have_a_problem() {
+        assert_eq!(sample().problem(), None);
+        let mut far = sample();
+        if let Body::Quote(q) = &mut far.body {
+            q.ts_ms = 18_500_000_000_000_000;
+        }
+        assert!(far.problem().unwrap().contains("timestamp"));
+        let mut nan = sample();
+        if let Body::Quote(q) = &mut nan.body {
+            q.bid = f64::NAN;
+        }
+        assert!(nan.problem().unwrap().contains("finite"));
+        let trade = Event {
+            capture: sample().capture,
+            body: Body::Trade(Trade {
+                symbol: "BTC-USD".into(),
+                ts_ms: 1_700_000_000_000,
+                uid: 0,
+                price: 1.0,
+                size: f64::INFINITY,
+                exchange: None,
+                trade_id: Some("a\0b".into()),
+                conditions: vec![],
+            }),
+        };
+        assert!(trade.problem().unwrap().contains("NUL"));
     }
 
     #[test]

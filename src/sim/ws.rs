@@ -181,6 +181,11 @@ async fn connection(sim: Arc<Sim>, feed: Feed, socket: WebSocket) {
                         if every > 0 && frames_sent.is_multiple_of(u64::from(every)) {
                             let _ = tx.try_send(Message::Text(r#"[{"ev":"C","p":"EUR/USD","b":"not-a-price"},{"no_ev":1}] trailing"#.into()));
                             let _ = tx.try_send(Message::Text(r#"[{"ev":"C","p":42,"t":1}]"#.into()));
+                            // Well-formed JSON that no sink could store: a timestamp far
+                            // past any PostgreSQL timestamp, a price that is not a number.
+                            let _ = tx.try_send(Message::Text(format!(
+                                r#"[{{"ev":"C","p":"EUR/USD","x":48,"a":1.1,"b":1.0,"t":18500000000000000}},{{"ev":"C","p":"EUR/USD","x":48,"a":"NaN","b":1.0,"t":{now}}}]"#
+                            ).into()));
                         }
                         let frame = Message::Text(Value::Array(events).to_string().into());
                         if tx.try_send(frame).is_err() {

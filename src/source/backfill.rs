@@ -70,6 +70,8 @@ pub struct BackfillStats {
     /// Periods downloaded as far as the source has them, the rest not there yet (the
     /// present, a delayed plan's last minutes): resumed by a later pass.
     pub periods_ahead: AtomicU64,
+    /// Bars refused as malformed (see `Event::problem`).
+    pub malformed: AtomicU64,
     pub requests: AtomicU64,
     pub pages: AtomicU64,
     pub bars: AtomicU64,
@@ -301,7 +303,7 @@ impl Downloader {
     pub async fn run(&self, jobs: &[Job], shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
         let known = periods(self.wal.reader())?;
         let mut todo = Vec::new();
-        for job in jobs {
+        for job in &merged(jobs) {
             for span in split(job, self.spec.chunk) {
                 let (start, end) = span.chunk;
                 self.stats.periods_total.fetch_add(1, Ordering::Relaxed);
@@ -437,6 +439,13 @@ impl Downloader {
                             trades: bar.n,
                         }),
                     };
+                    // A bar a sink would refuse is counted and left out: the minute is
+                    // covered, by a bar the source sent wrong.
+                    if let Some(problem) = event.problem() {
+                        self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(%ticker, t = bar.t, problem, "malformed bar skipped");
+                        continue;
+                    }
                     batch.push(EVENT_KIND, &event.to_payload()?)?;
                 }
                 period.bars += chunk.len() as u64;
@@ -588,8 +597,7 @@ impl Downloader {
                         .headers()
                         .get(reqwest::header::RETRY_AFTER)
                         .and_then(|v| v.to_str().ok())
-                        .and_then(|v| v.trim().parse::<u64>().ok())
-                        .map(Duration::from_secs);
+                        .and_then(|v| retry_after(v, jiff::Timestamp::now()));
                     let body = r.text().await.unwrap_or_default();
                     if status.as_u16() == 429 {
                         self.stats.rate_limited.fetch_add(1, Ordering::Relaxed);
@@ -648,6 +656,38 @@ fn covered_until(page: &Page, last_t: Option<i64>, resumed_at: i64, until: i64, 
     claim.min(until).max(resumed_at)
 }
 
+/// One job per symbol: two spellings of one (`EUR/USD`, `C:EURUSD`) are one canonical
+/// symbol, and two chains over it would write the same bars twice. Their ranges merge.
+pub fn merged(jobs: &[Job]) -> Vec<Job> {
+    let mut out: Vec<Job> = Vec::with_capacity(jobs.len());
+    for job in jobs {
+        let symbol = symbol::canonical(job.feed, &job.symbol).unwrap_or_else(|| job.symbol.clone());
+        match out.iter_mut().find(|j| j.feed == job.feed && j.symbol == symbol) {
+            Some(j) => {
+                j.from_ms = j.from_ms.min(job.from_ms);
+                j.to_ms = j.to_ms.max(job.to_ms);
+            }
+            None => out.push(Job { symbol, ..job.clone() }),
+        }
+    }
+    out
+}
+
+/// A `Retry-After` value: seconds, or an HTTP date (RFC 9110), as the wait from `now`;
+/// at most an hour, whatever the server says.
+fn retry_after(value: &str, now: jiff::Timestamp) -> Option<Duration> {
+    let value = value.trim();
+    let wait = match value.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => {
+            let when = jiff::fmt::rfc2822::DateTimeParser::new().parse_timestamp(value).ok()?;
+            let ms = when.as_millisecond().saturating_sub(now.as_millisecond());
+            Duration::from_millis(u64::try_from(ms).unwrap_or(0))
+        }
+    };
+    Some(wait.min(Duration::from_secs(3_600)))
+}
+
 /// The `from` path segment of a `next_url` (the next page's first bar, ms).
 fn next_from(next: &str) -> Option<i64> {
     let path = next.split('?').next()?;
@@ -658,6 +698,32 @@ fn next_from(next: &str) -> Option<i64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn two_spellings_of_one_symbol_are_one_job_over_both_ranges() {
+        let job = |symbol: &str, from_ms, to_ms| Job {
+            feed: Feed::Forex,
+            symbol: symbol.into(),
+            from_ms,
+            to_ms,
+        };
+        let jobs = merged(&[job("EUR/USD", 10, 20), job("C:EURUSD", 5, 15), job("GBP/USD", 1, 2)]);
+        assert_eq!(jobs, vec![job("EUR/USD", 5, 20), job("GBP/USD", 1, 2)]);
+    }
+
+    #[test]
+    fn retry_after_is_read_in_seconds_and_as_an_http_date() {
+        let now = jiff::Timestamp::from_second(1).unwrap();
+        assert_eq!(retry_after(" 7 ", now), Some(Duration::from_secs(7)));
+        assert_eq!(
+            retry_after("Thu, 01 Jan 1970 00:00:04 GMT", now),
+            Some(Duration::from_secs(3))
+        );
+        // A date passed: no wait; far ahead: an hour at most.
+        assert_eq!(retry_after("Thu, 01 Jan 1970 00:00:00 GMT", now), Some(Duration::ZERO));
+        assert_eq!(retry_after("99999999999", now), Some(Duration::from_secs(3_600)));
+        assert_eq!(retry_after("soon", now), None);
+    }
 
     #[test]
     fn live_flows_for_a_second_after_the_live_head_last_moved() {

@@ -351,16 +351,22 @@ async fn session(
                     "error" => tracing::warn!(feed = %spec.feed, %message, "Polygon status error"),
                     _ => tracing::debug!(feed = %spec.feed, %status, %message, "status"),
                 },
-                Ok(WireItem::Event(mut body)) => {
-                    uids.assign(&mut body);
-                    events.push(Event {
+                Ok(WireItem::Event(body)) => {
+                    let mut event = Event {
                         capture: Capture {
                             feed: spec.feed,
                             lane: Lane::Live,
                             captured_at_ns,
                         },
                         body,
-                    });
+                    };
+                    if let Some(problem) = event.problem() {
+                        stats.malformed.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(feed = %spec.feed, problem, event = ?event.body, "malformed event skipped");
+                        continue;
+                    }
+                    uids.assign(&mut event.body);
+                    events.push(event);
                 }
                 Ok(WireItem::Ignored(_)) => {}
                 Err(e) => {
