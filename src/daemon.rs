@@ -71,11 +71,15 @@ pub fn live_specs(config: &Config) -> anyhow::Result<Vec<LiveSpec>> {
             feed,
             ws_url: config.polygon.ws_url.clone(),
             api_key,
-            symbols: market
-                .symbols
-                .iter()
-                .filter_map(|s| symbol::canonical(feed, s))
-                .collect(),
+            // Two spellings of one symbol subscribe once.
+            symbols: market.symbols.iter().fold(Vec::new(), |mut symbols, s| {
+                if let Some(s) = symbol::canonical(feed, s) {
+                    if !symbols.contains(&s) {
+                        symbols.push(s);
+                    }
+                }
+                symbols
+            }),
             channels: market.channels.clone(),
             stale_after: live.stale_after,
             reconnect_min: live.reconnect_min,
@@ -274,6 +278,42 @@ impl Drop for BackgroundRuntime {
     }
 }
 
+/// Raises the soft limit of open files to the hard one. RocksDB keeps every table file
+/// it has opened open (faster reads; `max_open_files` unset), and a log of months takes
+/// thousands, past the usual soft limit of 1024; the sinks' connections need some too.
+/// Returns the limit in force.
+pub fn raise_open_file_limit() -> Option<u64> {
+    #[cfg(unix)]
+    {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit/setrlimit only read and write the struct passed.
+        unsafe {
+            if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+                return None;
+            }
+            let before = limit.rlim_cur;
+            if limit.rlim_cur < limit.rlim_max {
+                limit.rlim_cur = limit.rlim_max;
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                    tracing::warn!(limit = before, "could not raise the open-file limit");
+                    return Some(before);
+                }
+                tracing::info!(
+                    from = before,
+                    to = limit.rlim_cur,
+                    "open-file limit raised for the log's files"
+                );
+            }
+            Some(limit.rlim_cur)
+        }
+    }
+    #[cfg(not(unix))]
+    None
+}
+
 /// Lowers the calling thread's CPU priority (Linux: nice applies per thread).
 fn lower_priority() {
     #[cfg(target_os = "linux")]
@@ -285,6 +325,7 @@ fn lower_priority() {
 
 /// Opens the log and starts every configured part.
 pub async fn start(config: &Config) -> anyhow::Result<Running> {
+    raise_open_file_limit();
     let background = BackgroundRuntime::new()?;
     let wal = Wal::open_with(&config.log.data_dir, config.wal_options())?;
     let (stop, shutdown) = watch::channel(false);

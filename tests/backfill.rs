@@ -725,3 +725,31 @@ async fn a_next_url_that_does_not_parse_leaves_its_period_pending_and_the_downlo
     wal.shutdown().await.unwrap();
     sim.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_retry_after_given_as_an_http_date_is_honoured() {
+    let options = SimOptions {
+        faults: Faults {
+            burst_429: 1,
+            retry_after_date: true,
+            ..Faults::default()
+        },
+        ..SimOptions::default()
+    };
+    let sim = sim::spawn(any_port(), options.clone()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(dir.path()).unwrap();
+    let jobs = [job(Feed::Crypto, "ETH-USD", 1)];
+    let started = std::time::Instant::now();
+    let stats = download(&wal, spec(&sim, 50_000), &jobs).await;
+    assert!(stats.rate_limited.load(Ordering::Relaxed) >= 1, "{stats:?}");
+    // The date is 1-2 s ahead; read as no Retry-After at all, a 429 waits 60 s.
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "waited {:?}: the date was not read",
+        started.elapsed()
+    );
+    assert_exactly_the_markets_bars(&wal, &options, &jobs);
+    wal.shutdown().await.unwrap();
+    sim.stop().await.unwrap();
+}

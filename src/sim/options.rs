@@ -13,7 +13,8 @@ use std::time::Duration;
 /// from several exchanges do),
 /// `delayed=15m` (a delayed plan: REST answers say `"status":"DELAYED"` and end that long
 /// before the present), `error200=N` (answer one REST request in N with an HTTP 200
-/// whose body is an error), `badnext=N` (one `next_url` in N does not parse). REST
+/// whose body is an error), `badnext=N` (one `next_url` in N does not parse), `retrydate=1` (a 429's `Retry-After`
+/// is an HTTP date, not seconds). REST
 /// never serves a bar whose minute is not over.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Faults {
@@ -27,6 +28,7 @@ pub struct Faults {
     pub delayed: Option<Duration>,
     pub error_200_every: u32,
     pub bad_next_every: u32,
+    pub retry_after_date: bool,
 }
 
 impl std::str::FromStr for Faults {
@@ -54,9 +56,10 @@ impl std::str::FromStr for Faults {
                 "delayed" => faults.delayed = Some(duration()?),
                 "error200" => faults.error_200_every = count()?,
                 "badnext" => faults.bad_next_every = count()?,
+                "retrydate" => faults.retry_after_date = count()? > 0,
                 other => {
                     return Err(format!(
-                        "unknown fault {other:?} (disconnect, 429, slow, holes, 5xx, malformed, interleave, delayed, error200, badnext)"
+                        "unknown fault {other:?} (disconnect, 429, slow, holes, 5xx, malformed, interleave, delayed, error200, badnext, retrydate)"
                     ))
                 }
             }

@@ -130,7 +130,16 @@ pub(crate) async fn aggregates(
             "You've exceeded the maximum requests per minute, please wait or upgrade your subscription to continue. https://polygon.io/pricing",
             &request_id,
         );
-        if let Ok(value) = retry_after.to_string().parse() {
+        let value = if sim.options.faults.retry_after_date {
+            let at = jiff::Timestamp::from_millisecond(super::server::now_ms() + retry_after as i64 * 1000)
+                .unwrap_or(jiff::Timestamp::UNIX_EPOCH);
+            jiff::fmt::rfc2822::DateTimePrinter::new()
+                .timestamp_to_rfc9110_string(&at)
+                .unwrap_or_default()
+        } else {
+            retry_after.to_string()
+        };
+        if let Ok(value) = value.parse() {
             response.headers_mut().insert(header::RETRY_AFTER, value);
         }
         return response;
