@@ -280,3 +280,134 @@ fn a_log_from_a_newer_tickvault_is_refused_with_exit_2() {
     let out = load(&log, "live", 5);
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn bad_input_exits_2_with_the_reason_for_every_command() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = |name: &str| dir.path().join(name).to_str().unwrap().to_owned();
+    let config = d("ok.toml");
+    std::fs::write(&config, "[backfill]\nenabled = false\n").unwrap();
+    // A link to nothing, a directory of other files, a log whose CURRENT is garbage.
+    std::os::unix::fs::symlink(d("nowhere"), d("dangling")).unwrap();
+    std::fs::create_dir(d("other")).unwrap();
+    std::fs::write(dir.path().join("other/notes.txt"), "x").unwrap();
+    assert_eq!(load(&dir.path().join("corrupt"), "live", 10).status.code(), Some(0));
+    std::fs::write(dir.path().join("corrupt/CURRENT"), "MANIFEST-999999\n").unwrap();
+    assert_eq!(load(&dir.path().join("garbled"), "live", 10).status.code(), Some(0));
+    std::fs::write(dir.path().join("garbled/CURRENT"), "not a manifest name").unwrap();
+    let garbled = d("garbled");
+    let (dangling, other, corrupt, missing) = (d("dangling"), d("other"), d("corrupt"), d("missing.toml"));
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec![
+                "backfill",
+                "--config",
+                &config,
+                "--symbol",
+                "EUR/USD",
+                "--from",
+                "2024-03-05",
+                "--to",
+                "2024-03-04",
+            ],
+            "is after --to",
+        ),
+        (
+            vec![
+                "backfill",
+                "--config",
+                &config,
+                "--symbol",
+                "EUR/USD/JPY?",
+                "--from",
+                "2024-03-04",
+                "--to",
+                "2024-03-04",
+            ],
+            "is not a symbol",
+        ),
+        (
+            vec!["wal", "summary", "--data-dir", &dangling],
+            "symbolic link to a missing target",
+        ),
+        (vec!["wal", "summary", "--data-dir", &other], "not a tickvault log"),
+        (vec!["wal", "summary", "--data-dir", &corrupt], "damaged"),
+        (vec!["wal", "check", "--data-dir", &corrupt], "damaged"),
+        (vec!["wal", "summary", "--data-dir", &garbled], "damaged"),
+        (
+            vec!["run", "--config", &config, "--data-dir", &dangling],
+            "symbolic link",
+        ),
+        (vec!["run", "--config", &config, "--data-dir", &corrupt], "damaged"),
+        (vec!["validate", "--config", &missing], "cannot read"),
+    ];
+    for (args, says) in cases {
+        let out = tickvault(&args);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+    assert!(!dir.path().join("nowhere").exists(), "a log was made through the link");
+}
+
+#[test]
+fn a_secret_in_a_path_field_is_never_printed_and_a_readable_secret_file_is_warned_about() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("c.toml");
+    let validate = |config: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_tickvault"))
+            .args(["validate", "--config", config.to_str().unwrap()])
+            .env_remove("TICKVAULT_POLYGON_API_KEY")
+            .output()
+            .unwrap()
+    };
+    // The key itself, pasted where its file's path belongs.
+    std::fs::write(&config, "[polygon]\napi_key_file = \"pk_9f8e7d6c5b4a\"\n").unwrap();
+    let out = validate(&config);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(err.contains("`polygon.api_key_file`"), "{err}");
+    assert!(!err.contains("pk_9f8e7d6c5b4a"), "the secret was printed: {err}");
+    // A key file others can read: accepted, with a warning.
+    let key = dir.path().join("key");
+    std::fs::write(&key, "pk_9f8e7d6c5b4a\n").unwrap();
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    std::fs::write(&config, format!("[polygon]\napi_key_file = \"{}\"\n", key.display())).unwrap();
+    let out = validate(&config);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let all = format!("{}{}", text(&out.stdout), text(&out.stderr));
+    assert!(all.contains("chmod 600"), "{all}");
+    assert!(!all.contains("pk_9f8e7d6c5b4a"), "the secret was printed: {all}");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let out = validate(&config);
+    assert!(!text(&out.stderr).contains("chmod 600"), "{}", text(&out.stderr));
+}
+
+#[test]
+fn clear_text_to_a_remote_host_is_warned_about_and_refused_when_forbidden() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("c.toml");
+    let sinks = "[sinks.clickhouse]\nenabled = true\nurl = \"http://clickhouse.example:8123\"\n\
+                 [sinks.postgres]\nenabled = true\nhost = \"127.0.0.1\"\n";
+    std::fs::write(&config, sinks).unwrap();
+    let out = tickvault(&["validate", "--config", config.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let err = text(&out.stderr);
+    assert!(
+        err.contains("clear text") && err.contains("sinks.clickhouse.url"),
+        "{err}"
+    );
+    assert!(
+        !err.contains("sinks.postgres"),
+        "loopback is not clear text to warn of: {err}"
+    );
+    std::fs::write(&config, format!("[security]\nforbid_clear_text = true\n{sinks}")).unwrap();
+    let out = tickvault(&["validate", "--config", config.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("`sinks.clickhouse.url`"),
+        "{}",
+        text(&out.stderr)
+    );
+}

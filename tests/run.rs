@@ -235,3 +235,39 @@ fn sighup_leaves_the_daemon_running_and_sigterm_then_stops_it() {
     };
     assert!(status.success(), "{status}");
 }
+
+#[test]
+fn run_raises_its_open_file_limit_for_the_logs_files() {
+    use std::os::unix::process::CommandExt;
+    let (_sim, addr) = simulator(&["--always-open"]);
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("run.toml");
+    std::fs::write(&config, "[live.forex]\nsymbols = [\"EUR/USD\"]\nchannels = [\"C\"]\n").unwrap();
+    let mut command = tickvault();
+    command
+        .args(["run", "--config", config.to_str().unwrap(), "--data-dir"])
+        .arg(dir.path().join("log"))
+        .env("TICKVAULT_POLYGON_WS_URL", format!("ws://{addr}"))
+        .env("TICKVAULT_POLYGON_API_KEY", "key")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        command.pre_exec(|| {
+            let mut limit = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit);
+            limit.rlim_cur = 256.min(limit.rlim_max);
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+            Ok(())
+        });
+    }
+    let daemon = Child(command.spawn().unwrap());
+    std::thread::sleep(Duration::from_secs(2));
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", daemon.0.id())).unwrap();
+    let line = limits.lines().find(|l| l.starts_with("Max open files")).unwrap();
+    let numbers: Vec<&str> = line.split_whitespace().skip(3).take(2).collect();
+    assert_eq!(numbers[0], numbers[1], "soft limit not raised to the hard one: {line}");
+}

@@ -6,7 +6,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use tickvault_wal::Wal;
 
 use super::run::{load_config, stop_signal};
@@ -54,11 +53,14 @@ pub async fn run(
 ) -> anyhow::Result<ExitCode> {
     let config = load_config(config_path, data_dir)?;
     config.check_api_key(&config_path.display().to_string())?;
-    anyhow::ensure!(from <= to, "--from {from} is after --to {to}");
+    if from > to {
+        return Err(super::BadInput(format!("--from {from} is after --to {to}")).into());
+    }
     let (from_ms, to_ms) = (day_ms(from)?, day_ms(to)? + 86_400_000);
     let mut jobs = Vec::new();
     for s in symbols.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        let (feed, symbol) = parse_symbol(s).with_context(|| format!("--symbol {s:?} is not a symbol"))?;
+        let (feed, symbol) =
+            parse_symbol(s).ok_or_else(|| super::BadInput(format!("--symbol {s:?} is not a symbol")))?;
         jobs.push(Job {
             feed,
             symbol,

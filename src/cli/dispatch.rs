@@ -42,12 +42,14 @@ pub fn main() -> ExitCode {
 fn is_bad_input(err: &anyhow::Error) -> bool {
     err.chain().any(|cause| {
         cause.is::<ConfigError>()
+            || cause.is::<super::BadInput>()
             || matches!(
                 cause.downcast_ref::<tickvault_wal::OpenError>(),
                 Some(
                     tickvault_wal::OpenError::NotALog { .. }
                         | tickvault_wal::OpenError::NotFound { .. }
                         | tickvault_wal::OpenError::NewerFormat { .. }
+                        | tickvault_wal::OpenError::Damaged { .. }
                 )
             )
     })

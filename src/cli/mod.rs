@@ -14,5 +14,11 @@ mod verify;
 mod wal;
 
 pub use args::{BenchCommand, Cli, Command, WalCommand};
+
+/// A command line that cannot work (exit 2), as a config that cannot is a
+/// `ConfigError`: the reason, for the user to mend.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct BadInput(pub String);
 pub use dispatch::main;
 pub use load::{load, LoadFigures, LoadSpec, DRILL_CURSOR};

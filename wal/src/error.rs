@@ -16,6 +16,10 @@ pub enum OpenError {
     NotALog { path: PathBuf, reason: String },
     #[error("{path}: written by a newer tickvault (log format {found}, this build reads up to {supported}); upgrade tickvault to read it")]
     NewerFormat { path: PathBuf, found: u8, supported: u8 },
+    /// RocksDB found the database damaged (a corrupt `CURRENT` or MANIFEST): nothing
+    /// was changed; the operator restores the directory or points elsewhere.
+    #[error("{path}: the log is damaged ({source}); restore it from a copy, or give another directory")]
+    Damaged { path: PathBuf, source: rocksdb::Error },
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
     #[error("{path}: rocksdb: {source}")]

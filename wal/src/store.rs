@@ -192,6 +192,23 @@ fn descriptors() -> Vec<ColumnFamilyDescriptor> {
         .collect()
 }
 
+/// RocksDB's errors at open that say the database itself is damaged (a corruption, a
+/// MANIFEST that `CURRENT` names and that is missing or unreadable) as
+/// [`OpenError::Damaged`] (bad input: the directory, not the program), others as
+/// `other` makes them.
+fn damaged_or(other: &impl Fn(rocksdb::Error) -> OpenError) -> impl Fn(rocksdb::Error) -> OpenError + '_ {
+    move |source| {
+        let damaged = source.kind() == rocksdb::ErrorKind::Corruption || source.to_string().contains("MANIFEST");
+        match damaged {
+            true => match other(source) {
+                OpenError::Rocks { path, source } => OpenError::Damaged { path, source },
+                e => e,
+            },
+            false => other(source),
+        }
+    }
+}
+
 /// Times a read-only open is tried when the writer removed a file it was reading.
 const READ_ONLY_TRIES: u32 = 10;
 
@@ -240,6 +257,11 @@ pub(crate) fn open(path: &Path, mode: Mode) -> Result<Arc<DB>, OpenError> {
         reason: reason.to_owned(),
     };
     let exists = path.try_exists().map_err(io)?;
+    // A link whose target is missing reads as nothing there: creating the log would
+    // fail, or create it where the link did not mean.
+    if !exists && path.symlink_metadata().is_ok_and(|m| m.file_type().is_symlink()) {
+        return Err(not_a_log("a symbolic link to a missing target"));
+    }
     if exists && !path.is_dir() {
         return Err(not_a_log("it is a file, not a directory"));
     }
@@ -261,7 +283,7 @@ pub(crate) fn open(path: &Path, mode: Mode) -> Result<Arc<DB>, OpenError> {
             }
             return Err(not_a_log("the directory holds other files and no RocksDB database"));
         }
-        let existing = DB::list_cf(&Options::default(), path).map_err(rocks)?;
+        let existing = DB::list_cf(&Options::default(), path).map_err(damaged_or(&rocks))?;
         if !existing.iter().any(|cf| cf == CF_META) {
             return Err(not_a_log("a RocksDB database without tickvault's metadata"));
         }
@@ -271,7 +293,7 @@ pub(crate) fn open(path: &Path, mode: Mode) -> Result<Arc<DB>, OpenError> {
         Mode::Write => DB::open_cf_descriptors(&db_options(), path, descriptors()),
         Mode::ReadOnly => open_read_only_beside_the_writer(path),
     }
-    .map_err(rocks)?;
+    .map_err(damaged_or(&rocks))?;
 
     let meta = db
         .cf_handle(CF_META)
