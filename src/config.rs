@@ -44,6 +44,25 @@ pub struct Config {
     pub backfill: BackfillConfig,
     #[serde(default)]
     pub sinks: crate::sink::SinksConfig,
+    #[serde(default)]
+    pub security: SecurityConfig,
+}
+
+/// `[security]`: what the daemon refuses beyond what it warns about.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecurityConfig {
+    /// Refuse a connection in clear text to a host that is not loopback (Polygon over
+    /// `ws://` or `http://`, ClickHouse over `http://`, whose password then travels in
+    /// a header, NATS without `tls://`, PostgreSQL without `tls`). Off, each is logged
+    /// as a warning at start. Default false.
+    pub forbid_clear_text: bool,
+}
+
+/// Whether `host` (a name or an address, IPv6 with or without brackets) is this machine.
+fn is_loopback(host: &str) -> bool {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
 /// The most periods `backfill.lookback` may be cut into by `backfill.chunk`.
@@ -506,7 +525,19 @@ impl Config {
                 "must be between 0.05 and 1 (1: backfill never pauses)",
             ));
         }
-        self.sinks.validate(file)
+        self.sinks.validate(file)?;
+        if self.security.forbid_clear_text {
+            if let Some((field, what)) = self.clear_text().into_iter().next() {
+                return Err(ConfigError::field(
+                    file,
+                    field,
+                    format!(
+                        "{what} is clear text to a host that is not loopback, and security.forbid_clear_text is set"
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// What `run` and `backfill` need beyond a valid file: the API key, when a live
@@ -530,6 +561,39 @@ impl Config {
         Ok(())
     }
 
+    /// The connections that would go in clear text to a host that is not loopback: the
+    /// field and what it names.
+    pub fn clear_text(&self) -> Vec<(&'static str, String)> {
+        let mut out = Vec::new();
+        let host_of = |url: &str| {
+            reqwest::Url::parse(url)
+                .ok()
+                .and_then(|u| u.host_str().map(str::to_owned))
+                .unwrap_or_default()
+        };
+        let sinks = &self.sinks;
+        for (field, url, clear, used) in [
+            ("polygon.ws_url", &self.polygon.ws_url, "ws://", true),
+            ("polygon.rest_url", &self.polygon.rest_url, "http://", true),
+            (
+                "sinks.clickhouse.url",
+                &sinks.clickhouse.url,
+                "http://",
+                sinks.clickhouse.enabled,
+            ),
+            ("sinks.nats.url", &sinks.nats.url, "nats://", sinks.nats.enabled),
+        ] {
+            if used && url.starts_with(clear) && !is_loopback(&host_of(url)) {
+                out.push((field, url.clone()));
+            }
+        }
+        let pg = &sinks.postgres;
+        if pg.enabled && !pg.tls && !is_loopback(&pg.host) {
+            out.push(("sinks.postgres.tls", format!("{}:{}", pg.host, pg.port)));
+        }
+        out
+    }
+
     pub fn wal_options(&self) -> tickvault_wal::WalOptions {
         tickvault_wal::WalOptions {
             channel_capacity: self.log.channel_capacity,
@@ -540,9 +604,35 @@ impl Config {
 }
 
 /// The first line of a secret file, which must not be empty.
+///
+/// A path that does not exist is not repeated in the error: a secret pasted into the
+/// field by mistake would be printed. A file that others can read is warned about, as
+/// ssh does (the daemon runs as its own user; the file should be its alone).
 fn read_secret_file(file: &str, field: &str, path: &Path) -> Result<String, ConfigError> {
+    if !path.try_exists().unwrap_or(false) {
+        return Err(ConfigError::field(
+            file,
+            field,
+            "names no file (the value is not shown: it may be the secret itself)",
+        ));
+    }
     let text = std::fs::read_to_string(path)
         .map_err(|e| ConfigError::field(file, field, format!("cannot read {}: {e}", path.display())))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        if let Ok(meta) = std::fs::metadata(path) {
+            let mode = meta.permissions().mode();
+            if mode & 0o077 != 0 {
+                tracing::warn!(
+                    field,
+                    path = %path.display(),
+                    mode = format!("{:o}", mode & 0o777),
+                    "a secret file that others can read: chmod 600 it (owned by the user the daemon runs as)"
+                );
+            }
+        }
+    }
     let secret = text.lines().next().unwrap_or("").trim();
     if secret.is_empty() {
         return Err(ConfigError::field(file, field, format!("{} is empty", path.display())));
