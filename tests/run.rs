@@ -271,3 +271,91 @@ fn run_raises_its_open_file_limit_for_the_logs_files() {
     let numbers: Vec<&str> = line.split_whitespace().skip(3).take(2).collect();
     assert_eq!(numbers[0], numbers[1], "soft limit not raised to the hard one: {line}");
 }
+
+/// A server that takes connections and never answers.
+fn silent_server() -> (std::net::TcpListener, String) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    (listener, addr)
+}
+
+/// Waits for `child` to exit, at most `limit`; how long it took.
+fn exits_within(child: &mut Child, limit: Duration) -> (std::process::ExitStatus, Duration) {
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            return (status, started.elapsed());
+        }
+        assert!(started.elapsed() < limit, "still running after {limit:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_stop_with_a_sink_that_never_answers_ends_in_seconds_with_the_log_synced() {
+    let (_sim, addr) = simulator(&["--always-open", "--quotes-per-minute", "3000"]);
+    // Accepts (the kernel's backlog does) and never answers: every write hangs.
+    let (_silent, silent) = silent_server();
+    let dir = tempfile::tempdir().unwrap();
+    // Before, the write in flight held the stop for its whole timeout (60 s).
+    for (name, drain, signals, limit) in [("one", "5s", 1, Duration::from_secs(20))] {
+        let config = dir.path().join(format!("{name}.toml"));
+        std::fs::write(
+            &config,
+            format!(
+                "[live.forex]\nsymbols = [\"EUR/USD\"]\nchannels = [\"C\"]\n\
+                 [sinks]\nstop_drain = \"{drain}\"\n[sinks.clickhouse]\nenabled = true\nurl = \"http://{silent}\"\n"
+            ),
+        )
+        .unwrap();
+        let log = dir.path().join(name);
+        let mut daemon = run_daemon(&config, &log, &addr, name);
+        std::thread::sleep(Duration::from_secs(3));
+        let pid = daemon.0.id().to_string();
+        for _ in 0..signals {
+            assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        let (status, took) = exits_within(&mut daemon, limit);
+        assert_eq!(status.success(), signals == 1, "{name}: {status} after {took:?}");
+        // The log was synced: everything captured is there on reopen.
+        let wal = Wal::open_read_only(&log).unwrap();
+        assert!(
+            wal.last_seq(Lane::Live).unwrap().unwrap_or(0) > 10,
+            "{name}: too little in the log"
+        );
+        assert_eq!(
+            wal.cursor("clickhouse", Lane::Live).unwrap(),
+            0,
+            "{name}: the silent sink acknowledged nothing"
+        );
+    }
+}
+
+#[test]
+fn a_stop_does_not_wait_for_a_slow_rest_answer_and_is_not_called_a_failure() {
+    let (_sim, addr) = simulator(&["--faults", "slow=60s"]);
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("run.toml");
+    std::fs::write(&config, "[backfill]\ncrypto = [\"BTC-USD\"]\nlookback = \"2days\"\n").unwrap();
+    let mut daemon = Child(
+        tickvault()
+            .args(["run", "--config", config.to_str().unwrap(), "--data-dir"])
+            .arg(dir.path().join("log"))
+            .env("TICKVAULT_POLYGON_REST_URL", format!("http://{addr}"))
+            .env("TICKVAULT_POLYGON_API_KEY", "key")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let pid = daemon.0.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    // Before, the stop waited for the answer (60 s).
+    let (status, took) = exits_within(&mut daemon, Duration::from_secs(20));
+    let mut stderr = String::new();
+    daemon.0.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    assert!(status.success(), "{status} after {took:?}: {stderr}");
+    assert!(!stderr.contains("gave up"), "a stop was called a failure: {stderr}");
+}

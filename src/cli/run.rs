@@ -95,7 +95,18 @@ pub async fn run(config_path: &Path, data_dir: Option<PathBuf>) -> anyhow::Resul
             },
         }
     }
-    running.shutdown().await?;
+    // A second signal stops at once: the log is synced (nothing acknowledged is lost),
+    // and what was in flight to the sinks goes again at the next start.
+    let wal = running.wal.clone();
+    tokio::select! {
+        stopped = running.shutdown() => stopped?,
+        _ = stop_signal() => {
+            tracing::warn!("second stop signal: stopping now; what was in flight to the sinks goes again at the next start");
+            wal.shutdown().await?;
+            tracing::info!("log synced; stopped at once");
+            std::process::exit(1);
+        }
+    }
     tracing::info!("log synced; stopped");
     Ok(ExitCode::SUCCESS)
 }

@@ -851,7 +851,13 @@ async fn until_acked<S: Sink>(
             None => None,
         };
         let started = Instant::now();
-        let outcome = attempt(sink, &op, spec.attempt_timeout, stats).await;
+        // A stop interrupts the write in flight (a sink that never answers would hold the
+        // stop for the whole attempt timeout): the cursor has not moved, so it is sent
+        // again at the next start, as after a crash, and the sinks' keys absorb it.
+        let outcome = tokio::select! {
+            outcome = attempt(sink, &op, spec.attempt_timeout, stats) => outcome,
+            _ = shutdown.changed() => return None,
+        };
         if let (Some(priority), Some(_), Ok(_)) = (priority, &permit, &outcome) {
             // Live rows are flowing: leave the servers to them for a while, holding the
             // permit so that no other sink's backfill write starts meanwhile. Only after

@@ -382,6 +382,8 @@ impl Downloader {
                     tracing::error!(%ticker, start_ms = period.start_ms, %why, "backfill period refused; left pending");
                     return Ok(());
                 }
+                // Stopped, not failed: the period resumes at the next start.
+                None if *shutdown.borrow() => return Ok(()),
                 None => {
                     self.stats.periods_failed.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(%ticker, start_ms = period.start_ms, "backfill period gave up after retries; left pending for the next pass");
@@ -559,13 +561,17 @@ impl Downloader {
             }
             self.limiter.until_ready().await;
             self.stats.requests.fetch_add(1, Ordering::Relaxed);
-            let response = self
+            let request = self
                 .http
                 .get(url)
                 .bearer_auth(self.spec.api_key.expose())
                 .header(reqwest::header::ACCEPT_ENCODING, "gzip")
-                .send()
-                .await;
+                .send();
+            // A stop does not wait for a slow answer: the period resumes at the next start.
+            let response = tokio::select! {
+                response = request => response,
+                _ = shutdown.changed() => return Ok(None),
+            };
             let mut delay = backoff.next_delay();
             match response {
                 Ok(r) if r.status().is_success() => {
