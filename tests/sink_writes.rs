@@ -422,6 +422,44 @@ fn postgres_finds_at_its_next_write_a_database_made_anew_under_it() {
     });
 }
 
+/// The events table alone dropped and made again (or restored alone) while its cursor
+/// rows stay: the runner goes back and sends everything again, and a restart in the
+/// middle of that must start where the new table's rows end, not where the old
+/// table's cursor row was.
+#[test]
+fn postgres_a_cursor_row_speaks_only_for_the_events_table_it_was_written_with() {
+    let target = Target::new("pg_cursor_table");
+    let config = config(&target);
+    rt().block_on(async {
+        let mut pg = PostgresSink::new(&config.sinks.postgres, "test-log");
+        send(&mut pg, &[events(0, 1_000)]).await;
+        assert_eq!(pg.holds(Lane::Backfill).await.unwrap(), Holds::UpTo(999));
+        let note = pg.note().unwrap();
+        drop(pg);
+        postgres(&target.name)
+            .await
+            .batch_execute("DROP TABLE events")
+            .await
+            .unwrap();
+        // The next run finds another table and sends from the start: a first batch.
+        let mut resend = PostgresSink::new(&config.sinks.postgres, "test-log");
+        resend.restore(&note);
+        assert!(matches!(resend.holds(Lane::Backfill).await.unwrap(), Holds::Nothing(_)));
+        send(&mut resend, &[events(0, 100)]).await;
+        let note = resend.note().unwrap();
+        drop(resend);
+        // Killed there; the run after it must start at 100.
+        let mut restarted = PostgresSink::new(&config.sinks.postgres, "test-log");
+        restarted.restore(&note);
+        assert_eq!(
+            restarted.holds(Lane::Backfill).await.unwrap(),
+            Holds::UpTo(99),
+            "the old table's cursor row would skip 100..1000"
+        );
+        assert_eq!(target.postgres_keys().await.len(), 100);
+    });
+}
+
 /// A second stream asked for subjects another stream takes: refused, not retriable (no
 /// retry mends it), and the error says what to change; with its own prefix it goes.
 #[test]

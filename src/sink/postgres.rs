@@ -158,7 +158,8 @@ impl PostgresSink {
             .query_one(
                 &format!(
                     "SELECT to_regclass($1)::oid,
-                            (SELECT seq FROM {table}_cursors WHERE log_id = $2 AND lane = $3)"
+                            (SELECT seq FROM {table}_cursors WHERE log_id = $2 AND lane = $3
+                               AND (events_oid IS NULL OR events_oid = to_regclass($1)::oid))"
                 ),
                 &[&table, &log_id, &lane.name()],
             )
@@ -202,9 +203,15 @@ impl PostgresSink {
                 .map_err(classify)?;
             let cursor = client
                 .prepare(&format!(
-                    "INSERT INTO {table}_cursors (log_id, lane, seq, updated_at) VALUES ($1, $2, $3, now())
+                    "INSERT INTO {table}_cursors (log_id, lane, seq, updated_at, events_oid)
+                     VALUES ($1, $2, $3, now(), to_regclass('{table}')::oid)
                      ON CONFLICT (log_id, lane) DO UPDATE
-                     SET seq = GREATEST({table}_cursors.seq, EXCLUDED.seq), updated_at = now()"
+                     SET seq = CASE
+                             WHEN {table}_cursors.events_oid IS NULL
+                               OR {table}_cursors.events_oid = EXCLUDED.events_oid
+                             THEN GREATEST({table}_cursors.seq, EXCLUDED.seq)
+                             ELSE EXCLUDED.seq END,
+                         events_oid = EXCLUDED.events_oid, updated_at = now()"
                 ))
                 .await
                 .map_err(classify)?;
@@ -533,8 +540,12 @@ async fn prepare(client: &Client, config: &PostgresConfig) -> Result<(), SinkErr
             );
             CREATE TABLE IF NOT EXISTS {table}_cursors (
                 log_id text NOT NULL, lane text NOT NULL, seq bigint NOT NULL,
-                updated_at timestamptz NOT NULL, PRIMARY KEY (log_id, lane)
+                updated_at timestamptz NOT NULL, events_oid oid, PRIMARY KEY (log_id, lane)
             );
+            -- The events table a cursor row speaks for: one dropped and made again (or
+            -- restored alone) has another oid, and the row then says nothing of it.
+            -- Rows written before this column: NULL, taken as the table there now.
+            ALTER TABLE {table}_cursors ADD COLUMN IF NOT EXISTS events_oid oid;
             COMMIT;
             CREATE TEMP TABLE IF NOT EXISTS tickvault_staging (
                 feed text, symbol text, kind text, timeframe text, ts_ms bigint, uid bigint,
