@@ -853,10 +853,23 @@ async fn until_acked<S: Sink>(
         let started = Instant::now();
         // A stop interrupts the write in flight (a sink that never answers would hold the
         // stop for the whole attempt timeout): the cursor has not moved, so it is sent
-        // again at the next start, as after a crash, and the sinks' keys absorb it.
+        // again at the next start, as after a crash, and the sinks' keys absorb it. A
+        // runner that drains at a stop (live) gives the write its drain time first.
+        let write = attempt(sink, &op, spec.attempt_timeout, stats);
+        tokio::pin!(write);
+        // A clone: the stop stays unseen for the caller, which drains after this write.
+        let mut stop = shutdown.clone();
         let outcome = tokio::select! {
-            outcome = attempt(sink, &op, spec.attempt_timeout, stats) => outcome,
-            _ = shutdown.changed() => return None,
+            outcome = &mut write => outcome,
+            _ = stop.changed() => {
+                if spec.drain_on_stop.is_zero() {
+                    return None;
+                }
+                match tokio::time::timeout(spec.drain_on_stop, &mut write).await {
+                    Ok(outcome) => outcome,
+                    Err(_) => return None,
+                }
+            }
         };
         if let (Some(priority), Some(_), Ok(_)) = (priority, &permit, &outcome) {
             // Live rows are flowing: leave the servers to them for a while, holding the
