@@ -292,13 +292,18 @@ fn exits_within(child: &mut Child, limit: Duration) -> (std::process::ExitStatus
 }
 
 #[test]
-fn a_stop_with_a_sink_that_never_answers_ends_in_seconds_with_the_log_synced() {
+fn a_stop_with_a_sink_that_never_answers_ends_in_seconds_and_a_second_signal_at_once() {
     let (_sim, addr) = simulator(&["--always-open", "--quotes-per-minute", "3000"]);
     // Accepts (the kernel's backlog does) and never answers: every write hangs.
     let (_silent, silent) = silent_server();
     let dir = tempfile::tempdir().unwrap();
-    // Before, the write in flight held the stop for its whole timeout (60 s).
-    for (name, drain, signals, limit) in [("one", "5s", 1, Duration::from_secs(20))] {
+    for (name, drain, signals, limit) in [
+        // Before, the write in flight held the stop for its whole timeout (60 s); now
+        // for the live runner's drain time (5 s by default) at most.
+        ("one", "5s", 1, Duration::from_secs(20)),
+        // A drain time of a minute, cut short by a second signal.
+        ("two", "60s", 2, Duration::from_secs(10)),
+    ] {
         let config = dir.path().join(format!("{name}.toml"));
         std::fs::write(
             &config,
