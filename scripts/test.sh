@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The test command (README): installs what is needed, then runs every check and test.
 # Everything runs on the release profile, so RocksDB's C++ is compiled once (20-45 min on
-# two cores from a clean checkout, see the README) and reused by the tests, the demo and
+# two cores from a clean checkout, see docs/operations.md) and reused by the tests, the demo and
 # the benchmarks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
