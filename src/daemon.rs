@@ -323,6 +323,10 @@ fn lower_priority() {
     }
 }
 
+/// How often the backfill passes over its periods again while the daemon runs: the
+/// ones that failed, and the newest, which time has grown.
+pub const BACKFILL_PASS_EVERY: std::time::Duration = std::time::Duration::from_secs(600);
+
 /// Opens the log and starts every configured part.
 pub async fn start(config: &Config) -> anyhow::Result<Running> {
     raise_open_file_limit();
@@ -359,11 +363,12 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
         let stats = Arc::new(BackfillStats::default());
         let downloader =
             Downloader::new(backfill_spec(config)?, wal.clone(), stats.clone())?.yielding_to(priority.clone());
-        let shutdown = shutdown.clone();
+        let (shutdown, config) = (shutdown.clone(), config.clone());
         parts.tasks.spawn_on(
             async move {
                 // A fault in backfill never stops live capture or forwarding.
-                if let Err(e) = downloader.run(&jobs, shutdown).await {
+                let jobs = || backfill_jobs(&config, jiff::Timestamp::now().as_millisecond());
+                if let Err(e) = downloader.run_every(jobs, BACKFILL_PASS_EVERY, shutdown).await {
                     tracing::error!(error = %format!("{e:#}"), "backfill stopped; live capture and forwarding go on");
                 }
                 Ok("backfill")

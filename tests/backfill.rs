@@ -755,3 +755,45 @@ async fn a_retry_after_given_as_an_http_date_is_honoured() {
     wal.shutdown().await.unwrap();
     sim.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_period_that_gave_up_is_fetched_by_the_next_pass_while_the_daemon_runs() {
+    // Every second answer is an error: with one attempt per request, one of the two
+    // periods gives up in the first pass.
+    let options = SimOptions {
+        faults: Faults {
+            error_200_every: 2,
+            ..Faults::default()
+        },
+        ..SimOptions::default()
+    };
+    let sim = sim::spawn(any_port(), options.clone()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(dir.path()).unwrap();
+    let mut s = spec(&sim, 50_000);
+    s.max_attempts = 1;
+    let jobs = [job(Feed::Crypto, "BTC-USD", 4)];
+    let stats = Arc::new(BackfillStats::default());
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let downloader = Downloader::new(s, wal.clone(), stats.clone()).unwrap();
+    let each_pass = jobs.to_vec();
+    let passes = tokio::spawn(async move {
+        downloader
+            .run_every(|| each_pass.clone(), Duration::from_millis(200), shutdown)
+            .await
+    });
+    let started = std::time::Instant::now();
+    while stats.passes.load(Ordering::Relaxed) < 2 {
+        assert!(started.elapsed() < Duration::from_secs(30), "{stats:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    stop.send(true).unwrap();
+    passes.await.unwrap().unwrap();
+    assert!(backfill::periods(wal.reader())
+        .unwrap()
+        .iter()
+        .all(|p| p.state == PeriodState::Downloaded));
+    assert_exactly_the_markets_bars(&wal, &options, &jobs);
+    wal.shutdown().await.unwrap();
+    sim.stop().await.unwrap();
+}

@@ -395,11 +395,11 @@ pub async fn sinks(
     capture.sinks.clickhouse.enabled = false;
     capture.sinks.postgres.enabled = false;
     capture.sinks.nats.enabled = false;
-    let mut running = daemon::start(&capture).await?;
-    while let Some(part) = running.join_next().await {
-        if part? == "backfill" {
-            break;
-        }
+    let running = daemon::start(&capture).await?;
+    // The backfill passes again every few minutes: its first pass is the capture.
+    let stats = running.backfill.clone().context("no backfill configured")?;
+    while stats.passes.load(std::sync::atomic::Ordering::Relaxed) == 0 {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
     let rows = running.wal.head(Lane::Backfill);
     running.shutdown().await?;

@@ -83,6 +83,23 @@ pub struct BackfillStats {
     pub paused_ms: AtomicU64,
     /// Milliseconds of market time covered by finished pages (for progress bars).
     pub covered_ms: AtomicU64,
+    /// Passes over the periods finished (see `Downloader::run_every`).
+    pub passes: AtomicU64,
+}
+
+impl BackfillStats {
+    /// Zeroes the counters of one pass over the periods (see `Downloader::run_every`).
+    pub fn begin_pass(&self) {
+        for counter in [
+            &self.periods_total,
+            &self.periods_done,
+            &self.periods_skipped,
+            &self.periods_failed,
+            &self.periods_ahead,
+        ] {
+            counter.store(0, Ordering::Relaxed);
+        }
+    }
 }
 
 /// A period of the tracker, as stored: one chunk of a symbol's time line, aligned to
@@ -300,6 +317,34 @@ impl Downloader {
     }
 
     /// Runs every job to completion (or until `shutdown`). Finished periods are skipped.
+    /// Passes over `jobs()` (made anew each time: the range ends at the present) until
+    /// `shutdown`, `every` apart: a period that failed, or was downloaded only as far as
+    /// the source had it, is tried again by the next pass, not only at a restart. A
+    /// finished period costs a later pass nothing. The per-pass counters (periods) start
+    /// again with each pass; bars, requests and retries add up.
+    pub async fn run_every(
+        &self,
+        jobs: impl Fn() -> Vec<Job>,
+        every: Duration,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> anyhow::Result<()> {
+        loop {
+            self.stats.begin_pass();
+            self.run(&jobs(), shutdown.clone()).await?;
+            self.stats.passes.fetch_add(1, Ordering::Relaxed);
+            let again =
+                self.stats.periods_failed.load(Ordering::Relaxed) + self.stats.periods_ahead.load(Ordering::Relaxed);
+            tracing::info!(periods_left = again, next_in = ?every, "backfill pass done");
+            tokio::select! {
+                _ = tokio::time::sleep(every) => {}
+                _ = shutdown.changed() => return Ok(()),
+            }
+            if *shutdown.borrow() {
+                return Ok(());
+            }
+        }
+    }
+
     pub async fn run(&self, jobs: &[Job], shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
         let known = periods(self.wal.reader())?;
         let mut todo = Vec::new();

@@ -361,7 +361,7 @@ impl Daemon {
 
     /// Whether this run's backfill has finished.
     pub fn backfill_finished(&self) -> bool {
-        self.this_run().contains("finished part=\"backfill\"")
+        self.this_run().contains("backfill pass done")
     }
 
     /// Waits (up to `timeout`) until this run's backfill has finished.
