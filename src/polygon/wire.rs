@@ -227,6 +227,24 @@ mod tests {
     }
 
     #[test]
+    fn a_status_without_ev_is_a_status_as_the_specs_max_connections_example_is() {
+        let items = parse_frame(
+            Feed::Crypto,
+            r#"[{"status":"max_connections","message":"Maximum number of connections exceeded."}]"#,
+        )
+        .unwrap();
+        assert_eq!(
+            items,
+            vec![Ok(WireItem::Status {
+                status: "max_connections".into(),
+                message: "Maximum number of connections exceeded.".into()
+            })]
+        );
+        // Without `ev` or `status` it is still malformed.
+        assert!(parse_frame(Feed::Crypto, r#"[{"message":"x"}]"#).unwrap()[0].is_err());
+    }
+
+    #[test]
     fn a_bad_item_is_reported_in_its_place_and_the_rest_still_parse() {
         let frame = r#"[{"ev":"XQ","pair":"BTC-USD","bp":"x"},{"ev":"XT","pair":"X:BTC-USD","p":64000.5,"s":0.01,"t":1,"c":[2],"i":12345},{"ev":"XL2"}]"#;
         let items = parse_frame(Feed::Crypto, frame).unwrap();
