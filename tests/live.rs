@@ -606,3 +606,25 @@ async fn two_collectors_on_one_key_back_off_instead_of_evicting_each_other_at_fu
     wal.shutdown().await.unwrap();
     sim.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_message_over_the_size_limit_ends_the_connection_and_leaves_a_gap() {
+    const T: i64 = 1_700_000_000_000;
+    // One quote, then a frame past the limit (its quotes padded out by a long field).
+    let pad = "x".repeat(live::MAX_MESSAGE_BYTES);
+    let huge = json!([{"ev":"C","p":"EUR/USD","x":48,"a":1.1,"b":1.0,"t":T + 2,"pad":pad}]);
+    let (url, server) = scripted_server(vec![vec![json!([quote(T + 1)]), huge]]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(dir.path()).unwrap();
+    let mut s = spec_at(&url);
+    s.reconnect_min = Duration::from_secs(5);
+    let stats = capture_for(s, &wal, Duration::from_millis(1_500)).await;
+    assert_eq!(events(&wal).iter().map(Event::ts_ms).collect::<Vec<_>>(), vec![T + 1]);
+    assert!(stats.disconnects.load(Ordering::Relaxed) >= 1, "{stats:?}");
+    assert!(
+        !gaps::suspected(wal.reader()).unwrap().is_empty(),
+        "no gap for the lost frame"
+    );
+    server.abort();
+    wal.shutdown().await.unwrap();
+}

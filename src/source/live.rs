@@ -129,7 +129,19 @@ const STABLE_AFTER: Duration = Duration::from_secs(30);
 struct Arrival {
     received: Instant,
     events: Vec<Event>,
+    /// The frame's bytes of the queue's budget, given back once appended.
+    _budget: tokio::sync::OwnedSemaphorePermit,
 }
+
+/// The largest WebSocket message (and frame) read. Polygon's own Go client reads at most
+/// 1 MB; tungstenite's default is 64 MiB. A larger one ends the connection (and is a
+/// suspected gap): room for Polygon's biggest batches, not for a runaway peer.
+pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
+
+/// Bytes of frames that may wait for the appender: the socket task stops reading past
+/// it (Polygon then cuts off a reader that falls that far behind), so memory stays
+/// bounded whatever the frames' sizes.
+pub const QUEUE_BYTES: usize = 256 << 20;
 
 /// Runs the collector until `shutdown` turns true.
 pub async fn run(
@@ -139,6 +151,7 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let (tx, rx) = mpsc::channel::<Arrival>(4096);
+    let budget = Arc::new(tokio::sync::Semaphore::new(QUEUE_BYTES));
     let appender = tokio::spawn(append_loop(wal.clone(), rx, stats.clone()));
     let mut backoff = Backoff::new(spec.reconnect_min, spec.reconnect_max);
     // Not reset per connection: a reconnect resends nothing, and copies of identical
@@ -161,6 +174,7 @@ pub async fn run(
             &mut last_event_ms,
             &wal,
             &mut subscribed_at,
+            &budget,
             &mut shutdown,
         )
         .await;
@@ -247,6 +261,7 @@ async fn session(
     last_event_ms: &mut Option<i64>,
     wal: &Wal,
     subscribed_at: &mut Option<Instant>,
+    budget: &Arc<tokio::sync::Semaphore>,
     shutdown: &mut watch::Receiver<bool>,
 ) -> Ended {
     let url = format!(
@@ -254,7 +269,13 @@ async fn session(
         spec.ws_url.trim_end_matches('/'),
         crate::polygon::market_path(spec.feed)
     );
-    let connect = tokio::time::timeout(spec.stale_after, tokio_tungstenite::connect_async(url.as_str()));
+    let limits = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+        .max_message_size(Some(MAX_MESSAGE_BYTES))
+        .max_frame_size(Some(MAX_MESSAGE_BYTES));
+    let connect = tokio::time::timeout(
+        spec.stale_after,
+        tokio_tungstenite::connect_async_with_config(url.as_str(), Some(limits), false),
+    );
     let mut socket = tokio::select! {
         result = connect => match result {
             Ok(Ok((socket, _))) => socket,
@@ -394,7 +415,22 @@ async fn session(
         }
         *last_event_ms = Some(last_event_ms.map_or(last_ts, |t| t.max(last_ts)));
         stats.events.fetch_add(events.len() as u64, Ordering::Relaxed);
-        if tx.send(Arrival { received, events }).await.is_err() {
+        // The frame's size, as the parsed events stand for it in memory.
+        let bytes = u32::try_from(text.len().clamp(1, QUEUE_BYTES)).unwrap_or(u32::MAX);
+        // Not raced with the stop: the appender drains until the end, and the frame was
+        // received, so it is appended too.
+        let Ok(permit) = budget.clone().acquire_many_owned(bytes).await else {
+            return Ended::Shutdown;
+        };
+        if tx
+            .send(Arrival {
+                received,
+                events,
+                _budget: permit,
+            })
+            .await
+            .is_err()
+        {
             return Ended::Shutdown;
         }
         if let Some(ended) = ending {
