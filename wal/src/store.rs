@@ -192,21 +192,11 @@ fn descriptors() -> Vec<ColumnFamilyDescriptor> {
         .collect()
 }
 
-/// RocksDB's errors at open that say the database itself is damaged (a corruption, a
-/// MANIFEST that `CURRENT` names and that is missing or unreadable) as
-/// [`OpenError::Damaged`] (bad input: the directory, not the program), others as
-/// `other` makes them.
-fn damaged_or(other: &impl Fn(rocksdb::Error) -> OpenError) -> impl Fn(rocksdb::Error) -> OpenError + '_ {
-    move |source| {
-        let damaged = source.kind() == rocksdb::ErrorKind::Corruption || source.to_string().contains("MANIFEST");
-        match damaged {
-            true => match other(source) {
-                OpenError::Rocks { path, source } => OpenError::Damaged { path, source },
-                e => e,
-            },
-            false => other(source),
-        }
-    }
+/// Whether an error at open says the database itself is damaged (a corruption, a
+/// MANIFEST that `CURRENT` names and that is missing or unreadable): bad input, the
+/// directory and not the program, so [`OpenError::Damaged`].
+fn is_damage(e: &rocksdb::Error) -> bool {
+    e.kind() == rocksdb::ErrorKind::Corruption || e.to_string().contains("MANIFEST")
 }
 
 /// Times a read-only open is tried when the writer removed a file it was reading.
@@ -252,6 +242,13 @@ pub(crate) fn open(path: &Path, mode: Mode) -> Result<Arc<DB>, OpenError> {
         path: path.to_owned(),
         source,
     };
+    let opening = |source: rocksdb::Error| match is_damage(&source) {
+        true => OpenError::Damaged {
+            path: path.to_owned(),
+            source,
+        },
+        false => rocks(source),
+    };
     let not_a_log = |reason: &str| OpenError::NotALog {
         path: path.to_owned(),
         reason: reason.to_owned(),
@@ -283,7 +280,7 @@ pub(crate) fn open(path: &Path, mode: Mode) -> Result<Arc<DB>, OpenError> {
             }
             return Err(not_a_log("the directory holds other files and no RocksDB database"));
         }
-        let existing = DB::list_cf(&Options::default(), path).map_err(damaged_or(&rocks))?;
+        let existing = DB::list_cf(&Options::default(), path).map_err(opening)?;
         if !existing.iter().any(|cf| cf == CF_META) {
             return Err(not_a_log("a RocksDB database without tickvault's metadata"));
         }
@@ -293,7 +290,7 @@ pub(crate) fn open(path: &Path, mode: Mode) -> Result<Arc<DB>, OpenError> {
         Mode::Write => DB::open_cf_descriptors(&db_options(), path, descriptors()),
         Mode::ReadOnly => open_read_only_beside_the_writer(path),
     }
-    .map_err(damaged_or(&rocks))?;
+    .map_err(opening)?;
 
     let meta = db
         .cf_handle(CF_META)
