@@ -65,6 +65,9 @@ fn is_loopback(host: &str) -> bool {
     host.eq_ignore_ascii_case("localhost") || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback())
 }
 
+/// What a run that needs the Polygon API key and has none is told.
+pub const NO_API_KEY: &str = "no Polygon API key: set TICKVAULT_POLYGON_API_KEY or polygon.api_key_file";
+
 /// The most periods `backfill.lookback` may be cut into by `backfill.chunk`.
 pub const MAX_BACKFILL_PERIODS: u64 = 100_000;
 
@@ -552,11 +555,7 @@ impl Config {
         let b = &self.backfill;
         let backfill = b.enabled && !(b.forex.is_empty() && b.crypto.is_empty() && b.stocks.is_empty());
         if (live || backfill) && self.polygon.api_key.is_none() {
-            return Err(ConfigError::field(
-                file,
-                "polygon.api_key_file",
-                "no Polygon API key: set TICKVAULT_POLYGON_API_KEY or polygon.api_key_file",
-            ));
+            return Err(ConfigError::field(file, "polygon.api_key_file", NO_API_KEY));
         }
         Ok(())
     }
@@ -592,6 +591,14 @@ impl Config {
             out.push(("sinks.postgres.tls", format!("{}:{}", pg.host, pg.port)));
         }
         out
+    }
+
+    /// Logs a warning for each connection [`Config::clear_text`] names (`validate` and
+    /// `run` both say them).
+    pub fn warn_of_clear_text(&self) {
+        for (field, what) in self.clear_text() {
+            tracing::warn!(field, %what, "clear text to a host that is not loopback (security.forbid_clear_text refuses it)");
+        }
     }
 
     pub fn wal_options(&self) -> tickvault_wal::WalOptions {

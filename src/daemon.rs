@@ -62,11 +62,7 @@ pub fn live_specs(config: &Config) -> anyhow::Result<Vec<LiveSpec>> {
         (Feed::Stocks, &live.stocks),
     ] {
         let Some(market) = market else { continue };
-        let api_key = config
-            .polygon
-            .api_key
-            .clone()
-            .context("no Polygon API key: set TICKVAULT_POLYGON_API_KEY or polygon.api_key_file")?;
+        let api_key = config.polygon.api_key.clone().context(crate::config::NO_API_KEY)?;
         specs.push(LiveSpec {
             feed,
             ws_url: config.polygon.ws_url.clone(),
@@ -121,11 +117,7 @@ pub fn backfill_jobs(config: &Config, now_ms: i64) -> Vec<Job> {
 pub fn backfill_spec(config: &Config) -> anyhow::Result<BackfillSpec> {
     Ok(BackfillSpec {
         rest_url: config.polygon.rest_url.clone(),
-        api_key: config
-            .polygon
-            .api_key
-            .clone()
-            .context("no Polygon API key: set TICKVAULT_POLYGON_API_KEY or polygon.api_key_file")?,
+        api_key: config.polygon.api_key.clone().context(crate::config::NO_API_KEY)?,
         chunk: config.backfill.chunk,
         page_limit: config.backfill.page_limit,
         max_attempts: config.backfill.max_attempts,

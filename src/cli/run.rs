@@ -62,9 +62,7 @@ pub async fn run(config_path: &Path, data_dir: Option<PathBuf>) -> anyhow::Resul
     let config = load_config(config_path, data_dir)?;
     // Before anything is created: a run that cannot capture leaves no log directory.
     config.check_api_key(&config_path.display().to_string())?;
-    for (field, what) in config.clear_text() {
-        tracing::warn!(field, %what, "clear text to a host that is not loopback (security.forbid_clear_text refuses it)");
-    }
+    config.warn_of_clear_text();
     let mut hangup = hangups();
     let mut running = daemon::start(&config).await?;
     tracing::info!(

@@ -8,9 +8,7 @@ pub fn run(path: &Path) -> anyhow::Result<ExitCode> {
     let config = Config::load(path)?;
     // `run` will need it: a valid file on a machine without the key is not runnable.
     config.check_api_key(&path.display().to_string())?;
-    for (field, what) in config.clear_text() {
-        tracing::warn!(field, %what, "clear text to a host that is not loopback (security.forbid_clear_text refuses it)");
-    }
+    config.warn_of_clear_text();
     let sinks = config.sinks.enabled();
     println!(
         "{}: valid (log at {}, retention {}, sinks: {})",
