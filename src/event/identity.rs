@@ -29,7 +29,7 @@
 
 use std::collections::HashMap;
 
-use xxhash_rust::xxh3::xxh3_64;
+use xxhash_rust::xxh3::{xxh3_64, Xxh3};
 
 use super::{Body, EventKind, Quote, Trade};
 
@@ -109,12 +109,13 @@ fn content(body: &Body) -> Option<(EventKind, &str, i64, Vec<u8>, bool)> {
     }
 }
 
-/// The uid of a tick with this content, and this copy number among identical ones.
+/// The uid of a tick with this content, and this copy number among identical ones: the
+/// hash of the content followed by the copy number (streamed, as one buffer would be).
 fn uid_of(content: &[u8], copy: u32) -> u64 {
-    let mut bytes = Vec::with_capacity(content.len() + 4);
-    bytes.extend_from_slice(content);
-    bytes.extend_from_slice(&copy.to_le_bytes());
-    xxh3_64(&bytes) >> 1
+    let mut hasher = Xxh3::new();
+    hasher.update(content);
+    hasher.update(&copy.to_le_bytes());
+    hasher.digest() >> 1
 }
 
 /// Gives each live tick its uid; one per connection's stream of ticks (see the module
@@ -283,6 +284,15 @@ mod tests {
         assert_eq!(keys[0], keys[1]);
         assert_ne!(keys[0], keys[2], "the same id on another exchange is another trade");
         assert!(keys.iter().all(|(_, uid)| i64::try_from(*uid).is_ok()));
+    }
+
+    #[test]
+    fn a_uid_is_the_hash_of_the_content_and_copy_number_as_one_buffer() {
+        // The uid is part of every sink's key: how it is computed must not change it.
+        let content = b"q\x01\x30\x00\x00\x00";
+        let mut whole = content.to_vec();
+        whole.extend_from_slice(&3u32.to_le_bytes());
+        assert_eq!(uid_of(content, 3), xxh3_64(&whole) >> 1);
     }
 
     #[test]
