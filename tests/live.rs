@@ -419,7 +419,8 @@ fn tick_keys(captured: &[Event]) -> Vec<(i64, String)> {
 
 #[tokio::test]
 async fn ticks_whose_timestamps_go_back_and_repeat_each_keep_their_own_key_on_two_appliances() {
-    // One tick in two is followed by another exchange's, stamped with the tick before.
+    // Each tick at an even millisecond is followed by another exchange's, stamped with
+    // the time of the symbol's tick before it.
     let faults = Faults {
         interleave_every: 2,
         ..Faults::default()

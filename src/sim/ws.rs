@@ -326,17 +326,25 @@ fn gather(
                 match prefix {
                     "C" | "XQ" | "XT" | "Q" | "T" => {
                         let quotes = market.quotes_between(feed, &symbol, minute, after, upto);
-                        for q in &quotes {
+                        let every = i64::from(interleave_every);
+                        for (i, q) in quotes.iter().enumerate() {
                             let tick = quote_json(feed, &symbol, prefix, q);
-                            let every = i64::from(interleave_every);
-                            if every > 0 && q.ts_ms % every == 0 {
-                                let before = market.quotes_between(feed, &symbol, minute, minute - 1, q.ts_ms - 1);
-                                if let Some(earlier) = before.last() {
-                                    // Sorting is stable: the twin stays right after its tick.
-                                    events.push((q.ts_ms, tick.clone()));
-                                    events.push((q.ts_ms, twin(&tick, earlier.ts_ms)));
-                                    continue;
-                                }
+                            // The symbol's tick before this one in the minute: the one before
+                            // it here, or for the first, one before this window.
+                            let earlier = (every > 0 && q.ts_ms % every == 0)
+                                .then(|| match i {
+                                    0 => market
+                                        .quotes_between(feed, &symbol, minute, minute - 1, q.ts_ms - 1)
+                                        .last()
+                                        .map(|e| e.ts_ms),
+                                    _ => Some(quotes[i - 1].ts_ms),
+                                })
+                                .flatten();
+                            if let Some(earlier) = earlier {
+                                // Sorting is stable: the twin stays right after its tick.
+                                events.push((q.ts_ms, tick.clone()));
+                                events.push((q.ts_ms, twin(&tick, earlier)));
+                                continue;
                             }
                             events.push((q.ts_ms, tick));
                         }
