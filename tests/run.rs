@@ -9,7 +9,7 @@ use tickvault_wal::{Lane, Wal};
 
 mod common;
 
-use common::{simulator, tickvault, Child};
+use common::{run_command, simulator, tickvault, Child};
 
 #[test]
 fn run_captures_live_and_backfill_and_stops_cleanly_on_sigterm() {
@@ -30,18 +30,7 @@ fn run_captures_live_and_backfill_and_stops_cleanly_on_sigterm() {
     .unwrap();
     let log = dir.path().join("log");
     let mut daemon = Child(
-        tickvault()
-            .args([
-                "run",
-                "--config",
-                config.to_str().unwrap(),
-                "--data-dir",
-                log.to_str().unwrap(),
-            ])
-            .env("TICKVAULT_POLYGON_WS_URL", format!("ws://{addr}"))
-            .env("TICKVAULT_POLYGON_REST_URL", format!("http://{addr}"))
-            .env("TICKVAULT_POLYGON_API_KEY", "secret-key")
-            .stdout(Stdio::null())
+        run_command(&config, &log, &addr, "secret-key")
             .stderr(Stdio::piped())
             .spawn()
             .unwrap(),
@@ -49,17 +38,7 @@ fn run_captures_live_and_backfill_and_stops_cleanly_on_sigterm() {
     std::thread::sleep(Duration::from_secs(4));
     let pid = daemon.0.id().to_string();
     assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = daemon.0.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(15),
-            "run did not stop on SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let (status, _) = exits_within(&mut daemon, Duration::from_secs(15));
     let mut stderr = String::new();
     daemon.0.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
     assert!(status.success(), "{status}: {stderr}");
@@ -134,23 +113,7 @@ fn a_bad_config_stops_run_before_anything_starts() {
 
 /// `tickvault run` on a fresh log with `config`, against the simulator at `addr`.
 fn run_daemon(config: &std::path::Path, log: &std::path::Path, addr: &str, key: &str) -> Child {
-    Child(
-        tickvault()
-            .args([
-                "run",
-                "--config",
-                config.to_str().unwrap(),
-                "--data-dir",
-                log.to_str().unwrap(),
-            ])
-            .env("TICKVAULT_POLYGON_WS_URL", format!("ws://{addr}"))
-            .env("TICKVAULT_POLYGON_REST_URL", format!("http://{addr}"))
-            .env("TICKVAULT_POLYGON_API_KEY", key)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap(),
-    )
+    Child(run_command(config, log, addr, key).spawn().unwrap())
 }
 
 #[test]
@@ -222,17 +185,7 @@ fn sighup_leaves_the_daemon_running_and_sigterm_then_stops_it() {
         assert!(daemon.0.try_wait().unwrap().is_none(), "SIGHUP ended the daemon");
     }
     assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = daemon.0.try_wait().unwrap() {
-            break status;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(15),
-            "run did not stop on SIGTERM"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let (status, _) = exits_within(&mut daemon, Duration::from_secs(15));
     assert!(status.success(), "{status}");
 }
 
@@ -243,14 +196,7 @@ fn run_raises_its_open_file_limit_for_the_logs_files() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("run.toml");
     std::fs::write(&config, "[live.forex]\nsymbols = [\"EUR/USD\"]\nchannels = [\"C\"]\n").unwrap();
-    let mut command = tickvault();
-    command
-        .args(["run", "--config", config.to_str().unwrap(), "--data-dir"])
-        .arg(dir.path().join("log"))
-        .env("TICKVAULT_POLYGON_WS_URL", format!("ws://{addr}"))
-        .env("TICKVAULT_POLYGON_API_KEY", "key")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
+    let mut command = run_command(&config, &dir.path().join("log"), &addr, "key");
     // SAFETY: only async-signal-safe calls between fork and exec.
     unsafe {
         command.pre_exec(|| {
@@ -344,12 +290,7 @@ fn a_stop_does_not_wait_for_a_slow_rest_answer_and_is_not_called_a_failure() {
     let config = dir.path().join("run.toml");
     std::fs::write(&config, "[backfill]\ncrypto = [\"BTC-USD\"]\nlookback = \"2days\"\n").unwrap();
     let mut daemon = Child(
-        tickvault()
-            .args(["run", "--config", config.to_str().unwrap(), "--data-dir"])
-            .arg(dir.path().join("log"))
-            .env("TICKVAULT_POLYGON_REST_URL", format!("http://{addr}"))
-            .env("TICKVAULT_POLYGON_API_KEY", "key")
-            .stdout(Stdio::null())
+        run_command(&config, &dir.path().join("log"), &addr, "key")
             .stderr(Stdio::piped())
             .spawn()
             .unwrap(),

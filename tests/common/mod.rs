@@ -18,6 +18,24 @@ pub fn tickvault() -> Command {
     Command::new(env!("CARGO_BIN_EXE_tickvault"))
 }
 
+/// `tickvault run` on `log` with `config`, against the simulator at `sim_addr` (its
+/// WebSocket and REST both) with API key `key`; its output to nowhere until the caller
+/// says otherwise.
+pub fn run_command(config: &std::path::Path, log: &std::path::Path, sim_addr: &str, key: &str) -> Command {
+    let mut command = tickvault();
+    command
+        .args(["run", "--config"])
+        .arg(config)
+        .arg("--data-dir")
+        .arg(log)
+        .env("TICKVAULT_POLYGON_WS_URL", format!("ws://{sim_addr}"))
+        .env("TICKVAULT_POLYGON_REST_URL", format!("http://{sim_addr}"))
+        .env("TICKVAULT_POLYGON_API_KEY", key)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    command
+}
+
 /// `tickvault simulate` on a free loopback port, ready to take connections.
 pub fn simulator(extra: &[&str]) -> (Child, String) {
     simulator_with(tickvault(), extra)

@@ -382,19 +382,8 @@ impl Daemon {
             .append(true)
             .open(stderr)
             .unwrap();
-        let child = tickvault()
-            .args([
-                "run",
-                "--config",
-                config.to_str().unwrap(),
-                "--data-dir",
-                log.to_str().unwrap(),
-            ])
-            .env("TICKVAULT_POLYGON_WS_URL", format!("ws://{sim_addr}"))
-            .env("TICKVAULT_POLYGON_REST_URL", format!("http://{sim_addr}"))
-            .env("TICKVAULT_POLYGON_API_KEY", key)
+        let child = super::run_command(config, log, sim_addr, key)
             .env("TICKVAULT_POSTGRES_PASSWORD", PG_PASSWORD)
-            .stdout(Stdio::null())
             .stderr(file)
             .spawn()
             .unwrap();
