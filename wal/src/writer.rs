@@ -604,10 +604,12 @@ impl Writer {
                         changed
                     });
                 }
+                // Before the replies: a truncation that makes a reclaim due has started it
+                // (or left it due behind a running one) by the time its caller hears back.
+                self.reclaim(truncated);
                 for d in done {
                     d.succeed(&self.state, group_records);
                 }
-                self.reclaim(truncated);
             }
             Err(err) => {
                 self.poison(&err);

@@ -490,8 +490,8 @@ mod failpoints {
     async fn a_reclaim_that_falls_due_while_another_runs_starts_once_that_one_finished() {
         let _serial = SERIAL.lock().await;
         let scenario = fail::FailScenario::setup();
-        // Each reclaim takes at least this long.
-        fail::cfg("wal::reclaim", "sleep(300)").unwrap();
+        // The first reclaim waits at its start until the test lets it go.
+        fail::cfg("wal::reclaim", "pause").unwrap();
         let dir = tempfile::tempdir().unwrap();
         let (now, options) = manual_clock();
         let wal = Wal::open_with(dir.path(), options).unwrap();
@@ -507,6 +507,7 @@ mod failpoints {
         // Due while the first runs: not started yet.
         truncate_all(Lane::Backfill).await;
         assert_eq!(wal.reclaims(), (1, 0));
+        fail::remove("wal::reclaim");
         let started = std::time::Instant::now();
         while wal.reclaims().1 < 1 {
             assert!(
