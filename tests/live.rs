@@ -538,6 +538,38 @@ async fn events_in_the_frame_of_a_disconnect_status_are_captured() {
     wal.shutdown().await.unwrap();
 }
 
+#[tokio::test]
+async fn events_sent_with_the_simulators_force_disconnect_status_are_captured() {
+    let faults = Faults {
+        kick_every: Some(Duration::from_millis(700)),
+        ..Faults::default()
+    };
+    let options = SimOptions {
+        quotes_per_minute: 30_000,
+        faults,
+        seed: 5,
+        always_open: true,
+        ..SimOptions::default()
+    };
+    let sim = sim::spawn(any_port(), options).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let wal = Wal::open(dir.path()).unwrap();
+    let stats = capture_for(
+        spec(&sim, Feed::Crypto, &["BTC-USD"], &["XQ"]),
+        &wal,
+        Duration::from_millis(3000),
+    )
+    .await;
+    assert!(stats.disconnects.load(Ordering::Relaxed) >= 2, "{stats:?}");
+    let kicked: Vec<i64> = sim.kicked().iter().filter_map(|e| e["t"].as_i64()).collect();
+    assert!(kicked.len() >= 4, "the status frames held too few events: {kicked:?}");
+    let have: HashSet<i64> = events(&wal).iter().map(Event::ts_ms).collect();
+    let lost: Vec<i64> = kicked.iter().copied().filter(|t| !have.contains(t)).collect();
+    assert!(lost.is_empty(), "events of a status frame were dropped: {lost:?}");
+    wal.shutdown().await.unwrap();
+    sim.stop().await.unwrap();
+}
+
 fn spec_at(url: &str) -> LiveSpec {
     LiveSpec {
         feed: Feed::Forex,

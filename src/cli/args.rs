@@ -63,7 +63,9 @@ pub enum Command {
         api_key: Option<String>,
         #[arg(long, default_value_t = 1)]
         seed: u64,
-        /// Faults: disconnect=DUR, 429=N, slow=DUR, holes=N, 5xx=N, malformed=N (comma-separated).
+        /// Faults, comma-separated: disconnect=DUR, kick=DUR, 429=N, slow=DUR, holes=N, 5xx=N,
+        /// malformed=N, interleave=N, delayed=DUR, error200=N, badnext=N, retrydate=1
+        /// (see `tickvault::sim::Faults`).
         #[arg(long, default_value = "")]
         faults: crate::sim::Faults,
         /// Average quotes per minute per symbol on the live feed.

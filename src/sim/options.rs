@@ -4,6 +4,8 @@ use std::time::Duration;
 
 /// Faults to inject, parsed from `--faults` (a comma-separated list):
 /// `disconnect=30s` (drop every WebSocket connection after that long),
+/// `kick=30s` (end every connection after that long as Polygon does: a last frame with
+/// a `force_disconnect` status between events, then a close frame),
 /// `429=N` (answer the first N REST requests of every minute with 429),
 /// `slow=200ms` (delay every REST response), `holes=N` (one minute in N has no data at
 /// the source), `5xx=N` (answer one REST request in N with a 502), `malformed=N` (send a
@@ -19,6 +21,7 @@ use std::time::Duration;
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Faults {
     pub disconnect_every: Option<Duration>,
+    pub kick_every: Option<Duration>,
     pub burst_429: u32,
     pub slow: Option<Duration>,
     pub hole_every: u32,
@@ -47,6 +50,7 @@ impl std::str::FromStr for Faults {
             let duration = || humantime::parse_duration(value).map_err(|e| format!("fault {name}: {e}"));
             match name {
                 "disconnect" => faults.disconnect_every = Some(duration()?),
+                "kick" => faults.kick_every = Some(duration()?),
                 "429" => faults.burst_429 = count()?,
                 "slow" => faults.slow = Some(duration()?),
                 "holes" => faults.hole_every = count()?,
@@ -59,7 +63,7 @@ impl std::str::FromStr for Faults {
                 "retrydate" => faults.retry_after_date = count()? > 0,
                 other => {
                     return Err(format!(
-                        "unknown fault {other:?} (disconnect, 429, slow, holes, 5xx, malformed, interleave, delayed, error200, badnext, retrydate)"
+                        "unknown fault {other:?} (disconnect, kick, 429, slow, holes, 5xx, malformed, interleave, delayed, error200, badnext, retrydate)"
                     ))
                 }
             }

@@ -34,6 +34,8 @@ pub(crate) struct Sim {
     pub(crate) clusters: Mutex<HashMap<(String, Feed), Occupant>>,
     pub(crate) next_connection: AtomicU64,
     pub(crate) shutdown: watch::Receiver<bool>,
+    /// The events sent in the same frame as a `kick` fault's status, in order.
+    pub(crate) kicked: Mutex<Vec<serde_json::Value>>,
 }
 
 pub(crate) fn now_ms() -> i64 {
@@ -73,6 +75,7 @@ pub struct SimHandle {
     pub addr: SocketAddr,
     stop: watch::Sender<bool>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
+    sim: Arc<Sim>,
 }
 
 impl SimHandle {
@@ -82,6 +85,12 @@ impl SimHandle {
 
     pub fn rest_url(&self) -> String {
         format!("http://{}", self.addr)
+    }
+
+    /// The events sent so far in the same frame as a `kick` fault's `force_disconnect`
+    /// status: a client that acts on the status first loses them.
+    pub fn kicked(&self) -> Vec<serde_json::Value> {
+        self.sim.kicked.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     /// Stops serving and closes every live connection.
@@ -106,6 +115,7 @@ pub async fn spawn(addr: SocketAddr, options: SimOptions) -> std::io::Result<Sim
         clusters: Mutex::new(HashMap::new()),
         next_connection: AtomicU64::new(1),
         shutdown: shutdown.clone(),
+        kicked: Mutex::new(Vec::new()),
     });
     let app = Router::new()
         .route(
@@ -113,7 +123,7 @@ pub async fn spawn(addr: SocketAddr, options: SimOptions) -> std::io::Result<Sim
             get(super::rest::aggregates),
         )
         .route("/{market}", get(super::ws::upgrade))
-        .with_state(sim);
+        .with_state(sim.clone());
     let mut stopped = shutdown;
     let task = tokio::spawn(async move {
         axum::serve(listener, app)
@@ -122,5 +132,5 @@ pub async fn spawn(addr: SocketAddr, options: SimOptions) -> std::io::Result<Sim
             })
             .await
     });
-    Ok(SimHandle { addr, stop, task })
+    Ok(SimHandle { addr, stop, task, sim })
 }

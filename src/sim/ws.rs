@@ -1,6 +1,6 @@
 //! The simulator's WebSocket clusters (`/forex`, `/crypto`, `/stocks`): auth, subscribe,
 //! batched JSON arrays in real time, one connection per key and cluster, slow consumers
-//! cut off, and injected disconnects.
+//! cut off, and injected disconnects (abrupt, or announced by a status).
 
 use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
@@ -94,6 +94,10 @@ async fn connection(sim: Arc<Sim>, feed: Feed, socket: WebSocket) {
     let disconnect = sim.options.faults.disconnect_every;
     let deadline = tokio::time::sleep(disconnect.unwrap_or(std::time::Duration::from_secs(86_400 * 365)));
     tokio::pin!(deadline);
+    let kick = sim.options.faults.kick_every;
+    let kick_deadline = tokio::time::sleep(kick.unwrap_or(std::time::Duration::from_secs(86_400 * 365)));
+    tokio::pin!(kick_deadline);
+    let mut kicking = false;
     let mut shutdown = sim.shutdown.clone();
     let mut graceful = true;
     let mut frames_sent = 0u64;
@@ -173,6 +177,22 @@ async fn connection(sim: Arc<Sim>, feed: Feed, socket: WebSocket) {
             }
             _ = tick.tick() => {
                 let now = now_ms();
+                if kicking {
+                    // The status between the batch's events: what came before and after
+                    // it in the frame was sent, and a client must keep it.
+                    let mut events = if key.is_some() && !subs.items.is_empty() {
+                        gather(&sim.market, feed, &subs, last_emit, now, sim.options.faults.interleave_every)
+                    } else {
+                        Vec::new()
+                    };
+                    sim.kicked.lock().unwrap_or_else(|p| p.into_inner()).extend(events.iter().cloned());
+                    tracing::info!(connection = id, events = events.len(), "simulator: injected force_disconnect");
+                    let status = json!({ "ev": "status", "status": "force_disconnect", "message": "connection closed by the server" });
+                    events.insert(events.len().div_ceil(2), status);
+                    let _ = tx.try_send(Message::Text(Value::Array(events).to_string().into()));
+                    let _ = tx.try_send(Message::Close(Some(CloseFrame { code: 1000, reason: Utf8Bytes::from_static("force disconnect") })));
+                    break;
+                }
                 if key.is_some() && !subs.items.is_empty() {
                     let events = gather(&sim.market, feed, &subs, last_emit, now, sim.options.faults.interleave_every);
                     if !events.is_empty() {
@@ -197,6 +217,8 @@ async fn connection(sim: Arc<Sim>, feed: Feed, socket: WebSocket) {
                 }
                 last_emit = now;
             }
+            // Due: the next batch goes out with the status inside it.
+            _ = &mut kick_deadline, if kick.is_some() && !kicking => kicking = true,
             _ = &mut deadline, if disconnect.is_some() => {
                 tracing::info!(connection = id, "simulator: injected disconnect");
                 graceful = false;
