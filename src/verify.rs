@@ -1,33 +1,37 @@
-//! `tickvault verify`: what the local log holds against what each enabled sink holds, per
-//! (feed, symbol, kind, timeframe, day), in distinct natural keys. 100%, never a
-//! threshold, and never a sleep-and-count: the log says what must be there.
+//! `tickvault verify`: what the local log holds against what each enabled sink holds,
+//! key by key: every natural key the log holds and every row or message each sink holds
+//! go through one on-disk index (`index`), sorted, and are compared side by side. 100%,
+//! never a threshold, never a comparison of counts (where k keys missing and k others
+//! extra would cancel out), and never a sleep-and-count: the log says what must be there.
 //!
 //! For a sink, the log's events split in two: those its cursor has passed (they must be
 //! in the sink) and the rest (they may already be: a batch is written before its cursor
-//! moves). A group and day matches when
-//! `passed <= sink keys <= passed + not yet passed` and the sink holds no duplicate.
-//! To stay exact while the daemon runs, the cursors are read first, the sinks second and
-//! the log's events last: the sinks can then hold nothing the log's snapshot lacks, and
-//! everything the cursors passed was in the sinks when they were asked.
+//! moves). A sink matches when it lacks no passed key, holds no key the log lacks and
+//! holds each key once. To stay exact while the daemon runs, the cursors are read
+//! first, the sinks second and the log's events last: the sinks can then hold nothing
+//! the log's snapshot lacks, and everything the cursors passed was in the sinks when
+//! they were asked. Beside the match, each sink's backlog: the records its cursors have
+//! not passed and how long ago the oldest of them was captured; `--max-lag` makes an
+//! older one a failure (a sink stuck for hours matches on what it passed).
 //!
-//! Only groups and days the log still holds are compared: what retention truncated from
-//! the log cannot be checked against it (it is counted, not flagged). A group and day the
-//! log holds only in part (truncation took its first records) is checked for missing
-//! keys and duplicates, but keys the sink holds beyond the log's are not flagged there:
-//! they are counted as beyond the log's retention. Which days those are:
+//! Only what the log still holds is compared: keys of groups and days that retention
+//! truncated from the log cannot be checked against it (they are counted, not flagged).
+//! In a group and day the log holds only in part (truncation took its first records),
+//! missing keys and duplicates are flagged, but keys the sink holds beyond the log's are
+//! counted as beyond the log's retention. Which days those are:
 //! - the live lane, once truncated: the days that begin before the first retained live
 //!   event was captured (plus an hour for clocks): a live event is captured after it
 //!   happens, so a truncated one cannot belong to a later day;
 //! - the backfill lane, once truncated: every day of bars (history has no such order).
 //!
-//! The keys themselves are sorted on disk (`index`), so memory grows with the number of
-//! groups and days, not with the keys: scratch disk in `$TMPDIR` takes about 20 bytes
-//! per event in the log and message in the stream while it runs.
+//! Memory stays with one key and one group and day at a time; scratch disk in `$TMPDIR`
+//! takes about 20 bytes per event in the log and row in the sinks while it runs.
 
 mod index;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::Path;
+use std::time::Duration;
 
 use serde::Serialize;
 use tickvault_wal::{Lane, Wal};
@@ -38,8 +42,8 @@ use crate::event::{Event, EventKind, EVENT_KIND};
 use crate::sink::clickhouse::ClickHouseSink;
 use crate::sink::nats::NatsSink;
 use crate::sink::postgres::PostgresSink;
-use crate::sink::GroupCount;
-use index::{From, GroupDayId, GroupNames, KeyIndex, Source};
+use crate::sink::SinkKey;
+use index::{From, GroupDayId, GroupNames, KeyIndex, MAX_SINKS};
 
 const DAY_MS: i64 = 86_400_000;
 
@@ -75,24 +79,50 @@ impl GroupDay {
     }
 }
 
+/// A key of a [`Difference`], as the log and the sinks name it.
+#[derive(Clone, Debug, Serialize)]
+pub struct KeyExample {
+    pub ts_ms: i64,
+    pub uid: u64,
+    /// `missing` (passed by the cursor, not in the sink), `extra` (in the sink, not in
+    /// the log) or `duplicate` (in the sink more than once).
+    pub problem: &'static str,
+}
+
 /// A group and day where a sink does not match the log.
 #[derive(Clone, Debug, Serialize)]
 pub struct Difference {
     #[serde(flatten)]
     pub group: GroupDay,
     pub date: String,
-    /// Distinct keys the sink's cursor has passed: all must be in the sink.
+    /// Keys the sink's cursor has passed: all must be in the sink.
     pub passed: u64,
-    /// Distinct keys in the log the cursor has not passed yet: may be in the sink.
+    /// Keys in the log the cursor has not passed yet: may be in the sink.
     pub pending: u64,
     /// Distinct keys in the sink.
     pub in_sink: u64,
-    /// Passed keys missing from the sink (at least this many).
+    /// Passed keys missing from the sink.
     pub missing: u64,
-    /// Keys in the sink the log does not hold (at least this many).
+    /// Keys in the sink the log does not hold.
     pub extra: u64,
     /// Rows beyond one per key.
     pub duplicates: u64,
+    /// The first few keys at fault, in key order.
+    pub examples: Vec<KeyExample>,
+}
+
+/// How far a sink is behind the log in one lane.
+#[derive(Clone, Debug, Serialize)]
+pub struct Backlog {
+    pub lane: String,
+    /// The sink's cursor when verification began.
+    pub cursor: u64,
+    /// The lane's last sequence when the log was read.
+    pub head: u64,
+    /// Records past the cursor.
+    pub records: u64,
+    /// How long before verification the oldest event past the cursor was captured.
+    pub oldest_unsent_age_ms: Option<u64>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -100,8 +130,10 @@ pub struct SinkReport {
     pub sink: &'static str,
     /// The sink's cursor per lane when verification began.
     pub cursors: BTreeMap<String, u64>,
+    /// Per lane, what the cursor has not passed yet.
+    pub backlog: Vec<Backlog>,
     pub groups_checked: u64,
-    /// Distinct keys the cursors have passed, summed over the groups.
+    /// Keys the cursors have passed, summed over the groups.
     pub passed: u64,
     pub in_sink: u64,
     /// Groups and days the sink holds that the log no longer has (retention).
@@ -110,13 +142,16 @@ pub struct SinkReport {
     /// (its first records were truncated): not compared, so not differences.
     pub beyond_retention: u64,
     pub differences: Vec<Difference>,
+    /// Set when the oldest unsent event is older than `--max-lag`: the sink then does
+    /// not match, whatever it holds.
+    pub lag_exceeded: Option<String>,
     /// Set when the sink could not be read; the sink then does not match.
     pub error: Option<String>,
 }
 
 impl SinkReport {
     pub fn matches(&self) -> bool {
-        self.error.is_none() && self.differences.is_empty()
+        self.error.is_none() && self.differences.is_empty() && self.lag_exceeded.is_none()
     }
 }
 
@@ -135,61 +170,110 @@ impl Report {
     }
 }
 
-/// What a sink holds per group and day: distinct keys and rows.
-#[derive(Default, Clone, Copy)]
-struct Held {
-    keys: u64,
-    rows: u64,
+/// Keys shown per difference.
+const EXAMPLES: usize = 3;
+
+/// One sink's tally of one group and day, as the walk goes.
+#[derive(Default)]
+struct Tally {
+    log_keys: u64,
+    passed: u64,
+    pending: u64,
+    in_sink: u64,
+    missing: u64,
+    extra: u64,
+    duplicates: u64,
+    examples: Vec<KeyExample>,
 }
 
-/// What one sink holds per group and day, or why it could not be read.
-type Holdings = Result<HashMap<GroupDay, Held>, String>;
-
-/// A sink's report as it is built: the report, the sink's cursors per lane, and what the
-/// sink holds that the log's groups and days have not been compared with yet.
-type Building = (SinkReport, [u64; 2], Option<HashMap<GroupDay, Held>>);
+impl Tally {
+    fn example(&mut self, ts_ms: i64, uid: u64, problem: &'static str) {
+        if self.examples.len() < EXAMPLES {
+            self.examples.push(KeyExample { ts_ms, uid, problem });
+        }
+    }
+}
 
 fn lane_index(lane: Lane) -> usize {
     FORWARDED_LANES.iter().position(|l| *l == lane).unwrap_or(0)
 }
 
-pub async fn verify(config: &Config, data_dir: &Path) -> anyhow::Result<Report> {
+fn now_ns() -> i64 {
+    jiff::Timestamp::now().as_nanosecond().try_into().unwrap_or(i64::MAX)
+}
+
+/// Compares the log in `data_dir` with every enabled sink of `config`; with `max_lag`, a
+/// sink whose oldest unsent event was captured longer ago than that does not match.
+pub async fn verify(config: &Config, data_dir: &Path, max_lag: Option<Duration>) -> anyhow::Result<Report> {
     let sinks = config.sinks.enabled();
-    // The keys go to disk, sorted there: memory stays with the groups and days.
+    anyhow::ensure!(sinks.len() <= MAX_SINKS, "verify compares at most {MAX_SINKS} sinks");
+    let started_ns = now_ns();
+    // The keys go to disk, sorted there: memory stays with one group and day.
     let mut index = KeyIndex::new()?;
 
     // 1. Cursors.
     let (cursors, log_id) = {
         let reader = Wal::open_read_only(data_dir)?;
-        let mut cursors = HashMap::new();
+        let mut cursors = Vec::new();
         for sink in &sinks {
             let mut per_lane = [0u64; 2];
             for lane in FORWARDED_LANES {
                 per_lane[lane_index(lane)] = reader.cursor(sink, lane)?;
             }
-            cursors.insert(*sink, per_lane);
+            cursors.push(per_lane);
         }
         (cursors, reader.log_id()?)
     };
 
-    // 2. The sinks.
-    let mut held: Vec<(&'static str, Holdings)> = Vec::new();
-    for sink in &sinks {
-        let result = match *sink {
-            "clickhouse" => clickhouse_counts(config).await,
-            "postgres" => postgres_counts(config, &log_id).await,
-            _ => nats_counts(config, &mut index).await?,
+    // 2. The sinks: every key each holds, into the index.
+    let mut errors: Vec<Option<String>> = Vec::new();
+    for (n, sink) in sinks.iter().enumerate() {
+        let from = From::Sink(n as u8);
+        let mut add = |key: SinkKey| {
+            let names = (
+                key.feed.as_str(),
+                key.symbol.as_str(),
+                key.kind.as_str(),
+                key.timeframe.as_str(),
+            );
+            index.add(names, key.ts_ms, key.uid, from);
         };
-        held.push((sink, result));
+        let scanned = match *sink {
+            "clickhouse" => ClickHouseSink::new(&config.sinks.clickhouse).scan_keys(&mut add).await,
+            "postgres" => {
+                PostgresSink::new(&config.sinks.postgres, &log_id)
+                    .scan_keys(&mut add)
+                    .await
+            }
+            _ => {
+                NatsSink::new(&config.sinks.nats)
+                    .scan(|row| {
+                        add(SinkKey {
+                            feed: row.feed.into_owned(),
+                            symbol: row.symbol,
+                            kind: row.kind.into_owned(),
+                            timeframe: row.timeframe.into_owned(),
+                            ts_ms: row.ts_ms,
+                            uid: row.uid,
+                        })
+                    })
+                    .await
+            }
+        };
+        errors.push(scanned.err().map(|e| e.to_string()));
     }
 
     // 3. The log, as it is now (a superset of what the sinks were asked for).
     let reader = Wal::open_read_only(data_dir)?;
     let mut log_events = 0u64;
     let mut first_live_capture_ns = i64::MAX;
+    // Per sink and lane, when the first event past the cursor was captured.
+    let mut first_unsent_ns: Vec<[Option<i64>; 2]> = vec![[None; 2]; sinks.len()];
+    let mut heads = [0u64; 2];
     for lane in FORWARDED_LANES {
-        let index_of_lane = lane_index(lane) as u8;
+        let l = lane_index(lane);
         let last = reader.last_seq(lane)?.unwrap_or(0);
+        heads[l] = last;
         reader.scan(lane, 1, last, |seq, record| {
             // Corrupt records are `wal check`'s to report; drill records are not events.
             let Ok(record) = record else { return true };
@@ -200,8 +284,14 @@ pub async fn verify(config: &Config, data_dir: &Path) -> anyhow::Result<Report> 
                 return true;
             };
             log_events += 1;
+            let captured = event.capture.captured_at_ns;
             if lane == Lane::Live {
-                first_live_capture_ns = first_live_capture_ns.min(event.capture.captured_at_ns);
+                first_live_capture_ns = first_live_capture_ns.min(captured);
+            }
+            for (c, first) in cursors.iter().zip(first_unsent_ns.iter_mut()) {
+                if seq > c[l] && first[l].is_none() {
+                    first[l] = Some(captured);
+                }
             }
             let key = event.natural_key();
             let names = (
@@ -210,15 +300,7 @@ pub async fn verify(config: &Config, data_dir: &Path) -> anyhow::Result<Report> 
                 key.kind.name(),
                 key.timeframe.as_str(),
             );
-            index.add(
-                names,
-                key.ts_ms,
-                key.uid,
-                From::Log {
-                    lane: index_of_lane,
-                    seq,
-                },
-            )
+            index.add(names, key.ts_ms, key.uid, From::Log { lane: l as u8, seq })
         })?;
     }
     let mut first_retained = BTreeMap::new();
@@ -231,103 +313,143 @@ pub async fn verify(config: &Config, data_dir: &Path) -> anyhow::Result<Report> 
         backfill: first_retained[Lane::Backfill.name()] > 1,
     };
 
-    // 4. Group by group and day, in the index's order.
-    let mut reports: Vec<Building> = held
-        .into_iter()
-        .map(|(sink, result)| {
-            let c = cursors[sink];
-            let mut report = SinkReport {
+    let mut reports: Vec<SinkReport> = sinks
+        .iter()
+        .zip(&cursors)
+        .zip(errors)
+        .zip(&first_unsent_ns)
+        .map(|(((sink, c), error), first_unsent)| {
+            let backlog: Vec<Backlog> = FORWARDED_LANES
+                .iter()
+                .map(|lane| {
+                    let l = lane_index(*lane);
+                    Backlog {
+                        lane: lane.name().to_owned(),
+                        cursor: c[l],
+                        head: heads[l],
+                        records: heads[l].saturating_sub(c[l]),
+                        oldest_unsent_age_ms: first_unsent[l]
+                            .map(|ns| (started_ns.saturating_sub(ns).max(0) / 1_000_000) as u64),
+                    }
+                })
+                .collect();
+            let lag_exceeded = max_lag.and_then(|max| {
+                let oldest = backlog.iter().max_by_key(|b| b.oldest_unsent_age_ms)?;
+                let age = Duration::from_millis(oldest.oldest_unsent_age_ms?);
+                (age > max).then(|| {
+                    format!(
+                        "its oldest unsent {} event was captured {} ago, more than --max-lag {}",
+                        oldest.lane,
+                        humantime::format_duration(Duration::from_secs(age.as_secs())),
+                        humantime::format_duration(max)
+                    )
+                })
+            });
+            SinkReport {
                 sink,
-                cursors: FORWARDED_LANES
-                    .iter()
-                    .map(|l| (l.name().to_owned(), c[lane_index(*l)]))
-                    .collect(),
+                cursors: backlog.iter().map(|b| (b.lane.clone(), b.cursor)).collect(),
+                backlog,
                 groups_checked: 0,
                 passed: 0,
                 in_sink: 0,
                 groups_not_in_log: 0,
                 beyond_retention: 0,
                 differences: Vec::new(),
-                error: None,
-            };
-            let held = result.map_err(|e| report.error = Some(e)).ok();
-            (report, c, held)
+                lag_exceeded,
+                error,
+            }
         })
         .collect();
+
+    // 4. Key by key, group by group and day, in the index's order.
     let names = index.groups().to_vec();
-    let group_day = |id: GroupDayId| GroupDay::of(&names, id);
-    let sink_cursors: Vec<[u64; 2]> = reports.iter().map(|(_, c, _)| *c).collect();
-    let mut finish = |id: GroupDayId, counts: &[(u64, u64)]| {
-        let group = group_day(id);
-        for ((report, _, held), &(passed, pending)) in reports.iter_mut().zip(counts) {
-            let Some(held) = held else { continue };
-            let h = held.remove(&group).unwrap_or_default();
-            compare(report, &group, &partial, passed, pending, h);
+    let mut finish = |id: GroupDayId, tallies: Vec<Tally>| {
+        let group = GroupDay::of(&names, id);
+        for (report, tally) in reports.iter_mut().zip(tallies) {
+            if report.error.is_none() {
+                compare(report, &group, &partial, tally);
+            }
         }
     };
     let mut log_keys = 0u64;
-    // The group and day being counted, and per sink its keys passed and pending.
-    let mut current: Option<(GroupDayId, Vec<(u64, u64)>)> = None;
-    index.walk(Source::Log, |id, entries| {
-        log_keys += 1;
+    let mut current: Option<(GroupDayId, Vec<Tally>)> = None;
+    index.walk(|id, entries| {
         if current.as_ref().is_some_and(|(at, _)| *at != id) {
-            if let Some((at, counts)) = current.take() {
-                finish(at, &counts);
+            if let Some((at, tallies)) = current.take() {
+                finish(at, tallies);
             }
         }
-        let (_, counts) = current.get_or_insert_with(|| (id, vec![(0, 0); sink_cursors.len()]));
-        for (c, (passed, pending)) in sink_cursors.iter().zip(counts.iter_mut()) {
-            let first = entries.first;
-            if first[0] <= c[0] || first[1] <= c[1] {
-                *passed += 1;
-            } else {
-                *pending += 1;
+        let (_, tallies) = current.get_or_insert_with(|| (id, (0..cursors.len()).map(|_| Tally::default()).collect()));
+        let in_log = entries.in_log > 0;
+        log_keys += u64::from(in_log);
+        let (ts_ms, uid) = (entries.ts_ms, entries.uid);
+        for (n, (c, t)) in cursors.iter().zip(tallies.iter_mut()).enumerate() {
+            let rows = entries.rows[n];
+            if in_log {
+                t.log_keys += 1;
+                if entries.first[0] <= c[0] || entries.first[1] <= c[1] {
+                    t.passed += 1;
+                    if rows == 0 {
+                        t.missing += 1;
+                        t.example(ts_ms, uid, "missing");
+                    }
+                } else {
+                    t.pending += 1;
+                }
+            } else if rows > 0 {
+                t.extra += 1;
+                t.example(ts_ms, uid, "extra");
+            }
+            if rows > 0 {
+                t.in_sink += 1;
+            }
+            if rows > 1 {
+                t.duplicates += rows - 1;
+                t.example(ts_ms, uid, "duplicate");
             }
         }
     })?;
-    if let Some((at, counts)) = current.take() {
-        finish(at, &counts);
+    if let Some((at, tallies)) = current.take() {
+        finish(at, tallies);
     }
-
-    let sinks = reports
-        .into_iter()
-        .map(|(mut report, _, held)| {
-            // What is left was not in the log.
-            report.groups_not_in_log = held.map_or(0, |h| h.len() as u64);
-            report.differences.sort_by(|a, b| a.group.cmp(&b.group));
-            report
-        })
-        .collect();
+    for report in &mut reports {
+        report.differences.sort_by(|a, b| a.group.cmp(&b.group));
+    }
     Ok(Report {
         log_events,
         log_keys,
         first_retained,
-        sinks,
+        sinks: reports,
     })
 }
 
-/// One group and day of one sink: `passed` keys must be in it, `pending` may be.
-fn compare(report: &mut SinkReport, group: &GroupDay, partial: &Partial, passed: u64, pending: u64, h: Held) {
-    report.groups_checked += 1;
-    report.passed += passed;
-    report.in_sink += h.keys;
-    let duplicates = h.rows.saturating_sub(h.keys);
-    let missing = passed.saturating_sub(h.keys);
-    let mut extra = h.keys.saturating_sub(passed + pending);
-    if extra > 0 && partial.holds_in_part(group) {
-        report.beyond_retention += extra;
-        extra = 0;
+/// One group and day of one sink.
+fn compare(report: &mut SinkReport, group: &GroupDay, partial: &Partial, mut t: Tally) {
+    let in_part = partial.holds_in_part(group);
+    if t.log_keys == 0 && in_part {
+        // A day retention took from the log whole: nothing to compare it with.
+        report.groups_not_in_log += u64::from(t.in_sink > 0);
+        return;
     }
-    if missing > 0 || extra > 0 || duplicates > 0 {
+    report.groups_checked += 1;
+    report.passed += t.passed;
+    report.in_sink += t.in_sink;
+    if t.extra > 0 && in_part {
+        report.beyond_retention += t.extra;
+        t.extra = 0;
+        t.examples.retain(|e| e.problem != "extra");
+    }
+    if t.missing > 0 || t.extra > 0 || t.duplicates > 0 {
         report.differences.push(Difference {
             date: group.date(),
             group: group.clone(),
-            passed,
-            pending,
-            in_sink: h.keys,
-            missing,
-            extra,
-            duplicates,
+            passed: t.passed,
+            pending: t.pending,
+            in_sink: t.in_sink,
+            missing: t.missing,
+            extra: t.extra,
+            duplicates: t.duplicates,
+            examples: t.examples,
         });
     }
 }
@@ -352,59 +474,6 @@ impl Partial {
             .is_some_and(|from| group.day * DAY_MS < from.saturating_add(Self::CLOCKS_MS));
         live || (self.backfill && group.kind == EventKind::Bar.name())
     }
-}
-
-fn holdings(counts: Vec<GroupCount>) -> HashMap<GroupDay, Held> {
-    counts
-        .into_iter()
-        .map(|c| {
-            let held = Held {
-                keys: c.keys,
-                rows: c.rows,
-            };
-            let group = GroupDay {
-                feed: c.feed,
-                symbol: c.symbol,
-                kind: c.kind,
-                timeframe: c.timeframe,
-                day: c.day,
-            };
-            (group, held)
-        })
-        .collect()
-}
-
-async fn clickhouse_counts(config: &Config) -> Holdings {
-    let mut sink = ClickHouseSink::new(&config.sinks.clickhouse);
-    Ok(holdings(sink.group_counts().await.map_err(|e| e.to_string())?))
-}
-
-async fn postgres_counts(config: &Config, log_id: &str) -> Holdings {
-    let mut sink = PostgresSink::new(&config.sinks.postgres, log_id);
-    Ok(holdings(sink.group_counts().await.map_err(|e| e.to_string())?))
-}
-
-/// The stream's messages go through `index` (a message's key may be anywhere in the
-/// stream): `Err` only when the index itself failed (its walk says so).
-async fn nats_counts(config: &Config, index: &mut KeyIndex) -> anyhow::Result<Holdings> {
-    let mut sink = NatsSink::new(&config.sinks.nats);
-    let scanned = sink
-        .scan(|row| {
-            let names = (&*row.feed, row.symbol.as_str(), &*row.kind, &*row.timeframe);
-            index.add(names, row.ts_ms, row.uid, From::Stream);
-        })
-        .await;
-    if let Err(e) = scanned {
-        return Ok(Err(e.to_string()));
-    }
-    let names = index.groups().to_vec();
-    let mut held: HashMap<GroupDay, Held> = HashMap::new();
-    index.walk(Source::Stream, |id, entries| {
-        let h = held.entry(GroupDay::of(&names, id)).or_default();
-        h.keys += 1;
-        h.rows += entries.count;
-    })?;
-    Ok(Ok(held))
 }
 
 #[cfg(test)]

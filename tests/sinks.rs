@@ -11,9 +11,11 @@ use rand::Rng;
 
 mod common;
 
-use common::sinks::{caught_up_in, drain, log_keys, rt, verify, wait_for, write_config, Daemon, Target, PG_PASSWORD};
+use common::sinks::{
+    caught_up_in, drain, log_keys, rt, verify, verify_with, wait_for, write_config, Daemon, Target, PG_PASSWORD,
+};
 use common::{simulator, tickvault};
-use tickvault_wal::Lane;
+use tickvault_wal::{Lane, Wal};
 
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -86,6 +88,84 @@ fn every_captured_event_reaches_each_sink_exactly_once() {
         assert_eq!(differences[0]["duplicates"], duplicates, "{s:#}");
         assert_eq!(differences[0]["extra"], 0, "{s:#}");
     }
+
+    // Keys swapped between days leave every count as it was: verify compares keys.
+    let moved = target.swap_two_postgres_rows_between_days();
+    let (code, report) = verify(&config, &log);
+    assert_eq!(code, 1, "{report:#}");
+    let pg = report["sinks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["sink"] == "postgres")
+        .unwrap();
+    let sum = |field: &str| -> u64 {
+        pg["differences"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d[field].as_u64().unwrap())
+            .sum()
+    };
+    assert_eq!((sum("missing"), sum("extra")), (3, 2), "{pg:#}");
+    let extras: Vec<i64> = pg["differences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|d| d["examples"].as_array().unwrap().iter())
+        .filter(|e| e["problem"] == "extra")
+        .map(|e| e["ts_ms"].as_i64().unwrap())
+        .collect();
+    assert_eq!(extras.len(), 2, "{pg:#}");
+    assert!(
+        extras.contains(&moved.0) && extras.contains(&moved.1),
+        "{extras:?} {moved:?}"
+    );
+
+    // A stuck sink matches on what it passed, shows its backlog, and fails --max-lag.
+    rt().block_on(async {
+        let wal = Wal::open(&log).unwrap();
+        let head = wal.head(Lane::Live);
+        wal.move_cursor("clickhouse", Lane::Live, head / 2).await.unwrap();
+        wal.shutdown().await.unwrap();
+    });
+    let ch = |report: &serde_json::Value| -> serde_json::Value {
+        report["sinks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["sink"] == "clickhouse")
+            .unwrap()
+            .clone()
+    };
+    let (_, report) = verify(&config, &log);
+    let stuck = ch(&report);
+    assert!(stuck["differences"].as_array().unwrap().is_empty(), "{stuck:#}");
+    let live = stuck["backlog"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["lane"] == "live")
+        .unwrap()
+        .clone();
+    assert!(live["records"].as_u64().unwrap() > 0, "{stuck:#}");
+    assert!(live["oldest_unsent_age_ms"].as_u64().is_some(), "{stuck:#}");
+    assert!(stuck["lag_exceeded"].is_null(), "{stuck:#}");
+    let (code, report) = verify_with(&config, &log, &["--max-lag", "1ms"]);
+    assert_eq!(code, 1, "{report:#}");
+    let stuck = ch(&report);
+    assert!(
+        stuck["lag_exceeded"].as_str().unwrap().contains("--max-lag"),
+        "{stuck:#}"
+    );
+    // A sink with nothing unsent never lags.
+    let nats = report["sinks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["sink"] == "nats")
+        .unwrap();
+    assert!(nats["lag_exceeded"].is_null(), "{nats:#}");
 }
 
 /// `tickvault demo --duration 3` with `config` on the log `log`: its exit code, and its

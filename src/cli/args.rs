@@ -53,6 +53,10 @@ pub enum Command {
         /// Print one JSON object.
         #[arg(long)]
         json: bool,
+        /// A sink whose oldest unsent event was captured longer ago than this (e.g.
+        /// `5m`) does not match: exit 1.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        max_lag: Option<std::time::Duration>,
     },
     /// A Polygon-compatible server (WebSocket and REST) on one address.
     Simulate {

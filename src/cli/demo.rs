@@ -255,7 +255,7 @@ pub async fn run(
             }
         );
     }
-    let report = crate::verify::verify(&config, &data_dir).await?;
+    let report = crate::verify::verify(&config, &data_dir, None).await?;
     for s in &report.sinks {
         let sum = |f: fn(&crate::verify::Difference) -> u64| s.differences.iter().map(f).sum::<u64>();
         let (missing, extra, duplicates) = (sum(|d| d.missing), sum(|d| d.extra), sum(|d| d.duplicates));

@@ -79,7 +79,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             duration,
             data_dir,
         } => runtime()?.block_on(super::demo::run(config, duration, data_dir)),
-        Command::Verify { config, data_dir, json } => runtime()?.block_on(super::verify::run(&config, data_dir, json)),
+        Command::Verify {
+            config,
+            data_dir,
+            json,
+            max_lag,
+        } => runtime()?.block_on(super::verify::run(&config, data_dir, json, max_lag)),
         Command::Simulate {
             listen,
             api_key,

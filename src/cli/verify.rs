@@ -1,13 +1,19 @@
-//! `tickvault verify --config C [--data-dir DIR] [--json]`.
+//! `tickvault verify --config C [--data-dir DIR] [--json] [--max-lag DUR]`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use crate::verify;
 
-pub async fn run(config_path: &std::path::Path, data_dir: Option<PathBuf>, json: bool) -> anyhow::Result<ExitCode> {
+pub async fn run(
+    config_path: &std::path::Path,
+    data_dir: Option<PathBuf>,
+    json: bool,
+    max_lag: Option<Duration>,
+) -> anyhow::Result<ExitCode> {
     let config = super::run::load_config(config_path, data_dir)?;
-    let report = verify::verify(&config, &config.log.data_dir).await?;
+    let report = verify::verify(&config, &config.log.data_dir, max_lag).await?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -29,6 +35,19 @@ pub async fn run(config_path: &std::path::Path, data_dir: Option<PathBuf>, json:
                 cursors.join(", "),
                 s.in_sink
             );
+            for b in &s.backlog {
+                let oldest = b.oldest_unsent_age_ms.map_or(String::new(), |ms| {
+                    let age = Duration::from_secs(ms / 1000);
+                    format!(", the oldest captured {} ago", humantime::format_duration(age))
+                });
+                println!(
+                    "           {:<8} cursor {} of {}: {} records not sent yet{oldest}",
+                    b.lane, b.cursor, b.head, b.records
+                );
+            }
+            if let Some(why) = &s.lag_exceeded {
+                println!("           lags: {why}");
+            }
             if s.groups_not_in_log > 0 {
                 println!(
                     "           {} groups x days are in the sink but no longer in the log (retention): not compared",
@@ -66,6 +85,9 @@ pub async fn run(config_path: &std::path::Path, data_dir: Option<PathBuf>, json:
                     d.extra,
                     d.duplicates
                 );
+                for e in &d.examples {
+                    println!("             {} ts_ms {} uid {}", e.problem, e.ts_ms, e.uid);
+                }
             }
         }
     }

@@ -18,7 +18,7 @@
 
 use super::config::ClickHouseConfig;
 use super::runner::WentTo;
-use super::{Batch, GroupCount, Holds, Row, Sink, SinkError};
+use super::{Batch, Holds, Row, Sink, SinkError, SinkKey};
 use serde::{Deserialize, Serialize};
 use tickvault_wal::Lane;
 
@@ -203,30 +203,26 @@ impl ClickHouseSink {
             .map_err(classify)
     }
 
-    /// Distinct natural keys and rows per group and day, for `verify`.
-    pub async fn group_counts(&mut self) -> Result<Vec<GroupCount>, SinkError> {
+    /// Calls `visit` with the natural key of every row a reader sees (with `FINAL`:
+    /// replaced versions collapsed), streamed; returns how many (for `verify`).
+    pub async fn scan_keys(&mut self, mut visit: impl FnMut(SinkKey)) -> Result<u64, SinkError> {
         // As a write would: tables made if missing (none held yet), and refused if they
         // cannot keep each event once.
         self.prepare().await?;
-        let mut out = Vec::new();
+        let mut seen = 0;
         for kind in KINDS {
             let sql = format!(
-                "SELECT feed, symbol, '{}' AS kind, timeframe, intDiv(ts_ms, 86400000) AS day,
-                        uniqExact(ts_ms, uid) AS keys, count() AS rows
-                 FROM {} FINAL
-                 GROUP BY feed, symbol, timeframe, day",
+                "SELECT feed, symbol, '{}' AS kind, timeframe, ts_ms, uid FROM {} FINAL",
                 kind.name(),
                 self.qualified(kind)
             );
-            out.extend(
-                self.client
-                    .query(&sql)
-                    .fetch_all::<GroupCount>()
-                    .await
-                    .map_err(classify)?,
-            );
+            let mut cursor = self.client.query(&sql).fetch::<SinkKey>().map_err(classify)?;
+            while let Some(key) = cursor.next().await.map_err(classify)? {
+                visit(key);
+                seen += 1;
+            }
         }
-        Ok(out)
+        Ok(seen)
     }
 
     /// Inserts the rows of one kind, each made as it is sent (a batch of 100,000 rows is

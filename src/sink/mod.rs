@@ -20,5 +20,5 @@ pub mod runner;
 
 pub use config::SinksConfig;
 pub use error::SinkError;
-pub use row::{Batch, GroupCount, Pushed, Row};
+pub use row::{Batch, Pushed, Row, SinkKey};
 pub use runner::{Holds, RunnerSpec, RunnerStats, Sink};

@@ -23,7 +23,7 @@ use tokio_postgres::{Client, NoTls, Statement};
 
 use super::config::{PostgresConfig, TrustedCa};
 use super::runner::WentTo;
-use super::{Batch, GroupCount, Holds, Sink, SinkError};
+use super::{Batch, Holds, Sink, SinkError, SinkKey};
 use tickvault_wal::Lane;
 
 const NAME: &str = "postgres";
@@ -270,31 +270,32 @@ impl PostgresSink {
         }
     }
 
-    /// Rows per group and day, for `verify`.
-    pub async fn group_counts(&mut self) -> Result<Vec<GroupCount>, SinkError> {
+    /// Calls `visit` with the natural key of every row of the events table, streamed;
+    /// returns how many (for `verify`).
+    pub async fn scan_keys(&mut self, mut visit: impl FnMut(SinkKey)) -> Result<u64, SinkError> {
+        use futures_util::TryStreamExt as _;
         let table = self.config.table.clone();
         let client = &self.session().await?.client;
-        let sql = format!(
-            "SELECT feed, symbol, kind, timeframe, ts_ms / 86400000 AS day, count(*)
-             FROM {table} GROUP BY 1, 2, 3, 4, 5"
-        );
-        let rows = client.query(&sql, &[]).await.map_err(classify)?;
-        // The primary key is the natural key: every row is a distinct key.
-        Ok(rows
-            .iter()
-            .map(|r| {
-                let n = u64::try_from(r.get::<_, i64>(5)).unwrap_or(0);
-                GroupCount {
-                    feed: r.get(0),
-                    symbol: r.get(1),
-                    kind: r.get(2),
-                    timeframe: r.get(3),
-                    day: r.get(4),
-                    keys: n,
-                    rows: n,
-                }
-            })
-            .collect())
+        let sql = format!("SELECT feed, symbol, kind, timeframe, ts_ms, uid FROM {table}");
+        let rows = client
+            .query_raw(sql.as_str(), std::iter::empty::<&(dyn ToSql + Sync)>())
+            .await
+            .map_err(classify)?;
+        let mut rows = std::pin::pin!(rows);
+        let mut seen = 0;
+        while let Some(r) = rows.try_next().await.map_err(classify)? {
+            visit(SinkKey {
+                feed: r.get(0),
+                symbol: r.get(1),
+                kind: r.get(2),
+                timeframe: r.get(3),
+                ts_ms: r.get(4),
+                // Stored as bigint: the same 64 bits.
+                uid: r.get::<_, i64>(5) as u64,
+            });
+            seen += 1;
+        }
+        Ok(seen)
     }
 
     /// One batch, one transaction. The direct way COPYs the rows into the events table

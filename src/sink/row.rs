@@ -46,19 +46,15 @@ pub struct Row {
     pub conditions: Vec<i32>,
 }
 
-/// What a sink holds per (feed, symbol, kind, timeframe, UTC day), for `verify`.
+/// The natural key of one row (or message) a sink holds, for `verify`.
 #[derive(Debug, Deserialize, clickhouse::Row)]
-pub struct GroupCount {
+pub struct SinkKey {
     pub feed: String,
     pub symbol: String,
     pub kind: String,
     pub timeframe: String,
-    /// Days since 1970-01-01.
-    pub day: i64,
-    /// Distinct natural keys.
-    pub keys: u64,
-    /// Rows a reader sees (for ClickHouse with `FINAL`, replaced versions collapsed).
-    pub rows: u64,
+    pub ts_ms: i64,
+    pub uid: u64,
 }
 
 impl Row {

@@ -1,19 +1,19 @@
 //! The keys `verify` compares, sorted on disk rather than held in memory.
 //!
-//! Every event in the log and every message in the JetStream stream becomes one entry
-//! in a temporary RocksDB (in `$TMPDIR`, deleted when the index is dropped), under a key
-//! that sorts by group, day, natural key and then where the entry came from. Read back
-//! in order, the entries of one natural key lie side by side and the keys of one group
-//! and day run together, so verification walks them once with memory for one group and
-//! day at a time (and one small record per group and day a sink holds). Measured on
+//! Every event in the log and every row or message a sink holds becomes one entry in a
+//! temporary RocksDB (in `$TMPDIR`, deleted when the index is dropped), under a key that
+//! sorts by group, day, natural key and then where the entry came from. Read back in
+//! order, the log's and every sink's entries of one natural key lie side by side and the
+//! keys of one group and day run together, so verification walks them once, comparing
+//! keys, not counts, with memory for one key at a time. Measured (log and one sink) on
 //! 3.3 and 6.6 million keys: 106-109 and 132-138 MB peak, against 271-275 and 489 MB
 //! when the keys were held in hash maps; most of what is left of the growth is the
 //! log's own reader (`wal check` alone: 61 and 79 MB). Scratch disk: 17-22 bytes per
 //! entry (lz4) while it runs (BENCHMARKS.md).
 //!
 //! Groups (feed, symbol, kind, timeframe) are numbered as first seen, so a key is fixed
-//! width: `source (1) | group (4) | day (8) | ts_ms (8) | uid (8) | suffix (9)`, with
-//! signed numbers stored so that their bytes sort as the numbers do.
+//! width: `group (4) | day (8) | ts_ms (8) | uid (8) | source (1) | lane (1) | suffix (8)`,
+//! with signed numbers stored so that their bytes sort as the numbers do.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -23,30 +23,24 @@ use rocksdb::{DBRawIterator, Options, WriteBatch, WriteOptions, DB};
 
 use super::DAY_MS;
 
-/// Which entries to walk: the log's, or the JetStream stream's.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Source {
-    Log = 0,
-    Stream = 1,
-}
+/// Sinks an index can hold entries of (the log's are apart from them).
+pub const MAX_SINKS: usize = 3;
 
 /// Where an entry came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum From {
     /// The log: the lane's index (in `FORWARDED_LANES`) and the event's sequence there.
-    Log {
-        lane: u8,
-        seq: u64,
-    },
-    Stream,
+    Log { lane: u8, seq: u64 },
+    /// A row or message of sink number `n` (below [`MAX_SINKS`]).
+    Sink(u8),
 }
 
 /// A group's four names: feed, symbol, kind, timeframe.
 pub type GroupNames = (String, String, String, String);
 
-/// The bytes of a key that name a natural key: source, group, day, ts_ms, uid.
-const NATURAL_KEY_LEN: usize = 1 + 4 + 8 + 8 + 8;
-const KEY_LEN: usize = NATURAL_KEY_LEN + 9;
+/// The bytes of a key that name a natural key: group, day, ts_ms, uid.
+const NATURAL_KEY_LEN: usize = 4 + 8 + 8 + 8;
+const KEY_LEN: usize = NATURAL_KEY_LEN + 10;
 /// Entries buffered before a write to the index.
 const BATCH: usize = 65_536;
 
@@ -57,7 +51,7 @@ pub struct KeyIndex {
     /// The group of the last entry added.
     last_group: Option<u32>,
     batch: WriteBatch,
-    /// Entries added so far; also what keeps two stream entries of one key apart.
+    /// Entries added so far; also what keeps two rows of one key in a sink apart.
     entries: u64,
     /// The first failed write: later adds do nothing, and `walk` returns it.
     failed: Option<anyhow::Error>,
@@ -131,7 +125,7 @@ impl KeyIndex {
     }
 
     /// Adds one entry for the natural key `names`, `ts_ms`, `uid` (its day is
-    /// `ts_ms / DAY_MS`, as the sinks' queries count it). Returns false once a write to
+    /// `ts_ms` in whole days, floored). Returns false once a write to
     /// the index has failed: what is added after that is dropped, and `walk` returns the
     /// error.
     pub fn add(
@@ -146,17 +140,20 @@ impl KeyIndex {
         }
         let group = self.group_id(feed, symbol, kind, timeframe);
         let mut key = [0u8; KEY_LEN];
-        key[1..5].copy_from_slice(&group.to_be_bytes());
-        key[5..13].copy_from_slice(&sortable(ts_ms / DAY_MS));
-        key[13..21].copy_from_slice(&sortable(ts_ms));
-        key[21..29].copy_from_slice(&uid.to_be_bytes());
-        let (source, tag, suffix) = match from {
-            From::Log { lane, seq } => (Source::Log, lane, seq),
-            // Nothing names a stream entry but its key: the count keeps copies apart.
-            From::Stream => (Source::Stream, 0, self.entries),
+        key[0..4].copy_from_slice(&group.to_be_bytes());
+        key[4..12].copy_from_slice(&sortable(ts_ms.div_euclid(DAY_MS)));
+        key[12..20].copy_from_slice(&sortable(ts_ms));
+        key[20..28].copy_from_slice(&uid.to_be_bytes());
+        let (source, lane, suffix) = match from {
+            From::Log { lane, seq } => (0, lane, seq),
+            // Nothing names a sink's row but its key: the count keeps copies apart.
+            From::Sink(n) => {
+                debug_assert!(usize::from(n) < MAX_SINKS);
+                (1 + n, 0, self.entries)
+            }
         };
-        key[0] = source as u8;
-        key[29] = tag;
+        key[28] = source;
+        key[29] = lane;
         key[30..38].copy_from_slice(&suffix.to_be_bytes());
         self.batch.put(key, []);
         self.entries += 1;
@@ -175,11 +172,10 @@ impl KeyIndex {
         }
     }
 
-    /// Walks `source`'s entries in key order, one natural key at a time: `visit` gets
-    /// the group and day, and per log lane the lowest sequence the key has there
-    /// (`u64::MAX`: none) and the number of entries. Groups and days come in key order
-    /// (a group's days together), keys within them in order.
-    pub fn walk(&mut self, source: Source, mut visit: impl FnMut(GroupDayId, NaturalKeyEntries)) -> anyhow::Result<()> {
+    /// Walks the entries in key order, one natural key at a time: `visit` gets the group
+    /// and day and what the log and each sink hold of the key. Groups and days come in
+    /// key order (a group's days together), keys within them in order.
+    pub fn walk(&mut self, mut visit: impl FnMut(GroupDayId, &NaturalKeyEntries)) -> anyhow::Result<()> {
         if !self.batch.is_empty() {
             self.flush();
         }
@@ -187,26 +183,31 @@ impl KeyIndex {
             return Err(e);
         }
         let mut iter: DBRawIterator = self.db.raw_iterator();
-        iter.seek([source as u8]);
+        iter.seek_to_first();
         let mut current: Option<([u8; NATURAL_KEY_LEN], NaturalKeyEntries)> = None;
         while iter.valid() {
             let Some(key) = iter.key() else { break };
-            if key.len() != KEY_LEN || key[0] != source as u8 {
-                break;
+            if key.len() != KEY_LEN {
+                anyhow::bail!("verify's scratch index holds a key of {} bytes", key.len());
             }
             let natural: [u8; NATURAL_KEY_LEN] = key[..NATURAL_KEY_LEN].try_into().expect("fixed width");
-            let (tag, seq) = (
+            let (source, lane, seq) = (
+                key[28],
                 key[29],
                 u64::from_be_bytes(key[30..38].try_into().expect("fixed width")),
             );
             match &mut current {
-                Some((k, entries)) if *k == natural => entries.add(tag, seq),
+                Some((k, entries)) if *k == natural => entries.add(source, lane, seq),
                 _ => {
                     if let Some((k, entries)) = current.take() {
-                        visit(GroupDayId::of(&k), entries);
+                        visit(GroupDayId::of(&k), &entries);
                     }
-                    let mut entries = NaturalKeyEntries::default();
-                    entries.add(tag, seq);
+                    let mut entries = NaturalKeyEntries {
+                        ts_ms: unsortable(natural[12..20].try_into().expect("fixed width")),
+                        uid: u64::from_be_bytes(natural[20..28].try_into().expect("fixed width")),
+                        ..NaturalKeyEntries::default()
+                    };
+                    entries.add(source, lane, seq);
                     current = Some((natural, entries));
                 }
             }
@@ -214,7 +215,7 @@ impl KeyIndex {
         }
         iter.status()?;
         if let Some((k, entries)) = current {
-            visit(GroupDayId::of(&k), entries);
+            visit(GroupDayId::of(&k), &entries);
         }
         Ok(())
     }
@@ -230,8 +231,8 @@ pub struct GroupDayId {
 impl GroupDayId {
     fn of(key: &[u8; NATURAL_KEY_LEN]) -> Self {
         GroupDayId {
-            group: u32::from_be_bytes(key[1..5].try_into().expect("fixed width")),
-            day: unsortable(key[5..13].try_into().expect("fixed width")),
+            group: u32::from_be_bytes(key[0..4].try_into().expect("fixed width")),
+            day: unsortable(key[4..12].try_into().expect("fixed width")),
         }
     }
 }
@@ -239,28 +240,44 @@ impl GroupDayId {
 /// What the index holds for one natural key.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NaturalKeyEntries {
+    pub ts_ms: i64,
+    pub uid: u64,
     /// Per log lane (by index), the key's lowest sequence there; `u64::MAX`: none.
     pub first: [u64; 2],
-    /// Entries with this key (rows, for the stream).
-    pub count: u64,
+    /// The log's entries of this key.
+    pub in_log: u64,
+    /// Per sink (by number), its rows or messages with this key.
+    pub rows: [u64; MAX_SINKS],
 }
 
 impl Default for NaturalKeyEntries {
     fn default() -> Self {
         NaturalKeyEntries {
+            ts_ms: 0,
+            uid: 0,
             first: [u64::MAX; 2],
-            count: 0,
+            in_log: 0,
+            rows: [0; MAX_SINKS],
         }
     }
 }
 
 impl NaturalKeyEntries {
-    fn add(&mut self, tag: u8, seq: u64) {
-        if let Some(first) = self.first.get_mut(tag as usize) {
-            // Entries of a lane come in sequence order: the first is the lowest.
-            *first = (*first).min(seq);
+    fn add(&mut self, source: u8, lane: u8, seq: u64) {
+        match source {
+            0 => {
+                if let Some(first) = self.first.get_mut(usize::from(lane)) {
+                    // Entries of a lane come in sequence order: the first is the lowest.
+                    *first = (*first).min(seq);
+                }
+                self.in_log += 1;
+            }
+            n => {
+                if let Some(rows) = self.rows.get_mut(usize::from(n - 1)) {
+                    *rows += 1;
+                }
+            }
         }
-        self.count += 1;
     }
 }
 
@@ -292,43 +309,55 @@ mod tests {
     }
 
     #[test]
-    fn the_walk_gives_each_key_once_with_its_first_sequence_per_lane() -> anyhow::Result<()> {
+    fn the_walk_gives_each_key_once_with_the_logs_and_each_sinks_entries() -> anyhow::Result<()> {
         let mut index = KeyIndex::new()?;
         // Added out of order, as a log's lanes and a backfill's chunks do.
         let log = |lane, seq| From::Log { lane, seq };
         assert!(index.add(EUR, 1_641_600_060_000, 0, log(1, 40)));
         assert!(index.add(BTC, 1_728_000_000_500, 1, log(0, 7)));
+        assert!(index.add(BTC, 1_728_000_000_500, 0, From::Sink(2)));
         assert!(index.add(BTC, 1_728_000_000_500, 0, log(0, 9)));
         assert!(index.add(BTC, 1_728_000_000_500, 0, log(0, 3)));
         assert!(index.add(BTC, 1_728_000_000_500, 0, log(1, 12)));
         assert!(index.add(EUR, 1_641_600_000_000, 0, log(1, 41)));
         assert!(index.add(BTC, -3 * DAY_MS, 0, log(0, 1)));
-        // The stream's entries never mix with the log's.
-        assert!(index.add(BTC, 1_728_000_000_500, 0, From::Stream));
-        assert!(index.add(BTC, 1_728_000_000_500, 0, From::Stream));
+        assert!(index.add(BTC, 1_728_000_000_500, 0, From::Sink(0)));
+        assert!(index.add(BTC, 1_728_000_000_500, 0, From::Sink(2)));
+        // A key only a sink holds.
+        assert!(index.add(BTC, 1_728_000_000_600, 0, From::Sink(1)));
 
         let mut seen = Vec::new();
-        index.walk(Source::Log, |g, e| seen.push((g, e)))?;
+        index.walk(|g, e| seen.push((g, *e)))?;
         // Groups are numbered as first seen: EUR/USD first.
         let (eur, btc) = (0, 1);
         let gd = |group, day| GroupDayId { group, day };
-        let e = |first, count| NaturalKeyEntries { first, count };
+        let e = |ts_ms, first, in_log, rows| NaturalKeyEntries {
+            ts_ms,
+            uid: 0,
+            first,
+            in_log,
+            rows,
+        };
+        let none = u64::MAX;
         assert_eq!(
             seen,
             vec![
-                (gd(eur, 19_000), e([u64::MAX, 41], 1)),
-                (gd(eur, 19_000), e([u64::MAX, 40], 1)),
-                (gd(btc, -3), e([1, u64::MAX], 1)),
-                (gd(btc, 20_000), e([3, 12], 3)),
-                (gd(btc, 20_000), e([7, u64::MAX], 1)),
+                (gd(eur, 19_000), e(1_641_600_000_000, [none, 41], 1, [0, 0, 0])),
+                (gd(eur, 19_000), e(1_641_600_060_000, [none, 40], 1, [0, 0, 0])),
+                (gd(btc, -3), e(-3 * DAY_MS, [1, none], 1, [0, 0, 0])),
+                (gd(btc, 20_000), e(1_728_000_000_500, [3, 12], 3, [1, 0, 2])),
+                (
+                    gd(btc, 20_000),
+                    NaturalKeyEntries {
+                        uid: 1,
+                        ..e(1_728_000_000_500, [7, none], 1, [0, 0, 0])
+                    }
+                ),
+                (gd(btc, 20_000), e(1_728_000_000_600, [none, none], 0, [0, 1, 0])),
             ]
         );
         assert_eq!(index.groups()[btc as usize].1, "BTC-USD");
         assert_eq!(index.groups()[eur as usize].3, "1m");
-
-        let mut stream = Vec::new();
-        index.walk(Source::Stream, |g, e| stream.push((g, e.count)))?;
-        assert_eq!(stream, vec![(gd(btc, 20_000), 2)]);
         Ok(())
     }
 
@@ -352,9 +381,9 @@ mod tests {
             ));
         }
         let (mut keys, mut last_ts_seq) = (0u64, 0u64);
-        index.walk(Source::Log, |_, e| {
+        index.walk(|_, e| {
             keys += 1;
-            assert_eq!(e.count, 2);
+            assert_eq!(e.in_log, 2);
             assert!(e.first[0] > last_ts_seq || keys == 1, "in order");
             assert_eq!(e.first[1], n + e.first[0]);
             last_ts_seq = e.first[0];

@@ -202,6 +202,34 @@ impl Target {
         })
     }
 
+    /// Swaps the days of two PostgreSQL rows: the first bar (by time) moves a
+    /// millisecond past the last bar, and the last a millisecond past the first. Each
+    /// day then lacks one key the log holds and holds one it lacks, and every group's
+    /// count per day stays as it was. Returns the two new timestamps.
+    pub fn swap_two_postgres_rows_between_days(&self) -> (i64, i64) {
+        rt().block_on(async {
+            let client = postgres(&self.name).await;
+            let pick = |order: &'static str| {
+                let client = &client;
+                async move {
+                    let sql = format!("SELECT ctid::text, ts_ms FROM events WHERE kind = 'bar' ORDER BY ts_ms {order} LIMIT 1");
+                    let row = client.query_one(&sql, &[]).await.unwrap();
+                    (row.get::<_, String>(0), row.get::<_, i64>(1))
+                }
+            };
+            let ((first, first_ts), (last, last_ts)) = (pick("ASC").await, pick("DESC").await);
+            assert!(last_ts / 86_400_000 > first_ts / 86_400_000, "the bars span one day only");
+            let moved = (last_ts + 1, first_ts + 1);
+            for (ctid, ts) in [(&first, moved.0), (&last, moved.1)] {
+                let sql = format!(
+                    "UPDATE events SET ts_ms = $1::bigint, ts = to_timestamp($1::bigint / 1000.0) WHERE ctid = '{ctid}'::tid"
+                );
+                assert_eq!(client.execute(&sql, &[&ts]).await.unwrap(), 1);
+            }
+            moved
+        })
+    }
+
     /// Publishes the stream's first message again, to its subject, without
     /// its `Nats-Msg-Id` (a copy JetStream cannot recognise, as one published past the
     /// duplicate window would be): a duplicate for `verify` to find.
@@ -476,6 +504,11 @@ pub fn waited_for(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
 
 /// `tickvault verify --json` on a log; returns (exit code, report).
 pub fn verify(config: &Path, log: &Path) -> (i32, serde_json::Value) {
+    verify_with(config, log, &[])
+}
+
+/// As [`verify`], with more arguments.
+pub fn verify_with(config: &Path, log: &Path, more: &[&str]) -> (i32, serde_json::Value) {
     let out = tickvault()
         .args([
             "verify",
@@ -485,6 +518,7 @@ pub fn verify(config: &Path, log: &Path) -> (i32, serde_json::Value) {
             log.to_str().unwrap(),
             "--json",
         ])
+        .args(more)
         .env("TICKVAULT_POSTGRES_PASSWORD", PG_PASSWORD)
         .output()
         .unwrap();
