@@ -84,8 +84,9 @@ impl GroupDay {
 pub struct KeyExample {
     pub ts_ms: i64,
     pub uid: u64,
-    /// `missing` (passed by the cursor, not in the sink), `extra` (in the sink, not in
-    /// the log) or `duplicate` (in the sink more than once).
+    /// `missing` (passed by the cursor, not in the sink), `refused` (not in the sink,
+    /// which refused it for its content: set aside), `extra` (in the sink, not in the
+    /// log) or `duplicate` (in the sink more than once).
     pub problem: &'static str,
 }
 
@@ -103,6 +104,8 @@ pub struct Difference {
     pub in_sink: u64,
     /// Passed keys missing from the sink.
     pub missing: u64,
+    /// Passed keys not in the sink because it refused them for their content.
+    pub refused: u64,
     /// Keys in the sink the log does not hold.
     pub extra: u64,
     /// Rows beyond one per key.
@@ -142,6 +145,10 @@ pub struct SinkReport {
     /// (its first records were truncated): not compared, so not differences.
     pub beyond_retention: u64,
     pub differences: Vec<Difference>,
+    /// Records this sink refused for their content, set aside in the log's state (the
+    /// first 100; `refused` counts them all). The sink lacks them: it does not match.
+    pub refused_records: Vec<RefusedRecord>,
+    pub refused: u64,
     /// Set when the oldest unsent event is older than `--max-lag`: the sink then does
     /// not match, whatever it holds.
     pub lag_exceeded: Option<String>,
@@ -151,7 +158,7 @@ pub struct SinkReport {
 
 impl SinkReport {
     pub fn matches(&self) -> bool {
-        self.error.is_none() && self.differences.is_empty() && self.lag_exceeded.is_none()
+        self.error.is_none() && self.differences.is_empty() && self.lag_exceeded.is_none() && self.refused == 0
     }
 }
 
@@ -170,6 +177,20 @@ impl Report {
     }
 }
 
+/// A record a sink refused, as `verify` reports it.
+#[derive(Clone, Debug, Serialize)]
+pub struct RefusedRecord {
+    pub lane: String,
+    pub seq: u64,
+    pub code: String,
+    pub reason: String,
+    /// When it was set aside, ms since the epoch.
+    pub at_ms: i64,
+}
+
+/// Refused records listed per sink.
+const REFUSED_LISTED: usize = 100;
+
 /// Keys shown per difference.
 const EXAMPLES: usize = 3;
 
@@ -181,6 +202,7 @@ struct Tally {
     pending: u64,
     in_sink: u64,
     missing: u64,
+    refused: u64,
     extra: u64,
     duplicates: u64,
     examples: Vec<KeyExample>,
@@ -212,7 +234,7 @@ pub async fn verify(config: &Config, data_dir: &Path, max_lag: Option<Duration>)
     let mut index = KeyIndex::new()?;
 
     // 1. Cursors.
-    let (cursors, log_id) = {
+    let (cursors, log_id, refused) = {
         let reader = Wal::open_read_only(data_dir)?;
         let mut cursors = Vec::new();
         for sink in &sinks {
@@ -222,8 +244,29 @@ pub async fn verify(config: &Config, data_dir: &Path, max_lag: Option<Duration>)
             }
             cursors.push(per_lane);
         }
-        (cursors, reader.log_id()?)
+        let mut refused: Vec<Vec<RefusedRecord>> = vec![Vec::new(); sinks.len()];
+        for r in crate::sink::refused::list(&reader)? {
+            if let Some(n) = sinks.iter().position(|s| *s == r.sink) {
+                refused[n].push(RefusedRecord {
+                    lane: r.lane,
+                    seq: r.seq,
+                    code: r.code,
+                    reason: r.reason,
+                    at_ms: r.at_ms,
+                });
+            }
+        }
+        (cursors, reader.log_id()?, refused)
     };
+    // Per sink, the (lane index, sequence) of each record it refused.
+    let refused_at: Vec<std::collections::HashSet<(usize, u64)>> = refused
+        .iter()
+        .map(|list| {
+            list.iter()
+                .filter_map(|r| Some((FORWARDED_LANES.iter().position(|l| l.name() == r.lane)?, r.seq)))
+                .collect()
+        })
+        .collect();
 
     // 2. The sinks: every key each holds, into the index.
     let mut errors: Vec<Option<String>> = Vec::new();
@@ -318,7 +361,8 @@ pub async fn verify(config: &Config, data_dir: &Path, max_lag: Option<Duration>)
         .zip(&cursors)
         .zip(errors)
         .zip(&first_unsent_ns)
-        .map(|(((sink, c), error), first_unsent)| {
+        .zip(refused)
+        .map(|((((sink, c), error), first_unsent), refused)| {
             let backlog: Vec<Backlog> = FORWARDED_LANES
                 .iter()
                 .map(|lane| {
@@ -355,6 +399,8 @@ pub async fn verify(config: &Config, data_dir: &Path, max_lag: Option<Duration>)
                 groups_not_in_log: 0,
                 beyond_retention: 0,
                 differences: Vec::new(),
+                refused: refused.len() as u64,
+                refused_records: refused.into_iter().take(REFUSED_LISTED).collect(),
                 lag_exceeded,
                 error,
             }
@@ -389,7 +435,12 @@ pub async fn verify(config: &Config, data_dir: &Path, max_lag: Option<Duration>)
                 t.log_keys += 1;
                 if entries.first[0] <= c[0] || entries.first[1] <= c[1] {
                     t.passed += 1;
-                    if rows == 0 {
+                    let set_aside =
+                        |l: usize| entries.first[l] != u64::MAX && refused_at[n].contains(&(l, entries.first[l]));
+                    if rows == 0 && (set_aside(0) || set_aside(1)) {
+                        t.refused += 1;
+                        t.example(ts_ms, uid, "refused");
+                    } else if rows == 0 {
                         t.missing += 1;
                         t.example(ts_ms, uid, "missing");
                     }
@@ -439,7 +490,7 @@ fn compare(report: &mut SinkReport, group: &GroupDay, partial: &Partial, mut t: 
         t.extra = 0;
         t.examples.retain(|e| e.problem != "extra");
     }
-    if t.missing > 0 || t.extra > 0 || t.duplicates > 0 {
+    if t.missing > 0 || t.refused > 0 || t.extra > 0 || t.duplicates > 0 {
         report.differences.push(Difference {
             date: group.date(),
             group: group.clone(),
@@ -447,6 +498,7 @@ fn compare(report: &mut SinkReport, group: &GroupDay, partial: &Partial, mut t: 
             pending: t.pending,
             in_sink: t.in_sink,
             missing: t.missing,
+            refused: t.refused,
             extra: t.extra,
             duplicates: t.duplicates,
             examples: t.examples,

@@ -803,3 +803,95 @@ fn live_events_keep_reaching_every_sink_while_a_full_speed_backfill_is_forwarded
         );
     }
 }
+
+/// A log written before capture refused such values (or by another tool) holds a trade
+/// whose id has a NUL and a quote from the year 2500: PostgreSQL cannot store either.
+/// Its runner sets both aside and forwards the rest; ClickHouse and JetStream store
+/// all; the daemon stays up; `verify` lists them for PostgreSQL alone and exits 1.
+#[test]
+fn records_a_sink_refuses_for_their_content_are_set_aside_for_that_sink_alone() {
+    use tickvault::event::{Body, Capture, Event, Feed, Quote, Trade, EVENT_KIND};
+    let _serial = serial();
+    let target = Target::new("refused");
+    let (_sim, addr) = simulator(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let event = |i: i64| {
+        let ts_ms = 1_700_000_000_000 + i * 1_000;
+        let body = if i % 2 == 0 {
+            Body::Trade(Trade {
+                symbol: "BTC-USD".into(),
+                ts_ms,
+                uid: i as u64,
+                price: 1.0,
+                size: 1.0,
+                exchange: Some(1),
+                trade_id: Some(if i == 40 { "bad\0id".into() } else { format!("t{i}") }),
+                conditions: vec![],
+            })
+        } else {
+            Body::Quote(Quote {
+                symbol: "BTC-USD".into(),
+                ts_ms: if i == 77 { 16_725_225_600_000 } else { ts_ms },
+                uid: i as u64,
+                bid: 1.0,
+                ask: 2.0,
+                bid_size: None,
+                ask_size: None,
+                exchange: None,
+            })
+        };
+        Event {
+            capture: Capture {
+                feed: Feed::Crypto,
+                lane: Lane::Live,
+                captured_at_ns: 1_700_000_000_000_000_000,
+            },
+            body,
+        }
+    };
+    rt().block_on(async {
+        let wal = Wal::open(&log).unwrap();
+        let mut batch = tickvault_wal::Batch::new();
+        for i in 0..200 {
+            batch.push(EVENT_KIND, &event(i).to_payload().unwrap()).unwrap();
+        }
+        wal.append(Lane::Live, batch).await.unwrap();
+        wal.shutdown().await.unwrap();
+    });
+    drain(dir.path(), &log, &target, &addr, NATS);
+    let stderr = std::fs::read_to_string(dir.path().join("drain.stderr")).unwrap();
+    assert_eq!(
+        stderr.matches("the sink refused a record for its content").count(),
+        2,
+        "{stderr}"
+    );
+
+    let (code, report) = verify(&config_of(dir.path()), &log);
+    assert_eq!(code, 1, "{report:#}");
+    for s in report["sinks"].as_array().unwrap() {
+        if s["sink"] != "postgres" {
+            assert_eq!(s["refused"], 0, "{s:#}");
+            assert!(s["differences"].as_array().unwrap().is_empty(), "{s:#}");
+            assert_eq!(s["in_sink"], 200, "{s:#}");
+            continue;
+        }
+        assert_eq!(s["refused"], 2, "{s:#}");
+        assert_eq!(s["in_sink"], 198, "{s:#}");
+        let seqs: Vec<u64> = s["refused_records"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["seq"].as_u64().unwrap())
+            .collect();
+        assert_eq!(seqs, vec![41, 78], "{s:#}");
+        let differences = s["differences"].as_array().unwrap();
+        let sum = |f: &str| -> u64 { differences.iter().map(|d| d[f].as_u64().unwrap()).sum() };
+        assert_eq!((sum("missing"), sum("refused")), (0, 2), "{s:#}");
+    }
+}
+
+/// The config `drain` wrote in `dir`.
+fn config_of(dir: &Path) -> std::path::PathBuf {
+    dir.join("drain.toml")
+}

@@ -215,7 +215,7 @@ pub async fn run(
         let head = heads[usize::from(s.lane != Lane::Live)];
         let acked = s.acked_seq.load(Ordering::Relaxed);
         println!(
-            "    {:<10} {:<9} {:>10} rows in {:>6} batches  {}  capture-to-commit {}  breaker {}, {} failed attempts{}",
+            "    {:<10} {:<9} {:>10} rows in {:>6} batches  {}  capture-to-commit {}  breaker {}, {} failed attempts{}{}",
             s.sink,
             s.lane.name(),
             thousands(s.rows.load(Ordering::Relaxed)),
@@ -238,6 +238,10 @@ pub async fn run(
             match s.rewound.load(Ordering::Relaxed) {
                 0 => String::new(),
                 n => format!(", {} records sent again (the sink lacked them)", thousands(n)),
+            },
+            match s.refused.load(Ordering::Relaxed) {
+                0 => String::new(),
+                n => format!(", {} records refused for their content (set aside)", thousands(n)),
             }
         );
     }
@@ -260,7 +264,7 @@ pub async fn run(
         let sum = |f: fn(&crate::verify::Difference) -> u64| s.differences.iter().map(f).sum::<u64>();
         let (missing, extra, duplicates) = (sum(|d| d.missing), sum(|d| d.extra), sum(|d| d.duplicates));
         println!(
-            "  verify {:<10} {}: {} keys its cursors passed, {} held; {} missing, {} duplicated, {} held that this log does not have{}{}",
+            "  verify {:<10} {}: {} keys its cursors passed, {} held; {} missing, {} duplicated, {} held that this log does not have{}{}{}",
             s.sink,
             if s.matches() { "MATCH" } else { "DIFFERS" },
             thousands(s.passed),
@@ -275,6 +279,10 @@ pub async fn run(
                 )
             } else {
                 String::new()
+            },
+            match s.refused {
+                0 => String::new(),
+                n => format!("; {} records it refused for their content, set aside", thousands(n)),
             },
             match (&s.error, extra > 0, missing > 0) {
                 (Some(e), _, _) => format!(" (cannot read it: {e})"),

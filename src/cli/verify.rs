@@ -45,6 +45,15 @@ pub async fn run(
                     b.lane, b.cursor, b.head, b.records
                 );
             }
+            if s.refused > 0 {
+                println!(
+                    "           refused {} records for their content; set aside in the log, not in the sink:",
+                    s.refused
+                );
+                for r in s.refused_records.iter().take(5) {
+                    println!("             {} {}: {} {}", r.lane, r.seq, r.code, r.reason);
+                }
+            }
             if let Some(why) = &s.lag_exceeded {
                 println!("           lags: {why}");
             }
@@ -72,7 +81,7 @@ pub async fn run(
             }
             for d in s.differences.iter().take(SHOWN) {
                 println!(
-                    "           {} {} {} {} {}: passed {}, pending {}, in sink {} -> missing {}, extra {}, duplicates {}",
+                    "           {} {} {} {} {}: passed {}, pending {}, in sink {} -> missing {}, refused {}, extra {}, duplicates {}",
                     d.group.feed,
                     d.group.symbol,
                     d.group.kind,
@@ -82,6 +91,7 @@ pub async fn run(
                     d.pending,
                     d.in_sink,
                     d.missing,
+                    d.refused,
                     d.extra,
                     d.duplicates
                 );

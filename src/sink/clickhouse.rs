@@ -508,6 +508,8 @@ pub(crate) fn classify(e: clickhouse::error::Error) -> SinkError {
             let code = exception_code(text);
             if code.is_some_and(|c| RETRIABLE_CODES.contains(&c)) || code.is_none() {
                 SinkError::retriable(NAME, "server", e)
+            } else if code.is_some_and(|c| CONTENT_CODES.contains(&c)) {
+                SinkError::content(NAME, "value", e)
             } else {
                 SinkError::fatal(NAME, "refused", e)
             }
@@ -515,6 +517,12 @@ pub(crate) fn classify(e: clickhouse::error::Error) -> SinkError {
         _ => SinkError::fatal(NAME, "client", e),
     }
 }
+
+/// Exceptions about a value sent rather than the request: CANNOT_PARSE_TEXT (6),
+/// TYPE_MISMATCH (53), ARGUMENT_OUT_OF_BOUND (69), CANNOT_CONVERT_TYPE (70),
+/// TOO_LARGE_STRING_SIZE (131), VALUE_IS_OUT_OF_RANGE_OF_DATA_TYPE (321). Not those of a
+/// body cut short (CANNOT_READ_ALL_DATA), which a dropped connection causes too.
+const CONTENT_CODES: [u32; 6] = [6, 53, 69, 70, 131, 321];
 
 /// `Code: 60, e.displayText() = ...` (18.x) or `Code: 60. DB::Exception: ...` (current).
 fn exception_code(text: &str) -> Option<u32> {

@@ -11,6 +11,10 @@ pub struct SinkError {
     /// still holds its cursor and retries at its slowest pace, so nothing is skipped,
     /// but it logs an error an operator must act on.
     pub retriable: bool,
+    /// Refused for what some row holds (a value the destination cannot store), not for
+    /// the request: the runner finds the row by halving the batch and sets it aside
+    /// for this sink alone (see `runner`), so the lane moves on.
+    pub content: bool,
     pub message: String,
 }
 
@@ -20,6 +24,7 @@ impl SinkError {
             sink,
             code,
             retriable: true,
+            content: false,
             message: message.to_string(),
         }
     }
@@ -29,7 +34,16 @@ impl SinkError {
             sink,
             code,
             retriable: false,
+            content: false,
             message: message.to_string(),
+        }
+    }
+
+    /// Refused for the content of a row (see [`SinkError::content`]).
+    pub fn content(sink: &'static str, code: &'static str, message: impl std::fmt::Display) -> Self {
+        SinkError {
+            content: true,
+            ..SinkError::fatal(sink, code, message)
         }
     }
 }

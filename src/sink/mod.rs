@@ -15,6 +15,7 @@ pub mod error;
 pub mod nats;
 pub mod postgres;
 pub mod priority;
+pub mod refused;
 pub mod row;
 pub mod runner;
 

@@ -648,6 +648,7 @@ impl NatsSink {
                 continue;
             }
             let payload = serde_json::to_vec(&Message::from(row)).map_err(|e| SinkError::fatal(NAME, "encode", e))?;
+            let payload_len = payload.len();
             let message = PublishMessage::build().payload(payload.into()).message_id(id);
             // Counted before the send: a publish that fails half way may have reached
             // the server.
@@ -655,7 +656,13 @@ impl NatsSink {
             let ack = context
                 .send_publish(Self::subject(&prefix, row), message)
                 .await
-                .map_err(|e| SinkError::retriable(NAME, "publish", e))?;
+                .map_err(|e| match e.kind() {
+                    // A message larger than the server takes: this row, not the server.
+                    jetstream::context::PublishErrorKind::MaxPayloadExceeded => {
+                        SinkError::content(NAME, "value", format!("{e} ({} bytes)", payload_len))
+                    }
+                    _ => SinkError::retriable(NAME, "publish", e),
+                })?;
             pending.push_back(Some(ack));
         }
         while let Some(ack) = pending.pop_front() {

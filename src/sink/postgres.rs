@@ -666,6 +666,17 @@ impl Sink for PostgresSink {
         // Said before any row is sent, keeping the session just opened: the retry writes
         // on it, and the runner's look that follows adopts the table.
         self.made_anew(batch.lane).await?;
+        // The driver's timestamp conversion overflows (a panic, with overflow checks) far
+        // before PostgreSQL's own limit: a row past it is refused here, as the server
+        // refuses a value it cannot store. Capture refuses such events; a log written
+        // before it did may hold some.
+        if let Some(r) = batch.rows.iter().find(|r| !crate::event::SANE_TS_MS.contains(&r.ts_ms)) {
+            return Err(SinkError::content(
+                NAME,
+                "value",
+                format!("ts_ms {} is outside 2000-01-01..2100-01-01", r.ts_ms),
+            ));
+        }
         self.in_flight = true;
         let result = self.write_batch(batch).await;
         self.in_flight = false;
@@ -705,8 +716,13 @@ pub(crate) fn classify(e: tokio_postgres::Error) -> SinkError {
         Some(db) => format!("{state}: {}", db.message()),
         None => format!("{state}: {e}"),
     };
+    // A value the table cannot hold: data exceptions (a NUL in text, a timestamp out of
+    // range, a number too large), a NOT NULL or CHECK constraint, a row too large.
+    let content = state.starts_with("22") || state == "23502" || state == "23514" || state == "54000";
     if retriable {
         SinkError::retriable(NAME, "server", message)
+    } else if content {
+        SinkError::content(NAME, "value", message)
     } else {
         SinkError::fatal(NAME, "refused", message)
     }

@@ -136,6 +136,8 @@ pub struct RunnerStats {
     /// Records the cursor was moved back over because the destination lacked them (see
     /// [`Holds`]), to be forwarded again (those the log still holds).
     pub rewound: AtomicU64,
+    /// Records the sink refused for their content, set aside (see [`super::refused`]).
+    pub refused: AtomicU64,
     /// The furthest position the cursor was moved back from: rows up to it are sent
     /// again, and their time since capture is not the pipeline's, so the latency
     /// histograms leave them out.
@@ -169,6 +171,7 @@ impl RunnerStats {
             undecodable: AtomicU64::new(0),
             corrupt: AtomicU64::new(0),
             rewound: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
             resent_to: AtomicU64::new(0),
             state: AtomicU8::new(0),
             latency_us: Mutex::new(histogram()),
@@ -389,8 +392,7 @@ async fn forward<S: Sink>(
                 Next::Batch(Some(batch)) => {
                     if !batch.rows.is_empty() {
                         let failures = stats.failures.load(Ordering::Relaxed);
-                        let acked = until_acked(sink, Op::Write(&batch), spec, breaker, stats, shutdown).await;
-                        if acked.is_none() {
+                        if !write(sink, wal, &batch, spec, breaker, stats, shutdown).await? {
                             break;
                         }
                         written = batch.last_seq;
@@ -439,6 +441,93 @@ enum Op<'a> {
     Write(&'a Batch),
 }
 
+/// What became of an operation tried until the sink acknowledged it.
+enum Acked {
+    Done(Holds),
+    /// Told to stop while waiting.
+    Stopped,
+    /// A write refused for the content of a row (see [`SinkError::content`]).
+    Refused(SinkError),
+}
+
+/// Writes `batch` until the sink acknowledges it (false: told to stop first). A row
+/// the sink refuses for its content is found by halving the batch, writing each half
+/// in order, and is set aside for this sink alone ([`super::refused`]); the rest of
+/// the batch is written as usual. Writing halves again is safe: the sinks keep each
+/// key once, and the halves go in log order, so what a sink's own cursor says it
+/// holds stays true.
+async fn write<S: Sink>(
+    sink: &mut S,
+    wal: &Wal,
+    batch: &Batch,
+    spec: &RunnerSpec,
+    breaker: &mut Breaker,
+    stats: &RunnerStats,
+    shutdown: &mut watch::Receiver<bool>,
+) -> anyhow::Result<bool> {
+    let error = match until_acked(sink, Op::Write(batch), spec, breaker, stats, shutdown).await {
+        Acked::Done(_) => return Ok(true),
+        Acked::Stopped => return Ok(false),
+        Acked::Refused(e) => e,
+    };
+    // Parts still to write, the next one last, the first with the refusal it had.
+    let mut todo = vec![(Some(error), batch.clone())];
+    // Whether the part written last (the one that ends where the batch does) was refused.
+    let mut ended_refused = false;
+    while let Some((refusal, part)) = todo.pop() {
+        let refusal = match refusal {
+            Some(e) => e,
+            None => match until_acked(sink, Op::Write(&part), spec, breaker, stats, shutdown).await {
+                Acked::Done(_) => {
+                    ended_refused = false;
+                    continue;
+                }
+                Acked::Stopped => return Ok(false),
+                Acked::Refused(e) => e,
+            },
+        };
+        if part.rows.len() > 1 {
+            let (head, tail) = halves(&part);
+            todo.push((None, tail));
+            todo.push((None, head));
+            continue;
+        }
+        let seq = part.rows[0].seq;
+        super::refused::set_aside(wal, stats.sink, stats.lane, seq, &refusal).await?;
+        stats.refused.fetch_add(1, Ordering::Relaxed);
+        ended_refused = true;
+        tracing::error!(sink = stats.sink, lane = %stats.lane, seq, code = refusal.code, error = %refusal.message,
+            "the sink refused a record for its content: set aside for this sink (verify lists it), the lane moves on");
+    }
+    if ended_refused {
+        // The batch ended in a refused row: an empty write brings what the sink
+        // records of its own progress (PostgreSQL's cursor row) up to the batch's end, so
+        // a later look does not take the refused row for one the sink lost.
+        let end = Batch::new(batch.lane, batch.last_seq);
+        if let Acked::Stopped = until_acked(sink, Op::Write(&end), spec, breaker, stats, shutdown).await {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// `batch`'s rows in two batches: the first ends at its last row, the second where
+/// `batch` ends.
+fn halves(batch: &Batch) -> (Batch, Batch) {
+    let mid = batch.rows.len() / 2;
+    let first = Batch {
+        lane: batch.lane,
+        last_seq: batch.rows[mid - 1].seq,
+        rows: batch.rows[..mid].to_vec(),
+    };
+    let second = Batch {
+        lane: batch.lane,
+        last_seq: batch.last_seq,
+        rows: batch.rows[mid..].to_vec(),
+    };
+    (first, second)
+}
+
 /// How often a runner asks its destination again whether it still holds what it was
 /// sent, besides at its start and after every write that needed a retry: a runner with
 /// nothing to send (a backfill done, a market closed) finds a destination made anew
@@ -463,7 +552,8 @@ pub async fn run<S: Sink>(
     }
     // Where the destination itself says it is: past the log's cursor if we crashed
     // between its commit and the cursor move, behind it if it lost what it was sent.
-    let Some(holds) = until_acked(&mut sink, Op::Resume, &spec, &mut breaker, &stats, &mut shutdown).await else {
+    let Acked::Done(holds) = until_acked(&mut sink, Op::Resume, &spec, &mut breaker, &stats, &mut shutdown).await
+    else {
         return Ok(());
     };
     match start_from(&holds, position) {
@@ -819,8 +909,8 @@ fn add(batch: &mut Batch, read: &ReadBatch, stats: &RunnerStats) -> usize {
     read.records.len() + read.corrupt.len()
 }
 
-/// Tries `op` until the sink acknowledges it, pacing retries with the breaker. `None`
-/// when told to stop while waiting (an attempt in flight is finished first, so that a
+/// Tries `op` until the sink acknowledges it, pacing retries with the breaker.
+/// `Stopped` when told to stop while waiting (an attempt in flight is finished first, so that a
 /// write is never abandoned half way by us).
 async fn until_acked<S: Sink>(
     sink: &mut S,
@@ -829,24 +919,24 @@ async fn until_acked<S: Sink>(
     breaker: &mut Breaker,
     stats: &RunnerStats,
     shutdown: &mut watch::Receiver<bool>,
-) -> Option<Holds> {
+) -> Acked {
     loop {
         if *shutdown.borrow() {
-            return None;
+            return Acked::Stopped;
         }
         let (wait, transition) = breaker.wait(Instant::now());
         stats.note(transition);
         if !wait.is_zero() {
             tokio::select! {
                 _ = tokio::time::sleep(wait) => continue,
-                _ = shutdown.changed() => return None,
+                _ = shutdown.changed() => return Acked::Stopped,
             }
         }
         let priority = spec.priority.as_deref().filter(|_| spec.lane != Lane::Live);
         let permit = match priority {
             Some(priority) => tokio::select! {
                 permit = priority.acquire() => Some(permit),
-                _ = shutdown.changed() => return None,
+                _ = shutdown.changed() => return Acked::Stopped,
             },
             None => None,
         };
@@ -863,11 +953,11 @@ async fn until_acked<S: Sink>(
             outcome = &mut write => outcome,
             _ = stop.changed() => {
                 if spec.drain_on_stop.is_zero() {
-                    return None;
+                    return Acked::Stopped;
                 }
                 match tokio::time::timeout(spec.drain_on_stop, &mut write).await {
                     Ok(outcome) => outcome,
-                    Err(_) => return None,
+                    Err(_) => return Acked::Stopped,
                 }
             }
         };
@@ -892,7 +982,12 @@ async fn until_acked<S: Sink>(
         match outcome {
             Ok(value) => {
                 stats.note(breaker.on_success());
-                return Some(value);
+                return Acked::Done(value);
+            }
+            Err(e) if e.content && matches!(op, Op::Write(b) if !b.rows.is_empty()) => {
+                // The sink answered: no failure of the sink for the breaker.
+                stats.failed(&e);
+                return Acked::Refused(e);
             }
             Err(e) => {
                 stats.failed(&e);
@@ -1087,6 +1182,79 @@ mod tests {
             batch.push(EVENT_KIND, &event.to_payload().unwrap()).unwrap();
         }
         wal.append(lane, batch).await.unwrap();
+    }
+
+    /// Refuses, for its content, every write holding one of `poison`; records the rest.
+    struct Picky {
+        poison: Vec<u64>,
+        seqs: Arc<Mutex<Vec<u64>>>,
+        writes: Arc<AtomicU64>,
+    }
+
+    impl Sink for Picky {
+        fn name(&self) -> &'static str {
+            "recorder"
+        }
+
+        async fn write(&mut self, batch: &Batch) -> Result<(), SinkError> {
+            self.writes.fetch_add(1, Ordering::Relaxed);
+            if let Some(r) = batch.rows.iter().find(|r| self.poison.contains(&r.seq)) {
+                return Err(SinkError::content(
+                    "recorder",
+                    "value",
+                    format!("cannot store {}", r.seq),
+                ));
+            }
+            self.seqs.lock().unwrap().extend(batch.rows.iter().map(|r| r.seq));
+            Ok(())
+        }
+    }
+
+    #[tokio::test]
+    async fn rows_a_sink_refuses_for_their_content_are_set_aside_and_the_rest_is_written() {
+        let f = Fixture::new();
+        // 40 records in one batch: the first, two in the middle side by side, the last.
+        append_quotes(&f.wal, 40, 0).await;
+        let poison = vec![1, 20, 21, 40];
+        let writes = Arc::new(AtomicU64::new(0));
+        let sink = Picky {
+            poison: poison.clone(),
+            seqs: f.seqs.clone(),
+            writes: writes.clone(),
+        };
+        let (stop, shutdown) = watch::channel(false);
+        let spec = RunnerSpec {
+            batch_rows: 100,
+            ..spec()
+        };
+        let runner = tokio::spawn(run(sink, f.wal.clone(), spec, f.stats.clone(), shutdown));
+        wait_until_acked(&f.stats, 40, Duration::from_secs(10)).await;
+        stop.send(true).unwrap();
+        runner.await.unwrap().unwrap();
+
+        let mut written = f.written();
+        written.sort_unstable();
+        let expected: Vec<u64> = (1..=40).filter(|s| !poison.contains(s)).collect();
+        assert_eq!(written, expected, "every other row written, each once");
+        assert_eq!(f.cursor(), 40);
+        assert_eq!(f.stats.refused.load(Ordering::Relaxed), 4);
+        let refused = crate::sink::refused::list(f.wal.reader()).unwrap();
+        let seqs: Vec<u64> = refused.iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, poison);
+        assert!(refused
+            .iter()
+            .all(|r| r.sink == "recorder" && r.reason.starts_with("cannot store")));
+        assert!(
+            refused.iter().all(|r| Event::from_payload(&r.payload).is_ok()),
+            "a copy of each record"
+        );
+        // Halving finds 4 rows of 40 in well under one write per row.
+        assert!(
+            writes.load(Ordering::Relaxed) < 40,
+            "{} writes",
+            writes.load(Ordering::Relaxed)
+        );
+        f.wal.shutdown().await.unwrap();
     }
 
     /// Records when each of its writes ran; each takes `delay`.
