@@ -557,7 +557,7 @@ async fn events_sent_with_the_simulators_force_disconnect_status_are_captured() 
     let stats = capture_for(
         spec(&sim, Feed::Crypto, &["BTC-USD"], &["XQ"]),
         &wal,
-        Duration::from_millis(3000),
+        Duration::from_millis(4000),
     )
     .await;
     assert!(stats.disconnects.load(Ordering::Relaxed) >= 2, "{stats:?}");

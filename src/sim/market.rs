@@ -203,13 +203,20 @@ impl Market {
         let k = bar.count;
         let spread_ticks = 1 + self.h(symbol, minute_ms, 0x5d) % 3;
         let tick = if feed == Feed::Forex { 1e-5 } else { 1e-2 };
-        let slot = (MINUTE_MS as u64 / k).max(1);
-        // Quote i lies in [minute + i*slot, minute + (i+1)*slot).
-        let first = u64::try_from((after - minute_ms).max(0)).unwrap_or(0) / slot;
-        let last = (u64::try_from((upto - minute_ms).max(0)).unwrap_or(0) / slot).min(k - 1);
+        // Quote i lies in its slot [i*M/k, (i+1)*M/k) of the minute (M its milliseconds):
+        // the slots cover the whole minute whatever k (a width rounded down for all would
+        // leave the minute's end empty: 21,234 quotes in 2 ms slots end 17.5 s early).
+        let minute = MINUTE_MS as u64;
+        let slot_start = |i: u64| i * minute / k;
+        let offset = |t: i64| u64::try_from((t - minute_ms).max(0)).unwrap_or(0);
+        // The slots holding `after` and `upto` (the division may name the one before):
+        // a quote of an earlier or a later one cannot lie in (after, upto].
+        let first = (offset(after) * k / minute).min(k - 1);
+        let last = (offset(upto) * k / minute + 1).min(k - 1);
         (first..=last)
             .filter_map(|i| {
-                let ts_ms = minute_ms + (i * slot + self.h(symbol, minute_ms, i) % slot) as i64;
+                let width = (slot_start(i + 1) - slot_start(i)).max(1);
+                let ts_ms = minute_ms + (slot_start(i) + self.h(symbol, minute_ms, i) % width) as i64;
                 if ts_ms <= after || ts_ms > upto {
                     return None;
                 }
@@ -269,6 +276,29 @@ mod tests {
                 assert!(quotes.iter().all(|q| q.ts_ms >= m && q.ts_ms < m + MINUTE_MS));
                 assert!(quotes.iter().all(|q| q.ask > q.bid));
             }
+        }
+    }
+
+    #[test]
+    fn a_busy_minutes_quotes_run_to_its_end_and_20_ms_windows_add_up_to_it() {
+        let market = Market::new(5, 30_000, 0);
+        for i in 0..20 {
+            let m = minute("2026-12-05T00:00:00Z") + i * MINUTE_MS;
+            let all = market.quotes(Feed::Crypto, "BTC-USD", m);
+            // The last quote lies in the minute's last slot: no silent end.
+            let slot = MINUTE_MS / all.len() as i64 + 1;
+            assert!(
+                all.last().unwrap().ts_ms >= m + MINUTE_MS - slot,
+                "minute {i} ends early"
+            );
+            let mut windows = Vec::new();
+            let mut after = m - 1;
+            while after < m + MINUTE_MS - 1 {
+                let upto = (after + 20).min(m + MINUTE_MS - 1);
+                windows.extend(market.quotes_between(Feed::Crypto, "BTC-USD", m, after, upto));
+                after = upto;
+            }
+            assert_eq!(windows, all, "minute {i}");
         }
     }
 
