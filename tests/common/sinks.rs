@@ -363,6 +363,8 @@ pub fn write_config_at(path: &Path, body: &str, target: &Target, ports: Ports) -
 pub struct Daemon {
     pub child: Child,
     pub stderr: PathBuf,
+    /// Where this run's output starts in `stderr`.
+    from: usize,
 }
 
 impl Daemon {
@@ -397,11 +399,12 @@ impl Daemon {
         wait_for("the backfill to finish", timeout, || self.backfill_finished());
     }
 
-    /// The output of this run only (the file may hold earlier runs).
+    /// The output of this run only (the file may hold earlier runs): all of it, what
+    /// it logged before saying it was running too (a backfill with nothing left to
+    /// fetch finishes its pass by then).
     pub fn this_run(&self) -> String {
         let all = self.log();
-        let start = all.rfind("tickvault running").unwrap_or(0);
-        all[start..].to_owned()
+        all.get(self.from..).unwrap_or_default().to_owned()
     }
 
     fn spawn(config: &Path, log: &Path, sim_addr: &str, stderr: &Path, key: &str) -> Daemon {
@@ -410,6 +413,7 @@ impl Daemon {
             .append(true)
             .open(stderr)
             .unwrap();
+        let from = file.metadata().unwrap().len() as usize;
         let child = super::run_command(config, log, sim_addr, key)
             .env("TICKVAULT_POSTGRES_PASSWORD", PG_PASSWORD)
             .stderr(file)
@@ -418,6 +422,7 @@ impl Daemon {
         Daemon {
             child: Child(child),
             stderr: stderr.to_owned(),
+            from,
         }
     }
 
