@@ -8,27 +8,8 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::event::Feed;
+pub use crate::settings::{ConfigError, Secret};
 use crate::sink::config::TrustedCa;
-
-/// A configuration that could not be used. Always names the field (or the file).
-#[derive(Debug, thiserror::Error)]
-#[error("config {file}: {location}: {message}")]
-pub struct ConfigError {
-    pub file: String,
-    /// `field `a.b`` or `line N` (syntax errors) or `file` (unreadable).
-    pub location: String,
-    pub message: String,
-}
-
-impl ConfigError {
-    pub(crate) fn field(file: &str, field: &str, message: impl Into<String>) -> Self {
-        ConfigError {
-            file: file.to_owned(),
-            location: format!("field `{field}`"),
-            message: message.into(),
-        }
-    }
-}
 
 /// The whole configuration (`config/tickvault.toml` is the documented production file).
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
@@ -100,26 +81,6 @@ impl Default for PolygonConfig {
             requests_per_minute: 0,
             api_key: None,
         }
-    }
-}
-
-/// A secret that never shows in logs or debug output.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn new(value: impl Into<String>) -> Secret {
-        Secret(value.into())
-    }
-
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl std::fmt::Debug for Secret {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Secret(***)")
     }
 }
 
@@ -300,9 +261,9 @@ impl Config {
             self.polygon.rest_url = url;
         }
         if let Some(key) = non_empty("TICKVAULT_POLYGON_API_KEY", "polygon.api_key_file")? {
-            self.polygon.api_key = Some(Secret(key));
+            self.polygon.api_key = Some(Secret::new(key));
         } else if let Some(path) = &self.polygon.api_key_file {
-            self.polygon.api_key = Some(Secret(read_secret_file(file, "polygon.api_key_file", path)?));
+            self.polygon.api_key = Some(Secret::new(read_secret_file(file, "polygon.api_key_file", path)?));
         }
         let sinks = &mut self.sinks;
         for (env, field, path, secret) in [
@@ -328,9 +289,9 @@ impl Config {
             // Set but empty is refused, as above: unset is how to say "no secret", and an
             // empty value silently replacing the file's is a mistake to name.
             *secret = match non_empty(env, field)? {
-                Some(v) => Some(Secret(v)),
+                Some(v) => Some(Secret::new(v)),
                 None => match path {
-                    Some(path) => Some(Secret(read_secret_file(file, field, path)?)),
+                    Some(path) => Some(Secret::new(read_secret_file(file, field, path)?)),
                     None => None,
                 },
             };
@@ -845,7 +806,7 @@ mod tests {
                 value.filter(|_| n == "TICKVAULT_POSTGRES_PASSWORD").map(str::to_owned)
             })
             .unwrap();
-            assert_eq!(c.sinks.postgres.password.as_ref().unwrap().0, expected);
+            assert_eq!(c.sinks.postgres.password.as_ref().unwrap().expose(), expected);
         }
         for env in [
             "TICKVAULT_POSTGRES_PASSWORD",

@@ -4,7 +4,8 @@
 //! Modules follow the data flow: `source` (live and backfill capture) -> the log ->
 //! `sink` (runners forwarding to ClickHouse, PostgreSQL and NATS JetStream) and `verify`
 //! (the log against the sinks); `event` is what is carried, `daemon` starts the parts,
-//! `sim` stands in for Polygon, `cli` holds the binary's subcommands.
+//! `sim` stands in for Polygon, `cli` holds the binary's subcommands; `config` reads the
+//! configuration, each part's section beside it, on `settings`.
 
 pub mod backoff;
 pub mod cli;
@@ -13,6 +14,7 @@ pub mod daemon;
 pub mod event;
 pub mod gaps;
 pub mod polygon;
+pub mod settings;
 pub mod sim;
 pub mod sink;
 pub mod source;

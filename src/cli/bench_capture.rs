@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use tickvault_wal::Wal;
 
-use crate::config::Secret;
 use crate::event::Feed;
+use crate::settings::Secret;
 use crate::sim::{self, SimOptions};
 use crate::source::live::{self, LiveSpec, LiveStats};
 

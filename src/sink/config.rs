@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::config::{ConfigError, Secret};
+use crate::settings::{ConfigError, Secret};
 
 /// `[sinks]`: retry pacing shared by every runner, and one table per sink.
 #[derive(Clone, Debug, Deserialize, PartialEq)]

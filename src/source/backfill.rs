@@ -29,9 +29,9 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::backoff::Backoff;
-use crate::config::Secret;
 use crate::event::{Bar, Body, Capture, Event, Feed, Timeframe, EVENT_KIND};
 use crate::polygon::symbol;
+use crate::settings::Secret;
 use crate::sink::priority::{pause_for, Priority, LIVE_FLOWING};
 
 /// One symbol's backfill over `from_ms..to_ms`.

@@ -18,11 +18,11 @@ use tokio::sync::{mpsc, watch};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::backoff::Backoff;
-use crate::config::Secret;
 use crate::event::identity::Uids;
 use crate::event::{Body, Capture, Event, Feed, EVENT_KIND};
 use crate::gaps::{self, SuspectedGap};
 use crate::polygon::wire::{self, WireItem};
+use crate::settings::Secret;
 
 /// What one market's collector needs.
 #[derive(Clone, Debug)]
