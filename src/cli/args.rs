@@ -159,6 +159,10 @@ pub enum BenchCommand {
         /// Seconds the quota run lasts (covering at least two clock minutes is wise).
         #[arg(long, default_value_t = 150)]
         quota_seconds: u64,
+        /// A run that checks the suite works, not its speed: 2 s per live rate, one year
+        /// of backfill, 5 s of quota.
+        #[arg(long)]
+        quick: bool,
     },
     /// Live capture-to-sink-commit latency per sink, idle and during a full-speed backfill,
     /// and backfill rows/s per sink, against the servers of `scripts/services.sh up`.
@@ -197,13 +201,18 @@ pub enum BenchCommand {
         /// 40ms), e.g. 0ms for the duties as they are, with no budget.
         #[arg(long, value_parser = humantime::parse_duration)]
         budget: Option<std::time::Duration>,
+        /// A run that checks the suite works, not its speed: one round of 3 s windows.
+        #[arg(long)]
+        quick: bool,
     },
-    /// Durable appends (1 and 4 producers) against naive synced single puts, and replay reads.
+    /// Durable appends (1 and 4 producers) and replay reads against naive synced single
+    /// puts and against NATS JetStream as the buffer, in alternating rounds; live append
+    /// latency beside a backfill.
     Wal {
         /// Where the benchmark's logs go (a fresh temporary directory inside it).
         #[arg(long, default_value = "target/bench")]
         dir: PathBuf,
-        /// Records per group-commit run.
+        /// Records per run (tickvault's and JetStream's alike).
         #[arg(long, default_value_t = 2_000_000)]
         records: u64,
         #[arg(long, default_value_t = 100)]
@@ -211,6 +220,16 @@ pub enum BenchCommand {
         /// Records for the naive loop of single synced puts (it is slow).
         #[arg(long, default_value_t = 2_000)]
         naive_records: u64,
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// The NATS server (JetStream enabled) to measure beside the log, as
+        /// `scripts/services.sh up` starts it; `none` to leave JetStream out.
+        #[arg(long, default_value = "nats://127.0.0.1:4222")]
+        nats_url: String,
+        /// A run that checks the suite works, not its speed: 20,000 records, one round,
+        /// 2 s of live appends per part.
+        #[arg(long)]
+        quick: bool,
     },
 }
 

@@ -9,7 +9,7 @@ use clap::Parser;
 
 use super::args::{BenchCommand, Cli, Command, WalCommand};
 use super::bench_sinks::Duties;
-use crate::config::ConfigError;
+use crate::settings::ConfigError;
 
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -130,12 +130,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 backfill_years,
                 quota,
                 quota_seconds,
+                quick,
             } => runtime()?.block_on(super::bench_capture::capture(
                 &dir,
-                seconds,
-                backfill_years,
+                if quick { 2 } else { seconds },
+                if quick { backfill_years.min(1) } else { backfill_years },
                 quota,
-                quota_seconds,
+                if quick { 5 } else { quota_seconds },
             )),
             BenchCommand::Sinks {
                 dir,
@@ -147,11 +148,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 backfill_duty,
                 capture_duty,
                 budget,
+                quick,
             } => runtime()?.block_on(super::bench_sinks::sinks(
                 &dir,
-                seconds,
+                if quick { 3 } else { seconds },
                 backfill_years,
-                rounds.max(1),
+                if quick { 1 } else { rounds.max(1) },
                 part,
                 &sinks,
                 Duties {
@@ -165,7 +167,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 records,
                 payload_bytes,
                 naive_records,
-            } => runtime()?.block_on(super::bench::wal(&dir, records, payload_bytes, naive_records)),
+                rounds,
+                nats_url,
+                quick,
+            } => runtime()?.block_on(super::bench::wal(super::bench::WalBench {
+                dir,
+                records: if quick { 20_000 } else { records },
+                payload_bytes,
+                naive_records: if quick { 200 } else { naive_records },
+                rounds: if quick { 1 } else { rounds },
+                nats_url: (nats_url != "none").then_some(nats_url),
+                pressure_secs: if quick { 2 } else { 10 },
+            })),
         },
     }
 }
