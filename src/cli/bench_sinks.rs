@@ -327,6 +327,9 @@ pub async fn sinks(
             .first()
             .map(|w| w.iter().map(|w| w.sink).collect())
             .unwrap_or_default();
+        // Per sink: live p99 with the backfill, and capture-to-write-start p99 with it
+        // against idle (the appliance's own share of a live event's time).
+        let mut live_first: Vec<(&'static str, f64, f64)> = Vec::new();
         for sink in sinks {
             let of = |windows: &[Vec<Window>], f: fn(&Window) -> f64| -> Vec<f64> {
                 windows
@@ -358,6 +361,7 @@ pub async fn sinks(
                 median(&yielded),
                 median(&behind)
             );
+            live_first.push((sink, median(&bp99), median(&bq99) / median(&iq99).max(1e-9)));
         }
         let log = |d: &[LogWindow]| {
             let p50: Vec<f64> = d.iter().map(|w| w.p50).collect();
@@ -373,6 +377,34 @@ pub async fn sinks(
             log(&busy_log),
             median(&captured),
             median(&paused)
+        );
+        let budget = duties
+            .budget
+            .unwrap_or(crate::sink::SinksConfig::default().live_latency_budget)
+            .as_secs_f64()
+            * 1000.0;
+        let p99 = |d: &[LogWindow]| median(&d.iter().map(|w| w.p99).collect::<Vec<_>>());
+        let against_budget: Vec<String> = live_first
+            .iter()
+            .map(|(sink, p99, _)| {
+                let verdict = if budget > 0.0 && *p99 <= budget {
+                    "within"
+                } else {
+                    "over"
+                };
+                format!("{sink} {p99:.1} ({verdict})")
+            })
+            .collect();
+        let queued: Vec<String> = live_first
+            .iter()
+            .map(|(sink, _, q)| format!("{sink} {q:.2}x"))
+            .collect();
+        println!(
+            "  live first, with the backfill: live p99 (ms) against sinks.live_latency_budget {budget:.0} ms: {}; \
+             the appliance's own share against idle (target 1.5x): received to durable {:.2}x, queued before the write: {}",
+            against_budget.join(", "),
+            p99(&busy_log) / p99(&idle_log).max(1e-9),
+            queued.join(", ")
         );
         let shares: Vec<String> = busy_log.iter().map(|w| format!("{:.2}", w.share)).collect();
         let cuts: Vec<String> = busy_log.iter().map(|w| w.cuts.to_string()).collect();
