@@ -16,3 +16,18 @@ echo "== cargo clippy" >&2
 cargo clippy --release --workspace --all-targets -- -D warnings
 echo "== cargo test" >&2
 cargo test --release --workspace
+
+# Every benchmark suite, quick: each must run and print its table (its figures are not
+# checked: speed is BENCHMARKS.md's, measured on a quiet machine).
+quick() {
+    local table=$1
+    shift
+    echo "== tickvault $* --quick" >&2
+    local out
+    out=$(target/release/tickvault "$@" --quick --dir target/bench-quick)
+    echo "$out"
+    grep -qF "$table" <<<"$out" || { echo "tickvault $*: no table (\"$table\") printed" >&2; exit 1; }
+}
+quick '| run |' bench wal
+quick '| target events/s |' bench capture
+quick 'live capture-to-sink-commit latency' bench sinks
