@@ -22,13 +22,29 @@ impl ConfigError {
     }
 }
 
-/// A secret that never shows in logs or debug output.
+/// A secret that never shows in logs or debug output: its `Debug` hides it, and every
+/// secret made is noted so that the log's writer ([`redact`]) blanks it wherever a
+/// line holds it, whatever wrote the line (a dependency at `trace` prints the frames and
+/// headers it sends).
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
 
+/// Every secret made so far, for [`redact`].
+static KNOWN: std::sync::RwLock<Vec<String>> = std::sync::RwLock::new(Vec::new());
+
+/// Shorter values are not blanked in logs: they would blank ordinary words.
+const REDACT_MIN_LEN: usize = 4;
+
 impl Secret {
     pub fn new(value: impl Into<String>) -> Secret {
-        Secret(value.into())
+        let value = value.into();
+        if value.len() >= REDACT_MIN_LEN {
+            let mut known = KNOWN.write().unwrap_or_else(|p| p.into_inner());
+            if !known.contains(&value) {
+                known.push(value.clone());
+            }
+        }
+        Secret(value)
     }
 
     pub fn expose(&self) -> &str {
@@ -39,5 +55,49 @@ impl Secret {
 impl std::fmt::Debug for Secret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Secret(***)")
+    }
+}
+
+/// `text` with every secret made so far replaced by `***`.
+pub fn redact(text: &str) -> std::borrow::Cow<'_, str> {
+    let known = KNOWN.read().unwrap_or_else(|p| p.into_inner());
+    let mut out = std::borrow::Cow::Borrowed(text);
+    for secret in known.iter() {
+        if out.contains(secret.as_str()) {
+            out = std::borrow::Cow::Owned(out.replace(secret.as_str(), "***"));
+        }
+    }
+    out
+}
+
+/// Standard error, with [`redact`] applied to each write (the log's formatter writes a
+/// line in one write).
+pub struct RedactedStderr;
+
+impl std::io::Write for RedactedStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let text = String::from_utf8_lossy(buf);
+        std::io::stderr().write_all(redact(&text).as_bytes())?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_secret_made_is_blanked_in_any_text_and_a_short_one_is_left() {
+        let _key = Secret::new("pk-9c1e7a-redact-me");
+        let _short = Secret::new("ab");
+        assert_eq!(
+            redact(r#"send [{"action":"auth","params":"pk-9c1e7a-redact-me"}] ab"#),
+            r#"send [{"action":"auth","params":"***"}] ab"#
+        );
+        assert_eq!(redact("nothing here"), "nothing here");
     }
 }

@@ -59,6 +59,49 @@ fn run_captures_live_and_backfill_and_stops_cleanly_on_sigterm() {
     assert!(backfill.records.len() >= 3 * 1440, "{} bars", backfill.records.len());
 }
 
+/// At `TICKVAULT_LOG=trace` the WebSocket library prints the auth frame it sends and the
+/// HTTP client its requests: the key is in none of the lines, whoever wrote them.
+#[test]
+fn the_api_key_is_in_no_line_of_a_run_at_trace() {
+    const KEY: &str = "pk-trace-7f3a9d1e";
+    let (_sim, addr) = simulator(&["--api-key", KEY, "--always-open"]);
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("run.toml");
+    std::fs::write(
+        &config,
+        "[live.crypto]\nsymbols = [\"BTC-USD\"]\nchannels = [\"XQ\"]\n\
+         [backfill]\ncrypto = [\"ETH-USD\"]\nlookback = \"1day\"\nchunk = \"1day\"\n",
+    )
+    .unwrap();
+    let log = dir.path().join("log");
+    let mut daemon = Child(
+        run_command(&config, &log, &addr, KEY)
+            .env("TICKVAULT_LOG", "trace")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    // Read as it comes: at trace the pipe fills in moments.
+    let mut pipe = daemon.0.stderr.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut out = Vec::new();
+        pipe.read_to_end(&mut out).unwrap();
+        String::from_utf8_lossy(&out).into_owned()
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    let pid = daemon.0.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let (status, _) = exits_within(&mut daemon, Duration::from_secs(15));
+    let stderr = reader.join().unwrap();
+    assert!(status.success(), "{status}");
+    // Trace was on, for the WebSocket and HTTP clients too, and the session authenticated.
+    assert!(stderr.contains("TRACE"), "no trace lines");
+    assert!(stderr.contains("tungstenite"), "no WebSocket trace lines");
+    assert!(stderr.contains("live feed subscribed"), "never subscribed");
+    let leaks: Vec<&str> = stderr.lines().filter(|l| l.contains(KEY)).take(3).collect();
+    assert!(leaks.is_empty(), "the API key was logged: {leaks:#?}");
+}
+
 #[test]
 fn demo_runs_for_its_duration_and_summarises_what_it_captured() {
     let dir = tempfile::tempdir().unwrap();
