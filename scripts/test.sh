@@ -14,6 +14,8 @@ echo "== cargo fmt --check" >&2
 cargo fmt --all -- --check
 echo "== cargo clippy" >&2
 cargo clippy --release --workspace --all-targets -- -D warnings
+echo "== scripts/package.sh (the .deb that tests/package.rs installs)" >&2
+scripts/package.sh
 echo "== cargo test" >&2
 cargo test --release --workspace
 

@@ -58,6 +58,16 @@ fn hangups() -> impl futures_util::Stream<Item = ()> {
     futures_util::stream::pending()
 }
 
+/// Tells systemd `state` when it started us with a notify socket (a failure to is
+/// logged: the daemon runs on, and systemd's own timeout says the rest).
+fn notify(state: sd_notify::NotifyState<'_>) {
+    if std::env::var_os("NOTIFY_SOCKET").is_some() {
+        if let Err(e) = sd_notify::notify(false, &[state]) {
+            tracing::warn!(error = %e, "telling systemd the daemon's state failed");
+        }
+    }
+}
+
 pub async fn run(config_path: &Path, data_dir: Option<PathBuf>) -> anyhow::Result<ExitCode> {
     let config = load_config(config_path, data_dir)?;
     // Before anything is created: a run that cannot capture leaves no log directory.
@@ -71,12 +81,16 @@ pub async fn run(config_path: &Path, data_dir: Option<PathBuf>) -> anyhow::Resul
         backfill = running.backfill.is_some(),
         "tickvault running"
     );
+    // systemd (Type=notify): started once the log is open and the sources and runners
+    // run, so `systemctl start` returns when capture has begun, or fails.
+    notify(sd_notify::NotifyState::Ready);
     let signal = stop_signal();
     tokio::pin!(signal);
     loop {
         tokio::select! {
             _ = &mut signal => {
                 tracing::info!("stop signal: shutting down");
+                notify(sd_notify::NotifyState::Stopping);
                 break;
             }
             Some(()) = hangup.next() => {
