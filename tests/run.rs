@@ -348,3 +348,31 @@ fn a_stop_does_not_wait_for_a_slow_rest_answer_and_is_not_called_a_failure() {
     assert!(status.success(), "{status} after {took:?}: {stderr}");
     assert!(!stderr.contains("gave up"), "a stop was called a failure: {stderr}");
 }
+
+/// Eight periods at once under a quota of 2 requests a minute: all but the first wait
+/// their turn in the quota, the last for minutes. A stop ends those waits.
+#[test]
+fn a_stop_does_not_wait_for_the_rest_quotas_turn() {
+    let (_sim, addr) = simulator(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("run.toml");
+    std::fs::write(
+        &config,
+        "[polygon]\nrequests_per_minute = 2\n[backfill]\ncrypto = [\"BTC-USD\"]\nlookback = \"8days\"\nchunk = \"1day\"\nconcurrency = 8\n",
+    )
+    .unwrap();
+    let mut daemon = Child(
+        run_command(&config, &dir.path().join("log"), &addr, "key")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    let pid = daemon.0.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    // Before, the stop waited for every period's turn: 30 s apart.
+    let (status, took) = exits_within(&mut daemon, Duration::from_secs(10));
+    let mut stderr = String::new();
+    daemon.0.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    assert!(status.success(), "{status} after {took:?}: {stderr}");
+}

@@ -604,7 +604,12 @@ impl Downloader {
             if backoff.attempts() >= self.spec.max_attempts || *shutdown.borrow() {
                 return Ok(None);
             }
-            self.limiter.until_ready().await;
+            // The quota's wait ends at a stop too: with a small quota and many periods at
+            // once, the last in line waits minutes for its turn.
+            tokio::select! {
+                _ = self.limiter.until_ready() => {}
+                _ = shutdown.changed() => return Ok(None),
+            }
             self.stats.requests.fetch_add(1, Ordering::Relaxed);
             let request = self
                 .http
