@@ -86,6 +86,53 @@ impl std::io::Write for RedactedStderr {
     }
 }
 
+/// Where log lines go: standard error, with the lines of other crates (a WebSocket or
+/// HTTP library at `trace` prints the frames and headers it sends) passed through
+/// [`redact`]. Ours never format a secret (a [`Secret`] shows as `***`), and are left
+/// as they are: a weak password such as `tickvault` would blank our own words.
+pub struct LogWriter;
+
+/// One line's writer (see [`LogWriter`]).
+pub enum LineWriter {
+    Plain(std::io::Stderr),
+    Redacted(RedactedStderr),
+}
+
+impl std::io::Write for LineWriter {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            LineWriter::Plain(w) => w.write(buf),
+            LineWriter::Redacted(w) => w.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self {
+            LineWriter::Plain(w) => w.flush(),
+            LineWriter::Redacted(w) => w.flush(),
+        }
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogWriter {
+    type Writer = LineWriter;
+
+    fn make_writer(&'a self) -> LineWriter {
+        LineWriter::Redacted(RedactedStderr)
+    }
+
+    fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> LineWriter {
+        let ours = ["tickvault", "tickvault_wal"]
+            .iter()
+            .any(|c| meta.target() == *c || meta.target().starts_with(&format!("{c}::")));
+        if ours {
+            LineWriter::Plain(std::io::stderr())
+        } else {
+            LineWriter::Redacted(RedactedStderr)
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -60,8 +60,8 @@ fn init_tracing(default: &str) {
     let filter = EnvFilter::try_from_env("TICKVAULT_LOG").unwrap_or_else(|_| EnvFilter::new(default));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        // Every secret blanked, whichever crate writes the line and at whatever level.
-        .with_writer(|| crate::settings::RedactedStderr)
+        // Every secret blanked in other crates' lines, at whatever level.
+        .with_writer(crate::settings::LogWriter)
         // Colour only on a terminal: logs in files and journals stay plain text.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .try_init();
