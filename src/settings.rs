@@ -122,10 +122,8 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogWriter {
     }
 
     fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> LineWriter {
-        let ours = ["tickvault", "tickvault_wal"]
-            .iter()
-            .any(|c| meta.target() == *c || meta.target().starts_with(&format!("{c}::")));
-        if ours {
+        let krate = meta.target().split("::").next().unwrap_or_default();
+        if krate == "tickvault" || krate == "tickvault_wal" {
             LineWriter::Plain(std::io::stderr())
         } else {
             LineWriter::Redacted(RedactedStderr)
