@@ -332,19 +332,8 @@ fn a_stop_does_not_wait_for_a_slow_rest_answer_and_is_not_called_a_failure() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("run.toml");
     std::fs::write(&config, "[backfill]\ncrypto = [\"BTC-USD\"]\nlookback = \"2days\"\n").unwrap();
-    let mut daemon = Child(
-        run_command(&config, &dir.path().join("log"), &addr, "key")
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    std::thread::sleep(Duration::from_secs(2));
-    let pid = daemon.0.id().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
     // Before, the stop waited for the answer (60 s).
-    let (status, took) = exits_within(&mut daemon, Duration::from_secs(20));
-    let mut stderr = String::new();
-    daemon.0.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    let (status, took, stderr) = run_then_stop(&config, &addr, Duration::from_secs(20));
     assert!(status.success(), "{status} after {took:?}: {stderr}");
     assert!(!stderr.contains("gave up"), "a stop was called a failure: {stderr}");
 }
@@ -361,8 +350,21 @@ fn a_stop_does_not_wait_for_the_rest_quotas_turn() {
         "[polygon]\nrequests_per_minute = 2\n[backfill]\ncrypto = [\"BTC-USD\"]\nlookback = \"8days\"\nchunk = \"1day\"\nconcurrency = 8\n",
     )
     .unwrap();
+    // Before, the stop waited for every period's turn: 30 s apart.
+    let (status, took, stderr) = run_then_stop(&config, &addr, Duration::from_secs(10));
+    assert!(status.success(), "{status} after {took:?}: {stderr}");
+}
+
+/// Runs the daemon on `config` for 2 s, sends SIGTERM and waits up to `within` for it to
+/// exit: its status, how long the stop took, and its stderr.
+fn run_then_stop(
+    config: &std::path::Path,
+    addr: &str,
+    within: Duration,
+) -> (std::process::ExitStatus, Duration, String) {
+    let dir = config.parent().unwrap();
     let mut daemon = Child(
-        run_command(&config, &dir.path().join("log"), &addr, "key")
+        run_command(config, &dir.join("log"), addr, "key")
             .stderr(Stdio::piped())
             .spawn()
             .unwrap(),
@@ -370,9 +372,8 @@ fn a_stop_does_not_wait_for_the_rest_quotas_turn() {
     std::thread::sleep(Duration::from_secs(2));
     let pid = daemon.0.id().to_string();
     assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
-    // Before, the stop waited for every period's turn: 30 s apart.
-    let (status, took) = exits_within(&mut daemon, Duration::from_secs(10));
+    let (status, took) = exits_within(&mut daemon, within);
     let mut stderr = String::new();
     daemon.0.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
-    assert!(status.success(), "{status} after {took:?}: {stderr}");
+    (status, took, stderr)
 }
