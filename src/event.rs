@@ -20,6 +20,11 @@ pub const SYNTHETIC_KIND: RecordKind = RecordKind(200);
 /// wider than any market data, far narrower than what overflows a sink's timestamp.
 pub const SANE_TS_MS: std::ops::Range<i64> = 946_684_800_000..4_102_444_800_000;
 
+/// Now, in nanoseconds since the epoch, as [`Capture::captured_at_ns`] records it.
+pub fn now_ns() -> i64 {
+    i64::try_from(jiff::Timestamp::now().as_nanosecond()).unwrap_or(i64::MAX)
+}
+
 /// The market a feed serves (Polygon's WebSocket cluster).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]

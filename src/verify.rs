@@ -220,16 +220,12 @@ fn lane_index(lane: Lane) -> usize {
     FORWARDED_LANES.iter().position(|l| *l == lane).unwrap_or(0)
 }
 
-fn now_ns() -> i64 {
-    jiff::Timestamp::now().as_nanosecond().try_into().unwrap_or(i64::MAX)
-}
-
 /// Compares the log in `data_dir` with every enabled sink of `config`; with `max_lag`, a
 /// sink whose oldest unsent event was captured longer ago than that does not match.
 pub async fn verify(config: &Config, data_dir: &Path, max_lag: Option<Duration>) -> anyhow::Result<Report> {
     let sinks = config.sinks.enabled();
     anyhow::ensure!(sinks.len() <= MAX_SINKS, "verify compares at most {MAX_SINKS} sinks");
-    let started_ns = now_ns();
+    let started_ns = crate::event::now_ns();
     // The keys go to disk, sorted there: memory stays with one group and day.
     let mut index = KeyIndex::new()?;
 

@@ -436,7 +436,7 @@ impl Downloader {
                 }
             };
             let count = page.results.len() as u64;
-            let captured_at_ns = i64::try_from(jiff::Timestamp::now().as_nanosecond()).unwrap_or(i64::MAX);
+            let captured_at_ns = crate::event::now_ns();
             let resumed_at = period.resume_from_ms;
             // Where the page leaves the period: what the answer covered, and no further.
             let last_t = page.results.iter().map(|bar| bar.t).max();

@@ -19,7 +19,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::backoff::Backoff;
 use crate::event::identity::Uids;
-use crate::event::{Body, Capture, Event, Feed, EVENT_KIND};
+use crate::event::{now_ns, Body, Capture, Event, Feed, EVENT_KIND};
 use crate::gaps::{self, SuspectedGap};
 use crate::polygon::wire::{self, WireItem};
 use crate::settings::Secret;
@@ -228,10 +228,6 @@ pub async fn run(
 
 fn now_ms() -> i64 {
     jiff::Timestamp::now().as_millisecond()
-}
-
-fn now_ns() -> i64 {
-    i64::try_from(jiff::Timestamp::now().as_nanosecond()).unwrap_or(i64::MAX)
 }
 
 async fn record_gap(wal: &Wal, stats: &LiveStats, spec: &LiveSpec, from_ms: i64, to_ms: i64, cause: String) {
