@@ -11,6 +11,6 @@ if [ "$(cargo deb --version 2>/dev/null | awk '{print $2}')" != "$CARGO_DEB_VERS
     echo "== installing cargo-deb $CARGO_DEB_VERSION" >&2
     cargo install cargo-deb --locked --version "$CARGO_DEB_VERSION" >&2
 fi
-# cargo-deb builds the binary (without the test-only features the tests' build turns
-# on) and prints the package's path.
+# cargo-deb builds the binary (the same build as the tests', so nothing is compiled twice)
+# and prints the package's path.
 cargo deb --locked
