@@ -27,3 +27,24 @@ if ! command -v sccache >/dev/null 2>&1; then
         || echo "sccache could not be installed: building without a compiler cache" >&2
 fi
 command -v cargo >/dev/null || { echo "cargo not found: install Rust (rustup) first" >&2; exit 1; }
+
+# With --test, what the tests need besides: promtool (Debian's prometheus package) for
+# the alert rules' tests, and Python's prometheus_client, the real parser the metrics
+# test reads /metrics with (from Debian, or from PyPI for a python3 that is not Debian's).
+if [ "${1:-}" = "--test" ]; then
+    sudo=""
+    [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    test_need=()
+    command -v promtool >/dev/null 2>&1 || test_need+=(prometheus)
+    dpkg -s python3-prometheus-client >/dev/null 2>&1 || test_need+=(python3-prometheus-client)
+    if [ ${#test_need[@]} -gt 0 ]; then
+        echo "installing: ${test_need[*]}" >&2
+        $sudo apt-get update -q >/dev/null
+        # The prometheus package is here for promtool: no server is started by it.
+        DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${test_need[@]}" >/dev/null
+    fi
+    if ! python3 -c 'import prometheus_client' 2>/dev/null; then
+        echo "installing: prometheus-client (PyPI) for $(command -v python3)" >&2
+        python3 -m pip install -q 'prometheus-client>=0.16,<1'
+    fi
+fi

@@ -5,7 +5,7 @@
 # the benchmarks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/install-deps.sh
+scripts/install-deps.sh --test
 . scripts/lib/cache.sh
 # The sink tests talk to real servers: PostgreSQL, NATS JetStream and ClickHouse on loopback.
 scripts/services.sh up

@@ -27,6 +27,29 @@ pub struct Config {
     pub sinks: crate::sink::SinksConfig,
     #[serde(default)]
     pub security: SecurityConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+/// `[metrics]`: Prometheus metrics and health checks over HTTP (`/metrics`, `/healthz`,
+/// `/readyz`; docs/operations.md lists every series).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Default true.
+    pub enabled: bool,
+    /// Address to serve on. Default `127.0.0.1:9187` (loopback: the series name the
+    /// sinks and symbols). Port 0 picks a free port, logged at start.
+    pub listen: std::net::SocketAddr,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            enabled: true,
+            listen: std::net::SocketAddr::from(([127, 0, 0, 1], 9187)),
+        }
+    }
 }
 
 /// `[security]`: what the daemon refuses beyond what it warns about.
@@ -253,6 +276,11 @@ impl Config {
         };
         if let Some(dir) = non_empty("TICKVAULT_DATA_DIR", "log.data_dir")? {
             self.log.data_dir = PathBuf::from(dir);
+        }
+        if let Some(listen) = non_empty("TICKVAULT_METRICS_LISTEN", "metrics.listen")? {
+            self.metrics.listen = listen
+                .parse()
+                .map_err(|e| ConfigError::field(file, "metrics.listen", format!("TICKVAULT_METRICS_LISTEN: {e}")))?;
         }
         if let Some(url) = non_empty("TICKVAULT_POLYGON_WS_URL", "polygon.ws_url")? {
             self.polygon.ws_url = url;

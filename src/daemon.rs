@@ -38,6 +38,8 @@ pub struct Running {
     pub sinks: Vec<Arc<RunnerStats>>,
     /// How the backfill gives way to live (its share of the duties under the budget).
     pub priority: Arc<Priority>,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served, when they are.
+    pub metrics_addr: Option<std::net::SocketAddr>,
     /// Everything but the live sink runners.
     tasks: JoinSet<anyhow::Result<&'static str>>,
     /// The live sink runners: stopped last, so that they can forward what the sources
@@ -393,12 +395,42 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
             }
         });
     }
+    let metrics_addr = if config.metrics.enabled {
+        let sources = crate::metrics::Sources {
+            wal: wal.clone(),
+            data_dir: config.log.data_dir.clone(),
+            live: live_stats.clone(),
+            backfill: backfill.clone(),
+            sinks: sinks.clone(),
+            priority: priority.clone(),
+            calendar: crate::sim::Market::new(0, 1, 0),
+            retention: config.log.retention,
+        };
+        // Capture outranks being watched: an address in use is an error line, not a stop.
+        match crate::metrics::serve(config.metrics.listen, sources, shutdown.clone()).await {
+            Ok((addr, server)) => {
+                tracing::info!(%addr, "metrics on http://{addr}/metrics (health: /healthz, /readyz)");
+                parts.tasks.spawn(async move {
+                    server.await;
+                    Ok("metrics server")
+                });
+                Some(addr)
+            }
+            Err(e) => {
+                tracing::error!(listen = %config.metrics.listen, error = %e, "cannot serve metrics; capturing without them");
+                None
+            }
+        }
+    } else {
+        None
+    };
     Ok(Running {
         wal,
         live: live_stats,
         backfill,
         sinks,
         priority,
+        metrics_addr,
         tasks: parts.tasks,
         live_runners: parts.live_runners,
         _background: background,

@@ -37,6 +37,11 @@ pub enum Feed {
 impl Feed {
     pub const ALL: [Feed; 3] = [Feed::Forex, Feed::Crypto, Feed::Stocks];
 
+    /// Its place in [`Feed::ALL`], for per-feed counters.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Feed::Forex => "forex",
@@ -212,6 +217,13 @@ pub enum EventKind {
 }
 
 impl EventKind {
+    pub const ALL: [EventKind; 3] = [EventKind::Quote, EventKind::Trade, EventKind::Bar];
+
+    /// Its place in [`EventKind::ALL`], for per-kind counters.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             EventKind::Quote => "quote",

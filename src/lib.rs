@@ -13,6 +13,7 @@ pub mod config;
 pub mod daemon;
 pub mod event;
 pub mod gaps;
+pub mod metrics;
 pub mod polygon;
 pub mod settings;
 pub mod sim;

@@ -97,6 +97,18 @@ fn the_package_installs_runs_as_its_user_upgrades_and_purges_keeping_the_log() {
     );
     assert_eq!(stat("/etc/tickvault/tickvault.toml").2, "644");
     assert_eq!(stat("/usr/bin/tickvault").2, "755");
+    // The alert rules (with their tests, so an operator can run promtool on them) and
+    // the dashboard, as shipped.
+    for f in ["alerts.yml", "alerts.test.yml", "dashboard.json"] {
+        let installed = format!("/usr/share/tickvault/{f}");
+        assert_eq!(stat(&installed).2, "644", "{installed}");
+        let shipped = Path::new(env!("CARGO_MANIFEST_DIR")).join("packaging").join(f);
+        assert_eq!(
+            std::fs::read(&installed).unwrap(),
+            std::fs::read(shipped).unwrap(),
+            "{installed}"
+        );
+    }
     let conffiles = ok("dpkg-query", &["-W", "-f=${Conffiles}", "tickvault"]);
     for f in ["/etc/tickvault/tickvault.toml", "/etc/default/tickvault"] {
         assert!(conffiles.contains(f), "{f} is not a conffile: {conffiles}");

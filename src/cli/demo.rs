@@ -93,12 +93,19 @@ pub async fn run(
             symbols.join(", ")
         );
     }
+
+    let mut running = daemon::start(&config).await?;
+    match running.metrics_addr {
+        Some(addr) => println!("  metrics     http://{addr}/metrics (health: /healthz, /readyz)"),
+        None if config.metrics.enabled => {
+            println!("  metrics     not served: {} could not be bound", config.metrics.listen)
+        }
+        None => {}
+    }
     match duration {
         Some(secs) => println!("  running for {secs} s (Ctrl-C stops early)\n"),
         None => println!("  running until Ctrl-C\n"),
     }
-
-    let mut running = daemon::start(&config).await?;
     let started = Instant::now();
     let deadline = duration.map(|s| started + Duration::from_secs(s));
     let mut tick = tokio::time::interval(Duration::from_secs(1));

@@ -75,6 +75,8 @@ pub struct BackfillStats {
     pub requests: AtomicU64,
     pub pages: AtomicU64,
     pub bars: AtomicU64,
+    /// `bars` per feed, in [`Feed::ALL`]'s order.
+    pub bars_by_feed: [AtomicU64; 3],
     pub retries: AtomicU64,
     pub rate_limited: AtomicU64,
     pub server_errors: AtomicU64,
@@ -529,6 +531,7 @@ impl Downloader {
             drop(seen);
             self.stats.pages.fetch_add(1, Ordering::Relaxed);
             self.stats.bars.fetch_add(count, Ordering::Relaxed);
+            self.stats.bars_by_feed[period.feed.index()].fetch_add(count, Ordering::Relaxed);
             self.stats
                 .covered_ms
                 .fetch_add((period.resume_from_ms - resumed_at).max(0) as u64, Ordering::Relaxed);

@@ -7,7 +7,7 @@
 //! jitter, re-authenticated and re-subscribed, and the interval it was down is recorded
 //! as a suspected gap.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -59,6 +59,11 @@ pub struct LiveStats {
     pub events: AtomicU64,
     /// Events durable in the log.
     pub captured: AtomicU64,
+    /// `captured` per kind, in [`EventKind::ALL`]'s order.
+    pub captured_by_kind: [AtomicU64; 3],
+    /// When the last events were made durable, Unix ms (0: none yet): the feed's
+    /// staleness, as metrics show it.
+    pub last_captured_ms: AtomicI64,
     pub malformed: AtomicU64,
     pub connects: AtomicU64,
     pub disconnects: AtomicU64,
@@ -76,6 +81,8 @@ impl Default for LiveStats {
             frames: AtomicU64::new(0),
             events: AtomicU64::new(0),
             captured: AtomicU64::new(0),
+            captured_by_kind: Default::default(),
+            last_captured_ms: AtomicI64::new(0),
             malformed: AtomicU64::new(0),
             connects: AtomicU64::new(0),
             disconnects: AtomicU64::new(0),
@@ -455,14 +462,22 @@ async fn append_loop(wal: Wal, mut rx: mpsc::Receiver<Arrival>, stats: Arc<LiveS
         }
         let mut batch = Batch::new();
         let mut count = 0u64;
+        let mut by_kind = [0u64; 3];
         for arrival in &arrivals {
             for event in &arrival.events {
                 batch.push(EVENT_KIND, &event.to_payload()?)?;
                 count += 1;
+                by_kind[event.kind().index()] += 1;
             }
         }
         wal.append(Lane::Live, batch).await.context("appending live events")?;
         stats.captured.fetch_add(count, Ordering::Relaxed);
+        for (counter, n) in stats.captured_by_kind.iter().zip(by_kind) {
+            counter.fetch_add(n, Ordering::Relaxed);
+        }
+        stats
+            .last_captured_ms
+            .store(jiff::Timestamp::now().as_millisecond(), Ordering::Relaxed);
         let mut histogram = stats.latency_us.lock().unwrap_or_else(|p| p.into_inner());
         for arrival in &arrivals {
             let us = u64::try_from(arrival.received.elapsed().as_micros()).unwrap_or(u64::MAX);

@@ -31,6 +31,8 @@ pub fn run_command(config: &std::path::Path, log: &std::path::Path, sim_addr: &s
         .env("TICKVAULT_POLYGON_WS_URL", format!("ws://{sim_addr}"))
         .env("TICKVAULT_POLYGON_REST_URL", format!("http://{sim_addr}"))
         .env("TICKVAULT_POLYGON_API_KEY", key)
+        // Daemons of tests running at once would all want the default port.
+        .env("TICKVAULT_METRICS_LISTEN", "127.0.0.1:0")
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     command

@@ -357,6 +357,12 @@ impl Wal {
         self.shared.group_commits.load(Ordering::Relaxed)
     }
 
+    /// Bytes committed since this process opened the log (records, cursors, state,
+    /// before compression): how fast the log grows before truncation.
+    pub fn committed_bytes(&self) -> u64 {
+        self.shared.committed_bytes.load(Ordering::Relaxed)
+    }
+
     /// Space reclaims (the dropping of truncated records' files, behind the writer)
     /// started and finished since this process opened the log: started > finished while
     /// one runs.

@@ -225,6 +225,8 @@ pub(crate) struct Shared {
     /// holds one entry per corrupt record found, and is emptied at every group.
     pub(crate) to_quarantine: Arc<Mutex<BTreeSet<(Lane, u64)>>>,
     pub(crate) group_commits: AtomicU64,
+    /// Bytes of the group commits (records, cursors, state; before compression).
+    pub(crate) committed_bytes: AtomicU64,
     /// Space reclaims started and finished since the log was opened (see [`Writer::reclaim`]).
     pub(crate) reclaims_started: AtomicU64,
     pub(crate) reclaims_finished: AtomicU64,
@@ -297,6 +299,7 @@ impl Writer {
             quarantined: AtomicU64::new(quarantined),
             to_quarantine: Arc::new(Mutex::new(BTreeSet::new())),
             group_commits: AtomicU64::new(0),
+            committed_bytes: AtomicU64::new(0),
             reclaims_started: AtomicU64::new(0),
             reclaims_finished: AtomicU64::new(0),
             heads: Lane::ALL.map(|lane| watch::Sender::new(state.head[lane.index()])),
@@ -575,9 +578,11 @@ impl Writer {
             }
         }
 
+        let bytes = batch.size_in_bytes() as u64;
         let result = self.write(batch, touches_cursor);
         match result {
             Ok(()) => {
+                self.shared.committed_bytes.fetch_add(bytes, Ordering::Relaxed);
                 let truncated: Vec<(Lane, u64, u64)> = done
                     .iter()
                     .filter_map(|d| match d {

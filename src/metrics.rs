@@ -1,0 +1,600 @@
+//! Prometheus metrics and health checks over HTTP: `/metrics`, `/healthz`, `/readyz`.
+//!
+//! The series are read at scrape time from the counters and histograms the daemon keeps
+//! anyway (the ones the demo and the benchmarks print), through a `prometheus-client`
+//! [`Collector`]: a scrape takes a few locks for microseconds, and the hot paths do no
+//! work of their own for metrics. `prometheus-client` is the Prometheus project's
+//! crate; its collector API suits values that already exist, where the `metrics`
+//! facade would want every increment to go through its global recorder.
+//!
+//! Latency histograms are kept at microsecond precision (hdrhistogram, 3 significant
+//! figures) and given as Prometheus buckets at scrape; their `_sum` is the histogram's
+//! mean times its count, exact to the same 3 figures.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet};
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::{Registry, Unit};
+use tickvault_wal::{Lane, Wal};
+use tokio::sync::watch;
+
+use crate::event::{EventKind, Feed};
+use crate::sink::breaker::State;
+use crate::sink::priority::Priority;
+use crate::sink::runner::RunnerStats;
+use crate::source::backfill::BackfillStats;
+use crate::source::live::LiveStats;
+
+/// What the series are read from: the running daemon's parts.
+pub struct Sources {
+    pub wal: Wal,
+    pub data_dir: PathBuf,
+    pub live: Vec<(Feed, Arc<LiveStats>)>,
+    pub backfill: Option<Arc<BackfillStats>>,
+    pub sinks: Vec<Arc<RunnerStats>>,
+    pub priority: Arc<Priority>,
+    /// Market hours (the simulator's calendar is the one the daemon knows).
+    pub calendar: crate::sim::Market,
+    pub retention: std::time::Duration,
+}
+
+impl fmt::Debug for Sources {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Sources")
+            .field("data_dir", &self.data_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Latency buckets, seconds: from the live path's sub-millisecond appends to a sink
+/// that takes a minute.
+const BUCKETS: [f64; 16] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+];
+
+/// One labelled series of a family.
+type Labels = Vec<(&'static str, String)>;
+
+fn labels(pairs: &[(&'static str, &str)]) -> Labels {
+    pairs.iter().map(|(k, v)| (*k, (*v).to_owned())).collect()
+}
+
+/// Writes a family of counters (`_total` is added by the encoder).
+fn counters(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
+    rows: &[(Labels, f64)],
+) -> fmt::Result {
+    let mut family = enc.encode_descriptor(name, help, unit, MetricType::Counter)?;
+    for (labels, value) in rows {
+        family
+            .encode_family(labels)?
+            .encode_counter::<NoLabelSet, f64, f64>(value, None)?;
+    }
+    Ok(())
+}
+
+fn gauges(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
+    rows: &[(Labels, f64)],
+) -> fmt::Result {
+    let mut family = enc.encode_descriptor(name, help, unit, MetricType::Gauge)?;
+    for (labels, value) in rows {
+        family.encode_family(labels)?.encode_gauge(value)?;
+    }
+    Ok(())
+}
+
+fn gauge(enc: &mut DescriptorEncoder, name: &str, help: &str, unit: Option<&Unit>, value: f64) -> fmt::Result {
+    let g = ConstGauge::new(value);
+    g.encode(enc.encode_descriptor(name, help, unit, g.metric_type())?)
+}
+
+/// A histogram of microseconds as Prometheus buckets of seconds.
+fn histograms(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    rows: &[(Labels, &Mutex<hdrhistogram::Histogram<u64>>)],
+) -> fmt::Result {
+    let mut family = enc.encode_descriptor(name, help, Some(&Unit::Seconds), MetricType::Histogram)?;
+    for (labels, histogram) in rows {
+        let (sum, count, buckets) = {
+            let h = histogram.lock().unwrap_or_else(|p| p.into_inner());
+            let mut below = 0u64;
+            let mut buckets = Vec::with_capacity(BUCKETS.len() + 1);
+            for bound in BUCKETS {
+                let upto = h.count_between(0, (bound * 1e6) as u64);
+                buckets.push((bound, upto.saturating_sub(below)));
+                below = below.max(upto);
+            }
+            buckets.push((f64::INFINITY, h.len().saturating_sub(below)));
+            (h.mean() * h.len() as f64 / 1e6, h.len(), buckets)
+        };
+        family
+            .encode_family(labels)?
+            .encode_histogram::<NoLabelSet>(sum, count, &buckets, None)?;
+    }
+    Ok(())
+}
+
+impl Collector for Sources {
+    fn encode(&self, mut enc: DescriptorEncoder) -> fmt::Result {
+        let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed) as f64;
+        let info = [("version", env!("CARGO_PKG_VERSION"))];
+        let mut family = enc.encode_descriptor("tickvault_build", "The running build.", None, MetricType::Info)?;
+        family.encode_info(&info)?;
+
+        // Capture.
+        let mut captured = Vec::new();
+        for (feed, stats) in &self.live {
+            for kind in EventKind::ALL {
+                let n = load(&stats.captured_by_kind[kind.index()]);
+                captured.push((
+                    labels(&[("lane", "live"), ("feed", feed.name()), ("kind", kind.name())]),
+                    n,
+                ));
+            }
+        }
+        if let Some(b) = &self.backfill {
+            for feed in Feed::ALL {
+                let n = load(&b.bars_by_feed[feed.index()]);
+                captured.push((
+                    labels(&[("lane", "backfill"), ("feed", feed.name()), ("kind", "bar")]),
+                    n,
+                ));
+            }
+        }
+        counters(
+            &mut enc,
+            "tickvault_events_captured",
+            "Events made durable in the log.",
+            None,
+            &captured,
+        )?;
+        let per_feed = |value: &dyn Fn(&LiveStats) -> f64| -> Vec<(Labels, f64)> {
+            self.live
+                .iter()
+                .map(|(feed, s)| (labels(&[("feed", feed.name())]), value(s)))
+                .collect()
+        };
+        counters(
+            &mut enc,
+            "tickvault_live_frames",
+            "WebSocket frames received.",
+            None,
+            &per_feed(&|s| load(&s.frames)),
+        )?;
+        counters(
+            &mut enc,
+            "tickvault_live_malformed",
+            "Live messages refused as malformed (counted and logged, never appended).",
+            None,
+            &per_feed(&|s| load(&s.malformed)),
+        )?;
+        counters(
+            &mut enc,
+            "tickvault_live_reconnects",
+            "Connections made after the first.",
+            None,
+            &per_feed(&|s| (s.connects.load(Ordering::Relaxed).saturating_sub(1)) as f64),
+        )?;
+        counters(
+            &mut enc,
+            "tickvault_live_gaps_suspected",
+            "Disconnects recorded as a suspected gap.",
+            None,
+            &per_feed(&|s| load(&s.gaps)),
+        )?;
+        let now_ms = jiff::Timestamp::now().as_millisecond();
+        gauges(
+            &mut enc,
+            "tickvault_live_market_open",
+            "1 while the feed's market is open by its calendar (forex Sunday 17:00 to Friday 17:00 New York, crypto always, stocks 09:30-16:00 on weekdays): when silence means staleness.",
+            None,
+            &self
+                .live
+                .iter()
+                .map(|(feed, _)| {
+                    let open = self.calendar.is_open(*feed, now_ms);
+                    (labels(&[("feed", feed.name())]), f64::from(u8::from(open)))
+                })
+                .collect::<Vec<_>>(),
+        )?;
+        gauges(
+            &mut enc,
+            "tickvault_live_connected",
+            "1 while the feed's connection is up and authenticated.",
+            None,
+            &per_feed(&|s| f64::from(u8::from(s.connected.load(Ordering::Relaxed)))),
+        )?;
+        gauges(
+            &mut enc,
+            "tickvault_live_last_capture_timestamp",
+            "When the feed's last events were made durable, Unix time (0: none yet); time() minus it is the feed's staleness.",
+            Some(&Unit::Seconds),
+            &per_feed(&|s| s.last_captured_ms.load(Ordering::Relaxed) as f64 / 1000.0),
+        )?;
+        let rows: Vec<_> = self
+            .live
+            .iter()
+            .map(|(feed, s)| (labels(&[("feed", feed.name())]), &s.latency_us))
+            .collect();
+        histograms(
+            &mut enc,
+            "tickvault_live_frame_to_durable",
+            "A live frame, received to durable in the log.",
+            &rows,
+        )?;
+
+        if let Some(b) = &self.backfill {
+            for (name, help, value) in [
+                ("tickvault_backfill_requests", "REST requests made.", &b.requests),
+                ("tickvault_backfill_pages", "REST pages appended.", &b.pages),
+                ("tickvault_backfill_retries", "REST requests retried.", &b.retries),
+                (
+                    "tickvault_backfill_rate_limited",
+                    "REST answers 429 (rate limited).",
+                    &b.rate_limited,
+                ),
+                (
+                    "tickvault_backfill_server_errors",
+                    "REST answers 5xx.",
+                    &b.server_errors,
+                ),
+                (
+                    "tickvault_backfill_malformed",
+                    "Bars refused as malformed.",
+                    &b.malformed,
+                ),
+            ] {
+                counters(&mut enc, name, help, None, &[(Vec::new(), load(value))])?;
+            }
+            counters(
+                &mut enc,
+                "tickvault_backfill_paused",
+                "Time the backfill's appends paused for live capture.",
+                Some(&Unit::Seconds),
+                &[(Vec::new(), load(&b.paused_ms) / 1000.0)],
+            )?;
+            let (total, done, skipped, failed, ahead) = (
+                load(&b.periods_total),
+                load(&b.periods_done),
+                load(&b.periods_skipped),
+                load(&b.periods_failed),
+                load(&b.periods_ahead),
+            );
+            let pending = (total - done - skipped - failed - ahead).max(0.0);
+            let rows: Vec<_> = [
+                ("done", done),
+                ("already_done", skipped),
+                ("failed", failed),
+                ("ahead_of_source", ahead),
+                ("pending", pending),
+            ]
+            .into_iter()
+            .map(|(state, n)| (labels(&[("state", state)]), n))
+            .collect();
+            gauges(
+                &mut enc,
+                "tickvault_backfill_periods",
+                "The current pass's periods by state.",
+                None,
+                &rows,
+            )?;
+            gauge(
+                &mut enc,
+                "tickvault_backfill_waiting_for_backlog",
+                "1 while the backfill waits for the sinks to take its backlog.",
+                None,
+                f64::from(u8::from(b.waiting_for_backlog.load(Ordering::Relaxed))),
+            )?;
+        }
+
+        // The log.
+        let heads: Vec<_> = Lane::ALL
+            .iter()
+            .map(|lane| (labels(&[("lane", lane.name())]), self.wal.head(*lane) as f64))
+            .collect();
+        gauges(
+            &mut enc,
+            "tickvault_log_head_sequence",
+            "The last sequence appended, per lane.",
+            None,
+            &heads,
+        )?;
+        gauge(
+            &mut enc,
+            "tickvault_log_disk",
+            "The log directory's size on disk.",
+            Some(&Unit::Bytes),
+            dir_bytes(&self.data_dir) as f64,
+        )?;
+        if let Some((free, size)) = filesystem(&self.data_dir) {
+            gauge(
+                &mut enc,
+                "tickvault_log_filesystem_free",
+                "Free space on the log's filesystem, for an unprivileged user.",
+                Some(&Unit::Bytes),
+                free as f64,
+            )?;
+            gauge(
+                &mut enc,
+                "tickvault_log_filesystem_size",
+                "The log's filesystem's size.",
+                Some(&Unit::Bytes),
+                size as f64,
+            )?;
+        }
+        gauge(
+            &mut enc,
+            "tickvault_log_quarantined_records",
+            "Records set aside as corrupt (wal check lists them).",
+            None,
+            self.wal.quarantined() as f64,
+        )?;
+        gauge(
+            &mut enc,
+            "tickvault_log_poisoned",
+            "1 once a write failed: the log refuses writes until restarted.",
+            None,
+            f64::from(u8::from(self.wal.poisoned().is_some())),
+        )?;
+        counters(
+            &mut enc,
+            "tickvault_log_written",
+            "Bytes committed to the log (records, cursors, state; before compression).",
+            Some(&Unit::Bytes),
+            &[(Vec::new(), self.wal.committed_bytes() as f64)],
+        )?;
+        gauge(
+            &mut enc,
+            "tickvault_log_retention",
+            "How long the log keeps a record (log.retention).",
+            Some(&Unit::Seconds),
+            self.retention.as_secs_f64(),
+        )?;
+        counters(
+            &mut enc,
+            "tickvault_log_group_commits",
+            "Group commits (one fsync each).",
+            None,
+            &[(Vec::new(), self.wal.group_commits() as f64)],
+        )?;
+
+        // Forwarding.
+        let per_runner = |value: &dyn Fn(&RunnerStats) -> f64| -> Vec<(Labels, f64)> {
+            self.sinks
+                .iter()
+                .map(|s| (labels(&[("sink", s.sink), ("lane", s.lane.name())]), value(s)))
+                .collect()
+        };
+        gauges(
+            &mut enc,
+            "tickvault_sink_cursor_sequence",
+            "The last log sequence the sink acknowledged.",
+            None,
+            &per_runner(&|s| load(&s.acked_seq)),
+        )?;
+        gauges(
+            &mut enc,
+            "tickvault_sink_backlog_records",
+            "Records in the lane not yet acknowledged by the sink.",
+            None,
+            &per_runner(&|s| {
+                self.wal
+                    .head(s.lane)
+                    .saturating_sub(s.acked_seq.load(Ordering::Relaxed)) as f64
+            }),
+        )?;
+        counters(
+            &mut enc,
+            "tickvault_sink_rows_written",
+            "Rows the sink acknowledged.",
+            None,
+            &per_runner(&|s| load(&s.rows)),
+        )?;
+        counters(
+            &mut enc,
+            "tickvault_sink_batches_written",
+            "Batches the sink acknowledged.",
+            None,
+            &per_runner(&|s| load(&s.batches)),
+        )?;
+        counters(
+            &mut enc,
+            "tickvault_sink_write_failures",
+            "Write attempts that failed (retried).",
+            None,
+            &per_runner(&|s| load(&s.failures)),
+        )?;
+        counters(
+            &mut enc,
+            "tickvault_sink_refused_records",
+            "Records the sink refused for their content, set aside (verify lists them).",
+            None,
+            &per_runner(&|s| load(&s.refused)),
+        )?;
+        let mut states = Vec::new();
+        for s in &self.sinks {
+            let now = s.state();
+            for state in [State::Closed, State::Open, State::HalfOpen] {
+                let l = labels(&[("sink", s.sink), ("lane", s.lane.name()), ("state", state.name())]);
+                states.push((l, f64::from(u8::from(now == state))));
+            }
+        }
+        gauges(
+            &mut enc,
+            "tickvault_sink_breaker_state",
+            "The sink's circuit breaker: 1 for the state it is in.",
+            None,
+            &states,
+        )?;
+        let rows: Vec<_> = self
+            .sinks
+            .iter()
+            .map(|s| (labels(&[("sink", s.sink), ("lane", s.lane.name())]), &s.write_us))
+            .collect();
+        histograms(
+            &mut enc,
+            "tickvault_sink_batch_write",
+            "A successful batch write, sent to acknowledged.",
+            &rows,
+        )?;
+        let rows: Vec<_> = self
+            .sinks
+            .iter()
+            .map(|s| (labels(&[("sink", s.sink), ("lane", s.lane.name())]), &s.latency_us))
+            .collect();
+        histograms(
+            &mut enc,
+            "tickvault_sink_capture_to_commit",
+            "An event, captured to acknowledged by the sink (rows sent again left out).",
+            &rows,
+        )?;
+        gauge(
+            &mut enc,
+            "tickvault_live_budget_backfill_share",
+            "The backfill's share of its duties under the live latency budget (1: all of it).",
+            None,
+            self.priority.backfill_share(),
+        )?;
+        Ok(())
+    }
+}
+
+/// Bytes of the files under `dir` (RocksDB's are one level deep).
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries
+        .filter_map(Result::ok)
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}
+
+/// (free for unprivileged users, size) of the filesystem holding `path`, in bytes.
+pub fn filesystem(path: &std::path::Path) -> Option<(u64, u64)> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs writes only into the zeroed struct passed; `c` is NUL-terminated.
+    unsafe {
+        let mut s: libc::statvfs = std::mem::zeroed();
+        if libc::statvfs(c.as_ptr(), &mut s) != 0 {
+            return None;
+        }
+        let unit = s.f_frsize as u64;
+        Some((s.f_bavail as u64 * unit, s.f_blocks as u64 * unit))
+    }
+}
+
+/// Why the daemon is not ready, one line each; empty when it is.
+pub fn not_ready(sources: &Sources) -> Vec<String> {
+    let mut why = Vec::new();
+    if let Some(e) = sources.wal.poisoned() {
+        why.push(format!("log: {e}"));
+    }
+    for s in &sources.sinks {
+        if s.state() == State::Open {
+            let error = s.last_error().unwrap_or_default();
+            why.push(format!(
+                "sink {} ({} lane): breaker open: {error}",
+                s.sink,
+                s.lane.name()
+            ));
+        }
+    }
+    why
+}
+
+struct Served {
+    registry: Registry,
+    sources: Arc<Sources>,
+}
+
+/// Binds `listen` and serves until `shutdown`; returns the bound address.
+pub async fn serve(
+    listen: SocketAddr,
+    sources: Sources,
+    mut shutdown: watch::Receiver<bool>,
+) -> std::io::Result<(SocketAddr, impl std::future::Future<Output = ()>)> {
+    let listener = tokio::net::TcpListener::bind(listen).await?;
+    let addr = listener.local_addr()?;
+    let sources = Arc::new(sources);
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(SharedSources(sources.clone())));
+    let served = Arc::new(Served { registry, sources });
+    let app = axum::Router::new()
+        .route("/metrics", axum::routing::get(metrics))
+        .route("/healthz", axum::routing::get(|| async { "ok\n" }))
+        .route("/readyz", axum::routing::get(readyz))
+        .with_state(served);
+    let server = async move {
+        let stop = async move {
+            while !*shutdown.borrow() {
+                if shutdown.changed().await.is_err() {
+                    break;
+                }
+            }
+        };
+        if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop).await {
+            tracing::error!(error = %e, "the metrics server stopped");
+        }
+    };
+    Ok((addr, server))
+}
+
+/// The collector registered: the sources, shared with `/readyz`.
+#[derive(Debug)]
+struct SharedSources(Arc<Sources>);
+
+impl Collector for SharedSources {
+    fn encode(&self, enc: DescriptorEncoder) -> fmt::Result {
+        self.0.encode(enc)
+    }
+}
+
+async fn metrics(axum::extract::State(served): axum::extract::State<Arc<Served>>) -> axum::response::Response {
+    let mut body = String::new();
+    match prometheus_client::encoding::text::encode(&mut body, &served.registry) {
+        Ok(()) => (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            body,
+        )
+            .into_response(),
+        Err(_) => (StatusCode::INTERNAL_SERVER_ERROR, "encoding the metrics failed\n").into_response(),
+    }
+}
+
+async fn readyz(axum::extract::State(served): axum::extract::State<Arc<Served>>) -> axum::response::Response {
+    let why = not_ready(&served.sources);
+    if why.is_empty() {
+        (StatusCode::OK, "ready\n".to_owned()).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready\n{}\n", why.join("\n")),
+        )
+            .into_response()
+    }
+}
