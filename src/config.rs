@@ -223,6 +223,12 @@ pub struct LogConfig {
     /// The backfill downloader waits while the backfill lane's backlog (head minus the
     /// slowest cursor) is above this many records. Live capture never waits. Default 5000000.
     pub backfill_high_water: u64,
+    /// Free space kept on the log's filesystem for forwarding, truncation and reopening:
+    /// a size (`"2GiB"`, at least 256 MiB) or a share of the filesystem (`"5%"`, at
+    /// most 50%, never under 256 MiB). Under twice
+    /// it the backfill's capture pauses; under it live capture stops too; both resume
+    /// once truncation gives space back. Default `"1GiB"`.
+    pub disk_reserve: crate::disk::Reserve,
 }
 
 impl Default for LogConfig {
@@ -234,6 +240,7 @@ impl Default for LogConfig {
             channel_capacity: 1024,
             max_group_records: 131_072,
             backfill_high_water: 5_000_000,
+            disk_reserve: crate::disk::Reserve::Bytes(1 << 30),
         }
     }
 }

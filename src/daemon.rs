@@ -325,6 +325,7 @@ pub const BACKFILL_PASS_EVERY: std::time::Duration = std::time::Duration::from_s
 pub async fn start(config: &Config) -> anyhow::Result<Running> {
     raise_open_file_limit();
     let background = BackgroundRuntime::new()?;
+    crate::disk::before_open(&config.log.data_dir, config.log.disk_reserve);
     let wal = Wal::open_with(&config.log.data_dir, config.wal_options())?;
     let (stop, shutdown) = watch::channel(false);
     let (stop_live_runners, live_shutdown) = watch::channel(false);
@@ -335,13 +336,23 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
         live_shutdown,
         background: background.handle(),
     };
+    let (room, disk_watch) = crate::disk::watch(
+        config.log.data_dir.clone(),
+        config.log.disk_reserve,
+        wal.clone(),
+        shutdown.clone(),
+    );
+    parts.tasks.spawn(async move {
+        disk_watch.await;
+        Ok("disk watch")
+    });
     let mut live_stats = Vec::new();
     for spec in live_specs(config)? {
         let stats = Arc::new(LiveStats::default());
         live_stats.push((spec.feed, stats.clone()));
-        let (wal, shutdown) = (wal.clone(), shutdown.clone());
+        let (wal, shutdown, room) = (wal.clone(), shutdown.clone(), room.clone());
         parts.tasks.spawn(async move {
-            live::run(spec, wal, stats, shutdown).await?;
+            live::run_guarded(spec, wal, stats, shutdown, room).await?;
             Ok("live collector")
         });
     }
@@ -355,8 +366,9 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
         None
     } else {
         let stats = Arc::new(BackfillStats::default());
-        let downloader =
-            Downloader::new(backfill_spec(config)?, wal.clone(), stats.clone())?.yielding_to(priority.clone());
+        let downloader = Downloader::new(backfill_spec(config)?, wal.clone(), stats.clone())?
+            .yielding_to(priority.clone())
+            .guarded_by(room.clone());
         let (shutdown, config) = (shutdown.clone(), config.clone());
         parts.tasks.spawn_on(
             async move {
@@ -405,6 +417,8 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
             priority: priority.clone(),
             calendar: crate::sim::Market::new(0, 1, 0),
             retention: config.log.retention,
+            reserve: config.log.disk_reserve,
+            room: room.clone(),
         };
         // Capture outranks being watched: an address in use is an error line, not a stop.
         match crate::metrics::serve(config.metrics.listen, sources, shutdown.clone()).await {

@@ -11,6 +11,7 @@ pub mod backoff;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod disk;
 pub mod event;
 pub mod gaps;
 pub mod metrics;

@@ -45,6 +45,9 @@ pub struct Sources {
     /// Market hours (the simulator's calendar is the one the daemon knows).
     pub calendar: crate::sim::Market,
     pub retention: std::time::Duration,
+    pub reserve: crate::disk::Reserve,
+    /// What the disk lets capture do.
+    pub room: tokio::sync::watch::Receiver<crate::disk::Room>,
 }
 
 impl fmt::Debug for Sources {
@@ -324,7 +327,7 @@ impl Collector for Sources {
             Some(&Unit::Bytes),
             dir_bytes(&self.data_dir) as f64,
         )?;
-        if let Some((free, size)) = filesystem(&self.data_dir) {
+        if let Some((free, size)) = crate::disk::filesystem(&self.data_dir) {
             gauge(
                 &mut enc,
                 "tickvault_log_filesystem_free",
@@ -340,6 +343,29 @@ impl Collector for Sources {
                 size as f64,
             )?;
         }
+        if let Some((_, size)) = crate::disk::filesystem(&self.data_dir) {
+            gauge(
+                &mut enc,
+                "tickvault_log_disk_reserve",
+                "Free space kept for forwarding, truncation and reopening the log (log.disk_reserve).",
+                Some(&Unit::Bytes),
+                self.reserve.bytes(size) as f64,
+            )?;
+        }
+        let room = *self.room.borrow();
+        gauges(
+            &mut enc,
+            "tickvault_capture_paused_for_disk",
+            "1 while a lane's capture is paused for free space: backfill under twice log.disk_reserve, live under it.",
+            None,
+            &[
+                (labels(&[("lane", "live")]), f64::from(u8::from(room.capture_stopped))),
+                (
+                    labels(&[("lane", "backfill")]),
+                    f64::from(u8::from(room.backfill_paused)),
+                ),
+            ],
+        )?;
         gauge(
             &mut enc,
             "tickvault_log_quarantined_records",
@@ -488,21 +514,6 @@ fn dir_bytes(dir: &std::path::Path) -> u64 {
             Err(_) => 0,
         })
         .sum()
-}
-
-/// (free for unprivileged users, size) of the filesystem holding `path`, in bytes.
-pub fn filesystem(path: &std::path::Path) -> Option<(u64, u64)> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
-    // SAFETY: statvfs writes only into the zeroed struct passed; `c` is NUL-terminated.
-    unsafe {
-        let mut s: libc::statvfs = std::mem::zeroed();
-        if libc::statvfs(c.as_ptr(), &mut s) != 0 {
-            return None;
-        }
-        let unit = s.f_frsize as u64;
-        Some((s.f_bavail as u64 * unit, s.f_blocks as u64 * unit))
-    }
 }
 
 /// Why the daemon is not ready, one line each; empty when it is.

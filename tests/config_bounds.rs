@@ -53,6 +53,28 @@ fn shares() -> BoxedStrategy<String> {
 
 /// Every field that takes a number or a duration: a plausible value for some of them,
 /// and any value at all for one.
+/// `log.disk_reserve`: a size of at least 256 MiB, or a share up to 50%.
+fn reserves() -> BoxedStrategy<String> {
+    prop_oneof![
+        (256u64..100_000).prop_map(|mib| format!("\"{mib}MiB\"")),
+        (1u32..=50).prop_map(|p| format!("\"{p}%\"")),
+    ]
+    .boxed()
+}
+
+fn wild_reserve() -> BoxedStrategy<String> {
+    prop_oneof![
+        Just("\"1KiB\"".to_owned()),
+        Just("\"0%\"".to_owned()),
+        Just("\"99%\"".to_owned()),
+        Just("\"9 PiB\"".to_owned()),
+        Just("\"lots\"".to_owned()),
+        Just("1024".to_owned()),
+        (0u64..u64::MAX).prop_map(|n| format!("\"{n}B\"")),
+    ]
+    .boxed()
+}
+
 fn settings() -> impl Strategy<Value = Vec<Setting>> {
     type Field = (&'static str, &'static str, BoxedStrategy<String>, BoxedStrategy<String>);
     let fields: Vec<Field> = vec![
@@ -61,6 +83,7 @@ fn settings() -> impl Strategy<Value = Vec<Setting>> {
         ("log", "channel_capacity", counts(1, 100_000), wild_count()),
         ("log", "max_group_records", counts(1, 1_000_000), wild_count()),
         ("log", "backfill_high_water", counts(1_000, 100_000_000), wild_count()),
+        ("log", "disk_reserve", reserves(), wild_reserve()),
         ("polygon", "requests_per_minute", counts(0, 10_000), wild_count()),
         ("live", "stale_after", secs(1, 600), wild_duration()),
         ("live", "reconnect_min", millis(1, 2_000), wild_duration()),
@@ -176,6 +199,7 @@ fn start_if_valid(settings: &[Setting]) -> Result<bool, String> {
     let dir = tempfile::tempdir().unwrap();
     config.log.data_dir = dir.path().join("log");
     config.polygon.api_key = Some(Secret::new("key"));
+    config.metrics.listen = "127.0.0.1:0".parse().unwrap();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -81,6 +81,8 @@ pub struct BackfillStats {
     pub rate_limited: AtomicU64,
     pub server_errors: AtomicU64,
     pub waiting_for_backlog: AtomicBool,
+    /// Waiting for free space on the log's disk (`log.disk_reserve`).
+    pub waiting_for_disk: AtomicBool,
     /// Milliseconds the appends paused for live (`backfill.live_duty`).
     pub paused_ms: AtomicU64,
     /// Milliseconds of market time covered by finished pages (for progress bars).
@@ -275,6 +277,8 @@ pub struct Downloader {
     pub stats: Arc<BackfillStats>,
     /// The sinks' priority: its live latency budget scales `live_duty` too.
     priority: Option<Arc<Priority>>,
+    /// What the log's disk allows: pages wait while it is under twice its reserve.
+    room: Option<watch::Receiver<crate::disk::Room>>,
 }
 
 impl Downloader {
@@ -308,6 +312,7 @@ impl Downloader {
             limiter: RateLimiter::direct(quota),
             stats,
             priority: None,
+            room: None,
         })
     }
 
@@ -315,6 +320,12 @@ impl Downloader {
     /// budget) instead of `live_duty` alone.
     pub fn yielding_to(mut self, priority: Arc<Priority>) -> Downloader {
         self.priority = Some(priority);
+        self
+    }
+
+    /// Waits before each page while `room` says the disk is under twice its reserve.
+    pub fn guarded_by(mut self, room: watch::Receiver<crate::disk::Room>) -> Downloader {
+        self.room = Some(room);
         self
     }
 
@@ -422,6 +433,14 @@ impl Downloader {
                 return Ok(());
             }
             self.wait_for_backlog(&mut shutdown).await;
+            if let Some(room) = &self.room {
+                let mut room = room.clone();
+                if room.borrow().backfill_paused {
+                    self.stats.waiting_for_disk.store(true, Ordering::Relaxed);
+                    crate::disk::until(&mut room, |r| !r.backfill_paused, &mut shutdown).await;
+                    self.stats.waiting_for_disk.store(false, Ordering::Relaxed);
+                }
+            }
             let page = match self.fetch(&url, &mut shutdown).await? {
                 Some(Fetch::Page(page)) => page,
                 Some(Fetch::Refused(why)) => {

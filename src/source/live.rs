@@ -18,6 +18,7 @@ use tokio::sync::{mpsc, watch};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::backoff::Backoff;
+use crate::disk::Room;
 use crate::event::identity::Uids;
 use crate::event::{now_ns, Body, Capture, Event, Feed, EVENT_KIND};
 use crate::gaps::{self, SuspectedGap};
@@ -155,7 +156,21 @@ pub async fn run(
     spec: LiveSpec,
     wal: Wal,
     stats: Arc<LiveStats>,
+    shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let (_room, room) = watch::channel(Room::default());
+    run_guarded(spec, wal, stats, shutdown, room).await
+}
+
+/// As [`run`], stopping capture while `room` says the disk is under its reserve: the
+/// connection is closed (the time until the next is a suspected gap, as after any
+/// disconnect) and made again once the disk has room.
+pub async fn run_guarded(
+    spec: LiveSpec,
+    wal: Wal,
+    stats: Arc<LiveStats>,
     mut shutdown: watch::Receiver<bool>,
+    mut room: watch::Receiver<Room>,
 ) -> anyhow::Result<()> {
     let (tx, rx) = mpsc::channel::<Arrival>(4096);
     let budget = Arc::new(tokio::sync::Semaphore::new(QUEUE_BYTES));
@@ -168,6 +183,7 @@ pub async fn run(
     let mut open_gap: Option<(i64, String)> = None;
     let mut last_event_ms: Option<i64> = None;
     loop {
+        crate::disk::until(&mut room, |r| !r.capture_stopped, &mut shutdown).await;
         if *shutdown.borrow() {
             break;
         }
@@ -183,6 +199,7 @@ pub async fn run(
             &mut subscribed_at,
             &budget,
             &mut shutdown,
+            &mut room,
         )
         .await;
         stats.connected.store(false, Ordering::Relaxed);
@@ -266,6 +283,7 @@ async fn session(
     subscribed_at: &mut Option<Instant>,
     budget: &Arc<tokio::sync::Semaphore>,
     shutdown: &mut watch::Receiver<bool>,
+    room: &mut watch::Receiver<Room>,
 ) -> Ended {
     let url = format!(
         "{}{}",
@@ -313,6 +331,13 @@ async fn session(
             _ = shutdown.changed() => {
                 let _ = socket.close(None).await;
                 return Ended::Shutdown;
+            }
+            Ok(()) = room.changed() => {
+                if room.borrow_and_update().capture_stopped {
+                    let _ = socket.close(None).await;
+                    return Ended::Lost("free space under log.disk_reserve".into());
+                }
+                continue;
             }
         };
         last_rx = tokio::time::Instant::now();

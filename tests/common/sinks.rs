@@ -385,7 +385,9 @@ impl Daemon {
         };
         let before = runs(stderr);
         let daemon = Self::spawn(config, log, sim_addr, stderr, key);
-        wait_for("the daemon to start", Duration::from_secs(30), || runs(stderr) > before);
+        if !waited_for(Duration::from_secs(30), || runs(stderr) > before) {
+            panic!("the daemon did not start in 30 s; its output:\n{}", daemon.this_run());
+        }
         daemon
     }
 

@@ -357,6 +357,18 @@ impl Wal {
         self.shared.group_commits.load(Ordering::Relaxed)
     }
 
+    /// Flushes every column family's memtables to files. RocksDB keeps a write-ahead
+    /// file until every column family written in it has flushed, and on a quiet log
+    /// (capture paused for want of disk space) nothing else would: this lets the files
+    /// of what truncation removed go. Runs beside the writer; blocks until done.
+    pub fn flush_memtables(&self) -> Result<(), String> {
+        let db = &self.reader.db;
+        let cfs: Vec<_> = store::ALL_CFS.iter().filter_map(|name| db.cf_handle(name)).collect();
+        let mut opts = rocksdb::FlushOptions::default();
+        opts.set_wait(true);
+        db.flush_cfs_opt(&cfs, &opts).map_err(|e| e.to_string())
+    }
+
     /// Bytes committed since this process opened the log (records, cursors, state,
     /// before compression): how fast the log grows before truncation.
     pub fn committed_bytes(&self) -> u64 {

@@ -33,7 +33,7 @@ impl Space {
     }
 }
 
-const ALL_CFS: [&str; 9] = [
+pub(crate) const ALL_CFS: [&str; 9] = [
     "live",
     "backfill",
     "derived",

@@ -1,0 +1,320 @@
+//! The log's disk: a full disk is an alert, not an outage.
+//!
+//! `log.disk_reserve` is free space kept for what must go on when capture cannot:
+//! forwarding (cursors), truncation, and opening the log again (RocksDB writes a new
+//! manifest and flushes its write-ahead files when it opens). A watch reads the log's
+//! filesystem twice a second: under twice the reserve the backfill's capture pauses,
+//! under the reserve live capture stops too (the collectors disconnect, which records
+//! the suspected gap the backfill repairs); both resume by themselves once truncation
+//! has given space back. Nothing acknowledged is touched.
+//!
+//! A ballast file beside the log (`<data_dir>.ballast`, up to 128 MiB) is made while
+//! there is room and given up first when the log is opened on a disk without the
+//! reserve, so that a daemon restarted on a full disk opens its log.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+use tokio::sync::watch;
+
+/// The least reserve: RocksDB's own writes go on under it (a flush of the memtables,
+/// up to 96 MiB; a compaction writes its output before it deletes its inputs), and a
+/// backfill appends tens of megabytes a second between two looks at the disk. Found on
+/// a small tmpfs: with 16 MiB, a flush ran the disk out of space and poisoned the log.
+pub const MIN_RESERVE: u64 = 256 << 20;
+
+/// The reserve: a size, or a share of the filesystem (never under [`MIN_RESERVE`]).
+#[derive(Clone, Copy, Debug, PartialEq, Deserialize)]
+#[serde(try_from = "String")]
+pub enum Reserve {
+    Bytes(u64),
+    /// A share in (0, 0.5].
+    Share(f64),
+}
+
+impl TryFrom<String> for Reserve {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Reserve, String> {
+        let text = text.trim();
+        if let Some(percent) = text.strip_suffix('%') {
+            let share: f64 = percent
+                .trim()
+                .parse()
+                .map_err(|_| format!("{text:?} is not a share (\"5%\") or a size (\"2GiB\")"))?;
+            if !(share > 0.0 && share <= 50.0) {
+                return Err(format!("{text}: a share must be above 0% and at most 50%"));
+            }
+            return Ok(Reserve::Share(share / 100.0));
+        }
+        let size: bytesize::ByteSize = text
+            .parse()
+            .map_err(|_| format!("{text:?} is not a size (\"2GiB\", \"500MB\") or a share (\"5%\")"))?;
+        if size.as_u64() > 1 << 50 {
+            return Err(format!("{text}: at most 1 PiB"));
+        }
+        if size.as_u64() < MIN_RESERVE {
+            return Err(format!(
+                "{text}: at least 256MiB (RocksDB's flushes and compactions need room)"
+            ));
+        }
+        Ok(Reserve::Bytes(size.as_u64()))
+    }
+}
+
+impl Reserve {
+    /// The reserve in bytes on a filesystem of `size` bytes.
+    pub fn bytes(self, size: u64) -> u64 {
+        match self {
+            Reserve::Bytes(n) => n,
+            Reserve::Share(share) => ((size as f64 * share) as u64).max(MIN_RESERVE),
+        }
+    }
+}
+
+impl std::fmt::Display for Reserve {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Reserve::Bytes(n) => write!(f, "{}", bytesize::ByteSize(*n).display().iec()),
+            Reserve::Share(s) => write!(f, "{}%", s * 100.0),
+        }
+    }
+}
+
+/// What capture may do, as the disk allows.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Room {
+    /// Free space under twice the reserve: the backfill's capture waits.
+    pub backfill_paused: bool,
+    /// Free space under the reserve: live capture stops too.
+    pub capture_stopped: bool,
+}
+
+/// (free for unprivileged users, size) of the filesystem holding `path`, in bytes.
+pub fn filesystem(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs writes only into the zeroed struct passed; `c` is NUL-terminated.
+    unsafe {
+        let mut s: libc::statvfs = std::mem::zeroed();
+        if libc::statvfs(c.as_ptr(), &mut s) != 0 {
+            return None;
+        }
+        let unit = s.f_frsize as u64;
+        Some((s.f_bavail as u64 * unit, s.f_blocks as u64 * unit))
+    }
+}
+
+/// The ballast file of the log at `data_dir`: beside it, on the same filesystem.
+pub fn ballast_path(data_dir: &Path) -> PathBuf {
+    let name = data_dir
+        .file_name()
+        .map_or_else(|| "log".into(), |n| n.to_string_lossy().into_owned());
+    data_dir.with_file_name(format!("{name}.ballast"))
+}
+
+/// The ballast's size for a reserve of `reserve` bytes.
+pub fn ballast_bytes(reserve: u64) -> u64 {
+    (reserve / 2).min(128 << 20)
+}
+
+/// The directory to measure: the log's, or its parent before it exists.
+fn measured(data_dir: &Path) -> PathBuf {
+    if data_dir.exists() {
+        data_dir.to_owned()
+    } else {
+        data_dir
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .to_owned()
+    }
+}
+
+/// Before the log is opened: on a disk without the reserve, the ballast goes first, so
+/// that RocksDB has room to recover.
+pub fn before_open(data_dir: &Path, reserve: Reserve) {
+    let ballast = ballast_path(data_dir);
+    let Some((free, size)) = filesystem(&measured(data_dir)) else {
+        return;
+    };
+    if free < reserve.bytes(size) && ballast.exists() {
+        match std::fs::remove_file(&ballast) {
+            Ok(()) => tracing::warn!(
+                free,
+                ballast = %ballast.display(),
+                "free space under log.disk_reserve: ballast given up to open the log"
+            ),
+            Err(e) => tracing::error!(ballast = %ballast.display(), error = %e, "could not give up the ballast"),
+        }
+    }
+}
+
+/// Makes the ballast file, its blocks allocated (not a sparse file).
+fn make_ballast(path: &Path, bytes: u64) -> std::io::Result<()> {
+    use std::os::unix::io::AsRawFd;
+    let partial = path.with_extension("ballast.partial");
+    let file = std::fs::File::create(&partial)?;
+    // SAFETY: posix_fallocate only reads its integer arguments and the open descriptor.
+    let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, bytes as libc::off_t) };
+    if rc != 0 {
+        drop(file);
+        let _ = std::fs::remove_file(&partial);
+        return Err(std::io::Error::from_raw_os_error(rc));
+    }
+    file.sync_all()?;
+    std::fs::rename(&partial, path)
+}
+
+/// How often the filesystem is read.
+const EVERY: Duration = Duration::from_millis(500);
+
+/// While the disk is short, how often the log's memtables are flushed: RocksDB keeps a
+/// write-ahead file until every column family in it has flushed, and with capture
+/// paused nothing else makes them flush, so truncation alone would not give back the
+/// write-ahead files' space (up to `MAX_WAL_BYTES`).
+const FLUSH_EVERY: Duration = Duration::from_secs(5);
+
+/// Watches the log's filesystem until `shutdown`; the receiver says what capture may do.
+pub fn watch(
+    data_dir: PathBuf,
+    reserve: Reserve,
+    wal: tickvault_wal::Wal,
+    mut shutdown: watch::Receiver<bool>,
+) -> (watch::Receiver<Room>, impl std::future::Future<Output = ()>) {
+    // What the disk allows from the start: a restart on a full disk stays stopped.
+    let (tx, rx) = watch::channel(Room::default());
+    tx.send_modify(|room| {
+        if let Some((free, size)) = filesystem(&data_dir) {
+            let r = reserve.bytes(size);
+            room.capture_stopped = free < r;
+            room.backfill_paused = free < 2 * r;
+            if room.capture_stopped {
+                tracing::error!(free, reserve = r, "free space under log.disk_reserve: live capture stopped (forwarding and truncation go on; capture resumes when space comes back)");
+            } else if room.backfill_paused {
+                tracing::warn!(free, reserve = r, "free space under twice log.disk_reserve: backfill capture paused");
+            }
+        }
+    });
+    let task = async move {
+        let ballast = ballast_path(&data_dir);
+        let mut flushed_at: Option<tokio::time::Instant> = None;
+        let mut tick = tokio::time::interval(EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.changed() => return,
+            }
+            let Some((free, size)) = filesystem(&data_dir) else {
+                continue;
+            };
+            let r = reserve.bytes(size);
+            // Resuming takes a tenth of the reserve more than stopping: no flapping.
+            let margin = (r / 10).max(1 << 20);
+            let was = *tx.borrow();
+            let mut room = was;
+            if !was.capture_stopped && free < r {
+                room.capture_stopped = true;
+                tracing::error!(
+                    free,
+                    reserve = r,
+                    "free space under log.disk_reserve: live capture stopped (forwarding and truncation go on; capture resumes when space comes back)"
+                );
+            } else if was.capture_stopped && free >= r + margin {
+                room.capture_stopped = false;
+                tracing::warn!(
+                    free,
+                    reserve = r,
+                    "free space back above log.disk_reserve: live capture resumes"
+                );
+            }
+            if !was.backfill_paused && free < 2 * r {
+                room.backfill_paused = true;
+                tracing::warn!(
+                    free,
+                    reserve = r,
+                    "free space under twice log.disk_reserve: backfill capture paused"
+                );
+            } else if was.backfill_paused && free >= 2 * r + margin {
+                room.backfill_paused = false;
+                tracing::info!(
+                    free,
+                    reserve = r,
+                    "free space back above twice log.disk_reserve: backfill capture resumes"
+                );
+            }
+            if room != was {
+                let _ = tx.send(room);
+            }
+            if room.backfill_paused && flushed_at.is_none_or(|t| t.elapsed() >= FLUSH_EVERY) {
+                flushed_at = Some(tokio::time::Instant::now());
+                let wal = wal.clone();
+                match tokio::task::spawn_blocking(move || wal.flush_memtables()).await {
+                    Ok(Ok(())) => tracing::debug!("log memtables flushed to release write-ahead files"),
+                    Ok(Err(e)) => tracing::warn!(error = %e, "flushing the log's memtables failed"),
+                    Err(e) => tracing::warn!(error = %e, "flushing the log's memtables panicked"),
+                }
+            }
+            let bytes = ballast_bytes(r);
+            if bytes > 0 && !room.backfill_paused && free >= 2 * r + bytes + margin && !ballast.exists() {
+                match make_ballast(&ballast, bytes) {
+                    Ok(()) => {
+                        tracing::info!(ballast = %ballast.display(), bytes, "ballast made: given up first to reopen the log on a full disk")
+                    }
+                    Err(e) => tracing::warn!(ballast = %ballast.display(), error = %e, "could not make the ballast"),
+                }
+            }
+        }
+    };
+    (rx, task)
+}
+
+/// Resolves once `room` lets `allowed` hold (at once if it does), or at `shutdown`.
+pub async fn until(
+    room: &mut watch::Receiver<Room>,
+    allowed: impl Fn(&Room) -> bool,
+    shutdown: &mut watch::Receiver<bool>,
+) {
+    loop {
+        if allowed(&room.borrow_and_update()) || *shutdown.borrow() {
+            return;
+        }
+        tokio::select! {
+            changed = room.changed() => if changed.is_err() { return },
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reserve_is_a_size_or_a_share() {
+        assert_eq!(Reserve::try_from("2GiB".to_owned()), Ok(Reserve::Bytes(2 << 30)));
+        assert_eq!(Reserve::try_from("500 MB".to_owned()), Ok(Reserve::Bytes(500_000_000)));
+        assert_eq!(Reserve::try_from("5%".to_owned()), Ok(Reserve::Share(0.05)));
+        assert_eq!(Reserve::Share(0.05).bytes(100 << 30), 5 << 30);
+        assert_eq!(Reserve::Share(0.05).bytes(1 << 30), MIN_RESERVE);
+        for bad in ["0%", "60%", "x%", "lots", "2 PiB", "16MiB"] {
+            assert!(Reserve::try_from(bad.to_owned()).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_ballast_sits_beside_the_log() {
+        assert_eq!(
+            ballast_path(Path::new("/var/lib/tickvault/log")),
+            Path::new("/var/lib/tickvault/log.ballast")
+        );
+        assert_eq!(
+            ballast_path(Path::new("demo-data/log/")),
+            Path::new("demo-data/log.ballast")
+        );
+        assert_eq!(ballast_bytes(1 << 30), 128 << 20);
+        assert_eq!(ballast_bytes(MIN_RESERVE), 128 << 20);
+    }
+}
