@@ -116,16 +116,17 @@ fn histograms(
 ) -> fmt::Result {
     let mut family = enc.encode_descriptor(name, help, Some(&Unit::Seconds), MetricType::Histogram)?;
     for (labels, histogram) in rows {
+        // One pass over the recorded values, under the lock the hot path records with
+        // (16 range counts took about a millisecond on a busy histogram).
         let (sum, count, buckets) = {
             let h = histogram.lock().unwrap_or_else(|p| p.into_inner());
-            let mut below = 0u64;
-            let mut buckets = Vec::with_capacity(BUCKETS.len() + 1);
-            for bound in BUCKETS {
-                let upto = h.count_between(0, (bound * 1e6) as u64);
-                buckets.push((bound, upto.saturating_sub(below)));
-                below = below.max(upto);
+            let mut counts = [0u64; BUCKETS.len() + 1];
+            for v in h.iter_recorded() {
+                let seconds = h.highest_equivalent(v.value_iterated_to()) as f64 / 1e6;
+                let i = BUCKETS.iter().position(|&b| seconds <= b).unwrap_or(BUCKETS.len());
+                counts[i] += v.count_at_value();
             }
-            buckets.push((f64::INFINITY, h.len().saturating_sub(below)));
+            let buckets: Vec<(f64, u64)> = BUCKETS.iter().copied().chain([f64::INFINITY]).zip(counts).collect();
             (h.mean() * h.len() as f64 / 1e6, h.len(), buckets)
         };
         family
