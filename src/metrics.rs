@@ -523,6 +523,9 @@ pub fn not_ready(sources: &Sources) -> Vec<String> {
     if let Some(e) = sources.wal.poisoned() {
         why.push(format!("log: {e}"));
     }
+    if sources.room.borrow().capture_stopped {
+        why.push("log: free space under log.disk_reserve: live capture stopped".to_owned());
+    }
     for s in &sources.sinks {
         if s.state() == State::Open {
             let error = s.last_error().unwrap_or_default();

@@ -13,7 +13,7 @@ mod common;
 
 use common::proxy::Proxy;
 use common::simulator;
-use common::sinks::{postgres, rt, wait_for, Daemon, Ports, Target};
+use common::sinks::{http_get as get, metrics_addr, postgres, rt, wait_for, Daemon, Ports, Target};
 
 /// A tmpfs of `size`, unmounted when dropped.
 struct Mount(std::path::PathBuf);
@@ -82,29 +82,11 @@ fn fill_to(path: &Path, free_bytes: u64) {
 
 /// A metric's value from `/metrics`, by a line's start (`name{labels}`).
 fn metric(addr: &str, line_start: &str) -> Option<f64> {
-    use std::io::Read;
-    let mut stream = std::net::TcpStream::connect(addr).ok()?;
-    write!(stream, "GET /metrics HTTP/1.0\r\n\r\n").ok()?;
-    let mut text = String::new();
-    stream.read_to_string(&mut text).ok()?;
+    let (_, text) = get(addr, "/metrics");
     text.lines()
         .find(|l| l.starts_with(line_start))
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
-}
-
-fn metrics_addr(daemon: &Daemon) -> String {
-    let mut addr = None;
-    wait_for("the metrics address", Duration::from_secs(10), || {
-        addr = daemon
-            .this_run()
-            .split("metrics on http://")
-            .nth(1)
-            .and_then(|rest| rest.split('/').next())
-            .map(str::to_owned);
-        addr.is_some()
-    });
-    addr.unwrap()
 }
 
 const RESERVE: u64 = 256 << 20;
@@ -162,6 +144,9 @@ fn a_full_disk_pauses_capture_then_resumes_by_itself_and_a_restart_opens_the_log
             && metric(&addr, "tickvault_live_connected{feed=\"crypto\"}") == Some(0.0)
     });
     assert!(daemon.this_run().contains("ERROR") && daemon.this_run().contains("live capture stopped"));
+    let (status, body) = get(&addr, "/readyz");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("log.disk_reserve"), "{body}");
     // The feed is dropped as a lost connection: the time until the next is a suspected gap.
     assert!(
         daemon.this_run().contains("live feed lost; reconnecting")

@@ -13,7 +13,7 @@ mod common;
 
 use common::proxy::Proxy;
 use common::simulator;
-use common::sinks::{caught_up, wait_for, write_config, Daemon, Ports, Target, SINKS};
+use common::sinks::{caught_up, http_get as get, metrics_addr, wait_for, write_config, Daemon, Ports, Target, SINKS};
 
 /// One sample: its name (with `_total`, `_bucket`...), labels and value.
 #[derive(Debug, serde::Deserialize)]
@@ -55,34 +55,6 @@ fn scrape(addr: &str) -> BTreeMap<String, Family> {
         String::from_utf8_lossy(&out.stderr)
     );
     serde_json::from_slice(&out.stdout).unwrap()
-}
-
-/// GET `path`: (status, body).
-fn get(addr: &str, path: &str) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    let status = response.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let body = response.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_owned();
-    (status, body)
-}
-
-/// Where the daemon serves its metrics, from its log line.
-fn metrics_addr(daemon: &Daemon) -> String {
-    let mut addr = None;
-    wait_for("the metrics address in the log", Duration::from_secs(10), || {
-        addr = daemon
-            .this_run()
-            .split("metrics on http://")
-            .nth(1)
-            .and_then(|rest| rest.split('/').next())
-            .map(str::to_owned);
-        addr.is_some()
-    });
-    addr.unwrap()
 }
 
 /// The sum of a family's samples whose labels include every pair of `with`.

@@ -462,6 +462,34 @@ impl Daemon {
     }
 }
 
+/// Where the daemon serves its metrics, from its log line.
+pub fn metrics_addr(daemon: &Daemon) -> String {
+    let mut addr = None;
+    wait_for("the metrics address in the log", Duration::from_secs(10), || {
+        addr = daemon
+            .this_run()
+            .split("metrics on http://")
+            .nth(1)
+            .and_then(|rest| rest.split('/').next())
+            .map(str::to_owned);
+        addr.is_some()
+    });
+    addr.unwrap()
+}
+
+/// GET `path` from `addr` over plain HTTP/1.0: (status, body).
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    let status = response.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = response.split_once("\r\n\r\n").map_or("", |(_, b)| b).to_owned();
+    (status, body)
+}
+
 /// A nats-server of a test's own on `port` with JetStream stored in `store`, listening
 /// when this returns; with `tls` (certificate and key files) it requires TLS.
 pub fn nats_server(port: u16, store: &Path, tls: Option<(&Path, &Path)>) -> Child {
