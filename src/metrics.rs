@@ -505,7 +505,7 @@ impl Collector for Sources {
 }
 
 /// Bytes of the files under `dir` (RocksDB's are one level deep).
-fn dir_bytes(dir: &std::path::Path) -> u64 {
+pub fn dir_bytes(dir: &std::path::Path) -> u64 {
     let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
     entries
         .filter_map(Result::ok)

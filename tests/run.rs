@@ -129,6 +129,83 @@ fn demo_runs_for_its_duration_and_summarises_what_it_captured() {
         assert!(stdout.contains(expected), "no {expected:?} in:\n{stdout}");
     }
     assert!(stdout.contains("crypto  BTC-USD"), "{stdout}");
+    // Through a pipe: a plain line a second, no terminal control sequences.
+    assert!(
+        stdout.lines().filter(|l| l.contains("s | live ")).count() >= 3,
+        "{stdout}"
+    );
+    assert!(!stdout.contains('\x1b'), "{stdout}");
+}
+
+/// The demo under tmux at `width` columns: (the screen mid-run, row by row as shown,
+/// the whole pane at the end with wrapped lines joined, the exit code).
+fn demo_on_a_terminal(width: u16) -> (String, String, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let session = format!("tickvault-demo-{}-{width}", std::process::id());
+    let exit = dir.path().join("exit");
+    let command = format!(
+        "TICKVAULT_METRICS_LISTEN=127.0.0.1:0 {} demo --duration 6 --data-dir {}; echo $? > {}; sleep 120",
+        env!("CARGO_BIN_EXE_tickvault"),
+        dir.path().join("log").display(),
+        exit.display()
+    );
+    let tmux = |args: &[&str]| {
+        let out = std::process::Command::new("tmux").args(args).output().expect("tmux");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let size = (width.to_string(), "60".to_owned());
+    tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        &session,
+        "-x",
+        &size.0,
+        "-y",
+        &size.1,
+        &command,
+    ]);
+    std::thread::sleep(Duration::from_secs(4));
+    let mid = tmux(&["capture-pane", "-p", "-t", &session]);
+    let started = Instant::now();
+    while !exit.exists() && started.elapsed() < Duration::from_secs(90) {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let end = tmux(&["capture-pane", "-p", "-J", "-S", "-500", "-t", &session]);
+    tmux(&["kill-session", "-t", &session]);
+    let code = std::fs::read_to_string(&exit).unwrap_or_default().trim().to_owned();
+    (mid, end, code)
+}
+
+#[test]
+fn the_demo_on_a_terminal_redraws_its_rows_in_place_within_80_and_120_columns() {
+    for width in [80u16, 120] {
+        let (mid, end, code) = demo_on_a_terminal(width);
+        for row in [
+            "/ 6s | log ",
+            "  forex     ",
+            "  crypto    ",
+            "  backfill  █",
+            "  live first: ",
+        ] {
+            assert!(mid.contains(row), "{width} columns: no {row:?} mid-run:\n{mid}");
+        }
+        // Nothing wrapped: every row shown starts as the demo starts its lines (a
+        // wrapped line's second row would start mid-text), and none fills the width.
+        for line in mid.lines().filter(|l| !l.trim().is_empty()) {
+            assert!(
+                line.starts_with("  ") || line.starts_with("tickvault demo"),
+                "{width} columns: a wrapped line:\n{mid}"
+            );
+            let shown = line.trim_end().chars().count();
+            assert!(shown < usize::from(width), "{width} columns: a row of {shown}:\n{mid}");
+        }
+        // Redrawn in place: one header row, not one per second.
+        assert_eq!(mid.matches("/ 6s | log ").count(), 1, "{mid}");
+        assert!(end.contains("summary after") && end.contains("- clean"), "{end}");
+        assert_eq!(code, "0", "{width} columns: exit code\n{end}");
+    }
 }
 
 #[test]

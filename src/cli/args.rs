@@ -41,6 +41,9 @@ pub enum Command {
         duration: Option<u64>,
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// A line a second, as through a pipe, instead of the screen redrawn in place.
+        #[arg(long)]
+        plain: bool,
     },
     /// The log against every enabled sink, per symbol, timeframe and day; exit 0 only
     /// when every sink matches exactly, 1 listing each difference otherwise.

@@ -40,7 +40,7 @@ fn load(config: Option<PathBuf>, data_dir: Option<PathBuf>) -> anyhow::Result<Co
     Ok(config)
 }
 
-fn thousands(n: u64) -> String {
+pub(super) fn thousands(n: u64) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, c) in s.chars().enumerate() {
@@ -56,6 +56,7 @@ pub async fn run(
     config: Option<PathBuf>,
     duration: Option<u64>,
     data_dir: Option<PathBuf>,
+    plain: bool,
 ) -> anyhow::Result<ExitCode> {
     let mut config = load(config, data_dir)?;
     let sim_options = SimOptions {
@@ -70,14 +71,26 @@ pub async fn run(
     config.validate("demo")?;
     let market = Market::new(sim_options.seed, sim_options.quotes_per_minute, 0);
 
-    println!("tickvault demo");
-    println!(
+    // On a terminal the banner's lines are cut to its width, like the screen's rows.
+    let width = super::demo_screen::wanted(plain).then(|| usize::from(console::Term::stdout().size().1));
+    macro_rules! say {
+        ($($arg:tt)*) => {{
+            let line = format!($($arg)*);
+            match width {
+                Some(w) => println!("{}", console::truncate_str(&line, w.saturating_sub(1), "…")),
+                None => println!("{line}"),
+            }
+        }};
+    }
+    say!("tickvault demo");
+    say!(
         "  simulator   Polygon-compatible, on {} (seed {})",
-        simulator.addr, sim_options.seed
+        simulator.addr,
+        sim_options.seed
     );
-    println!("  log         {}", config.log.data_dir.display());
+    say!("  log         {}", config.log.data_dir.display());
     for spec in daemon::live_specs(&config)? {
-        println!(
+        say!(
             "  live        {} {} [{}]",
             spec.feed,
             spec.symbols.join(" "),
@@ -87,7 +100,7 @@ pub async fn run(
     let jobs = daemon::backfill_jobs(&config, jiff::Timestamp::now().as_millisecond());
     if !jobs.is_empty() {
         let symbols: Vec<String> = jobs.iter().map(|j| format!("{} {}", j.feed, j.symbol)).collect();
-        println!(
+        say!(
             "  backfill    1-minute bars, last {} days: {}",
             config.backfill.lookback.as_secs() / 86_400,
             symbols.join(", ")
@@ -96,16 +109,17 @@ pub async fn run(
 
     let mut running = daemon::start(&config).await?;
     match running.metrics_addr {
-        Some(addr) => println!("  metrics     http://{addr}/metrics (health: /healthz, /readyz)"),
+        Some(addr) => say!("  metrics     http://{addr}/metrics (health: /healthz, /readyz)"),
         None if config.metrics.enabled => {
-            println!("  metrics     not served: {} could not be bound", config.metrics.listen)
+            say!("  metrics     not served: {} could not be bound", config.metrics.listen)
         }
         None => {}
     }
     match duration {
-        Some(secs) => println!("  running for {secs} s (Ctrl-C stops early)\n"),
-        None => println!("  running until Ctrl-C\n"),
+        Some(secs) => say!("  running for {secs} s (Ctrl-C stops early)\n"),
+        None => say!("  running until Ctrl-C\n"),
     }
+    let mut screen = super::demo_screen::wanted(plain).then(|| super::demo_screen::Screen::new(&running));
     let started = Instant::now();
     let deadline = duration.map(|s| started + Duration::from_secs(s));
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -126,6 +140,13 @@ pub async fn run(
             },
         }
         let elapsed = started.elapsed();
+        if let Some(screen) = &mut screen {
+            screen.draw(&running, &market, elapsed, duration, &config.log.data_dir);
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                break;
+            }
+            continue;
+        }
         let now_ms = jiff::Timestamp::now().as_millisecond();
         let mut line = format!("{:>4}s", elapsed.as_secs());
         let captured: u64 = running
@@ -188,6 +209,10 @@ pub async fn run(
         if deadline.is_some_and(|d| Instant::now() >= d) {
             break;
         }
+    }
+    if let Some(screen) = screen.take() {
+        screen.finish();
+        println!();
     }
     if failure.is_none() && !running.sinks.is_empty() {
         // Give the sinks a moment to forward what was captured, so the summary and the

@@ -79,7 +79,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             config,
             duration,
             data_dir,
-        } => runtime()?.block_on(super::demo::run(config, duration, data_dir)),
+            plain,
+        } => runtime()?.block_on(super::demo::run(config, duration, data_dir, plain)),
         Command::Verify {
             config,
             data_dir,

@@ -6,6 +6,7 @@ mod bench;
 mod bench_capture;
 mod bench_sinks;
 mod demo;
+mod demo_screen;
 mod dispatch;
 mod load;
 mod run;
