@@ -29,13 +29,15 @@ fi
 command -v cargo >/dev/null || { echo "cargo not found: install Rust (rustup) first" >&2; exit 1; }
 
 # With --test, what the tests need besides: promtool (Debian's prometheus package) for
-# the alert rules' tests, and Python's prometheus_client, the real parser the metrics
-# test reads /metrics with (from Debian, or from PyPI for a python3 that is not Debian's).
+# the alert rules' tests, Python's prometheus_client, the real parser the metrics test
+# reads /metrics with (from Debian, or from PyPI for a python3 that is not Debian's),
+# and tmux, the terminal the demo's screen is tested in.
 if [ "${1:-}" = "--test" ]; then
     sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"
     test_need=()
     command -v promtool >/dev/null 2>&1 || test_need+=(prometheus)
+    command -v tmux >/dev/null 2>&1 || test_need+=(tmux)
     dpkg -s python3-prometheus-client >/dev/null 2>&1 || test_need+=(python3-prometheus-client)
     if [ ${#test_need[@]} -gt 0 ]; then
         echo "installing: ${test_need[*]}" >&2
