@@ -139,13 +139,14 @@ fn demo_runs_for_its_duration_and_summarises_what_it_captured() {
 
 /// The demo under tmux at `width` columns: (the screen mid-run, row by row as shown,
 /// the whole pane at the end with wrapped lines joined, the exit code).
-fn demo_on_a_terminal(width: u16) -> (String, String, String) {
+fn demo_on_a_terminal(width: u16, ctrl_c: bool) -> (String, String, String) {
     let dir = tempfile::tempdir().unwrap();
     let session = format!("tickvault-demo-{}-{width}", std::process::id());
     let exit = dir.path().join("exit");
     let command = format!(
-        "TICKVAULT_METRICS_LISTEN=127.0.0.1:0 {} demo --duration 6 --data-dir {}; echo $? > {}; sleep 120",
+        "TICKVAULT_METRICS_LISTEN=127.0.0.1:0 {} demo {} --data-dir {}; echo $? > {}; sleep 120",
         env!("CARGO_BIN_EXE_tickvault"),
+        if ctrl_c { "" } else { "--duration 6" },
         dir.path().join("log").display(),
         exit.display()
     );
@@ -167,6 +168,9 @@ fn demo_on_a_terminal(width: u16) -> (String, String, String) {
     ]);
     std::thread::sleep(Duration::from_secs(4));
     let mid = tmux(&["capture-pane", "-p", "-t", &session]);
+    if ctrl_c {
+        tmux(&["send-keys", "-t", &session, "C-c"]);
+    }
     let started = Instant::now();
     while !exit.exists() && started.elapsed() < Duration::from_secs(90) {
         std::thread::sleep(Duration::from_millis(200));
@@ -181,7 +185,7 @@ fn demo_on_a_terminal(width: u16) -> (String, String, String) {
 #[test]
 fn the_demo_on_a_terminal_redraws_its_rows_in_place_within_80_and_120_columns() {
     for width in [80u16, 120] {
-        let (mid, end, code) = demo_on_a_terminal(width);
+        let (mid, end, code) = demo_on_a_terminal(width, false);
         for row in [
             "/ 6s | log ",
             "  forex     ",
@@ -206,6 +210,11 @@ fn the_demo_on_a_terminal_redraws_its_rows_in_place_within_80_and_120_columns() 
         assert!(end.contains("summary after") && end.contains("- clean"), "{end}");
         assert_eq!(code, "0", "{width} columns: exit code\n{end}");
     }
+    // Ctrl-C stops it early: the last state once (no row left twice), the summary, exit 0.
+    let (_, end, code) = demo_on_a_terminal(100, true);
+    assert_eq!(end.matches("| Ctrl-C stops").count(), 1, "{end}");
+    assert!(end.contains("summary after") && end.contains("- clean"), "{end}");
+    assert_eq!(code, "0", "{end}");
 }
 
 #[test]

@@ -130,10 +130,14 @@ pub async fn run(
     let mut last_bars = 0u64;
     let mut last_sink_rows = Vec::new();
     let mut failure = None;
+    let mut interrupted = false;
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            _ = &mut signal => break,
+            _ = &mut signal => {
+                interrupted = true;
+                break;
+            }
             ended = running.join_next() => match ended {
                 Some(Err(e)) => { failure = Some(e); break; }
                 _ => continue,
@@ -211,8 +215,7 @@ pub async fn run(
         }
     }
     if let Some(screen) = screen.take() {
-        screen.finish();
-        println!();
+        screen.finish(interrupted);
     }
     if failure.is_none() && !running.sinks.is_empty() {
         // Give the sinks a moment to forward what was captured, so the summary and the

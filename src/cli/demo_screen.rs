@@ -180,17 +180,28 @@ impl Screen {
         }));
     }
 
-    /// Leaves the last state drawn, for the summary to follow below it.
-    pub fn finish(self) {
-        for bar in [&self.header]
+    /// Leaves the last state on the screen as plain lines, for the summary to follow
+    /// below it: the rows are cleared and printed once more, so that a Ctrl-C (whose
+    /// echo moves the cursor under the redrawn region) cannot leave a row twice.
+    pub fn finish(self, interrupted: bool) {
+        let rows: Vec<&ProgressBar> = [&self.header]
             .into_iter()
             .chain(&self.feeds)
             .chain(self.backfill.as_ref())
             .chain(&self.sinks)
             .chain([&self.live_first])
-        {
-            bar.finish();
+            .collect();
+        let last: Vec<String> = rows.iter().map(|bar| bar.message()).collect();
+        let _ = self.multi.clear();
+        for bar in rows {
+            bar.finish_and_clear();
         }
-        drop(self.multi);
+        if interrupted {
+            // The terminal's echo of ^C moved the cursor a line down the region.
+            let _ = console::Term::stdout().clear_last_lines(1);
+        }
+        for line in last {
+            println!("{line}");
+        }
     }
 }
