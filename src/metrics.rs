@@ -20,8 +20,7 @@ use std::sync::{Arc, Mutex};
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric, NoLabelSet};
-use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::encoding::{DescriptorEncoder, NoLabelSet};
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::{Registry, Unit};
 use tickvault_wal::{Lane, Wal};
@@ -71,7 +70,28 @@ fn labels(pairs: &[(&'static str, &str)]) -> Labels {
     pairs.iter().map(|(k, v)| (*k, (*v).to_owned())).collect()
 }
 
-/// Writes a family of counters (`_total` is added by the encoder).
+/// Writes a family of counters or gauges, one series per row (a row without labels is
+/// the family's one series).
+fn family(
+    enc: &mut DescriptorEncoder,
+    kind: MetricType,
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
+    rows: &[(Labels, f64)],
+) -> fmt::Result {
+    let mut family = enc.encode_descriptor(name, help, unit, kind)?;
+    for (labels, value) in rows {
+        let mut series = family.encode_family(labels)?;
+        match kind {
+            MetricType::Counter => series.encode_counter::<NoLabelSet, f64, f64>(value, None)?,
+            _ => series.encode_gauge(value)?,
+        }
+    }
+    Ok(())
+}
+
+/// Counters (`_total` is added by the encoder).
 fn counters(
     enc: &mut DescriptorEncoder,
     name: &str,
@@ -79,13 +99,7 @@ fn counters(
     unit: Option<&Unit>,
     rows: &[(Labels, f64)],
 ) -> fmt::Result {
-    let mut family = enc.encode_descriptor(name, help, unit, MetricType::Counter)?;
-    for (labels, value) in rows {
-        family
-            .encode_family(labels)?
-            .encode_counter::<NoLabelSet, f64, f64>(value, None)?;
-    }
-    Ok(())
+    family(enc, MetricType::Counter, name, help, unit, rows)
 }
 
 fn gauges(
@@ -95,16 +109,11 @@ fn gauges(
     unit: Option<&Unit>,
     rows: &[(Labels, f64)],
 ) -> fmt::Result {
-    let mut family = enc.encode_descriptor(name, help, unit, MetricType::Gauge)?;
-    for (labels, value) in rows {
-        family.encode_family(labels)?.encode_gauge(value)?;
-    }
-    Ok(())
+    family(enc, MetricType::Gauge, name, help, unit, rows)
 }
 
 fn gauge(enc: &mut DescriptorEncoder, name: &str, help: &str, unit: Option<&Unit>, value: f64) -> fmt::Result {
-    let g = ConstGauge::new(value);
-    g.encode(enc.encode_descriptor(name, help, unit, g.metric_type())?)
+    gauges(enc, name, help, unit, &[(Vec::new(), value)])
 }
 
 /// A histogram of microseconds as Prometheus buckets of seconds.
