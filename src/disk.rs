@@ -176,6 +176,48 @@ const EVERY: Duration = Duration::from_millis(500);
 /// write-ahead files' space (up to `MAX_WAL_BYTES`).
 const FLUSH_EVERY: Duration = Duration::from_secs(5);
 
+/// Resuming takes a tenth of the reserve more than stopping: no flapping.
+fn margin(reserve: u64) -> u64 {
+    (reserve / 10).max(1 << 20)
+}
+
+/// What capture may do with `free` bytes against a reserve of `r`, coming from `was`;
+/// each change is logged.
+fn judge(was: Room, free: u64, r: u64) -> Room {
+    let mut room = was;
+    if !was.capture_stopped && free < r {
+        room.capture_stopped = true;
+        tracing::error!(
+            free,
+            reserve = r,
+            "free space under log.disk_reserve: live capture stopped (forwarding and truncation go on; capture resumes when space comes back)"
+        );
+    } else if was.capture_stopped && free >= r + margin(r) {
+        room.capture_stopped = false;
+        tracing::warn!(
+            free,
+            reserve = r,
+            "free space back above log.disk_reserve: live capture resumes"
+        );
+    }
+    if !was.backfill_paused && free < 2 * r {
+        room.backfill_paused = true;
+        tracing::warn!(
+            free,
+            reserve = r,
+            "free space under twice log.disk_reserve: backfill capture paused"
+        );
+    } else if was.backfill_paused && free >= 2 * r + margin(r) {
+        room.backfill_paused = false;
+        tracing::info!(
+            free,
+            reserve = r,
+            "free space back above twice log.disk_reserve: backfill capture resumes"
+        );
+    }
+    room
+}
+
 /// Watches the log's filesystem until `shutdown`; the receiver says what capture may do.
 pub fn watch(
     data_dir: PathBuf,
@@ -184,19 +226,10 @@ pub fn watch(
     mut shutdown: watch::Receiver<bool>,
 ) -> (watch::Receiver<Room>, impl std::future::Future<Output = ()>) {
     // What the disk allows from the start: a restart on a full disk stays stopped.
-    let (tx, rx) = watch::channel(Room::default());
-    tx.send_modify(|room| {
-        if let Some((free, size)) = filesystem(&data_dir) {
-            let r = reserve.bytes(size);
-            room.capture_stopped = free < r;
-            room.backfill_paused = free < 2 * r;
-            if room.capture_stopped {
-                tracing::error!(free, reserve = r, "free space under log.disk_reserve: live capture stopped (forwarding and truncation go on; capture resumes when space comes back)");
-            } else if room.backfill_paused {
-                tracing::warn!(free, reserve = r, "free space under twice log.disk_reserve: backfill capture paused");
-            }
-        }
+    let first = filesystem(&data_dir).map_or(Room::default(), |(free, size)| {
+        judge(Room::default(), free, reserve.bytes(size))
     });
+    let (tx, rx) = watch::channel(first);
     let task = async move {
         let ballast = ballast_path(&data_dir);
         let mut flushed_at: Option<tokio::time::Instant> = None;
@@ -211,40 +244,8 @@ pub fn watch(
                 continue;
             };
             let r = reserve.bytes(size);
-            // Resuming takes a tenth of the reserve more than stopping: no flapping.
-            let margin = (r / 10).max(1 << 20);
             let was = *tx.borrow();
-            let mut room = was;
-            if !was.capture_stopped && free < r {
-                room.capture_stopped = true;
-                tracing::error!(
-                    free,
-                    reserve = r,
-                    "free space under log.disk_reserve: live capture stopped (forwarding and truncation go on; capture resumes when space comes back)"
-                );
-            } else if was.capture_stopped && free >= r + margin {
-                room.capture_stopped = false;
-                tracing::warn!(
-                    free,
-                    reserve = r,
-                    "free space back above log.disk_reserve: live capture resumes"
-                );
-            }
-            if !was.backfill_paused && free < 2 * r {
-                room.backfill_paused = true;
-                tracing::warn!(
-                    free,
-                    reserve = r,
-                    "free space under twice log.disk_reserve: backfill capture paused"
-                );
-            } else if was.backfill_paused && free >= 2 * r + margin {
-                room.backfill_paused = false;
-                tracing::info!(
-                    free,
-                    reserve = r,
-                    "free space back above twice log.disk_reserve: backfill capture resumes"
-                );
-            }
+            let room = judge(was, free, r);
             if room != was {
                 let _ = tx.send(room);
             }
@@ -258,7 +259,7 @@ pub fn watch(
                 }
             }
             let bytes = ballast_bytes(r);
-            if bytes > 0 && !room.backfill_paused && free >= 2 * r + bytes + margin && !ballast.exists() {
+            if bytes > 0 && !room.backfill_paused && free >= 2 * r + bytes + margin(r) && !ballast.exists() {
                 match make_ballast(&ballast, bytes) {
                     Ok(()) => {
                         tracing::info!(ballast = %ballast.display(), bytes, "ballast made: given up first to reopen the log on a full disk")
