@@ -47,20 +47,6 @@ fn free(path: &Path) -> u64 {
     tickvault::disk::filesystem(path).unwrap().0
 }
 
-/// Writes `bytes` of filler (or until the disk is full) to `path`.
-fn fill(path: &Path, bytes: u64) {
-    let mut file = std::fs::File::create(path).unwrap();
-    let block = vec![0x5au8; 1 << 20];
-    let mut written = 0;
-    while written < bytes {
-        if file.write_all(&block).is_err() {
-            break;
-        }
-        written += block.len() as u64;
-    }
-    let _ = file.sync_all();
-}
-
 /// Appends filler to `path` until the filesystem has at most `free_bytes` free.
 fn fill_to(path: &Path, free_bytes: u64) {
     let now = free(path.parent().unwrap());
@@ -177,7 +163,7 @@ fn a_full_disk_pauses_capture_then_resumes_by_itself_and_a_restart_opens_the_log
     // Killed, and the disk then filled to the last byte: a restart still opens the log
     // (the ballast is given up for it).
     daemon.kill();
-    fill(&fs.join("filler-2"), u64::MAX);
+    fill_to(&fs.join("filler-2"), 0);
     assert!(free(&fs) < 1 << 20, "{} free", free(&fs));
     let daemon = Daemon::start(&config, &log, &sim_addr, &stderr);
     assert!(daemon.this_run().contains("ballast given up"), "{}", daemon.this_run());
