@@ -250,13 +250,9 @@ async fn a_later_run_with_the_same_lookback_fetches_only_the_minutes_that_are_ne
             .filter(|m| market.bar(Feed::Crypto, "BTC-USD", m * MINUTE_MS).is_some())
             .count() as u64
     };
-    assert_eq!(one.bars.load(Ordering::Relaxed), bars_in(first.from_ms, first.to_ms));
+    assert_eq!(one.bars(), bars_in(first.from_ms, first.to_ms));
     // Only the two new hours: the chunks already downloaded are skipped or extended.
-    assert_eq!(
-        two.bars.load(Ordering::Relaxed),
-        bars_in(first.to_ms, second.to_ms),
-        "{two:?}"
-    );
+    assert_eq!(two.bars(), bars_in(first.to_ms, second.to_ms), "{two:?}");
     assert!(two.periods_skipped.load(Ordering::Relaxed) >= 1, "{two:?}");
     let union = Job {
         from_ms: first.from_ms,
@@ -310,14 +306,14 @@ async fn with_no_sink_draining_backfill_stops_at_the_high_water_mark_while_live_
     let checker = async {
         tokio::time::sleep(Duration::from_secs(3)).await;
         let head_at_3s = wal.head(Lane::Backfill);
-        let live_at_3s = live_stats.captured.load(Ordering::Relaxed);
+        let live_at_3s = live_stats.captured();
         tokio::time::sleep(Duration::from_secs(2)).await;
         let waiting = stats.waiting_for_backlog.load(Ordering::Relaxed);
         (
             head_at_3s,
             live_at_3s,
             wal.head(Lane::Backfill),
-            live_stats.captured.load(Ordering::Relaxed),
+            live_stats.captured(),
             waiting,
         )
     };

@@ -215,10 +215,7 @@ async fn the_collector_captures_what_the_simulator_sends_for_every_market() {
     assert!(kinds.contains(&(Feed::Stocks, "AAPL".into(), "quote")), "{kinds:?}");
     for stats in [&a, &b, &c] {
         assert_eq!(stats.malformed.load(Ordering::Relaxed), 0);
-        assert_eq!(
-            stats.captured.load(Ordering::Relaxed),
-            stats.events.load(Ordering::Relaxed)
-        );
+        assert_eq!(stats.captured(), stats.events.load(Ordering::Relaxed));
     }
     // Natural keys are unique: no duplicate captured.
     let keys: HashSet<String> = captured.iter().map(|e| e.natural_key().to_string()).collect();
@@ -341,7 +338,7 @@ async fn malformed_frames_are_counted_and_skipped_and_capture_goes_on() {
     for event in events(&wal) {
         assert_eq!(event.problem(), None, "{event:?}");
     }
-    assert!(stats.captured.load(Ordering::Relaxed) > 20, "{stats:?}");
+    assert!(stats.captured() > 20, "{stats:?}");
     assert_eq!(stats.disconnects.load(Ordering::Relaxed), 0);
     wal.shutdown().await.unwrap();
     sim.stop().await.unwrap();
@@ -371,7 +368,7 @@ async fn a_quiet_market_is_not_mistaken_for_a_stale_feed() {
     let stats = capture_for(quiet, &wal, Duration::from_secs(4)).await;
     assert_eq!(stats.connects.load(Ordering::Relaxed), 1, "{stats:?}");
     assert_eq!(stats.disconnects.load(Ordering::Relaxed), 0, "{stats:?}");
-    assert_eq!(stats.captured.load(Ordering::Relaxed), 0);
+    assert_eq!(stats.captured(), 0);
     wal.shutdown().await.unwrap();
     sim.stop().await.unwrap();
 }

@@ -98,7 +98,7 @@ pub async fn run(
             r = &mut run => break r,
             _ = tick.tick() => {
                 bar.set_position(stats.covered_ms.load(Ordering::Relaxed).min(total_ms));
-                let bars = stats.bars.load(Ordering::Relaxed);
+                let bars = stats.bars();
                 let waiting = if stats.waiting_for_backlog.load(Ordering::Relaxed) { " waiting for sinks" } else { "" };
                 bar.set_message(format!(
                     "{bars} bars, {:.0} bars/s, {} requests, {} retries{waiting}",
@@ -117,7 +117,7 @@ pub async fn run(
     wal.shutdown().await?;
     result?;
     let secs = started.elapsed().as_secs_f64();
-    let bars = stats.bars.load(Ordering::Relaxed);
+    let bars = stats.bars();
     println!(
         "backfilled {what} {from}..{to}: {bars} bars in {secs:.2} s ({:.0} bars/s), {} pages, {} requests, {} retries ({} rate-limited), periods {}/{} done ({} already done, {} as far as the source has them), peak RSS {} MB",
         bars as f64 / secs.max(1e-9),

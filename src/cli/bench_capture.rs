@@ -2,7 +2,6 @@
 
 use std::path::Path;
 use std::process::{Command, ExitCode, Stdio};
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -124,10 +123,10 @@ async fn live_latency(dir: &Path, events_per_sec: u64, seconds: u64, metrics: bo
     // Let the connection settle before measuring.
     tokio::time::sleep(Duration::from_secs(1)).await;
     stats.reset_latency();
-    let before = stats.captured.load(Ordering::Relaxed);
+    let before = stats.captured();
     let started = Instant::now();
     tokio::time::sleep(Duration::from_secs(seconds)).await;
-    let captured = stats.captured.load(Ordering::Relaxed) - before;
+    let captured = stats.captured() - before;
     let elapsed = started.elapsed().as_secs_f64();
     let row = LiveRow {
         target: events_per_sec,

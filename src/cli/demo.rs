@@ -153,11 +153,7 @@ pub async fn run(
         }
         let now_ms = jiff::Timestamp::now().as_millisecond();
         let mut line = format!("{:>4}s", elapsed.as_secs());
-        let captured: u64 = running
-            .live
-            .iter()
-            .map(|(_, s)| s.captured.load(Ordering::Relaxed))
-            .sum();
+        let captured: u64 = running.live.iter().map(|(_, s)| s.captured()).sum();
         let (mut p50, mut p99, mut reconnects, mut up, mut evicted) = (0.0f64, 0.0f64, 0, 0, 0);
         let mut closed = Vec::new();
         for (feed, s) in &running.live {
@@ -190,7 +186,7 @@ pub async fn run(
         }
         last_live = captured;
         if let Some(b) = &running.backfill {
-            let bars = b.bars.load(Ordering::Relaxed);
+            let bars = b.bars();
             line.push_str(&format!(
                 " | backfill {}/{} periods, {} bars ({}/s){}",
                 b.periods_done.load(Ordering::Relaxed),
@@ -466,7 +462,7 @@ fn summary(
              its capture paused {:.1} s for live",
             b.periods_done.load(Ordering::Relaxed),
             b.periods_total.load(Ordering::Relaxed),
-            thousands(b.bars.load(Ordering::Relaxed)),
+            thousands(b.bars()),
             b.requests.load(Ordering::Relaxed),
             b.retries.load(Ordering::Relaxed),
             b.rate_limited.load(Ordering::Relaxed),

@@ -84,7 +84,7 @@ impl Screen {
             log_dir.display()
         )));
         for (i, (feed, s)) in running.live.iter().enumerate() {
-            let captured = s.captured.load(Ordering::Relaxed);
+            let captured = s.captured();
             let rate = captured - self.last_live[i];
             self.last_live[i] = captured;
             let state = if s.connected.load(Ordering::Relaxed) {
@@ -107,7 +107,7 @@ impl Screen {
             )));
         }
         if let (Some(bar), Some(b)) = (&self.backfill, &running.backfill) {
-            let bars = b.bars.load(Ordering::Relaxed);
+            let bars = b.bars();
             let rate = bars - self.last_bars;
             self.last_bars = bars;
             let total = b.periods_total.load(Ordering::Relaxed);

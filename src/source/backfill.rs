@@ -74,8 +74,7 @@ pub struct BackfillStats {
     pub malformed: AtomicU64,
     pub requests: AtomicU64,
     pub pages: AtomicU64,
-    pub bars: AtomicU64,
-    /// `bars` per feed, in [`Feed::ALL`]'s order.
+    /// Bars appended per feed, in [`Feed::ALL`]'s order (their sum: [`BackfillStats::bars`]).
     pub bars_by_feed: [AtomicU64; 3],
     pub retries: AtomicU64,
     pub rate_limited: AtomicU64,
@@ -92,6 +91,11 @@ pub struct BackfillStats {
 }
 
 impl BackfillStats {
+    /// Bars appended.
+    pub fn bars(&self) -> u64 {
+        self.bars_by_feed.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+    }
+
     /// Zeroes the counters of one pass over the periods (see `Downloader::run_every`).
     pub fn begin_pass(&self) {
         for counter in [
@@ -549,7 +553,6 @@ impl Downloader {
             }
             drop(seen);
             self.stats.pages.fetch_add(1, Ordering::Relaxed);
-            self.stats.bars.fetch_add(count, Ordering::Relaxed);
             self.stats.bars_by_feed[period.feed.index()].fetch_add(count, Ordering::Relaxed);
             self.stats
                 .covered_ms

@@ -58,9 +58,8 @@ impl LiveSpec {
 pub struct LiveStats {
     pub frames: AtomicU64,
     pub events: AtomicU64,
-    /// Events durable in the log.
-    pub captured: AtomicU64,
-    /// `captured` per kind, in [`EventKind::ALL`]'s order.
+    /// Events durable in the log per kind, in [`EventKind::ALL`]'s order (their sum:
+    /// [`LiveStats::captured`]).
     pub captured_by_kind: [AtomicU64; 3],
     /// When the last events were made durable, Unix ms (0: none yet): the feed's
     /// staleness, as metrics show it.
@@ -81,7 +80,6 @@ impl Default for LiveStats {
         LiveStats {
             frames: AtomicU64::new(0),
             events: AtomicU64::new(0),
-            captured: AtomicU64::new(0),
             captured_by_kind: Default::default(),
             last_captured_ms: AtomicI64::new(0),
             malformed: AtomicU64::new(0),
@@ -100,6 +98,11 @@ impl Default for LiveStats {
 }
 
 impl LiveStats {
+    /// Events durable in the log.
+    pub fn captured(&self) -> u64 {
+        self.captured_by_kind.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+    }
+
     /// Empties the latency histogram: figures from now on, for a measurement that
     /// leaves a warm-up out.
     pub fn reset_latency(&self) {
@@ -486,23 +489,18 @@ async fn append_loop(wal: Wal, mut rx: mpsc::Receiver<Arrival>, stats: Arc<LiveS
             }
         }
         let mut batch = Batch::new();
-        let mut count = 0u64;
         let mut by_kind = [0u64; 3];
         for arrival in &arrivals {
             for event in &arrival.events {
                 batch.push(EVENT_KIND, &event.to_payload()?)?;
-                count += 1;
                 by_kind[event.kind().index()] += 1;
             }
         }
         wal.append(Lane::Live, batch).await.context("appending live events")?;
-        stats.captured.fetch_add(count, Ordering::Relaxed);
         for (counter, n) in stats.captured_by_kind.iter().zip(by_kind) {
             counter.fetch_add(n, Ordering::Relaxed);
         }
-        stats
-            .last_captured_ms
-            .store(jiff::Timestamp::now().as_millisecond(), Ordering::Relaxed);
+        stats.last_captured_ms.store(now_ms(), Ordering::Relaxed);
         let mut histogram = stats.latency_us.lock().unwrap_or_else(|p| p.into_inner());
         for arrival in &arrivals {
             let us = u64::try_from(arrival.received.elapsed().as_micros()).unwrap_or(u64::MAX);
