@@ -204,23 +204,25 @@ const READ_ONLY_TRIES: u32 = 10;
 
 /// A read-only open reads the files its MANIFEST names and replays the write-ahead files
 /// it finds, and the writer beside it may delete one in the meantime (a memtable flushed,
-/// a compaction done): RocksDB then fails with "No such file or directory" (an I/O error,
-/// or a corruption of the MANIFEST it read). The next try finds the files as they are now.
-fn open_read_only_beside_the_writer(path: &Path) -> Result<DB, rocksdb::Error> {
+/// a compaction done, the MANIFEST rolled over): RocksDB then fails with "No such file
+/// or directory", as an I/O error or as a corruption of the MANIFEST it read. The next
+/// try finds the files as they are now; a file that stays missing is real damage.
+fn beside_the_writer<T>(mut open: impl FnMut() -> Result<T, rocksdb::Error>) -> Result<T, rocksdb::Error> {
     let mut tries = 1;
     loop {
-        match DB::open_cf_descriptors_read_only(&db_options(), path, descriptors(), false) {
-            Err(e)
-                if tries < READ_ONLY_TRIES
-                    && e.kind() == rocksdb::ErrorKind::IOError
-                    && e.to_string().contains("No such file") =>
-            {
+        match open() {
+            Err(e) if tries < READ_ONLY_TRIES && a_file_vanished(&e.to_string()) => {
                 tries += 1;
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }
             other => return other,
         }
     }
+}
+
+fn a_file_vanished(message: &str) -> bool {
+    (message.starts_with("IO error") || message.starts_with("Corruption"))
+        && message.contains("No such file or directory")
 }
 
 /// How to open a directory.
@@ -280,7 +282,11 @@ pub(crate) fn open(path: &Path, mode: Mode) -> Result<Arc<DB>, OpenError> {
             }
             return Err(not_a_log("the directory holds other files and no RocksDB database"));
         }
-        let existing = DB::list_cf(&Options::default(), path).map_err(opening)?;
+        let existing = match mode {
+            Mode::Write => DB::list_cf(&Options::default(), path),
+            Mode::ReadOnly => beside_the_writer(|| DB::list_cf(&Options::default(), path)),
+        }
+        .map_err(opening)?;
         if !existing.iter().any(|cf| cf == CF_META) {
             return Err(not_a_log("a RocksDB database without tickvault's metadata"));
         }
@@ -288,7 +294,9 @@ pub(crate) fn open(path: &Path, mode: Mode) -> Result<Arc<DB>, OpenError> {
 
     let db = match mode {
         Mode::Write => DB::open_cf_descriptors(&db_options(), path, descriptors()),
-        Mode::ReadOnly => open_read_only_beside_the_writer(path),
+        Mode::ReadOnly => {
+            beside_the_writer(|| DB::open_cf_descriptors_read_only(&db_options(), path, descriptors(), false))
+        }
     }
     .map_err(opening)?;
 
@@ -396,4 +404,26 @@ pub fn stamp_format_version_for_test(path: &Path, version: u8) -> Result<(), Ope
             path: path.to_owned(),
             source,
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::a_file_vanished;
+
+    #[test]
+    fn a_file_deleted_under_a_read_only_open_is_told_from_damage() {
+        // Both as RocksDB 10 words them when the writer removes a file mid-open.
+        assert!(a_file_vanished(
+            "Corruption: IO error: No such file or directory: While open a file for random read: \
+             /tmp/log/000016.sst: No such file or directory  The file /tmp/log/MANIFEST-000005 may be corrupted."
+        ));
+        assert!(a_file_vanished(
+            "IO error: No such file or directory: While opening a file for sequentially reading: \
+             /tmp/log/MANIFEST-000009: No such file or directory"
+        ));
+        assert!(!a_file_vanished(
+            "Corruption: block checksum mismatch: stored = 1, computed = 2"
+        ));
+        assert!(!a_file_vanished("IO error: No space left on device"));
+    }
 }
