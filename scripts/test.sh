@@ -33,3 +33,6 @@ quick() {
 quick '| run |' bench wal
 quick '| target events/s |' bench capture
 quick 'live capture-to-sink-commit latency' bench sinks
+
+echo "== scripts/fuzz.sh 15 (each fuzz target for 15 s)" >&2
+scripts/fuzz.sh 15

@@ -326,7 +326,7 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
     raise_open_file_limit();
     let background = BackgroundRuntime::new()?;
     crate::disk::before_open(&config.log.data_dir, config.log.disk_reserve);
-    let wal = Wal::open_with(&config.log.data_dir, config.wal_options())?;
+    let wal = Wal::open_with(&config.log.data_dir, wal_options(config))?;
     let (stop, shutdown) = watch::channel(false);
     let (stop_live_runners, live_shutdown) = watch::channel(false);
     let mut parts = Parts {
@@ -497,5 +497,14 @@ impl Running {
             Some(e) => Err(e),
             None => Ok(()),
         }
+    }
+}
+
+/// The log's options from the config's `[log]`.
+pub fn wal_options(config: &Config) -> tickvault_wal::WalOptions {
+    tickvault_wal::WalOptions {
+        channel_capacity: config.log.channel_capacity,
+        max_group_records: config.log.max_group_records,
+        ..Default::default()
     }
 }

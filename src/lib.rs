@@ -9,16 +9,15 @@
 
 pub mod backoff;
 pub mod cli;
-pub mod config;
 pub mod daemon;
 pub mod disk;
-pub mod event;
 pub mod gaps;
 pub mod metrics;
-pub mod polygon;
 pub mod settings;
 pub mod sim;
 pub mod sink;
 pub mod source;
 pub mod synthetic;
 pub mod verify;
+
+pub use tickvault_core::{config, event, polygon};

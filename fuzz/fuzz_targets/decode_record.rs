@@ -2,7 +2,7 @@
 //! The log's one decode function on arbitrary bytes: never panics, and whatever decodes
 //! re-encodes to the same bytes.
 use libfuzzer_sys::fuzz_target;
-use tickvault_wal::record;
+use tickvault_core::record;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(rec) = record::decode(data) {

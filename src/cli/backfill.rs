@@ -73,7 +73,7 @@ pub async fn run(
         [one] => format!("{} {}", one.feed, one.symbol),
         many => format!("{} symbols", many.len()),
     };
-    let wal = Wal::open_with(&config.log.data_dir, config.wal_options())?;
+    let wal = Wal::open_with(&config.log.data_dir, crate::daemon::wal_options(&config))?;
     let stats = Arc::new(BackfillStats::default());
     let downloader = Downloader::new(daemon::backfill_spec(&config)?, wal.clone(), stats.clone())?;
     let (stop, shutdown) = tokio::sync::watch::channel(false);

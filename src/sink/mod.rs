@@ -10,7 +10,6 @@
 pub mod admin;
 pub mod breaker;
 pub mod clickhouse;
-pub mod config;
 pub mod error;
 pub mod nats;
 pub mod postgres;
@@ -19,7 +18,8 @@ pub mod refused;
 pub mod row;
 pub mod runner;
 
-pub use config::SinksConfig;
 pub use error::SinkError;
 pub use row::{Batch, Pushed, Row, SinkKey};
 pub use runner::{Holds, RunnerSpec, RunnerStats, Sink};
+pub use tickvault_core::config::sinks as config;
+pub use tickvault_core::config::sinks::SinksConfig;

@@ -29,7 +29,8 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::backoff::Backoff;
-use crate::event::{Bar, Body, Capture, Event, Feed, Timeframe, EVENT_KIND};
+use crate::event::{Body, Capture, Event, Feed, EVENT_KIND};
+use crate::polygon::rest::AggsPage;
 use crate::polygon::symbol;
 use crate::settings::Secret;
 use crate::sink::priority::{pause_for, Priority, LIVE_FLOWING};
@@ -219,34 +220,9 @@ pub fn split(job: &Job, chunk: Duration) -> Vec<Span> {
     out
 }
 
-#[derive(Deserialize)]
-struct Page {
-    #[serde(default)]
-    results: Vec<AggBar>,
-    next_url: Option<String>,
-    #[serde(default)]
-    status: String,
-    /// An error answer's reason (`error` or `message`).
-    #[serde(default, alias = "message")]
-    error: Option<String>,
-}
-
-#[derive(Deserialize)]
-struct AggBar {
-    t: i64,
-    o: f64,
-    h: f64,
-    l: f64,
-    c: f64,
-    #[serde(default)]
-    v: f64,
-    vw: Option<f64>,
-    n: Option<u64>,
-}
-
 /// What a request came to.
 enum Fetch {
-    Page(Page),
+    Page(AggsPage),
     /// Permanent: a 4xx other than 429.
     Refused(String),
 }
@@ -498,18 +474,7 @@ impl Downloader {
                             lane: Lane::Backfill,
                             captured_at_ns,
                         },
-                        body: Body::Bar(Bar {
-                            symbol: period.symbol.clone(),
-                            timeframe: Timeframe::MINUTE,
-                            start_ms: bar.t,
-                            open: bar.o,
-                            high: bar.h,
-                            low: bar.l,
-                            close: bar.c,
-                            volume: bar.v,
-                            vwap: bar.vw,
-                            trades: bar.n,
-                        }),
+                        body: Body::Bar(bar.to_bar(&period.symbol)),
                     };
                     // A bar a sink would refuse is counted and left out: the minute is
                     // covered, by a bar the source sent wrong.
@@ -653,16 +618,14 @@ impl Downloader {
                     // A 50,000-bar page is megabytes of JSON: parse it off the async
                     // workers, so live capture on the same runtime is not held up.
                     let parsed = match r.bytes().await {
-                        Ok(body) => tokio::task::spawn_blocking(move || serde_json::from_slice::<Page>(&body))
+                        Ok(body) => tokio::task::spawn_blocking(move || AggsPage::parse(&body))
                             .await
                             .map_err(|e| e.to_string())
                             .and_then(|r| r.map_err(|e| e.to_string())),
                         Err(e) => Err(without_url(&e)),
                     };
                     match parsed {
-                        Ok(page) if page.status == "OK" || page.status == "DELAYED" => {
-                            return Ok(Some(Fetch::Page(page)))
-                        }
+                        Ok(page) if page.has_data() => return Ok(Some(Fetch::Page(page))),
                         // A 200 whose body is an error (`"status":"ERROR"`, or `{}`) is no
                         // answer: claiming it would mark the period done with no bars.
                         Ok(page) => {
@@ -724,7 +687,7 @@ fn without_url(e: &reqwest::Error) -> String {
 /// the start of the present minute (`now_ms`'s; later minutes are not over, or not yet
 /// there); on the last page of a `DELAYED` answer (a plan that serves recent data late),
 /// up to the end of its last bar. Never before `resumed_at`.
-fn covered_until(page: &Page, last_t: Option<i64>, resumed_at: i64, until: i64, now_ms: i64) -> i64 {
+fn covered_until(page: &AggsPage, last_t: Option<i64>, resumed_at: i64, until: i64, now_ms: i64) -> i64 {
     let after_last_bar = last_t.map(|t| t.saturating_add(60_000));
     let claim = match &page.next_url {
         Some(next) => next_from(next).or(after_last_bar).unwrap_or(until),

@@ -73,10 +73,7 @@
 //! - No transactions across lanes: each append is atomic within one lane.
 
 pub mod error;
-mod lane;
-pub mod payload;
 pub mod reader;
-pub mod record;
 mod store;
 mod writer;
 
@@ -88,10 +85,11 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 
 pub use error::{Corruption, OpenError, ReadError, WriteError};
-pub use lane::{Lane, UnknownLane};
 pub use reader::{CheckReport, CursorInfo, LaneSummary, LogReader, ReadBatch, Record, Summary, Tail};
-pub use record::{DecodeError, EncodeError, RecordKind, FORMAT_VERSION};
 pub use store::{Space, MAX_WAL_BYTES};
+pub use tickvault_core::lane::{Lane, UnknownLane};
+pub use tickvault_core::record::{DecodeError, EncodeError, RecordKind, FORMAT_VERSION};
+pub use tickvault_core::{payload, record};
 pub use writer::{AppendOutcome, Batch, LaneTruncation, BACKFILL_WITH_LIVE};
 
 #[cfg(feature = "failpoints")]

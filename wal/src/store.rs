@@ -211,7 +211,7 @@ fn beside_the_writer<T>(mut open: impl FnMut() -> Result<T, rocksdb::Error>) -> 
     let mut tries = 1;
     loop {
         match open() {
-            Err(e) if tries < READ_ONLY_TRIES && a_file_vanished(&e.to_string()) => {
+            Err(e) if tries < READ_ONLY_TRIES && a_file_vanished(e.as_ref()) => {
                 tries += 1;
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }

@@ -25,7 +25,8 @@ impl Lane {
         }
     }
 
-    pub(crate) const fn tag(self) -> u8 {
+    #[doc(hidden)]
+    pub const fn tag(self) -> u8 {
         match self {
             Lane::Live => 0,
             Lane::Backfill => 1,
@@ -33,7 +34,8 @@ impl Lane {
         }
     }
 
-    pub(crate) const fn from_tag(tag: u8) -> Option<Lane> {
+    #[doc(hidden)]
+    pub const fn from_tag(tag: u8) -> Option<Lane> {
         match tag {
             0 => Some(Lane::Live),
             1 => Some(Lane::Backfill),
@@ -42,7 +44,8 @@ impl Lane {
         }
     }
 
-    pub(crate) const fn index(self) -> usize {
+    #[doc(hidden)]
+    pub const fn index(self) -> usize {
         self.tag() as usize
     }
 }

@@ -6,8 +6,8 @@
 use std::fmt;
 use std::str::FromStr;
 
+use crate::{payload, Lane, RecordKind};
 use serde::{Deserialize, Serialize};
-use tickvault_wal::{payload, Lane, RecordKind};
 
 pub mod identity;
 

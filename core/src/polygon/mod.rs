@@ -1,5 +1,6 @@
 //! Polygon's protocol as both sides speak it: symbol forms and wire messages.
 
+pub mod rest;
 pub mod symbol;
 pub mod wire;
 

@@ -2,6 +2,9 @@
 //! its default, environment overrides for paths and secrets, and errors that name the
 //! offending field.
 
+pub mod reserve;
+pub mod sinks;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -9,7 +12,7 @@ use serde::Deserialize;
 
 use crate::event::Feed;
 pub use crate::settings::{ConfigError, Secret};
-use crate::sink::config::TrustedCa;
+use sinks::TrustedCa;
 
 /// The whole configuration (`config/tickvault.toml` is the documented production file).
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
@@ -24,7 +27,7 @@ pub struct Config {
     #[serde(default)]
     pub backfill: BackfillConfig,
     #[serde(default)]
-    pub sinks: crate::sink::SinksConfig,
+    pub sinks: sinks::SinksConfig,
     #[serde(default)]
     pub security: SecurityConfig,
     #[serde(default)]
@@ -228,7 +231,7 @@ pub struct LogConfig {
     /// most 50%, never under 256 MiB). Under twice
     /// it the backfill's capture pauses; under it live capture stops too; both resume
     /// once truncation gives space back. Default `"1GiB"`.
-    pub disk_reserve: crate::disk::Reserve,
+    pub disk_reserve: reserve::Reserve,
 }
 
 impl Default for LogConfig {
@@ -240,7 +243,7 @@ impl Default for LogConfig {
             channel_capacity: 1024,
             max_group_records: 131_072,
             backfill_high_water: 5_000_000,
-            disk_reserve: crate::disk::Reserve::Bytes(1 << 30),
+            disk_reserve: reserve::Reserve::Bytes(1 << 30),
         }
     }
 }
@@ -517,7 +520,7 @@ impl Config {
                 "must be between 1 and 16",
             ));
         }
-        if !crate::sink::config::BACKFILL_DUTY.contains(&backfill.live_duty) {
+        if !sinks::BACKFILL_DUTY.contains(&backfill.live_duty) {
             return Err(ConfigError::field(
                 file,
                 "backfill.live_duty",
@@ -561,7 +564,7 @@ impl Config {
     pub fn clear_text(&self) -> Vec<(&'static str, String)> {
         let mut out = Vec::new();
         let host_of = |url: &str| {
-            reqwest::Url::parse(url)
+            url::Url::parse(url)
                 .ok()
                 .and_then(|u| u.host_str().map(str::to_owned))
                 .unwrap_or_default()
@@ -594,14 +597,6 @@ impl Config {
     pub fn warn_of_clear_text(&self) {
         for (field, what) in self.clear_text() {
             tracing::warn!(field, %what, "clear text to a host that is not loopback (security.forbid_clear_text refuses it)");
-        }
-    }
-
-    pub fn wal_options(&self) -> tickvault_wal::WalOptions {
-        tickvault_wal::WalOptions {
-            channel_capacity: self.log.channel_capacity,
-            max_group_records: self.log.max_group_records,
-            ..Default::default()
         }
     }
 }
@@ -667,7 +662,7 @@ mod tests {
     #[test]
     fn the_shipped_configs_are_valid() {
         for file in ["config/tickvault.toml", "config/demo.toml", "config/local-sinks.toml"] {
-            let path = Path::new(env!("CARGO_MANIFEST_DIR")).join(file);
+            let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(file);
             let text = std::fs::read_to_string(&path).unwrap();
             let config = Config::parse(file, &text).unwrap();
             config.validate(file).unwrap();
@@ -676,7 +671,7 @@ mod tests {
 
     #[test]
     fn the_production_config_spells_out_every_default() {
-        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/tickvault.toml");
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/tickvault.toml");
         let config = Config::parse("p", &std::fs::read_to_string(path).unwrap()).unwrap();
         assert_eq!(config, Config::default());
     }
