@@ -31,7 +31,7 @@ command -v cargo >/dev/null || { echo "cargo not found: install Rust (rustup) fi
 # With --test, what the tests need besides: promtool (Debian's prometheus package) for
 # the alert rules' tests, Python's prometheus_client, the real parser the metrics test
 # reads /metrics with (from Debian, or from PyPI for a python3 that is not Debian's),
-# and tmux, the terminal the demo's screen is tested in.
+# pyarrow (PyPI), and tmux, the terminal the demo's screen is tested in.
 if [ "${1:-}" = "--test" ]; then
     sudo=""
     [ "$(id -u)" -eq 0 ] || sudo="sudo"
@@ -48,5 +48,11 @@ if [ "${1:-}" = "--test" ]; then
     if ! python3 -c 'import prometheus_client' 2>/dev/null; then
         echo "installing: prometheus-client (PyPI) for $(command -v python3)" >&2
         python3 -m pip install -q 'prometheus-client>=0.16,<1'
+    fi
+    # pyarrow: the independent reader tests/export.rs reads the Parquet export with.
+    if ! python3 -c 'import pyarrow' 2>/dev/null; then
+        echo "installing: pyarrow (PyPI) for $(command -v python3)" >&2
+        python3 -m pip install -q 'pyarrow>=14' 2>/dev/null \
+            || python3 -m pip install -q --break-system-packages 'pyarrow>=14'
     fi
 fi
