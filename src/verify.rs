@@ -33,6 +33,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 
+use anyhow::Context;
 use serde::Serialize;
 use tickvault_wal::{Lane, Wal};
 
@@ -220,10 +221,42 @@ fn lane_index(lane: Lane) -> usize {
     FORWARDED_LANES.iter().position(|l| *l == lane).unwrap_or(0)
 }
 
+/// What a `replay` sent, for [`verify_replay`]: one sink, every event of `lanes` up to
+/// `sent_up_to` (per forwarded lane) whose market time is in `from_ms..to_ms`.
+#[derive(Clone, Debug)]
+pub struct Replayed {
+    pub sink: &'static str,
+    pub sent_up_to: [u64; 2],
+    pub from_ms: i64,
+    pub to_ms: i64,
+}
+
 /// Compares the log in `data_dir` with every enabled sink of `config`; with `max_lag`, a
 /// sink whose oldest unsent event was captured longer ago than that does not match.
 pub async fn verify(config: &Config, data_dir: &Path, max_lag: Option<Duration>) -> anyhow::Result<Report> {
-    let sinks = config.sinks.enabled();
+    compare_with_sinks(config, data_dir, max_lag, None).await
+}
+
+/// [`verify`] of what a replay sent: its sink alone, the keys in its time range alone
+/// (the log's and the sink's), and its events taken as passed (every one of them must be
+/// in the sink) whatever the log's cursors say; the log's other events in the range may
+/// be in the sink or not (a daemon's forwarding of another lane).
+pub async fn verify_replay(config: &Config, data_dir: &Path, replayed: &Replayed) -> anyhow::Result<SinkReport> {
+    let mut report = compare_with_sinks(config, data_dir, None, Some(replayed)).await?;
+    report.sinks.pop().context("the replayed sink's report")
+}
+
+async fn compare_with_sinks(
+    config: &Config,
+    data_dir: &Path,
+    max_lag: Option<Duration>,
+    replayed: Option<&Replayed>,
+) -> anyhow::Result<Report> {
+    let mut sinks = config.sinks.enabled();
+    if let Some(r) = replayed {
+        sinks.retain(|s| *s == r.sink);
+    }
+    let in_range = |ts_ms: i64| replayed.is_none_or(|r| (r.from_ms..r.to_ms).contains(&ts_ms));
     anyhow::ensure!(sinks.len() <= MAX_SINKS, "verify compares at most {MAX_SINKS} sinks");
     let started_ns = crate::event::now_ns();
     // The keys go to disk, sorted there: memory stays with one group and day.
@@ -238,7 +271,7 @@ pub async fn verify(config: &Config, data_dir: &Path, max_lag: Option<Duration>)
             for lane in FORWARDED_LANES {
                 per_lane[lane_index(lane)] = reader.cursor(sink, lane)?;
             }
-            cursors.push(per_lane);
+            cursors.push(replayed.map_or(per_lane, |r| r.sent_up_to));
         }
         let mut refused: Vec<Vec<RefusedRecord>> = vec![Vec::new(); sinks.len()];
         for r in crate::sink::refused::list(&reader)? {
@@ -269,6 +302,9 @@ pub async fn verify(config: &Config, data_dir: &Path, max_lag: Option<Duration>)
     for (n, sink) in sinks.iter().enumerate() {
         let from = From::Sink(n as u8);
         let mut add = |key: SinkKey| {
+            if !in_range(key.ts_ms) {
+                return;
+            }
             let names = (
                 key.feed.as_str(),
                 key.symbol.as_str(),
@@ -322,6 +358,9 @@ pub async fn verify(config: &Config, data_dir: &Path, max_lag: Option<Duration>)
             let Ok(event) = Event::from_payload(record.payload) else {
                 return true;
             };
+            if !in_range(event.ts_ms()) {
+                return true;
+            }
             log_events += 1;
             let captured = event.capture.captured_at_ns;
             if lane == Lane::Live {

@@ -101,6 +101,12 @@ pub enum Command {
         #[arg(long)]
         data_dir: Option<PathBuf>,
     },
+    /// A range of the log as Parquet, CSV or JSONL files (one per kind of event), from
+    /// the log opened read-only: beside a running daemon or on a copy.
+    Export(super::export::ExportSpec),
+    /// A range of a log pushed into one configured sink without the daemon, then
+    /// `verify` of that range and sink (exit 0 only when it matches).
+    Replay(super::replay::ReplaySpec),
     /// Inspect and exercise the durable log.
     Wal {
         #[command(subcommand)]

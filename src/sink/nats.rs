@@ -572,6 +572,29 @@ impl NatsSink {
         &mut self,
         lane: Lane,
         after_seq: u64,
+        visit: impl FnMut(Option<String>) -> bool,
+    ) -> Result<usize, SinkError> {
+        self.visit_ids_up_to(lane, after_seq, LOOK_MAX, visit).await
+    }
+
+    /// The message id of every message on `lane`'s subjects now, for a replay, which
+    /// publishes only what the stream lacks (beyond the duplicate window, the stream would
+    /// store a copy again).
+    pub async fn stored_ids(&mut self, lane: Lane, mut visit: impl FnMut(&str)) -> Result<usize, SinkError> {
+        self.visit_ids_up_to(lane, 0, usize::MAX, |id| {
+            if let Some(id) = id {
+                visit(&id);
+            }
+            true
+        })
+        .await
+    }
+
+    async fn visit_ids_up_to(
+        &mut self,
+        lane: Lane,
+        after_seq: u64,
+        max: usize,
         mut visit: impl FnMut(Option<String>) -> bool,
     ) -> Result<usize, SinkError> {
         let context = self.connected().await?;
@@ -597,7 +620,7 @@ impl NatsSink {
             return Ok(0);
         };
         let mut read = 0;
-        while read < LOOK_MAX {
+        while read < max {
             let message = match tokio::time::timeout(Duration::from_secs(5), messages.next()).await {
                 Ok(Some(Ok(m))) => m,
                 Ok(Some(Err(e))) => return Err(SinkError::retriable(NAME, "consumer", e)),

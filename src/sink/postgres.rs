@@ -70,6 +70,9 @@ pub struct PostgresSink {
     /// The log's identity: this sink's cursor rows are keyed by it, so appliances sharing
     /// one database keep separate cursors.
     log_id: String,
+    /// Whether a write records the batch's position in the cursors table (a replay's
+    /// does not: what it sends is a range, not everything up to a position).
+    record_position: bool,
     session: Option<Session>,
     /// Set while a write is in flight: if the runner gave up on it (timeout), the
     /// connection is in an unknown state and is replaced.
@@ -110,6 +113,7 @@ impl PostgresSink {
         PostgresSink {
             config: config.clone(),
             log_id: log_id.to_owned(),
+            record_position: true,
             session: None,
             in_flight: false,
             merge_next: 0,
@@ -117,6 +121,12 @@ impl PostgresSink {
             sessions: 0,
             table_id: WentTo::default(),
         }
+    }
+
+    /// A sink for `tickvault replay`: its writes leave the cursors table as it is.
+    pub fn for_replay(mut self) -> PostgresSink {
+        self.record_position = false;
+        self
     }
 
     fn pg_config(&self, database: &str) -> tokio_postgres::Config {
@@ -375,6 +385,7 @@ impl PostgresSink {
     async fn write_rows(&mut self, batch: &Batch, way: Way) -> Result<(), Failed> {
         let log_id = self.log_id.clone();
         let lane = batch.lane.name();
+        let record_position = self.record_position;
         let session = self.session().await.map_err(Failed::Sink)?;
         let client = &session.client;
         let (copy, types) = match way {
@@ -433,7 +444,12 @@ impl PostgresSink {
         // this returns.
         let seq = i64::try_from(batch.last_seq).unwrap_or(i64::MAX);
         let position: [&(dyn ToSql + Sync); 3] = [&log_id, &lane, &seq];
-        let cursor = client.execute(&session.cursor, &position);
+        let cursor = async {
+            match record_position {
+                true => client.execute(&session.cursor, &position).await,
+                false => Ok(0),
+            }
+        };
         match way {
             Way::Direct => {
                 tokio::try_join!(writer.as_mut().finish(), cursor, client.batch_execute("COMMIT"))?;

@@ -95,7 +95,7 @@ impl Target {
     }
 
     /// Drops the test's databases and deletes its stream on the shared servers.
-    fn drop_all(&self) -> Result<(), tickvault::sink::SinkError> {
+    pub fn drop_all(&self) -> Result<(), tickvault::sink::SinkError> {
         let mut config = tickvault::config::Config::parse("(test)", &self.sinks_toml(4222)).unwrap();
         config.sinks.postgres.password = Some(tickvault::config::Secret::new(PG_PASSWORD));
         rt().block_on(tickvault::sink::admin::drop_targets(&config.sinks))
