@@ -404,6 +404,17 @@ impl Collector for Sources {
             Some(&Unit::Seconds),
             self.retention.as_secs_f64(),
         )?;
+        let (started, finished) = self.wal.reclaims();
+        counters(
+            &mut enc,
+            "tickvault_log_reclaims",
+            "Space reclaims (the files of truncated records dropped, behind the writer), by state.",
+            None,
+            &[
+                (labels(&[("state", "started")]), started as f64),
+                (labels(&[("state", "finished")]), finished as f64),
+            ],
+        )?;
         counters(
             &mut enc,
             "tickvault_log_group_commits",

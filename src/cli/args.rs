@@ -107,6 +107,10 @@ pub enum Command {
     /// A range of a log pushed into one configured sink without the daemon, then
     /// `verify` of that range and sink (exit 0 only when it matches).
     Replay(super::replay::ReplaySpec),
+    /// The crash-recovery drill: the daemon SIGKILLed and restarted against the
+    /// simulator, then the log checked against what was sent and the sinks against the
+    /// log; exit 1 naming any loss or duplicate.
+    Drill(super::drill::DrillSpec),
     /// Inspect and exercise the durable log.
     Wal {
         #[command(subcommand)]

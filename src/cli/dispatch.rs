@@ -116,6 +116,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => runtime()?.block_on(super::backfill::run(&config, &symbol, from, to, data_dir)),
         Command::Export(spec) => super::export::run(&spec),
         Command::Replay(spec) => runtime()?.block_on(super::replay::run(&spec)),
+        Command::Drill(spec) => runtime()?.block_on(super::drill::run(&spec)),
         Command::Wal { command } => match command {
             WalCommand::Summary { data_dir, json } => super::wal::summary(&data_dir, json),
             WalCommand::Dump {

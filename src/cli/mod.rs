@@ -8,6 +8,7 @@ mod bench_sinks;
 mod demo;
 mod demo_screen;
 mod dispatch;
+mod drill;
 mod export;
 mod load;
 mod replay;

@@ -10,5 +10,5 @@ mod ws;
 pub use market::{Market, SimBar, SimQuote, MINUTE_MS};
 pub use options::{Faults, SimOptions};
 pub use rest::MAX_LIMIT;
-pub use server::{spawn, SimHandle};
+pub use server::{spawn, SentFrame, SimHandle};
 pub use ws::WILDCARD_SYMBOLS;

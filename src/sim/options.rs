@@ -89,6 +89,8 @@ pub struct SimOptions {
     pub max_queued_frames: usize,
     /// Serve every market around the clock (no forex weekends, no stock sessions).
     pub always_open: bool,
+    /// Keep every live frame sent, for a drill's ground truth ([`super::SimHandle::sent`]).
+    pub record_sent: bool,
 }
 
 impl Default for SimOptions {
@@ -102,6 +104,7 @@ impl Default for SimOptions {
             batch_interval: Duration::from_millis(20),
             max_queued_frames: 1024,
             always_open: false,
+            record_sent: false,
         }
     }
 }

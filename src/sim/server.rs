@@ -36,6 +36,19 @@ pub(crate) struct Sim {
     pub(crate) shutdown: watch::Receiver<bool>,
     /// The events sent in the same frame as a `kick` fault's status, in order.
     pub(crate) kicked: Mutex<Vec<serde_json::Value>>,
+    /// With `record_sent`, every live frame of market events handed to a connection.
+    pub(crate) sent: Mutex<Vec<SentFrame>>,
+}
+
+/// A live frame the simulator handed to a connection's writer.
+#[derive(Clone, Debug)]
+pub struct SentFrame {
+    /// The connection, numbered from 1 in the order they were made.
+    pub connection: u64,
+    pub feed: Feed,
+    /// When it was handed over, Unix milliseconds.
+    pub at_ms: i64,
+    pub text: String,
 }
 
 pub(crate) fn now_ms() -> i64 {
@@ -43,6 +56,18 @@ pub(crate) fn now_ms() -> i64 {
 }
 
 impl Sim {
+    /// Notes a frame handed to connection `connection`, when the options ask for it.
+    pub(crate) fn note_sent(&self, connection: u64, feed: Feed, text: &str) {
+        if self.options.record_sent {
+            self.sent.lock().unwrap_or_else(|p| p.into_inner()).push(SentFrame {
+                connection,
+                feed,
+                at_ms: now_ms(),
+                text: text.to_owned(),
+            });
+        }
+    }
+
     pub(crate) fn accepts_key(&self, key: &str) -> bool {
         !key.is_empty() && self.options.api_key.as_deref().is_none_or(|k| k == key)
     }
@@ -93,6 +118,11 @@ impl SimHandle {
         self.sim.kicked.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
+    /// Every live frame sent so far (with `record_sent`), in order, taken out.
+    pub fn take_sent(&self) -> Vec<SentFrame> {
+        std::mem::take(&mut *self.sim.sent.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
     /// Stops serving and closes every live connection.
     pub async fn stop(self) -> std::io::Result<()> {
         let _ = self.stop.send(true);
@@ -116,6 +146,7 @@ pub async fn spawn(addr: SocketAddr, options: SimOptions) -> std::io::Result<Sim
         next_connection: AtomicU64::new(1),
         shutdown: shutdown.clone(),
         kicked: Mutex::new(Vec::new()),
+        sent: Mutex::new(Vec::new()),
     });
     let app = Router::new()
         .route(

@@ -189,7 +189,10 @@ async fn connection(sim: Arc<Sim>, feed: Feed, socket: WebSocket) {
                     tracing::info!(connection = id, events = events.len(), "simulator: injected force_disconnect");
                     let status = json!({ "ev": "status", "status": "force_disconnect", "message": "connection closed by the server" });
                     events.insert(events.len().div_ceil(2), status);
-                    let _ = tx.try_send(Message::Text(Value::Array(events).to_string().into()));
+                    let text = Value::Array(events).to_string();
+                    if tx.try_send(Message::Text(text.clone().into())).is_ok() {
+                        sim.note_sent(id, feed, &text);
+                    }
                     let _ = tx.try_send(Message::Close(Some(CloseFrame { code: 1000, reason: Utf8Bytes::from_static("force disconnect") })));
                     break;
                 }
@@ -207,8 +210,10 @@ async fn connection(sim: Arc<Sim>, feed: Feed, socket: WebSocket) {
                                 r#"[{{"ev":"C","p":"EUR/USD","x":48,"a":1.1,"b":1.0,"t":18500000000000000}},{{"ev":"C","p":"EUR/USD","x":48,"a":"NaN","b":1.0,"t":{now}}}]"#
                             ).into()));
                         }
-                        let frame = Message::Text(Value::Array(events).to_string().into());
-                        if tx.try_send(frame).is_err() {
+                        let text = Value::Array(events).to_string();
+                        if tx.try_send(Message::Text(text.clone().into())).is_ok() {
+                            sim.note_sent(id, feed, &text);
+                        } else {
                             tracing::info!(connection = id, "simulator: slow consumer, disconnecting");
                             graceful = false;
                             break;

@@ -391,6 +391,24 @@ fn sync_dir(path: &Path) -> std::io::Result<()> {
     std::fs::File::open(path)?.sync_all()
 }
 
+/// Deletes one record, as a build that lost an acknowledged record would leave the log:
+/// for the negative control of `tickvault drill --sabotage` and of tests. Never called
+/// by the daemon.
+#[cfg(feature = "failpoints")]
+pub fn delete_record_for_test(path: &Path, lane: crate::Lane, seq: u64) -> Result<(), OpenError> {
+    let db = open(path, Mode::Write)?;
+    let rocks = |source| OpenError::Rocks {
+        path: path.to_owned(),
+        source,
+    };
+    let cf = db.cf_handle(lane.name()).ok_or_else(|| OpenError::NotALog {
+        path: path.to_owned(),
+        reason: format!("no column family for lane {lane}"),
+    })?;
+    db.delete_cf(&cf, seq_key(seq)).map_err(rocks)?;
+    db.flush_wal(true).map_err(rocks)
+}
+
 /// Sets the stored format version; for tests of the newer-format refusal.
 #[cfg(feature = "failpoints")]
 pub fn stamp_format_version_for_test(path: &Path, version: u8) -> Result<(), OpenError> {
