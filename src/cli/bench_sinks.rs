@@ -1,6 +1,7 @@
 //! `tickvault bench sinks`: live capture-to-commit latency per sink, idle and during a
 //! full-speed backfill, side by side in one run; and backfill rows/s per sink, one sink
-//! at a time, forwarding a log captured beforehand. Against the real servers of
+//! at a time, forwarding a log captured beforehand, and `tickvault replay` of the same
+//! log into the same sink emptied. Against the real servers of
 //! `scripts/services.sh up` (databases `tv_bench_*`, streams `TV_BENCH_*`), with the simulator
 //! in its own process at the lowest CPU priority (Polygon does not run on the appliance).
 
@@ -483,6 +484,18 @@ pub async fn sinks(
             stats.batches.load(Ordering::Relaxed),
         );
         running.shutdown().await?;
+        settle(&config).await;
+        // The same log into the same sink emptied, by `tickvault replay` instead.
+        reset(&config).await?;
+        let started = Instant::now();
+        let replayed = super::replay::replay_all(&config, &log, sink).await?;
+        let replay_secs = started.elapsed().as_secs_f64();
+        println!(
+            "  {:<10} replay: {replayed} rows in {replay_secs:.2} s = {:.0} rows/s, {:.2}x the daemon's forwarding",
+            "",
+            replayed as f64 / replay_secs,
+            (replayed as f64 / replay_secs) / (done as f64 / secs).max(1e-9)
+        );
         settle(&config).await;
         used.push(config);
     }

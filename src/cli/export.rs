@@ -189,10 +189,14 @@ enum Cell<'a> {
     Frame(Timeframe),
 }
 
-/// The cells of one event, in the order of [`columns`].
-fn cells<'a>(lane: Lane, seq: u64, event: &'a Event, out: &mut Vec<Cell<'a>>) {
+/// The most columns a kind has.
+const MAX_COLUMNS: usize = 14;
+const _: () = assert!(QUOTE.len() <= MAX_COLUMNS && TRADE.len() <= MAX_COLUMNS && BAR.len() <= MAX_COLUMNS);
+
+/// The cells of one event, in the order of [`columns`], into `row`; how many.
+fn cells<'a>(lane: Lane, seq: u64, event: &'a Event, row: &mut [Cell<'a>; MAX_COLUMNS]) -> usize {
     use Cell::*;
-    out.clear();
+    let mut out = Filler { row, len: 0 };
     let head = [
         Text(lane.name()),
         Int(seq as i64),
@@ -234,6 +238,24 @@ fn cells<'a>(lane: Lane, seq: u64, event: &'a Event, out: &mut Vec<Cell<'a>>) {
         ]),
     }
     out.push(Int(event.capture.captured_at_ns));
+    out.len
+}
+
+/// Fills a row's cells in order.
+struct Filler<'r, 'a> {
+    row: &'r mut [Cell<'a>; MAX_COLUMNS],
+    len: usize,
+}
+
+impl<'a> Filler<'_, 'a> {
+    fn push(&mut self, cell: Cell<'a>) {
+        self.row[self.len] = cell;
+        self.len += 1;
+    }
+
+    fn extend(&mut self, cells: impl IntoIterator<Item = Cell<'a>>) {
+        cells.into_iter().for_each(|c| self.push(c));
+    }
 }
 
 /// Where one kind's rows go.
@@ -243,25 +265,35 @@ trait RowSink {
     fn finish(self: Box<Self>) -> anyhow::Result<u64>;
 }
 
-fn rfc3339(ty: Ty, v: i64) -> String {
+/// A timestamp column's value as RFC 3339 in UTC (the number itself if out of range).
+fn rfc3339(out: &mut impl std::io::Write, ty: Ty, v: i64) -> std::io::Result<()> {
     let t = match ty {
         Ty::Nanos => jiff::Timestamp::from_nanosecond(v.into()),
         _ => jiff::Timestamp::from_millisecond(v),
     };
-    t.map(|t| t.to_string()).unwrap_or_else(|_| v.to_string())
+    match t {
+        Ok(t) => write!(out, "{t}"),
+        Err(_) => write!(out, "{v}"),
+    }
 }
 
-/// A cell as CSV text (a JSONL value is built from the same cases).
-fn text(column: &Column, cell: Cell<'_>) -> String {
+/// A cell as CSV text, into `out` (emptied first).
+fn text(out: &mut Vec<u8>, column: &Column, cell: Cell<'_>) -> std::io::Result<()> {
+    out.clear();
     match cell {
-        Cell::Null => String::new(),
-        Cell::Text(s) => s.to_owned(),
-        Cell::Int(v) if matches!(column.ty, Ty::Millis | Ty::Nanos) => rfc3339(column.ty, v),
-        Cell::Int(v) => v.to_string(),
-        Cell::UInt(v) => v.to_string(),
-        Cell::Float(v) => v.to_string(),
-        Cell::Ints(v) => v.iter().map(i32::to_string).collect::<Vec<_>>().join(";"),
-        Cell::Frame(t) => t.to_string(),
+        Cell::Null => Ok(()),
+        Cell::Text(s) => out.write_all(s.as_bytes()),
+        Cell::Int(v) if matches!(column.ty, Ty::Millis | Ty::Nanos) => rfc3339(out, column.ty, v),
+        Cell::Int(v) => write!(out, "{v}"),
+        Cell::UInt(v) => write!(out, "{v}"),
+        Cell::Float(v) => write!(out, "{v}"),
+        Cell::Ints(v) => {
+            for (i, x) in v.iter().enumerate() {
+                write!(out, "{}{x}", if i > 0 { ";" } else { "" })?;
+            }
+            Ok(())
+        }
+        Cell::Frame(t) => write!(out, "{t}"),
     }
 }
 
@@ -269,15 +301,16 @@ struct CsvSink {
     columns: &'static [Column],
     out: csv::Writer<BufWriter<File>>,
     path: PathBuf,
-    fields: Vec<String>,
+    field: Vec<u8>,
 }
 
 impl RowSink for CsvSink {
     fn row(&mut self, cells: &[Cell<'_>]) -> anyhow::Result<()> {
-        self.fields.clear();
-        self.fields
-            .extend(self.columns.iter().zip(cells).map(|(c, &cell)| text(c, cell)));
-        Ok(self.out.write_record(&self.fields)?)
+        for (column, &cell) in self.columns.iter().zip(cells) {
+            text(&mut self.field, column, cell)?;
+            self.out.write_field(&self.field)?;
+        }
+        Ok(self.out.write_record(None::<&[u8]>)?)
     }
 
     fn finish(self: Box<Self>) -> anyhow::Result<u64> {
@@ -306,7 +339,10 @@ impl RowSink for JsonlSink {
             match cell {
                 Cell::Null => out.write_all(b"null")?,
                 Cell::Int(v) if matches!(column.ty, Ty::Millis | Ty::Nanos) => {
-                    serde_json::to_writer(&mut *out, &rfc3339(column.ty, v))?
+                    // RFC 3339 needs no escaping in a JSON string.
+                    out.write_all(b"\"")?;
+                    rfc3339(out, column.ty, v)?;
+                    out.write_all(b"\"")?
                 }
                 Cell::Text(s) => serde_json::to_writer(&mut *out, s)?,
                 Cell::Int(v) => write!(out, "{v}")?,
@@ -499,7 +535,7 @@ fn open_sink(format: Format, kind: EventKind, path: &Path) -> anyhow::Result<Box
                 columns,
                 out,
                 path: path.to_owned(),
-                fields: Vec::new(),
+                field: Vec::new(),
             })
         }
         Format::Jsonl => Box::new(JsonlSink {
@@ -622,9 +658,9 @@ pub fn run(spec: &ExportSpec) -> anyhow::Result<ExitCode> {
                 }
             }
             let output = slot.as_mut().expect("opened above");
-            let mut row = Vec::with_capacity(16);
-            cells(lane, seq, &event, &mut row);
-            if let Err(e) = output.sink.row(&row) {
+            let mut row = [Cell::Null; MAX_COLUMNS];
+            let n = cells(lane, seq, &event, &mut row);
+            if let Err(e) = output.sink.row(&row[..n]) {
                 failed = Some(e);
                 return false;
             }

@@ -12,13 +12,14 @@
 
 use std::collections::HashSet;
 use std::io::{IsTerminal, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use tickvault_wal::{Lane, LogReader, Wal};
 
 use crate::backoff::Backoff;
+use crate::config::Config;
 use crate::daemon::FORWARDED_LANES;
 use crate::sink::clickhouse::ClickHouseSink;
 use crate::sink::nats::NatsSink;
@@ -100,31 +101,7 @@ pub async fn run(spec: &ReplaySpec) -> anyhow::Result<ExitCode> {
         give_up_after: spec.give_up_after,
     };
     let started = Instant::now();
-    let sent = match name {
-        "clickhouse" => replay(ClickHouseSink::new(&config.sinks.clickhouse), &reader, &range, None).await,
-        "postgres" => {
-            let sink = PostgresSink::new(&config.sinks.postgres, &reader.log_id()?).for_replay();
-            replay(sink, &reader, &range, None).await
-        }
-        _ => {
-            let mut sink = NatsSink::new(&config.sinks.nats);
-            let mut stored = HashSet::new();
-            for &lane in &range.lanes {
-                let mut retry = Retry::new(range.give_up_after);
-                while let Err(e) = sink
-                    .stored_ids(lane, |id| {
-                        stored.insert(id.to_owned());
-                    })
-                    .await
-                {
-                    if let Err(e) = retry.after(e).await {
-                        return failed(name, &e);
-                    }
-                }
-            }
-            replay(sink, &reader, &range, Some(&stored)).await
-        }
-    };
+    let sent = send(&config, name, &reader, &range).await;
     drop(reader);
     let sent = match sent {
         Ok(sent) => sent,
@@ -206,6 +183,53 @@ pub async fn run(spec: &ReplaySpec) -> anyhow::Result<ExitCode> {
 fn failed(name: &str, e: &SinkError) -> anyhow::Result<ExitCode> {
     eprintln!("replay: sink {name} failed: {e}; run the replay again when it is back (each key is sent once)");
     Ok(ExitCode::FAILURE)
+}
+
+/// Replays `range` of the log `reader` reads into the sink `name` of `config`.
+async fn send(config: &Config, name: &'static str, reader: &LogReader, range: &Range) -> Result<Vec<Sent>, SinkError> {
+    match name {
+        "clickhouse" => replay(ClickHouseSink::new(&config.sinks.clickhouse), reader, range, None).await,
+        "postgres" => {
+            let log_id = reader.log_id().map_err(|e| SinkError::fatal("log", "read", e))?;
+            replay(
+                PostgresSink::new(&config.sinks.postgres, &log_id).for_replay(),
+                reader,
+                range,
+                None,
+            )
+            .await
+        }
+        _ => {
+            let mut sink = NatsSink::new(&config.sinks.nats);
+            let mut stored = HashSet::new();
+            for &lane in &range.lanes {
+                let mut retry = Retry::new(range.give_up_after);
+                while let Err(e) = sink
+                    .stored_ids(lane, |id| {
+                        stored.insert(id.to_owned());
+                    })
+                    .await
+                {
+                    retry.after(e).await?;
+                }
+            }
+            replay(sink, reader, range, Some(&stored)).await
+        }
+    }
+}
+
+/// The whole of `data_dir`'s forwarded lanes into sink `name` (for `bench sinks`): the
+/// rows sent.
+pub async fn replay_all(config: &Config, data_dir: &Path, name: &'static str) -> anyhow::Result<u64> {
+    let reader = Wal::open_read_only(data_dir)?;
+    let range = Range {
+        lanes: FORWARDED_LANES.to_vec(),
+        from_ms: i64::MIN,
+        to_ms: i64::MAX,
+        give_up_after: Duration::from_secs(30),
+    };
+    let sent = send(config, name, &reader, &range).await?;
+    Ok(sent.iter().map(|s| s.rows).sum())
 }
 
 struct Range {
