@@ -27,13 +27,19 @@ for target in $targets; do
     corpus=target/fuzz-corpus/$target
     mkdir -p "$corpus"
     log=$(mktemp)
-    if "${fuzz[@]}" "$target" "$corpus" "fuzz/seeds/$target" -- \
+    seeds=()
+    [ -d "fuzz/seeds/$target" ] && seeds=("fuzz/seeds/$target")
+    if "${fuzz[@]}" "$target" "$corpus" "${seeds[@]}" -- \
         -max_total_time="$seconds" -print_final_stats=1 -rss_limit_mb=2048 >"$log" 2>&1; then
         result=ok
     else
-        result="CRASH (fuzz/artifacts/$target/)"
         failed=1
         tail -40 "$log" >&2
+        if ls "fuzz/artifacts/$target"/crash-* >/dev/null 2>&1; then
+            result="CRASH (fuzz/artifacts/$target/)"
+        else
+            result="did not run (its output is above)"
+        fi
     fi
     runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
     rate=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$log" | tail -1)

@@ -375,6 +375,17 @@ mod tests {
         }
     }
 
+    /// The fuzz target's seed (fuzz/seeds/decode_event/quote.bin) is this sample's
+    /// payload: a fuzzer starts from a valid one. TICKVAULT_WRITE_SEEDS=1 writes it.
+    #[test]
+    fn the_fuzz_seed_is_a_valid_payload() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../fuzz/seeds/decode_event/quote.bin");
+        if std::env::var_os("TICKVAULT_WRITE_SEEDS").is_some() {
+            std::fs::write(&path, sample().to_payload().unwrap()).unwrap();
+        }
+        assert_eq!(Event::from_payload(&std::fs::read(&path).unwrap()).unwrap(), sample());
+    }
+
     #[test]
     fn an_event_round_trips_through_its_payload() {
         let event = sample();
