@@ -31,6 +31,7 @@ quick() {
     grep -qF "$table" <<<"$out" || { echo "tickvault $*: no table (\"$table\") printed" >&2; exit 1; }
 }
 quick '| run |' bench wal
+quick '| scan |' bench gaps
 quick '| target events/s |' bench capture
 quick 'live capture-to-sink-commit latency' bench sinks
 

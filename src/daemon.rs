@@ -129,6 +129,7 @@ pub fn backfill_spec(config: &Config) -> anyhow::Result<BackfillSpec> {
         live_duty: config.backfill.live_duty,
         retry_min: std::time::Duration::from_millis(500),
         retry_max: std::time::Duration::from_secs(60),
+        calendar: tickvault_core::calendar::Calendar::new(&config.calendar),
     })
 }
 
@@ -415,7 +416,7 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
             backfill: backfill.clone(),
             sinks: sinks.clone(),
             priority: priority.clone(),
-            calendar: crate::sim::Market::new(0, 1, 0),
+            calendar: tickvault_core::calendar::Calendar::new(&config.calendar),
             retention: config.log.retention,
             reserve: config.log.disk_reserve,
             room: room.clone(),

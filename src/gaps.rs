@@ -1,6 +1,7 @@
-//! Gaps: intervals in which the appliance may have missed data. The live collector
-//! records every disconnect as a suspected gap; the gap detector (to come) reads them,
-//! with the coverage index, to schedule backfill.
+//! Gaps: minutes in market hours the log has no bar for. The live collector records
+//! every disconnect as a suspected gap; [`scan`] reads the coverage index
+//! (`crate::coverage`) with the calendar and finds every minute in market hours with
+//! neither a bar nor a source-hole mark, naming the disconnect a gap falls in.
 
 use serde::{Deserialize, Serialize};
 use tickvault_wal::{Space, Wal, WriteError};
@@ -49,4 +50,217 @@ pub fn suspected(reader: &tickvault_wal::LogReader) -> Result<Vec<SuspectedGap>,
         .into_iter()
         .filter_map(|(_, v)| serde_json::from_slice(&v).ok())
         .collect())
+}
+
+/// A symbol whose one-minute bars the config captures, and from when its minutes are
+/// checked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Watched {
+    pub feed: Feed,
+    pub symbol: String,
+    /// A backfill symbol: every minute of the lookback. Live only: from its first bar.
+    pub backfilled: bool,
+}
+
+/// The live channels that carry one-minute aggregates.
+const MINUTE_CHANNELS: [&str; 3] = ["CA", "XA", "AM"];
+
+/// Every symbol whose minute bars `config` captures, once, in market then symbol order.
+pub fn watched(config: &crate::config::Config) -> Vec<Watched> {
+    let mut out: Vec<Watched> = Vec::new();
+    let b = &config.backfill;
+    let live = &config.live;
+    for (feed, backfill, market) in [
+        (Feed::Forex, &b.forex, &live.forex),
+        (Feed::Crypto, &b.crypto, &live.crypto),
+        (Feed::Stocks, &b.stocks, &live.stocks),
+    ] {
+        if b.enabled {
+            for s in backfill {
+                if let Some(symbol) = crate::polygon::symbol::canonical(feed, s) {
+                    out.push(Watched {
+                        feed,
+                        symbol,
+                        backfilled: true,
+                    });
+                }
+            }
+        }
+        let Some(market) = market.as_ref().filter(|_| live.enabled) else {
+            continue;
+        };
+        if !market.channels.iter().any(|c| MINUTE_CHANNELS.contains(&c.as_str())) {
+            continue;
+        }
+        for s in &market.symbols {
+            let Some(symbol) = crate::polygon::symbol::canonical(feed, s) else {
+                continue;
+            };
+            if !out.iter().any(|w| w.feed == feed && w.symbol == symbol) {
+                out.push(Watched {
+                    feed,
+                    symbol,
+                    backfilled: false,
+                });
+            }
+        }
+    }
+    out
+}
+
+/// A run of minutes in market hours with no bar and no source-hole mark.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct OpenGap {
+    pub from_ms: i64,
+    /// Exclusive.
+    pub to_ms: i64,
+    pub minutes: u64,
+    /// Why it is suspected: the disconnect it falls in, or none known.
+    pub why: String,
+}
+
+/// One symbol's minutes over the range checked.
+#[derive(Clone, Debug, Serialize)]
+pub struct SymbolGaps {
+    pub feed: Feed,
+    pub symbol: String,
+    pub timeframe: &'static str,
+    pub from_ms: i64,
+    pub to_ms: i64,
+    /// Minutes in market hours in the range.
+    pub market_minutes: u64,
+    /// Of those, with a bar in the log.
+    pub covered: u64,
+    /// Of those, marked as having no data at the source.
+    pub source_holes: u64,
+    pub gaps: Vec<OpenGap>,
+}
+
+impl SymbolGaps {
+    pub fn gap_minutes(&self) -> u64 {
+        self.gaps.iter().map(|g| g.minutes).sum()
+    }
+}
+
+const DAY_MS: i64 = 86_400_000;
+const MINUTE_MS: i64 = 60_000;
+
+/// The gaps of `watched` in `from_ms..to_ms` (whole minutes), from the coverage index
+/// and the calendar; a day's market mask is computed once for all symbols keeping the
+/// same hours.
+pub fn scan(
+    reader: &tickvault_wal::LogReader,
+    calendar: &crate::calendar::Calendar,
+    watched: &[Watched],
+    from_ms: i64,
+    to_ms: i64,
+) -> Result<Vec<SymbolGaps>, tickvault_wal::ReadError> {
+    use crate::coverage::{Coverage, Mark};
+    let suspected = suspected(reader)?;
+    let mut masks: std::collections::HashMap<(crate::calendar::Hours, i64), [u8; 180]> = Default::default();
+    let mut out = Vec::new();
+    let from_ms = from_ms.div_euclid(MINUTE_MS) * MINUTE_MS;
+    let to_ms = to_ms.div_euclid(MINUTE_MS) * MINUTE_MS;
+    for w in watched {
+        let (first_day, last_day) = (from_ms.div_euclid(DAY_MS), (to_ms - 1).div_euclid(DAY_MS));
+        let bars = Coverage::read(reader, Mark::Bar, w.feed, &w.symbol, first_day, last_day)?;
+        let holes = Coverage::read(reader, Mark::Hole, w.feed, &w.symbol, first_day, last_day)?;
+        let start = match w.backfilled {
+            true => from_ms,
+            // Live only: from its first bar (none yet: nothing to check).
+            false => match bars.first() {
+                Some(first) => first.max(from_ms),
+                None => to_ms,
+            },
+        };
+        let hours = calendar.hours(w.feed, &w.symbol);
+        let mut report = SymbolGaps {
+            feed: w.feed,
+            symbol: w.symbol.clone(),
+            timeframe: "1m",
+            from_ms: start,
+            to_ms,
+            market_minutes: 0,
+            covered: 0,
+            source_holes: 0,
+            gaps: Vec::new(),
+        };
+        let mut open: Option<i64> = None;
+        let close = |open: &mut Option<i64>, end: i64, report: &mut SymbolGaps| {
+            if let Some(from) = open.take() {
+                let why = suspected
+                    .iter()
+                    .find(|g| {
+                        g.feed == w.feed
+                            && (g.symbols.is_empty() || g.symbols.contains(&w.symbol))
+                            && g.from_ms < end
+                            && g.to_ms >= from
+                    })
+                    .map_or_else(|| "no bar".to_owned(), |g| format!("a disconnect: {}", g.cause));
+                report.gaps.push(OpenGap {
+                    from_ms: from,
+                    to_ms: end,
+                    minutes: ((end - from) / MINUTE_MS) as u64,
+                    why,
+                });
+            }
+        };
+        // A byte (8 minutes) at a time: the common bytes (all closed, all covered, all
+        // missing) cost a few instructions; only a mixed one is looked at minute by minute.
+        let mut day = start.div_euclid(DAY_MS);
+        while day * DAY_MS < to_ms {
+            let mut mask = *masks
+                .entry((hours, day))
+                .or_insert_with(|| calendar.open_mask(hours, day));
+            // Minutes outside start..to_ms count as closed.
+            for m in 0..1440usize {
+                let at = day * DAY_MS + m as i64 * MINUTE_MS;
+                if at >= start {
+                    break;
+                }
+                mask[m / 8] &= !(1 << (m % 8));
+            }
+            if (day + 1) * DAY_MS > to_ms {
+                for m in ((to_ms - day * DAY_MS) / MINUTE_MS) as usize..1440 {
+                    mask[m / 8] &= !(1 << (m % 8));
+                }
+            }
+            let none = [0u8; crate::coverage::DAY_BYTES];
+            let bar_bits = bars.day(day).unwrap_or(&none);
+            let hole_bits = holes.day(day).unwrap_or(&none);
+            for (b, &market) in mask.iter().enumerate() {
+                let minute0 = day * DAY_MS + (b * 8) as i64 * MINUTE_MS;
+                if market == 0 {
+                    close(&mut open, minute0, &mut report);
+                    continue;
+                }
+                let (bar, hole) = (
+                    bar_bits.get(b).copied().unwrap_or(0),
+                    hole_bits.get(b).copied().unwrap_or(0),
+                );
+                report.market_minutes += u64::from(market.count_ones());
+                report.covered += u64::from((market & bar).count_ones());
+                report.source_holes += u64::from((market & hole & !bar).count_ones());
+                let missing = market & !bar & !hole;
+                if missing == 0 {
+                    close(&mut open, minute0, &mut report);
+                } else if missing == 0xff {
+                    open.get_or_insert(minute0);
+                } else {
+                    for bit in 0..8 {
+                        let at = minute0 + bit * MINUTE_MS;
+                        if missing & (1 << bit) != 0 {
+                            open.get_or_insert(at);
+                        } else {
+                            close(&mut open, at, &mut report);
+                        }
+                    }
+                }
+            }
+            day += 1;
+        }
+        close(&mut open, to_ms, &mut report);
+        out.push(report);
+    }
+    Ok(out)
 }

@@ -9,6 +9,7 @@
 
 pub mod backoff;
 pub mod cli;
+pub mod coverage;
 pub mod daemon;
 pub mod disk;
 pub mod gaps;
@@ -20,4 +21,4 @@ pub mod source;
 pub mod synthetic;
 pub mod verify;
 
-pub use tickvault_core::{config, event, polygon};
+pub use tickvault_core::{calendar, config, event, polygon};

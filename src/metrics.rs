@@ -41,8 +41,8 @@ pub struct Sources {
     pub backfill: Option<Arc<BackfillStats>>,
     pub sinks: Vec<Arc<RunnerStats>>,
     pub priority: Arc<Priority>,
-    /// Market hours (the simulator's calendar is the one the daemon knows).
-    pub calendar: crate::sim::Market,
+    /// Market hours, as `[calendar]` sets them.
+    pub calendar: tickvault_core::calendar::Calendar,
     pub retention: std::time::Duration,
     pub reserve: crate::disk::Reserve,
     /// What the disk lets capture do.
@@ -217,13 +217,13 @@ impl Collector for Sources {
         gauges(
             &mut enc,
             "tickvault_live_market_open",
-            "1 while the feed's market is open by its calendar (forex Sunday 17:00 to Friday 17:00 New York, crypto always, stocks 09:30-16:00 on weekdays): when silence means staleness.",
+            "1 while the feed's market is open by [calendar] (forex Sunday 17:00 to Friday 17:00 New York, crypto always, stocks 09:30-16:00 on weekdays but holidays): when silence means staleness.",
             None,
             &self
                 .live
                 .iter()
                 .map(|(feed, _)| {
-                    let open = self.calendar.is_open(*feed, now_ms);
+                    let open = self.calendar.market_is_open(*feed, now_ms);
                     (labels(&[("feed", feed.name())]), f64::from(u8::from(open)))
                 })
                 .collect::<Vec<_>>(),

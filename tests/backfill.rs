@@ -37,6 +37,7 @@ fn spec(sim: &sim::SimHandle, page_limit: u32) -> BackfillSpec {
         live_duty: 1.0,
         retry_min: Duration::from_millis(20),
         retry_max: Duration::from_millis(200),
+        calendar: tickvault::calendar::Calendar::default(),
     }
 }
 

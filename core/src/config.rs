@@ -32,6 +32,28 @@ pub struct Config {
     pub security: SecurityConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub calendar: crate::calendar::CalendarConfig,
+    #[serde(default)]
+    pub gaps: GapsConfig,
+}
+
+/// `[gaps]`: which minutes `tickvault gaps` looks at.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct GapsConfig {
+    /// How far back from now minutes are checked. Default 30 days; any length: the
+    /// coverage index is local, never bounded by a sink's retention.
+    #[serde(with = "humantime_serde")]
+    pub lookback: Duration,
+}
+
+impl Default for GapsConfig {
+    fn default() -> Self {
+        GapsConfig {
+            lookback: Duration::from_secs(30 * 86_400),
+        }
+    }
 }
 
 /// `[metrics]`: Prometheus metrics and health checks over HTTP (`/metrics`, `/healthz`,
@@ -357,6 +379,18 @@ impl Config {
 
     /// Checks what types alone cannot.
     pub fn validate(&self, file: &str) -> Result<(), ConfigError> {
+        for symbol in self.calendar.symbols.keys() {
+            let canonical = Feed::ALL
+                .iter()
+                .any(|&feed| crate::polygon::symbol::canonical(feed, symbol).as_deref() == Some(symbol.as_str()));
+            if !canonical {
+                return Err(ConfigError::field(
+                    file,
+                    &format!("calendar.symbols.\"{symbol}\""),
+                    "not a symbol in its canonical form (EUR/USD, BTC-USD, AAPL)",
+                ));
+            }
+        }
         let log = &self.log;
         if log.data_dir.as_os_str().is_empty() {
             return Err(ConfigError::field(file, "log.data_dir", "must not be empty"));
@@ -388,6 +422,7 @@ impl Config {
             ("live.reconnect_max", self.live.reconnect_max, hours(1), "1h"),
             ("backfill.lookback", self.backfill.lookback, days(50 * 365), "50 years"),
             ("backfill.chunk", self.backfill.chunk, days(3_650), "10 years"),
+            ("gaps.lookback", self.gaps.lookback, days(50 * 365), "50 years"),
         ] {
             if value > max {
                 return Err(ConfigError::field(file, field, format!("must be at most {says}")));
@@ -674,6 +709,17 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../config/tickvault.toml");
         let config = Config::parse("p", &std::fs::read_to_string(path).unwrap()).unwrap();
         assert_eq!(config, Config::default());
+    }
+
+    #[test]
+    fn a_calendar_entry_that_is_not_a_symbol_or_an_early_close_out_of_hours_is_named() {
+        let config = Config::parse("t", "[calendar]\nsymbols = { \"C:EURUSD\" = \"always\" }\n").unwrap();
+        let err = config.validate("t").unwrap_err();
+        assert_eq!(err.location, "field `calendar.symbols.\"C:EURUSD\"`", "{err}");
+        let err = Config::parse("t", "[calendar]\nearly_closes = [\"2025-11-28 18:00\"]\n").unwrap_err();
+        assert_eq!(err.location, "field `calendar.early_closes[0]`", "{err}");
+        let err = Config::parse("t", "[calendar]\nstocks = \"lse\"\n").unwrap_err();
+        assert_eq!(err.location, "field `calendar.stocks`", "{err}");
     }
 
     #[test]

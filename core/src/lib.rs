@@ -4,6 +4,7 @@
 //! the fuzz targets (`fuzz/`) exercise it without building RocksDB; the log
 //! (`tickvault-wal`) and the daemon (`tickvault`) re-export it.
 
+pub mod calendar;
 pub mod config;
 pub mod event;
 pub mod lane;

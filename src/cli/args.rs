@@ -111,6 +111,9 @@ pub enum Command {
     /// simulator, then the log checked against what was sent and the sinks against the
     /// log; exit 1 naming any loss or duplicate.
     Drill(super::drill::DrillSpec),
+    /// Per symbol, the minutes in market hours the log has no bar for (from its
+    /// coverage index); exit 0 when there is none, 1 otherwise.
+    Gaps(super::gaps::GapsSpec),
     /// Inspect and exercise the durable log.
     Wal {
         #[command(subcommand)]
@@ -215,6 +218,18 @@ pub enum BenchCommand {
         #[arg(long, value_parser = humantime::parse_duration)]
         budget: Option<std::time::Duration>,
         /// A run that checks the suite works, not its speed: one round of 3 s windows.
+        #[arg(long)]
+        quick: bool,
+    },
+    /// The gap scan: a coverage index of 14 forex symbols over `--years` of minutes (a
+    /// gap and a source hole a day each), scanned by `tickvault gaps`'s code, against
+    /// the same scan a minute at a time.
+    Gaps {
+        #[arg(long, default_value = "target/bench")]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 10)]
+        years: u32,
+        /// One year, to check the suite works.
         #[arg(long)]
         quick: bool,
     },

@@ -63,7 +63,7 @@ async fn scraped(
         backfill: None,
         sinks: Vec::new(),
         priority: Arc::new(crate::sink::priority::Priority::new(0, 1.0, Duration::ZERO)),
-        calendar: crate::sim::Market::new(0, 1, 0),
+        calendar: crate::calendar::Calendar::default(),
         retention: Duration::from_secs(86_400),
         reserve: crate::disk::Reserve::Bytes(crate::disk::MIN_RESERVE),
         room,

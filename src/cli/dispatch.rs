@@ -117,6 +117,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Export(spec) => super::export::run(&spec),
         Command::Replay(spec) => runtime()?.block_on(super::replay::run(&spec)),
         Command::Drill(spec) => runtime()?.block_on(super::drill::run(&spec)),
+        Command::Gaps(spec) => super::gaps::run(&spec),
         Command::Wal { command } => match command {
             WalCommand::Summary { data_dir, json } => super::wal::summary(&data_dir, json),
             WalCommand::Dump {
@@ -129,6 +130,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             WalCommand::Load(spec) => runtime()?.block_on(super::load::run(spec)),
         },
         Command::Bench { command } => match command {
+            BenchCommand::Gaps { dir, years, quick } => {
+                runtime()?.block_on(super::bench_gaps::run(&dir, if quick { 1 } else { years }))
+            }
             BenchCommand::Capture {
                 dir,
                 seconds,

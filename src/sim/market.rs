@@ -4,12 +4,11 @@
 //! bar for a minute can be computed in constant time for any date, and the live quotes
 //! of that minute are laid out inside that bar (the first quote's bid is the open, the
 //! last's the close, one touches the high, one the low), so live quotes and REST bars
-//! agree exactly for the same minute. Forex is closed from Friday 17:00 to Sunday 17:00
-//! New York time, stocks trade 09:30-16:00 New York on weekdays, crypto never closes.
+//! agree exactly for the same minute. Its hours are the default calendar's
+//! (`tickvault_core::calendar`): forex closed from Friday 17:00 to Sunday 17:00 New York
+//! time, stocks 09:30-16:00 New York on weekdays but NYSE's holidays, crypto never closed.
 
-use jiff::civil::Weekday;
-use jiff::tz::TimeZone;
-use jiff::Timestamp;
+use tickvault_core::calendar::Calendar;
 
 use crate::event::Feed;
 use crate::synthetic::splitmix;
@@ -60,7 +59,7 @@ pub struct Market {
     /// Ignore market hours (forex weekends, stock sessions): for tests and demos that
     /// need every market live whatever the day. Default false.
     pub always_open: bool,
-    new_york: TimeZone,
+    calendar: Calendar,
 }
 
 impl Market {
@@ -70,8 +69,7 @@ impl Market {
             quotes_per_minute: quotes_per_minute.clamp(1, 60_000),
             hole_every,
             always_open: false,
-            // jiff bundles the tz database on platforms without one; Debian has tzdata.
-            new_york: TimeZone::get("America/New_York").unwrap_or(TimeZone::UTC),
+            calendar: Calendar::default(),
         }
     }
 
@@ -79,29 +77,10 @@ impl Market {
         splitmix(self.seed ^ splitmix(hash_str(symbol) ^ splitmix(a as u64 ^ splitmix(b))))
     }
 
-    /// Whether the market of `feed` is open during the minute starting at `minute_ms`.
+    /// Whether the market of `feed` is open during the minute starting at `minute_ms`
+    /// (by the default calendar: `tickvault_core::calendar`).
     pub fn is_open(&self, feed: Feed, minute_ms: i64) -> bool {
-        if feed == Feed::Crypto || self.always_open {
-            return true;
-        }
-        let Ok(ts) = Timestamp::from_millisecond(minute_ms) else {
-            return false;
-        };
-        let local = ts.to_zoned_datetime(self.new_york.clone());
-        let minutes = i32::from(local.hour()) * 60 + i32::from(local.minute());
-        match feed {
-            Feed::Forex => match local.weekday() {
-                Weekday::Saturday => false,
-                Weekday::Friday => minutes < 17 * 60,
-                Weekday::Sunday => minutes >= 17 * 60,
-                _ => true,
-            },
-            Feed::Stocks => {
-                !matches!(local.weekday(), Weekday::Saturday | Weekday::Sunday)
-                    && (9 * 60 + 30..16 * 60).contains(&minutes)
-            }
-            Feed::Crypto => true,
-        }
+        self.always_open || self.calendar.market_is_open(feed, minute_ms)
     }
 
     /// Whether the source itself has no data for this minute (a "hole").
@@ -243,6 +222,7 @@ impl Market {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use jiff::Timestamp;
 
     fn minute(s: &str) -> i64 {
         s.parse::<Timestamp>().unwrap().as_millisecond()

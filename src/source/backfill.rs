@@ -29,11 +29,13 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::backoff::Backoff;
+use crate::coverage::{Coverage, Mark, Marks};
 use crate::event::{Body, Capture, Event, Feed, EVENT_KIND};
 use crate::polygon::rest::AggsPage;
 use crate::polygon::symbol;
 use crate::settings::Secret;
 use crate::sink::priority::{pause_for, Priority, LIVE_FLOWING};
+use tickvault_core::calendar::Calendar;
 
 /// One symbol's backfill over `from_ms..to_ms`.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -59,6 +61,9 @@ pub struct BackfillSpec {
     pub live_duty: f64,
     pub retry_min: Duration,
     pub retry_max: Duration,
+    /// Market hours: a minute in session that a finished period has no bar for is a
+    /// source hole.
+    pub calendar: Calendar,
 }
 
 /// Counters for progress and metrics.
@@ -183,12 +188,6 @@ pub fn periods(reader: &tickvault_wal::LogReader) -> anyhow::Result<Vec<Period>>
         .into_iter()
         .filter_map(|(_, v)| serde_json::from_slice(&v).ok())
         .collect())
-}
-
-async fn save(wal: &Wal, period: &Period) -> anyhow::Result<()> {
-    wal.put_state(Space::State, period.key(), Some(serde_json::to_vec(period)?))
-        .await?;
-    Ok(())
 }
 
 /// A job's part of one chunk.
@@ -392,6 +391,29 @@ impl Downloader {
         Ok(())
     }
 
+    /// The minutes of `period`'s downloaded range, up to `until` where `page` ends it,
+    /// that are in market hours and have no bar: not in the log (the coverage index, for
+    /// the pages before) and not in `page`.
+    fn source_holes(&self, period: &Period, until: i64, page: &AggsPage) -> anyhow::Result<Marks> {
+        let (from, to) = (period.from_ms(), until);
+        let in_page: std::collections::HashSet<i64> = page.results.iter().map(|b| b.t).collect();
+        let reader = self.wal.reader();
+        let (first_day, last_day) = (from.div_euclid(86_400_000), (to - 1).div_euclid(86_400_000));
+        let bars = Coverage::read(reader, Mark::Bar, period.feed, &period.symbol, first_day, last_day)?;
+        let mut holes = Marks::default();
+        let now_ms = jiff::Timestamp::now().as_millisecond();
+        for minute in self
+            .spec
+            .calendar
+            .open_minutes(period.feed, &period.symbol, from, to.min(now_ms))
+        {
+            if !in_page.contains(&minute) && !bars.has(minute) {
+                holes.add(Mark::Hole, period.feed, &period.symbol, minute);
+            }
+        }
+        Ok(holes)
+    }
+
     /// Downloads `span` of `period`, from where the period's downloaded range ends.
     async fn period(&self, mut period: Period, span: Span, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
         let ticker = symbol::rest_ticker(period.feed, &period.symbol);
@@ -465,8 +487,16 @@ impl Downloader {
                 .chunks(APPEND_BARS)
                 .map(|chunk| chunk.iter().map(|bar| bar.t).min())
                 .collect();
+            // A period that ends here marks, with its last append, the minutes in market
+            // hours it got no bar for: the source has none.
+            let mut holes = match finished {
+                true => self.source_holes(&period, until, &page)?,
+                false => Marks::default(),
+            };
+            let chunks = page.results.chunks(APPEND_BARS).count();
             for (i, chunk) in page.results.chunks(APPEND_BARS).enumerate() {
                 let mut batch = Batch::with_capacity(chunk.len(), chunk.len() * 96);
+                let mut marks = Marks::default();
                 for bar in chunk {
                     let event = Event {
                         capture: Capture {
@@ -484,6 +514,11 @@ impl Downloader {
                         continue;
                     }
                     batch.push(EVENT_KIND, &event.to_payload()?)?;
+                    marks.add_event(&event);
+                }
+                marks.into_batch(&mut batch);
+                if i + 1 == chunks {
+                    std::mem::take(&mut holes).into_batch(&mut batch);
                 }
                 period.bars += chunk.len() as u64;
                 match earliest[i + 1..].iter().flatten().min() {
@@ -498,7 +533,13 @@ impl Downloader {
             }
             if page.results.is_empty() && page_end > resumed_at {
                 period.advance_to(page_end, finished);
-                save(&self.wal, &period).await?;
+                let mut batch = Batch::new();
+                holes.into_batch(&mut batch);
+                let (key, value) = (period.key(), serde_json::to_vec(&period)?);
+                self.wal
+                    .append_with_state(Lane::Backfill, batch, Space::State, key, value)
+                    .await
+                    .context("saving a backfill period")?;
             }
             if seen.flowing(self.wal.head(Lane::Live), Instant::now()) {
                 let duty = match &self.priority {

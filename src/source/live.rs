@@ -490,12 +490,16 @@ async fn append_loop(wal: Wal, mut rx: mpsc::Receiver<Arrival>, stats: Arc<LiveS
         }
         let mut batch = Batch::new();
         let mut by_kind = [0u64; 3];
+        let mut marks = crate::coverage::Marks::default();
         for arrival in &arrivals {
             for event in &arrival.events {
                 batch.push(EVENT_KIND, &event.to_payload()?)?;
                 by_kind[event.kind().index()] += 1;
+                marks.add_event(event);
             }
         }
+        // A minute aggregate's minute is covered, in the same write as the aggregate.
+        marks.into_batch(&mut batch);
         wal.append(Lane::Live, batch).await.context("appending live events")?;
         for (counter, n) in stats.captured_by_kind.iter().zip(by_kind) {
             counter.fetch_add(n, Ordering::Relaxed);

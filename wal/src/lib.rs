@@ -93,7 +93,7 @@ pub use tickvault_core::{payload, record};
 pub use writer::{AppendOutcome, Batch, LaneTruncation, BACKFILL_WITH_LIVE};
 
 #[cfg(feature = "failpoints")]
-pub use store::{delete_record_for_test, stamp_format_version_for_test};
+pub use store::{clear_space_for_test, delete_record_for_test, stamp_format_version_for_test};
 
 use store::Mode;
 use writer::{Command, Shared, Writer};

@@ -155,7 +155,24 @@ fn cf_options(name: &str, cache: &rocksdb::Cache) -> Options {
         opts.set_max_write_buffer_number(3);
         opts.set_target_file_size_base(64 << 20);
     }
+    if name == Space::Coverage.cf() {
+        opts.set_merge_operator_associative("bitwise_or", bitwise_or);
+    }
     opts
+}
+
+/// The coverage space's merge: bitmaps OR-ed byte by byte, the longer one's length kept.
+fn bitwise_or(_key: &[u8], existing: Option<&[u8]>, operands: &rocksdb::MergeOperands) -> Option<Vec<u8>> {
+    let mut out = existing.map(<[u8]>::to_vec).unwrap_or_default();
+    for operand in operands {
+        if operand.len() > out.len() {
+            out.resize(operand.len(), 0);
+        }
+        for (o, b) in out.iter_mut().zip(operand) {
+            *o |= b;
+        }
+    }
+    Some(out)
 }
 
 fn db_options() -> Options {
@@ -406,6 +423,27 @@ pub fn delete_record_for_test(path: &Path, lane: crate::Lane, seq: u64) -> Resul
         reason: format!("no column family for lane {lane}"),
     })?;
     db.delete_cf(&cf, seq_key(seq)).map_err(rocks)?;
+    db.flush_wal(true).map_err(rocks)
+}
+
+/// Empties a state space, as a log from a version that did not keep it: for tests of
+/// what rebuilds it. Never called by the daemon.
+#[cfg(feature = "failpoints")]
+pub fn clear_space_for_test(path: &Path, space: Space) -> Result<(), OpenError> {
+    let db = open(path, Mode::Write)?;
+    let rocks = |source| OpenError::Rocks {
+        path: path.to_owned(),
+        source,
+    };
+    let cf = handle(&db, space.cf());
+    let keys: Vec<Box<[u8]>> = db
+        .iterator_cf(cf, rocksdb::IteratorMode::Start)
+        .map(|item| item.map(|(k, _)| k))
+        .collect::<Result<_, _>>()
+        .map_err(rocks)?;
+    for key in keys {
+        db.delete_cf(cf, key).map_err(rocks)?;
+    }
     db.flush_wal(true).map_err(rocks)
 }
 

@@ -21,11 +21,13 @@ use crate::store::{self, handle as cf, Space, CF_CURSORS, CF_META, CF_QUARANTINE
 use crate::{Clock, Lane};
 
 /// Records encoded by the producer (so CRCs are computed on the producers' threads),
-/// stored back to back in one buffer.
+/// stored back to back in one buffer; and the coverage marks that say what they cover,
+/// written in the same durable write (see [`Batch::cover`]).
 #[derive(Debug, Default, Clone)]
 pub struct Batch {
     pub(crate) buf: Vec<u8>,
     pub(crate) ends: Vec<usize>,
+    pub(crate) coverage: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
 impl Batch {
@@ -37,7 +39,17 @@ impl Batch {
         Batch {
             buf: Vec::with_capacity(bytes),
             ends: Vec::with_capacity(records),
+            coverage: Vec::new(),
         }
+    }
+
+    /// Sets bits in the coverage space's bitmap at `key`, in the same durable write as
+    /// the batch's records: the bits are OR-ed into what the key holds (a RocksDB merge,
+    /// so no read comes before the write), and a crash leaves the records and their
+    /// marks together or neither. What the bits mean is the caller's (the daemon's
+    /// minute bitmaps, `tickvault::coverage`).
+    pub fn cover(&mut self, key: Vec<u8>, bits: Vec<u8>) {
+        self.coverage.push((key, bits));
     }
 
     /// Encodes one record into the batch.
@@ -492,6 +504,10 @@ impl Writer {
                     }
                     if let Some((space, key, value)) = state {
                         batch.put_cf(cf(&self.db, space.cf()), key, value);
+                    }
+                    let coverage_cf = cf(&self.db, Space::Coverage.cf());
+                    for (key, bits) in &records.coverage {
+                        batch.merge_cf(coverage_cf, key, bits);
                     }
                     let n = records.len();
                     group_records += n;

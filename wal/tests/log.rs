@@ -561,6 +561,53 @@ mod failpoints {
     }
 
     #[tokio::test]
+    async fn coverage_marks_are_ored_together_and_go_to_disk_with_their_records_or_not_at_all() {
+        let _serial = SERIAL.lock().await;
+        let scenario = fail::FailScenario::setup();
+        let dir = tempfile::tempdir().unwrap();
+        let wal = Wal::open(dir.path()).unwrap();
+        let marked = |records: usize, tag: &str, key: &[u8], bits: Vec<u8>| {
+            let mut b = batch(records, tag);
+            b.cover(key.to_vec(), bits);
+            b
+        };
+        wal.append(Lane::Backfill, marked(2, "a", b"k1", vec![0b0001]))
+            .await
+            .unwrap();
+        wal.append(Lane::Live, marked(1, "b", b"k1", vec![0b0100, 0b1]))
+            .await
+            .unwrap();
+        // Marks alone (a rebuild, a period's source holes with no bar).
+        wal.append(Lane::Backfill, marked(0, "c", b"k2", vec![0, 0, 0b1000]))
+            .await
+            .unwrap();
+        assert_eq!(
+            wal.reader().get_state(Space::Coverage, b"k1").unwrap(),
+            Some(vec![0b0101, 0b1])
+        );
+        fail::cfg("wal::sync", "return").unwrap();
+        assert!(wal
+            .append(Lane::Backfill, marked(1, "lost", b"k1", vec![0b10]))
+            .await
+            .is_err());
+        fail::remove("wal::sync");
+        wal.shutdown().await.unwrap();
+        drop(wal);
+        let reader = Wal::open_read_only(dir.path()).unwrap();
+        assert_eq!(
+            reader.get_state(Space::Coverage, b"k1").unwrap(),
+            Some(vec![0b0101, 0b1]),
+            "the failed write's mark is not there"
+        );
+        assert_eq!(
+            reader.get_state(Space::Coverage, b"k2").unwrap(),
+            Some(vec![0, 0, 0b1000])
+        );
+        assert_eq!(reader.last_seq(Lane::Backfill).unwrap(), Some(2), "nor its record");
+        scenario.teardown();
+    }
+
+    #[tokio::test]
     async fn a_full_disk_is_named_as_such_and_refuses_further_writes() {
         let _serial = SERIAL.lock().await;
         let scenario = fail::FailScenario::setup();
