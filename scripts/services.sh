@@ -187,6 +187,9 @@ start_clickhouse() {
 up() {
     install_missing
     mkdir -p "$STATE"
+    # The demo's PostgreSQL password file: git keeps no mode but the executable bit, and
+    # the daemon warns about a secret file others can read.
+    chmod 600 "$(dirname "$0")/../config/local-sinks.postgres-password"
     start_postgres
     start_nats
     start_clickhouse

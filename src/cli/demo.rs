@@ -233,7 +233,7 @@ pub async fn run(
         return Err(e);
     }
     result?;
-    summary(&data_dir, elapsed, backfill_stats.as_deref())?;
+    summary(&config, elapsed, backfill_stats.as_deref())?;
     if sink_stats.is_empty() {
         println!(
             "  forwarded to: nowhere (no sinks enabled; `scripts/services.sh up` and \
@@ -404,10 +404,11 @@ fn sink_line(running: &daemon::Running, last: &mut Vec<u64>) -> String {
 }
 
 fn summary(
-    data_dir: &std::path::Path,
+    config: &crate::config::Config,
     elapsed: Duration,
     backfill: Option<&backfill::BackfillStats>,
 ) -> anyhow::Result<()> {
+    let data_dir = &config.log.data_dir;
     let reader = Wal::open_read_only(data_dir)?;
     println!("\nsummary after {:.1} s", elapsed.as_secs_f64());
     let mut by_stream: BTreeMap<(Lane, Feed, String, String), u64> = BTreeMap::new();
@@ -478,8 +479,30 @@ fn summary(
             tracked.len()
         );
     }
-    let gaps = gaps::suspected(&reader)?;
-    println!("  suspected gaps (live disconnects): {}", gaps.len());
+    let suspected = gaps::suspected(&reader)?;
+    println!("  suspected gaps (live disconnects): {}", suspected.len());
+    // As `tickvault gaps` reports them, from the coverage index.
+    let now_ms = jiff::Timestamp::now().as_millisecond();
+    let lookback = i64::try_from(config.gaps.lookback.as_millis()).unwrap_or(i64::MAX);
+    let calendar = crate::calendar::Calendar::new(&config.calendar);
+    let found = gaps::scan(
+        &reader,
+        &calendar,
+        &gaps::watched(config),
+        now_ms - lookback,
+        now_ms - 120_000,
+    )?;
+    let sum = |f: &dyn Fn(&gaps::SymbolGaps) -> u64| found.iter().map(f).sum::<u64>();
+    println!(
+        "  minute coverage (`tickvault gaps`), last {}: {} symbols, {} minutes in market hours, {} with a bar, {} source holes, {} open gaps ({} minutes)",
+        humantime::format_duration(config.gaps.lookback),
+        found.len(),
+        thousands(sum(&|s| s.market_minutes)),
+        thousands(sum(&|s| s.covered)),
+        thousands(sum(&|s| s.source_holes)),
+        sum(&|s| s.gaps.len() as u64),
+        thousands(sum(&|s| s.gap_minutes()))
+    );
     let check = reader.check()?;
     println!(
         "  check: {} records verified, {} corrupt, {} quarantined{}",
