@@ -70,6 +70,22 @@ pub struct ExportSpec {
     pub out: PathBuf,
 }
 
+/// A bar of records read, on standard error when it is a terminal (hidden otherwise):
+/// `export`'s and `replay`'s.
+pub fn records_bar(what: &str, total: u64) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(total);
+    if !std::io::stderr().is_terminal() {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let template = format!("{what} [{{bar:40}}] {{human_pos}}/{{human_len}} records {{per_sec}} (eta {{eta}})");
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(&template)
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    bar
+}
+
 /// `2025-03-01` (midnight UTC) or an RFC 3339 instant, as Unix milliseconds.
 pub fn parse_instant(s: &str) -> Result<i64, String> {
     if let Ok(date) = s.parse::<jiff::civil::Date>() {
@@ -583,17 +599,7 @@ pub fn run(spec: &ExportSpec) -> anyhow::Result<ExitCode> {
         .sum::<anyhow::Result<u64>>()?;
     std::fs::create_dir_all(&spec.out).with_context(|| format!("making {}", spec.out.display()))?;
 
-    let bar = indicatif::ProgressBar::new(total);
-    if !std::io::stderr().is_terminal() {
-        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-    }
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "export [{bar:40}] {human_pos}/{human_len} records {per_sec} (eta {eta})",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-        .progress_chars("=> "),
-    );
+    let bar = records_bar("export", total);
 
     // Written under a temporary name and renamed when complete: a file of the final name
     // is never a cut-short export.

@@ -11,7 +11,7 @@
 //! replay (exit 1, naming the sink); running it again sends the range again.
 
 use std::collections::HashSet;
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -281,17 +281,7 @@ async fn replay<S: Sink>(
         .iter()
         .map(|(_, first, last)| (last + 1).saturating_sub(*first))
         .sum();
-    let bar = indicatif::ProgressBar::new(total);
-    if !std::io::stderr().is_terminal() {
-        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
-    }
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "replay [{bar:40}] {human_pos}/{human_len} records {per_sec} (eta {eta})",
-        )
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-        .progress_chars("=> "),
-    );
+    let bar = super::export::records_bar("replay", total);
     let mut out = Vec::new();
     for (lane, _, head) in heads {
         let mut sent = Sent::default();

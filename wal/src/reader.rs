@@ -273,7 +273,6 @@ impl LogReader {
         })
     }
 
-    /// Every key and value of a state space whose key starts with `prefix`, in key order.
     /// As [`LogReader::scan_state`], from `start` (a key under `prefix`) on.
     pub fn scan_state_from(&self, space: Space, prefix: &[u8], start: &[u8]) -> Result<Vec<KeyValue>, ReadError> {
         let cf = self.cf(space.cf());
@@ -291,20 +290,9 @@ impl LogReader {
         Ok(out)
     }
 
+    /// Every key and value of a state space whose key starts with `prefix`, in key order.
     pub fn scan_state(&self, space: Space, prefix: &[u8]) -> Result<Vec<KeyValue>, ReadError> {
-        let cf = self.cf(space.cf());
-        let mut out = Vec::new();
-        for item in self.db.iterator_cf(cf, IteratorMode::From(prefix, Direction::Forward)) {
-            let (key, value) = item.map_err(|source| ReadError::Rocks {
-                lane: Lane::Live,
-                source,
-            })?;
-            if !key.starts_with(prefix) {
-                break;
-            }
-            out.push((key.to_vec(), value.to_vec()));
-        }
-        Ok(out)
+        self.scan_state_from(space, prefix, prefix)
     }
 
     /// Figures for every lane, every cursor and the quarantine.
