@@ -363,13 +363,23 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
     let priority = Arc::new(Priority::new(s.backfill_writes, s.backfill_duty, s.live_latency_budget));
     let sinks = start_sinks(config, &wal, &priority, &mut parts).await?;
     let jobs = backfill_jobs(config, jiff::Timestamp::now().as_millisecond());
-    let backfill = if jobs.is_empty() {
+    // The downloader fetches the backfill's periods and, between its passes, the gaps of
+    // every symbol whose minute bars are captured (live-only ones too).
+    let watched = crate::gaps::watched(config);
+    let backfill = if jobs.is_empty() && watched.is_empty() {
         None
     } else {
         let stats = Arc::new(BackfillStats::default());
+        let repair = crate::source::backfill::Repair {
+            watched,
+            lookback: config.gaps.lookback,
+            interval: config.gaps.interval,
+            live: live_stats.iter().map(|(_, s)| s.clone()).collect(),
+        };
         let downloader = Downloader::new(backfill_spec(config)?, wal.clone(), stats.clone())?
             .yielding_to(priority.clone())
-            .guarded_by(room.clone());
+            .guarded_by(room.clone())
+            .repairing(repair);
         let (shutdown, config) = (shutdown.clone(), config.clone());
         parts.tasks.spawn_on(
             async move {

@@ -52,6 +52,10 @@ pub fn suspected(reader: &tickvault_wal::LogReader) -> Result<Vec<SuspectedGap>,
         .collect())
 }
 
+/// Minutes this recent are not checked: a minute's aggregate comes when the minute
+/// closes (a second or so after).
+pub const SETTLE_MS: i64 = 65_000;
+
 /// A symbol whose one-minute bars the config captures, and from when its minutes are
 /// checked.
 #[derive(Clone, Debug, PartialEq, Eq)]

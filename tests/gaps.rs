@@ -161,3 +161,72 @@ fn bad_arguments_exit_2() {
         assert!(stderr.contains(says), "{args:?}: {stderr}");
     }
 }
+
+/// Repair without a person: a live-only symbol's feed cut for over a minute (a relay that
+/// breaks the connection and refuses new ones), so the minute aggregates of the cut are
+/// never received; after the reconnect the daemon finds the gap in its coverage index and
+/// fetches those minutes' bars from the REST API (not through the relay), and `gaps`
+/// exits 0 while the daemon still runs.
+#[test]
+fn a_live_feed_cut_for_over_a_minute_is_repaired_by_the_daemon_itself() {
+    use common::proxy::Proxy;
+    let dir = tempfile::tempdir().unwrap();
+    let (_sim, addr) = common::simulator(&["--always-open"]);
+    let port: u16 = addr.rsplit(':').next().unwrap().parse().unwrap();
+    let relay = Proxy::start(port);
+    let config = dir.path().join("c.toml");
+    std::fs::write(
+        &config,
+        "[live]\nreconnect_min = \"100ms\"\nreconnect_max = \"1s\"\nstale_after = \"5s\"\n\
+         [live.crypto]\nsymbols = [\"BTC-USD\"]\nchannels = [\"XA\"]\n[backfill]\nenabled = false\n\
+         [gaps]\ninterval = \"2s\"\n",
+    )
+    .unwrap();
+    let log = dir.path().join("log");
+    let stderr = dir.path().join("daemon.stderr");
+    let mut command = common::run_command(&config, &log, &addr, "k");
+    command
+        .env("TICKVAULT_POLYGON_WS_URL", format!("ws://127.0.0.1:{}", relay.port))
+        .stderr(std::fs::File::create(&stderr).unwrap());
+    let _daemon = common::Child(command.spawn().unwrap());
+    let report = || gaps(&config, &log, &[]);
+    // The first minute aggregate marks where the symbol's minutes begin.
+    common::sinks::wait_for("the first minute aggregate", Duration::from_secs(90), || {
+        first_bar_seen(&log)
+    });
+    relay.cut();
+    std::thread::sleep(Duration::from_secs(75));
+    relay.restore();
+    let restored_ms = jiff::Timestamp::now().as_millisecond();
+    // Repaired within the interval once the cut's minutes have closed (`gaps` and the
+    // repair both leave the last 65 s alone).
+    common::sinks::wait_for("no open gap over the cut", Duration::from_secs(180), || {
+        let (code, r, _) = report();
+        code == Some(0) && symbol(&r, "BTC-USD")["to_ms"].as_i64().unwrap_or(0) >= restored_ms
+    });
+    let (_, after, _) = report();
+    let s = symbol(&after, "BTC-USD");
+    assert!(s["covered"].as_u64().unwrap() >= 2, "{s:#}");
+    let said = std::fs::read_to_string(&stderr).unwrap();
+    assert!(said.contains("fetching a gap"), "the daemon fetched it: {said}");
+    // The repaired bars are in the backfill lane.
+    let reader = tickvault_wal::Wal::open_read_only(&log).unwrap();
+    assert!(reader.last_seq(tickvault_wal::Lane::Backfill).unwrap().unwrap_or(0) >= 1);
+}
+
+/// Whether the live lane holds a minute bar yet.
+fn first_bar_seen(log: &Path) -> bool {
+    let Ok(reader) = tickvault_wal::Wal::open_read_only(log) else {
+        return false;
+    };
+    let mut seen = false;
+    let _ = reader.scan(tickvault_wal::Lane::Live, 0, u64::MAX, |_, r| {
+        if let Ok(r) = r {
+            if let Ok(e) = tickvault::event::Event::from_payload(r.payload) {
+                seen |= matches!(e.body, tickvault::event::Body::Bar(_));
+            }
+        }
+        !seen
+    });
+    seen
+}

@@ -46,12 +46,17 @@ pub struct GapsConfig {
     /// coverage index is local, never bounded by a sink's retention.
     #[serde(with = "humantime_serde")]
     pub lookback: Duration,
+    /// How often the daemon looks for gaps and fetches them (also at start-up and right
+    /// after a live feed reconnects). Default 60s.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
 }
 
 impl Default for GapsConfig {
     fn default() -> Self {
         GapsConfig {
             lookback: Duration::from_secs(30 * 86_400),
+            interval: Duration::from_secs(60),
         }
     }
 }
@@ -401,6 +406,9 @@ impl Config {
         if log.max_group_records == 0 {
             return Err(ConfigError::field(file, "log.max_group_records", "must be at least 1"));
         }
+        if self.gaps.interval < Duration::from_secs(1) {
+            return Err(ConfigError::field(file, "gaps.interval", "must be at least 1s"));
+        }
         if log.truncate_every < Duration::from_secs(1) {
             return Err(ConfigError::field(file, "log.truncate_every", "must be at least 1s"));
         }
@@ -423,6 +431,7 @@ impl Config {
             ("backfill.lookback", self.backfill.lookback, days(50 * 365), "50 years"),
             ("backfill.chunk", self.backfill.chunk, days(3_650), "10 years"),
             ("gaps.lookback", self.gaps.lookback, days(50 * 365), "50 years"),
+            ("gaps.interval", self.gaps.interval, days(1), "1 day"),
         ] {
             if value > max {
                 return Err(ConfigError::field(file, field, format!("must be at most {says}")));

@@ -490,7 +490,7 @@ fn summary(
         &calendar,
         &gaps::watched(config),
         now_ms - lookback,
-        now_ms - 120_000,
+        now_ms - gaps::SETTLE_MS,
     )?;
     let sum = |f: &dyn Fn(&gaps::SymbolGaps) -> u64| found.iter().map(f).sum::<u64>();
     println!(

@@ -38,9 +38,6 @@ pub struct GapsSpec {
     pub rebuild: bool,
 }
 
-/// The minutes just past are not counted: a minute's aggregate comes when it closes.
-const SETTLE_MS: i64 = 2 * 60_000;
-
 fn date_time(ms: i64) -> String {
     jiff::Timestamp::from_millisecond(ms)
         .map(|t| t.strftime("%Y-%m-%d %H:%M").to_string())
@@ -72,7 +69,7 @@ pub fn run(spec: &GapsSpec) -> anyhow::Result<ExitCode> {
     let now_ms = jiff::Timestamp::now().as_millisecond();
     let lookback = i64::try_from(config.gaps.lookback.as_millis()).unwrap_or(i64::MAX);
     let from_ms = spec.since.unwrap_or(now_ms.saturating_sub(lookback));
-    let to_ms = now_ms - SETTLE_MS;
+    let to_ms = now_ms - gaps::SETTLE_MS;
     let reader = Wal::open_read_only(data_dir)?;
     let started = std::time::Instant::now();
     let found = gaps::scan(&reader, &calendar, &watched, from_ms, to_ms)?;

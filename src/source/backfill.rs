@@ -92,6 +92,8 @@ pub struct BackfillStats {
     pub paused_ms: AtomicU64,
     /// Milliseconds of market time covered by finished pages (for progress bars).
     pub covered_ms: AtomicU64,
+    /// Gaps fetched (see `Repair`).
+    pub repairs: AtomicU64,
     /// Passes over the periods finished (see `Downloader::run_every`).
     pub passes: AtomicU64,
 }
@@ -137,6 +139,9 @@ pub struct Period {
     /// Where the downloaded range ends: the `from` of the next page to fetch.
     pub resume_from_ms: i64,
     pub bars: u64,
+    /// A gap's repair, not a period of the tracker: its progress is kept apart.
+    #[serde(default)]
+    pub repair: bool,
 }
 
 impl Period {
@@ -145,9 +150,16 @@ impl Period {
         self.from_ms.unwrap_or(self.start_ms)
     }
 
-    /// The tracker's key.
+    /// The tracker's key (a repair's under its own prefix, so the tracker never lists it).
     fn key(&self) -> Vec<u8> {
-        period_key(self.feed, &self.symbol, self.start_ms)
+        match self.repair {
+            false => period_key(self.feed, &self.symbol, self.start_ms),
+            true => {
+                let mut key = format!("{REPAIR_PREFIX}{}/{}/", self.feed, self.symbol).into_bytes();
+                key.extend_from_slice(&self.start_ms.to_be_bytes());
+                key
+            }
+        }
     }
 
     /// Everything before `resume_from_ms` is in the log; `done`: the period too.
@@ -174,6 +186,7 @@ pub enum PeriodState {
 const APPEND_BARS: usize = tickvault_wal::BACKFILL_WITH_LIVE;
 
 const PERIOD_PREFIX: &str = "backfill/period/";
+const REPAIR_PREFIX: &str = "backfill/repair/";
 
 fn period_key(feed: Feed, symbol: &str, start_ms: i64) -> Vec<u8> {
     let mut key = format!("{PERIOD_PREFIX}{feed}/{symbol}/").into_bytes();
@@ -258,6 +271,18 @@ pub struct Downloader {
     priority: Option<Arc<Priority>>,
     /// What the log's disk allows: pages wait while it is under twice its reserve.
     room: Option<watch::Receiver<crate::disk::Room>>,
+    /// Gaps to look for and fetch between passes.
+    repair: Option<Repair>,
+}
+
+/// The gap repair: every `interval`, and right after a live feed reconnects, the gaps
+/// of `watched` over `lookback` (`crate::gaps::scan`) are fetched like periods.
+pub struct Repair {
+    pub watched: Vec<crate::gaps::Watched>,
+    pub lookback: Duration,
+    pub interval: Duration,
+    /// The live feeds, whose connections are counted: a new one means a reconnect.
+    pub live: Vec<Arc<crate::source::live::LiveStats>>,
 }
 
 impl Downloader {
@@ -292,6 +317,7 @@ impl Downloader {
             stats,
             priority: None,
             room: None,
+            repair: None,
         })
     }
 
@@ -306,6 +332,121 @@ impl Downloader {
     pub fn guarded_by(mut self, room: watch::Receiver<crate::disk::Room>) -> Downloader {
         self.room = Some(room);
         self
+    }
+
+    /// Looks for gaps and fetches them between passes (see [`Repair`]).
+    pub fn repairing(mut self, repair: Repair) -> Downloader {
+        self.repair = Some(repair);
+        self
+    }
+
+    /// The ranges of a gap of `symbol` that are safe to fetch: none that a later pass
+    /// will fetch too (which would put its bars in the log twice). For a backfill symbol,
+    /// what a tracker period has downloaded already (`[from_ms, resume_from_ms)`); for a
+    /// live-only one, all of it.
+    fn repairable(known: &[Period], w: &crate::gaps::Watched, from: i64, to: i64) -> Vec<(i64, i64)> {
+        if !w.backfilled {
+            return vec![(from, to)];
+        }
+        let mut out: Vec<(i64, i64)> = known
+            .iter()
+            .filter(|p| p.feed == w.feed && p.symbol == w.symbol)
+            .map(|p| (from.max(p.from_ms()), to.min(p.resume_from_ms)))
+            .filter(|(a, b)| a < b)
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// Fetches the gaps found now. Returns the ranges fetched.
+    pub async fn repair_gaps(&self, shutdown: &watch::Receiver<bool>) -> anyhow::Result<u64> {
+        let Some(repair) = &self.repair else { return Ok(0) };
+        let now = jiff::Timestamp::now().as_millisecond();
+        let lookback = i64::try_from(repair.lookback.as_millis()).unwrap_or(i64::MAX);
+        let (found, known) = {
+            let reader = self.wal.reader();
+            let found = crate::gaps::scan(
+                reader,
+                &self.spec.calendar,
+                &repair.watched,
+                now - lookback,
+                now - crate::gaps::SETTLE_MS,
+            )?;
+            (found, periods(reader)?)
+        };
+        let mut fetched = 0;
+        for (symbol, w) in found.iter().zip(&repair.watched) {
+            for gap in &symbol.gaps {
+                for (from, to) in Self::repairable(&known, w, gap.from_ms, gap.to_ms) {
+                    if *shutdown.borrow() {
+                        return Ok(fetched);
+                    }
+                    tracing::info!(feed = %w.feed, symbol = %w.symbol, from_ms = from, to_ms = to, why = %gap.why, "fetching a gap");
+                    let period = Period {
+                        feed: w.feed,
+                        symbol: w.symbol.clone(),
+                        start_ms: from,
+                        end_ms: to,
+                        state: PeriodState::Pending,
+                        from_ms: Some(from),
+                        resume_from_ms: from,
+                        bars: 0,
+                        repair: true,
+                    };
+                    let span = Span {
+                        chunk: (from, to),
+                        from_ms: from,
+                        to_ms: to,
+                    };
+                    self.period(period, span, shutdown.clone()).await?;
+                    self.stats.repairs.fetch_add(1, Ordering::Relaxed);
+                    fetched += 1;
+                }
+            }
+        }
+        Ok(fetched)
+    }
+
+    /// Waits `every`, fetching gaps every repair interval and right after a live
+    /// reconnect meanwhile. False when stopped.
+    async fn wait_repairing(&self, every: Duration, shutdown: &mut watch::Receiver<bool>) -> anyhow::Result<bool> {
+        let until = Instant::now() + every;
+        let Some(repair) = &self.repair else {
+            tokio::select! {
+                _ = tokio::time::sleep_until(until) => return Ok(true),
+                _ = shutdown.changed() => return Ok(!*shutdown.borrow()),
+            }
+        };
+        let connects = || {
+            repair
+                .live
+                .iter()
+                .map(|s| s.connects.load(Ordering::Relaxed))
+                .sum::<u64>()
+        };
+        let mut seen = connects();
+        let mut next_repair = Instant::now() + repair.interval;
+        loop {
+            let wake = until.min(next_repair).min(Instant::now() + Duration::from_millis(500));
+            tokio::select! {
+                _ = tokio::time::sleep_until(wake) => {}
+                _ = shutdown.changed() => {}
+            }
+            if *shutdown.borrow() {
+                return Ok(false);
+            }
+            if Instant::now() >= until {
+                return Ok(true);
+            }
+            let now_connects = connects();
+            if now_connects > seen || Instant::now() >= next_repair {
+                seen = now_connects;
+                if let Err(e) = self.repair_gaps(shutdown).await {
+                    tracing::warn!(error = %format!("{e:#}"), "gap repair failed; tried again at the next interval");
+                }
+                next_repair = Instant::now() + repair.interval;
+            }
+        }
     }
 
     /// Runs every job to completion (or until `shutdown`). Finished periods are skipped.
@@ -327,11 +468,11 @@ impl Downloader {
             let again =
                 self.stats.periods_failed.load(Ordering::Relaxed) + self.stats.periods_ahead.load(Ordering::Relaxed);
             tracing::info!(periods_left = again, next_in = ?every, "backfill pass done");
-            tokio::select! {
-                _ = tokio::time::sleep(every) => {}
-                _ = shutdown.changed() => return Ok(()),
+            // After each pass (and so at start-up): what the pass leaves missing.
+            if let Err(e) = self.repair_gaps(&shutdown).await {
+                tracing::warn!(error = %format!("{e:#}"), "gap repair failed; tried again at the next interval");
             }
-            if *shutdown.borrow() {
+            if !self.wait_repairing(every, &mut shutdown).await? {
                 return Ok(());
             }
         }
@@ -371,6 +512,7 @@ impl Downloader {
                             from_ms: Some(span.from_ms),
                             resume_from_ms: span.from_ms,
                             bars: 0,
+                            repair: false,
                         },
                         span,
                     )),
