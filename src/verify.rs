@@ -221,6 +221,34 @@ fn lane_index(lane: Lane) -> usize {
     FORWARDED_LANES.iter().position(|l| *l == lane).unwrap_or(0)
 }
 
+/// Calls `visit` with the natural key of every row or message `sink` of `config` holds;
+/// returns how many.
+pub async fn scan_sink(
+    config: &Config,
+    sink: &str,
+    log_id: &str,
+    mut visit: impl FnMut(SinkKey),
+) -> Result<u64, crate::sink::SinkError> {
+    match sink {
+        "clickhouse" => ClickHouseSink::new(&config.sinks.clickhouse).scan_keys(visit).await,
+        "postgres" => PostgresSink::new(&config.sinks.postgres, log_id).scan_keys(visit).await,
+        _ => {
+            NatsSink::new(&config.sinks.nats)
+                .scan(|row| {
+                    visit(SinkKey {
+                        feed: row.feed.into_owned(),
+                        symbol: row.symbol,
+                        kind: row.kind.into_owned(),
+                        timeframe: row.timeframe.into_owned(),
+                        ts_ms: row.ts_ms,
+                        uid: row.uid,
+                    })
+                })
+                .await
+        }
+    }
+}
+
 /// What a `replay` sent, for [`verify_replay`]: one sink, every event of `lanes` up to
 /// `sent_up_to` (per forwarded lane) whose market time is in `from_ms..to_ms`.
 #[derive(Clone, Debug)]
@@ -313,28 +341,7 @@ async fn compare_with_sinks(
             );
             index.add(names, key.ts_ms, key.uid, from);
         };
-        let scanned = match *sink {
-            "clickhouse" => ClickHouseSink::new(&config.sinks.clickhouse).scan_keys(&mut add).await,
-            "postgres" => {
-                PostgresSink::new(&config.sinks.postgres, &log_id)
-                    .scan_keys(&mut add)
-                    .await
-            }
-            _ => {
-                NatsSink::new(&config.sinks.nats)
-                    .scan(|row| {
-                        add(SinkKey {
-                            feed: row.feed.into_owned(),
-                            symbol: row.symbol,
-                            kind: row.kind.into_owned(),
-                            timeframe: row.timeframe.into_owned(),
-                            ts_ms: row.ts_ms,
-                            uid: row.uid,
-                        })
-                    })
-                    .await
-            }
-        };
+        let scanned = scan_sink(config, sink, &log_id, &mut add).await;
         errors.push(scanned.err().map(|e| e.to_string()));
     }
 

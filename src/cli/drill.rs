@@ -388,9 +388,17 @@ struct Running {
 
 impl Running {
     /// What this run has written to its output so far.
+    /// Read from where this run began: the file holds every earlier run's output too,
+    /// and the truncation phase asks every 2 ms.
     fn said(&self) -> String {
-        let all = std::fs::read(&self.output).unwrap_or_default();
-        String::from_utf8_lossy(all.get(self.from..).unwrap_or_default()).into_owned()
+        use std::io::{Read, Seek, SeekFrom};
+        let mut text = Vec::new();
+        if let Ok(mut file) = std::fs::File::open(&self.output) {
+            if file.seek(SeekFrom::Start(self.from as u64)).is_ok() {
+                let _ = file.read_to_end(&mut text);
+            }
+        }
+        String::from_utf8_lossy(&text).into_owned()
     }
 }
 
@@ -677,10 +685,11 @@ async fn check(
         report.log_records.insert(lane.name().to_owned(), records);
         truncated.insert(lane.name(), reader.first_retained(lane)? > 1);
     }
+    let log_id = reader.log_id()?;
     drop(reader);
     // What the sinks hold, for events truncated from the log.
     let held = if truncated.values().any(|t| *t) {
-        Some(sink_keys(config).await?)
+        Some(sink_keys(config, &log_id).await?)
     } else {
         None
     };
@@ -743,38 +752,14 @@ async fn check(
 }
 
 /// Every natural key each enabled sink holds.
-async fn sink_keys(config: &Config) -> anyhow::Result<Vec<HashSet<String>>> {
-    use crate::sink::clickhouse::ClickHouseSink;
-    use crate::sink::nats::NatsSink;
-    use crate::sink::postgres::PostgresSink;
+async fn sink_keys(config: &Config, log_id: &str) -> anyhow::Result<Vec<HashSet<String>>> {
     let mut out = Vec::new();
     for sink in config.sinks.enabled() {
         let mut keys = HashSet::new();
-        let mut add = |k: crate::sink::SinkKey| {
-            keys.insert(format!(
-                "{}:{}:{}:{}:{}:{}",
-                k.feed, k.symbol, k.kind, k.timeframe, k.ts_ms, k.uid
-            ));
-        };
-        match sink {
-            "clickhouse" => {
-                ClickHouseSink::new(&config.sinks.clickhouse)
-                    .scan_keys(&mut add)
-                    .await?
-            }
-            "postgres" => {
-                PostgresSink::new(&config.sinks.postgres, "")
-                    .scan_keys(&mut add)
-                    .await?
-            }
-            _ => {
-                NatsSink::new(&config.sinks.nats)
-                    .scan(|row| {
-                        keys.insert(row.key_string());
-                    })
-                    .await?
-            }
-        };
+        crate::verify::scan_sink(config, sink, log_id, |k| {
+            keys.insert(k.key_string());
+        })
+        .await?;
         out.push(keys);
     }
     Ok(out)

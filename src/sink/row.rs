@@ -57,6 +57,16 @@ pub struct SinkKey {
     pub uid: u64,
 }
 
+impl SinkKey {
+    /// As [`Row::key_string`].
+    pub fn key_string(&self) -> String {
+        format!(
+            "{}:{}:{}:{}:{}:{}",
+            self.feed, self.symbol, self.kind, self.timeframe, self.ts_ms, self.uid
+        )
+    }
+}
+
 impl Row {
     /// The row of the event at log position `seq`.
     pub fn from_event(seq: u64, event: Event) -> Row {
