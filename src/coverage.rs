@@ -96,6 +96,33 @@ impl Marks {
     }
 }
 
+/// The source holes of a range downloaded in full: its minutes in `symbol`'s session
+/// with no bar in the log and none in `also` (the page about to be appended with them).
+/// With how many.
+pub fn source_holes(
+    reader: &LogReader,
+    calendar: &crate::calendar::Calendar,
+    feed: Feed,
+    symbol: &str,
+    (from_ms, to_ms): (i64, i64),
+    also: impl Fn(i64) -> bool,
+) -> Result<(Marks, u64), ReadError> {
+    let mut holes = Marks::default();
+    let mut count = 0;
+    if from_ms >= to_ms {
+        return Ok((holes, count));
+    }
+    let days = (from_ms.div_euclid(DAY_MS), (to_ms - 1).div_euclid(DAY_MS));
+    let bars = Coverage::read(reader, Mark::Bar, feed, symbol, days.0, days.1)?;
+    for minute in calendar.open_minutes(feed, symbol, from_ms, to_ms) {
+        if !bars.has(minute) && !also(minute) {
+            holes.add(Mark::Hole, feed, symbol, minute);
+            count += 1;
+        }
+    }
+    Ok((holes, count))
+}
+
 /// One symbol's marks of one kind, read from the log: a bitmap per day.
 #[derive(Debug, Default, Clone)]
 pub struct Coverage {

@@ -56,6 +56,13 @@ pub fn suspected(reader: &tickvault_wal::LogReader) -> Result<Vec<SuspectedGap>,
 /// closes (a second or so after).
 pub const SETTLE_MS: i64 = 65_000;
 
+/// The minutes looked at now: `lookback` back from now, up to [`SETTLE_MS`] ago.
+pub fn window(lookback: std::time::Duration) -> (i64, i64) {
+    let now_ms = jiff::Timestamp::now().as_millisecond();
+    let lookback = i64::try_from(lookback.as_millis()).unwrap_or(i64::MAX);
+    (now_ms.saturating_sub(lookback), now_ms - SETTLE_MS)
+}
+
 /// A symbol whose one-minute bars the config captures, and from when its minutes are
 /// checked.
 #[derive(Clone, Debug, PartialEq, Eq)]

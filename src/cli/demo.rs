@@ -482,16 +482,9 @@ fn summary(
     let suspected = gaps::suspected(&reader)?;
     println!("  suspected gaps (live disconnects): {}", suspected.len());
     // As `tickvault gaps` reports them, from the coverage index.
-    let now_ms = jiff::Timestamp::now().as_millisecond();
-    let lookback = i64::try_from(config.gaps.lookback.as_millis()).unwrap_or(i64::MAX);
+    let (from_ms, to_ms) = gaps::window(config.gaps.lookback);
     let calendar = crate::calendar::Calendar::new(&config.calendar);
-    let found = gaps::scan(
-        &reader,
-        &calendar,
-        &gaps::watched(config),
-        now_ms - lookback,
-        now_ms - gaps::SETTLE_MS,
-    )?;
+    let found = gaps::scan(&reader, &calendar, &gaps::watched(config), from_ms, to_ms)?;
     let sum = |f: &dyn Fn(&gaps::SymbolGaps) -> u64| found.iter().map(f).sum::<u64>();
     println!(
         "  minute coverage (`tickvault gaps`), last {}: {} symbols, {} minutes in market hours, {} with a bar, {} source holes, {} open gaps ({} minutes)",

@@ -12,7 +12,7 @@ use serde_json::json;
 use tickvault_wal::{Batch, Lane, Wal};
 
 use crate::calendar::Calendar;
-use crate::coverage::{Coverage, Mark, Marks};
+use crate::coverage::Marks;
 use crate::event::{Event, EVENT_KIND};
 use crate::gaps;
 
@@ -66,10 +66,8 @@ pub fn run(spec: &GapsSpec) -> anyhow::Result<ExitCode> {
     if spec.rebuild {
         rebuild(data_dir, &calendar)?;
     }
-    let now_ms = jiff::Timestamp::now().as_millisecond();
-    let lookback = i64::try_from(config.gaps.lookback.as_millis()).unwrap_or(i64::MAX);
-    let from_ms = spec.since.unwrap_or(now_ms.saturating_sub(lookback));
-    let to_ms = now_ms - gaps::SETTLE_MS;
+    let (lookback_from, to_ms) = gaps::window(config.gaps.lookback);
+    let from_ms = spec.since.unwrap_or(lookback_from);
     let reader = Wal::open_read_only(data_dir)?;
     let started = std::time::Instant::now();
     let found = gaps::scan(&reader, &calendar, &watched, from_ms, to_ms)?;
@@ -183,16 +181,10 @@ fn rebuild(data_dir: &Path, calendar: &Calendar) -> anyhow::Result<()> {
             if period.state != crate::source::backfill::PeriodState::Downloaded {
                 continue;
             }
-            let (from, to) = (period.from_ms(), period.resume_from_ms);
-            let days = (from.div_euclid(86_400_000), (to - 1).div_euclid(86_400_000));
-            let bars = Coverage::read(wal.reader(), Mark::Bar, period.feed, &period.symbol, days.0, days.1)?;
-            let mut marks = Marks::default();
-            for minute in calendar.open_minutes(period.feed, &period.symbol, from, to) {
-                if !bars.has(minute) {
-                    marks.add(Mark::Hole, period.feed, &period.symbol, minute);
-                    holes += 1;
-                }
-            }
+            let range = (period.from_ms(), period.resume_from_ms);
+            let (marks, count) =
+                crate::coverage::source_holes(wal.reader(), calendar, period.feed, &period.symbol, range, |_| false)?;
+            holes += count;
             let mut batch = Batch::new();
             marks.into_batch(&mut batch);
             wal.append(Lane::Backfill, batch).await?;

@@ -29,7 +29,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::backoff::Backoff;
-use crate::coverage::{Coverage, Mark, Marks};
+use crate::coverage::Marks;
 use crate::event::{Body, Capture, Event, Feed, EVENT_KIND};
 use crate::polygon::rest::AggsPage;
 use crate::polygon::symbol;
@@ -361,17 +361,10 @@ impl Downloader {
     /// Fetches the gaps found now. Returns the ranges fetched.
     pub async fn repair_gaps(&self, shutdown: &watch::Receiver<bool>) -> anyhow::Result<u64> {
         let Some(repair) = &self.repair else { return Ok(0) };
-        let now = jiff::Timestamp::now().as_millisecond();
-        let lookback = i64::try_from(repair.lookback.as_millis()).unwrap_or(i64::MAX);
+        let (from_ms, to_ms) = crate::gaps::window(repair.lookback);
         let (found, known) = {
             let reader = self.wal.reader();
-            let found = crate::gaps::scan(
-                reader,
-                &self.spec.calendar,
-                &repair.watched,
-                now - lookback,
-                now - crate::gaps::SETTLE_MS,
-            )?;
+            let found = crate::gaps::scan(reader, &self.spec.calendar, &repair.watched, from_ms, to_ms)?;
             (found, periods(reader)?)
         };
         let mut fetched = 0;
@@ -537,22 +530,16 @@ impl Downloader {
     /// that are in market hours and have no bar: not in the log (the coverage index, for
     /// the pages before) and not in `page`.
     fn source_holes(&self, period: &Period, until: i64, page: &AggsPage) -> anyhow::Result<Marks> {
-        let (from, to) = (period.from_ms(), until);
         let in_page: std::collections::HashSet<i64> = page.results.iter().map(|b| b.t).collect();
-        let reader = self.wal.reader();
-        let (first_day, last_day) = (from.div_euclid(86_400_000), (to - 1).div_euclid(86_400_000));
-        let bars = Coverage::read(reader, Mark::Bar, period.feed, &period.symbol, first_day, last_day)?;
-        let mut holes = Marks::default();
         let now_ms = jiff::Timestamp::now().as_millisecond();
-        for minute in self
-            .spec
-            .calendar
-            .open_minutes(period.feed, &period.symbol, from, to.min(now_ms))
-        {
-            if !in_page.contains(&minute) && !bars.has(minute) {
-                holes.add(Mark::Hole, period.feed, &period.symbol, minute);
-            }
-        }
+        let (holes, _) = crate::coverage::source_holes(
+            self.wal.reader(),
+            &self.spec.calendar,
+            period.feed,
+            &period.symbol,
+            (period.from_ms(), until.min(now_ms)),
+            |minute| in_page.contains(&minute),
+        )?;
         Ok(holes)
     }
 
