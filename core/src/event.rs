@@ -6,6 +6,7 @@
 use std::fmt;
 use std::str::FromStr;
 
+use crate::indicators::Indicators;
 use crate::{payload, Lane, RecordKind};
 use serde::{Deserialize, Serialize};
 
@@ -183,12 +184,27 @@ pub struct Bar {
     pub trades: Option<u64>,
 }
 
+/// A bar the aggregator made from captured one-minute bars (the `derived` lane): the
+/// same [`Bar`], its version (higher when late data changed it or the bars before it)
+/// and its indicators.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Derived {
+    pub bar: Bar,
+    /// 1 when first made; each change of the bar or its indicators adds one. Sinks keep
+    /// the highest.
+    pub version: u32,
+    pub indicators: Indicators,
+}
+
+// Variants are added at the end only: postcard writes the variant's index.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Body {
     Quote(Quote),
     Trade(Trade),
     Bar(Bar),
+    // Boxed: a derived bar is three times the size of the others (postcard writes it alike).
+    Derived(Box<Derived>),
 }
 
 /// Where and when an event was captured.
@@ -207,6 +223,13 @@ pub struct Event {
     pub body: Body,
 }
 
+fn bar_finite(b: &Bar) -> bool {
+    [b.open, b.high, b.low, b.close, b.volume]
+        .iter()
+        .chain(b.vwap.iter())
+        .all(|v| v.is_finite())
+}
+
 /// The kind of an event, as it appears in natural keys and table names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -214,10 +237,13 @@ pub enum EventKind {
     Quote,
     Trade,
     Bar,
+    Derived,
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 3] = [EventKind::Quote, EventKind::Trade, EventKind::Bar];
+    pub const ALL: [EventKind; 4] = [EventKind::Quote, EventKind::Trade, EventKind::Bar, EventKind::Derived];
+    /// The kinds captured from the source (the live and backfill lanes).
+    pub const CAPTURED: [EventKind; 3] = [EventKind::Quote, EventKind::Trade, EventKind::Bar];
 
     /// Its place in [`EventKind::ALL`], for per-kind counters.
     pub fn index(self) -> usize {
@@ -229,6 +255,7 @@ impl EventKind {
             EventKind::Quote => "quote",
             EventKind::Trade => "trade",
             EventKind::Bar => "bar",
+            EventKind::Derived => "derived",
         }
     }
 }
@@ -270,6 +297,7 @@ impl Event {
             Body::Quote(_) => EventKind::Quote,
             Body::Trade(_) => EventKind::Trade,
             Body::Bar(_) => EventKind::Bar,
+            Body::Derived(_) => EventKind::Derived,
         }
     }
 
@@ -278,6 +306,7 @@ impl Event {
             Body::Quote(q) => &q.symbol,
             Body::Trade(t) => &t.symbol,
             Body::Bar(b) => &b.symbol,
+            Body::Derived(d) => &d.bar.symbol,
         }
     }
 
@@ -287,6 +316,7 @@ impl Event {
             Body::Quote(q) => q.ts_ms,
             Body::Trade(t) => t.ts_ms,
             Body::Bar(b) => b.start_ms,
+            Body::Derived(d) => d.bar.start_ms,
         }
     }
 
@@ -296,6 +326,8 @@ impl Event {
             Body::Trade(t) => ("tick".to_owned(), t.uid),
             // One bar per symbol, timeframe and window: the uid is always 0.
             Body::Bar(b) => (b.timeframe.to_string(), 0),
+            // One per symbol, timeframe and window too; its versions share the key.
+            Body::Derived(d) => (d.bar.timeframe.to_string(), 0),
         };
         NaturalKey {
             feed: self.capture.feed,
@@ -329,16 +361,19 @@ impl Event {
                 }
                 finite(&[Some(t.price), Some(t.size)])
             }
-            Body::Bar(b) => finite(&[
-                Some(b.open),
-                Some(b.high),
-                Some(b.low),
-                Some(b.close),
-                Some(b.volume),
-                b.vwap,
-            ]),
+            Body::Bar(b) => bar_finite(b),
+            Body::Derived(d) => bar_finite(&d.bar) && finite(&d.indicators.fields().map(|(_, v)| v)),
         };
         (!ok).then_some("a price, size or volume that is not a finite number")
+    }
+
+    /// The bar of a captured or derived bar event.
+    pub fn bar(&self) -> Option<&Bar> {
+        match &self.body {
+            Body::Bar(b) => Some(b),
+            Body::Derived(d) => Some(&d.bar),
+            _ => None,
+        }
     }
 
     pub fn to_payload(&self) -> Result<Vec<u8>, payload::PayloadError> {

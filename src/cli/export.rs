@@ -184,12 +184,40 @@ const BAR: &[Column] = &[
     col("captured_at", Ty::Nanos),
 ];
 
+/// A derived bar: a bar's columns, its version and its indicators.
+const DERIVED: &[Column] = &[
+    col("lane", Ty::Text),
+    col("seq", Ty::Int64),
+    col("feed", Ty::Text),
+    col("symbol", Ty::Text),
+    col("timeframe", Ty::Text),
+    col("start", Ty::Millis),
+    col("open", Ty::Float64),
+    col("high", Ty::Float64),
+    col("low", Ty::Float64),
+    col("close", Ty::Float64),
+    col("volume", Ty::Float64),
+    col("version", Ty::UInt64),
+    opt("sma20", Ty::Float64),
+    opt("ema20", Ty::Float64),
+    opt("rsi14", Ty::Float64),
+    opt("macd", Ty::Float64),
+    opt("macd_signal", Ty::Float64),
+    opt("macd_hist", Ty::Float64),
+    opt("bb_upper", Ty::Float64),
+    opt("bb_middle", Ty::Float64),
+    opt("bb_lower", Ty::Float64),
+    opt("atr14", Ty::Float64),
+    col("captured_at", Ty::Nanos),
+];
+
 /// The columns of a kind's file.
 fn columns(kind: EventKind) -> &'static [Column] {
     match kind {
         EventKind::Quote => QUOTE,
         EventKind::Trade => TRADE,
         EventKind::Bar => BAR,
+        EventKind::Derived => DERIVED,
     }
 }
 
@@ -206,8 +234,13 @@ enum Cell<'a> {
 }
 
 /// The most columns a kind has.
-const MAX_COLUMNS: usize = 14;
-const _: () = assert!(QUOTE.len() <= MAX_COLUMNS && TRADE.len() <= MAX_COLUMNS && BAR.len() <= MAX_COLUMNS);
+const MAX_COLUMNS: usize = 23;
+const _: () = assert!(
+    QUOTE.len() <= MAX_COLUMNS
+        && TRADE.len() <= MAX_COLUMNS
+        && BAR.len() <= MAX_COLUMNS
+        && DERIVED.len() <= MAX_COLUMNS
+);
 
 /// The cells of one event, in the order of [`columns`], into `row`; how many.
 fn cells<'a>(lane: Lane, seq: u64, event: &'a Event, row: &mut [Cell<'a>; MAX_COLUMNS]) -> usize {
@@ -252,6 +285,20 @@ fn cells<'a>(lane: Lane, seq: u64, event: &'a Event, row: &mut [Cell<'a>; MAX_CO
             opt_f(b.vwap),
             b.trades.map_or(Null, UInt),
         ]),
+        Body::Derived(d) => {
+            let b = &d.bar;
+            out.extend([
+                Frame(b.timeframe),
+                Int(b.start_ms),
+                Float(b.open),
+                Float(b.high),
+                Float(b.low),
+                Float(b.close),
+                Float(b.volume),
+                UInt(d.version.into()),
+            ]);
+            out.extend(d.indicators.fields().map(|(_, v)| opt_f(v)));
+        }
     }
     out.push(Int(event.capture.captured_at_ns));
     out.len

@@ -320,6 +320,7 @@ fn table(kind: Kind) -> &'static str {
         Kind::Quote => "quotes",
         Kind::Trade => "trades",
         Kind::Bar => "bars",
+        Kind::Derived => "derived",
     }
 }
 

@@ -129,6 +129,17 @@ impl Row {
                 row.vwap = b.vwap;
                 row.trades = b.trades;
             }
+            // Not forwarded yet (the daemon forwards the live and backfill lanes).
+            Body::Derived(d) => {
+                let b = d.bar;
+                row.symbol = b.symbol;
+                row.timeframe = timeframe_name(b.timeframe);
+                row.open = Some(b.open);
+                row.high = Some(b.high);
+                row.low = Some(b.low);
+                row.close = Some(b.close);
+                row.volume = Some(b.volume);
+            }
         }
         row
     }

@@ -105,7 +105,7 @@ fn content(body: &Body) -> Option<(EventKind, &str, i64, Vec<u8>, bool)> {
             // A trade id names one trade: a second copy of it is the same trade.
             Some((EventKind::Trade, symbol, *ts_ms, bytes, trade_id.is_none()))
         }
-        Body::Bar(_) => None,
+        Body::Bar(_) | Body::Derived(_) => None,
     }
 }
 
@@ -146,7 +146,7 @@ impl Uids {
         match body {
             Body::Quote(q) => q.uid = uid,
             Body::Trade(t) => t.uid = uid,
-            Body::Bar(_) => {}
+            Body::Bar(_) | Body::Derived(_) => {}
         }
         self.newest_ms = self.newest_ms.max(ts);
         // Forget what is far behind, at most once per window: memory stays bounded by
@@ -204,7 +204,7 @@ mod tests {
                 match b {
                     Body::Quote(q) => (q.ts_ms, q.uid),
                     Body::Trade(t) => (t.ts_ms, t.uid),
-                    Body::Bar(_) => unreachable!(),
+                    Body::Bar(_) | Body::Derived(_) => unreachable!(),
                 }
             })
             .collect()
