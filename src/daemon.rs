@@ -34,6 +34,7 @@ pub struct Running {
     pub wal: Wal,
     pub live: Vec<(Feed, Arc<LiveStats>)>,
     pub backfill: Option<Arc<BackfillStats>>,
+    pub aggregate: Option<Arc<crate::aggregate::AggregateStats>>,
     /// One per sink runner: (sink, lane).
     pub sinks: Vec<Arc<RunnerStats>>,
     /// How the backfill gives way to live (its share of the duties under the budget).
@@ -188,7 +189,7 @@ async fn start_sinks(
     let log_id = wal.reader().log_id()?;
     let enabled = sinks.enabled();
     for cursor in wal.reader().cursors()? {
-        if !enabled.contains(&cursor.sink.as_str()) {
+        if !enabled.contains(&cursor.sink.as_str()) && cursor.sink != crate::aggregate::CURSOR {
             // Truncation keeps everything a cursor has not passed: an abandoned cursor
             // holds the log forever. Said at every start, never removed on our own.
             tracing::warn!(
@@ -394,6 +395,19 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
         );
         Some(stats)
     };
+    // The aggregator runs beside the backfill, at its lower CPU priority.
+    let aggregate = config.aggregate.enabled.then(|| {
+        let stats = Arc::new(crate::aggregate::AggregateStats::default());
+        let (wal, config, shutdown, out) = (wal.clone(), config.aggregate.clone(), shutdown.clone(), stats.clone());
+        parts.tasks.spawn_on(
+            async move {
+                crate::aggregate::run(wal, config, out, shutdown).await?;
+                Ok("aggregator")
+            },
+            &background.handle(),
+        );
+        stats
+    });
     {
         let (wal, mut shutdown) = (wal.clone(), shutdown.clone());
         let (every, retention) = (config.log.truncate_every, config.log.retention);
@@ -424,6 +438,7 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
             data_dir: config.log.data_dir.clone(),
             live: live_stats.clone(),
             backfill: backfill.clone(),
+            aggregate: aggregate.clone(),
             sinks: sinks.clone(),
             priority: priority.clone(),
             calendar: tickvault_core::calendar::Calendar::new(&config.calendar),
@@ -453,6 +468,7 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
         wal,
         live: live_stats,
         backfill,
+        aggregate,
         sinks,
         priority,
         metrics_addr,

@@ -7,6 +7,7 @@
 //! `sim` stands in for Polygon, `cli` holds the binary's subcommands; `config` reads the
 //! configuration, each part's section beside it, on `settings`.
 
+pub mod aggregate;
 pub mod backoff;
 pub mod cli;
 pub mod coverage;

@@ -39,6 +39,7 @@ pub struct Sources {
     pub data_dir: PathBuf,
     pub live: Vec<(Feed, Arc<LiveStats>)>,
     pub backfill: Option<Arc<BackfillStats>>,
+    pub aggregate: Option<Arc<crate::aggregate::AggregateStats>>,
     pub sinks: Vec<Arc<RunnerStats>>,
     pub priority: Arc<Priority>,
     /// Market hours, as `[calendar]` sets them.
@@ -253,6 +254,32 @@ impl Collector for Sources {
             "A live frame, received to durable in the log.",
             &rows,
         )?;
+
+        if let Some(a) = &self.aggregate {
+            for (name, help, value) in [
+                (
+                    "tickvault_aggregate_rounds",
+                    "Aggregator rounds (each takes what the log received since the last).",
+                    &a.rounds,
+                ),
+                (
+                    "tickvault_aggregate_minutes",
+                    "One-minute bars the aggregator took in.",
+                    &a.minutes_in,
+                ),
+            ] {
+                counters(&mut enc, name, help, None, &[(Vec::new(), load(value))])?;
+            }
+            let rows = [("new", &a.bars_new), ("revised", &a.bars_revised)]
+                .map(|(state, n)| (labels(&[("state", state)]), load(n)));
+            counters(
+                &mut enc,
+                "tickvault_aggregate_bars",
+                "Derived bars appended: new, or revised by late data (a higher version).",
+                None,
+                &rows,
+            )?;
+        }
 
         if let Some(b) = &self.backfill {
             for (name, help, value) in [

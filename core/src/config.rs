@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::event::Feed;
+use crate::event::{Feed, TimeUnit, Timeframe};
 pub use crate::settings::{ConfigError, Secret};
 use sinks::TrustedCa;
 
@@ -36,6 +36,78 @@ pub struct Config {
     pub calendar: crate::calendar::CalendarConfig,
     #[serde(default)]
     pub gaps: GapsConfig,
+    #[serde(default)]
+    pub aggregate: AggregateConfig,
+}
+
+/// `[aggregate]`: the derived lane's bars and indicators.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AggregateConfig {
+    /// Default true.
+    pub enabled: bool,
+    /// Default `["1m", "5m", "15m", "30m", "1h", "4h", "1d"]`: whole minutes or hours
+    /// up to a day, or `1d`.
+    pub timeframes: Vec<String>,
+    /// Where a forex day (its `1d` bar) starts: `utc` (default) or `new-york-17`.
+    pub forex_day: DayStart,
+    /// How often the aggregator takes what the log received since its last round.
+    /// Default 1s.
+    #[serde(with = "humantime_serde")]
+    pub interval: Duration,
+}
+
+impl Default for AggregateConfig {
+    fn default() -> Self {
+        AggregateConfig {
+            enabled: true,
+            timeframes: ["1m", "5m", "15m", "30m", "1h", "4h", "1d"].map(String::from).to_vec(),
+            forex_day: DayStart::Utc,
+            interval: Duration::from_secs(1),
+        }
+    }
+}
+
+impl AggregateConfig {
+    /// The timeframes, parsed (a validated config's parse).
+    pub fn timeframes(&self) -> Vec<Timeframe> {
+        self.timeframes.iter().filter_map(|t| t.parse().ok()).collect()
+    }
+
+    fn problem(&self) -> Option<(&'static str, String)> {
+        let mut seen = Vec::new();
+        for text in &self.timeframes {
+            let timeframe: Timeframe = match text.parse() {
+                Ok(t) => t,
+                Err(e) => return Some(("aggregate.timeframes", e.to_string())),
+            };
+            let bad = match timeframe.unit {
+                TimeUnit::Second => Some("at least 1m (bars are made from one-minute bars)"),
+                TimeUnit::Day if timeframe.multiplier != 1 => Some("a daily timeframe is 1d"),
+                _ if timeframe.millis() > 86_400_000 => Some("at most a day"),
+                _ if seen.contains(&timeframe.millis()) => Some("listed twice"),
+                _ => None,
+            };
+            if let Some(bad) = bad {
+                return Some(("aggregate.timeframes", format!("{text:?}: {bad}")));
+            }
+            seen.push(timeframe.millis());
+        }
+        if self.interval < Duration::from_millis(100) || self.interval > Duration::from_secs(3_600) {
+            return Some(("aggregate.interval", "must be from 100ms to 1h".into()));
+        }
+        None
+    }
+}
+
+/// Where a daily bar starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DayStart {
+    /// Midnight UTC.
+    Utc,
+    /// 17:00 in New York, daylight saving included (forex's trading day).
+    NewYork17,
 }
 
 /// `[gaps]`: which minutes `tickvault gaps` looks at.
@@ -405,6 +477,9 @@ impl Config {
         }
         if log.max_group_records == 0 {
             return Err(ConfigError::field(file, "log.max_group_records", "must be at least 1"));
+        }
+        if let Some((field, problem)) = self.aggregate.problem() {
+            return Err(ConfigError::field(file, field, problem));
         }
         if self.gaps.interval < Duration::from_secs(1) {
             return Err(ConfigError::field(file, "gaps.interval", "must be at least 1s"));

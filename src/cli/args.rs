@@ -114,6 +114,9 @@ pub enum Command {
     /// Per symbol, the minutes in market hours the log has no bar for (from its
     /// coverage index); exit 0 when there is none, 1 otherwise.
     Gaps(super::gaps::GapsSpec),
+    /// The derived lane made again from the aggregator's journal and compared with the
+    /// log's, record for record; exit 0 when identical, 1 otherwise.
+    Aggregate(super::aggregate::AggregateSpec),
     /// Inspect and exercise the durable log.
     Wal {
         #[command(subcommand)]

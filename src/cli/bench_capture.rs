@@ -61,6 +61,7 @@ async fn scraped(
         data_dir: log.to_owned(),
         live: vec![(Feed::Crypto, stats.clone())],
         backfill: None,
+        aggregate: None,
         sinks: Vec::new(),
         priority: Arc::new(crate::sink::priority::Priority::new(0, 1.0, Duration::ZERO)),
         calendar: crate::calendar::Calendar::default(),

@@ -118,6 +118,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Replay(spec) => runtime()?.block_on(super::replay::run(&spec)),
         Command::Drill(spec) => runtime()?.block_on(super::drill::run(&spec)),
         Command::Gaps(spec) => super::gaps::run(&spec),
+        Command::Aggregate(spec) => super::aggregate::run(&spec),
         Command::Wal { command } => match command {
             WalCommand::Summary { data_dir, json } => super::wal::summary(&data_dir, json),
             WalCommand::Dump {

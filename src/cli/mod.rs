@@ -1,5 +1,6 @@
 //! The `tickvault` binary's subcommands.
 
+mod aggregate;
 mod args;
 mod backfill;
 mod bench;
