@@ -32,6 +32,7 @@ quick() {
 }
 quick '| run |' bench wal
 quick '| scan |' bench gaps
+quick '| path |' bench aggregate
 quick '| target events/s |' bench capture
 quick 'live capture-to-sink-commit latency' bench sinks
 

@@ -107,13 +107,72 @@ pub struct Spec {
     pub forex_day: DayStart,
 }
 
-#[derive(Clone, Debug)]
-struct Entry {
-    start: i64,
-    bar: Ohlcv,
-    state: State,
-    indicators: Indicators,
-    version: u32,
+/// The bars of one timeframe's closed windows, a column each (a year of one-minute
+/// bars is half a million of them): enough to make any of them again, and to tell
+/// whether a bar made again differs from the one emitted.
+#[derive(Clone, Debug, Default)]
+struct Series {
+    starts: Vec<i64>,
+    hlc: Vec<Hlc>,
+    versions: Vec<u32>,
+    /// A hash of each emitted bar's prices, volume and indicators.
+    sums: Vec<u64>,
+    /// The indicators' state after every [`CHECKPOINT`]th bar: a series is made again
+    /// from the checkpoint before the first changed bar, bit for bit as the first time.
+    checkpoints: Vec<State>,
+}
+
+const CHECKPOINT: usize = 32;
+
+fn sum(bar: &Ohlcv, indicators: &Indicators) -> u64 {
+    let mut bytes = [0u8; 8 * 15];
+    let values = [bar.open, bar.high, bar.low, bar.close, bar.volume]
+        .into_iter()
+        .chain(indicators.fields().map(|(_, v)| v.unwrap_or(f64::NAN)));
+    for (chunk, v) in bytes.chunks_exact_mut(8).zip(values) {
+        chunk.copy_from_slice(&v.to_bits().to_le_bytes());
+    }
+    xxhash_rust::xxh3::xxh3_64(&bytes)
+}
+
+impl Series {
+    fn len(&self) -> usize {
+        self.starts.len()
+    }
+
+    /// Keeps the first `n` bars; returns the rest's starts, versions and sums.
+    fn cut(&mut self, n: usize) -> (Vec<i64>, Vec<u32>, Vec<u64>) {
+        self.hlc.truncate(n);
+        self.checkpoints.truncate(n / CHECKPOINT);
+        (
+            self.starts.split_off(n),
+            self.versions.split_off(n),
+            self.sums.split_off(n),
+        )
+    }
+
+    /// The indicators' state after the first `len()` bars.
+    fn state(&self) -> State {
+        let c = self.len() / CHECKPOINT;
+        let mut state = match c {
+            0 => State::default(),
+            c => self.checkpoints[c - 1].clone(),
+        };
+        for i in c * CHECKPOINT..self.len() {
+            state = state.step(&self.hlc[..i], self.hlc[i]).0;
+        }
+        state
+    }
+
+    fn push(&mut self, start: i64, hlc: Hlc, version: u32, sum: u64, after: &State) {
+        self.starts.push(start);
+        self.hlc.push(hlc);
+        self.versions.push(version);
+        self.sums.push(sum);
+        if self.len().is_multiple_of(CHECKPOINT) {
+            self.checkpoints.push(after.clone());
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -122,7 +181,7 @@ struct Symbol {
     /// The end of the latest minute seen: windows ending by then are closed.
     watermark: i64,
     /// Per timeframe (in the spec's order), the bars of its closed windows.
-    series: Vec<Vec<Entry>>,
+    series: Vec<Series>,
     /// In the current round: whether touched, the earliest changed minute, and the
     /// watermark before it.
     touched: bool,
@@ -232,7 +291,9 @@ impl Engine {
     /// start) order.
     pub fn round(&mut self, inputs: impl IntoIterator<Item = Input>) -> Vec<Out> {
         let mut touched: BTreeSet<(Feed, String)> = BTreeSet::new();
+        let mut taken = 0;
         for input in inputs {
+            taken += 1;
             let (feed, symbol) = match &input {
                 Input::Minute(m) => (m.feed, &m.symbol),
                 Input::Tick(t) => (t.feed, &t.symbol),
@@ -253,7 +314,9 @@ impl Engine {
                 entry.changed(minute);
             }
         }
-        let mut out = Vec::new();
+        // About as many bars out as minutes in, plus the higher timeframes': reserved at
+        // once (growing a vector of 100,000 bars by doubling cost more than making them).
+        let mut out = Vec::with_capacity(taken + taken / 2);
         for (feed, name) in touched {
             let symbol = self
                 .symbols
@@ -263,7 +326,7 @@ impl Engine {
             symbol.touched = false;
             let (changed_from, old_watermark) = (symbol.changed_from, symbol.old_watermark);
             if symbol.series.len() != self.spec.timeframes.len() {
-                symbol.series = vec![Vec::new(); self.spec.timeframes.len()];
+                symbol.series = vec![Series::default(); self.spec.timeframes.len()];
             }
             for (i, &timeframe) in self.spec.timeframes.iter().enumerate() {
                 let day = if feed == Feed::Forex {
@@ -285,27 +348,34 @@ impl Engine {
                     continue;
                 }
                 let series = &mut symbol.series[i];
-                remake(series, &symbol.minutes, &window, from, until, |entry| {
-                    out.push(Out {
-                        feed,
-                        derived: Derived {
-                            bar: Bar {
-                                symbol: name.clone(),
-                                timeframe,
-                                start_ms: entry.start,
-                                open: entry.bar.open,
-                                high: entry.bar.high,
-                                low: entry.bar.low,
-                                close: entry.bar.close,
-                                volume: entry.bar.volume,
-                                vwap: None,
-                                trades: None,
+                remake(
+                    series,
+                    &symbol.minutes,
+                    &window,
+                    from,
+                    until,
+                    |start, bar, indicators, version| {
+                        out.push(Out {
+                            feed,
+                            derived: Derived {
+                                bar: Bar {
+                                    symbol: name.clone(),
+                                    timeframe,
+                                    start_ms: start,
+                                    open: bar.open,
+                                    high: bar.high,
+                                    low: bar.low,
+                                    close: bar.close,
+                                    volume: bar.volume,
+                                    vwap: None,
+                                    trades: None,
+                                },
+                                version,
+                                indicators: *indicators,
                             },
-                            version: entry.version,
-                            indicators: entry.indicators,
-                        },
-                    })
-                });
+                        })
+                    },
+                );
             }
         }
         out
@@ -322,21 +392,20 @@ impl Engine {
 }
 
 /// Makes the windows of `series` from `from` (a window start) up to `until` (the
-/// first open window) again from the minutes, keeping the entries before; calls `emit`
+/// first open window) again from the minutes, keeping the bars before; calls `emit`
 /// for each new or changed one.
 fn remake(
-    series: &mut Vec<Entry>,
+    series: &mut Series,
     minutes: &BTreeMap<i64, Base>,
     window: &Window<'_>,
     from: i64,
     until: i64,
-    mut emit: impl FnMut(&Entry),
+    mut emit: impl FnMut(i64, &Ohlcv, &Indicators, u32),
 ) {
-    let keep = series.partition_point(|e| e.start < from);
-    let old: Vec<Entry> = series.split_off(keep);
-    let mut old = old.into_iter().peekable();
-    let mut history: Vec<Hlc> = series[keep.saturating_sub(20)..].iter().map(|e| e.bar.hlc()).collect();
-    let mut state = series.last().map(|e| e.state.clone()).unwrap_or_default();
+    let keep = series.starts.partition_point(|s| *s < from);
+    let (old_starts, old_versions, old_sums) = series.cut(keep);
+    let mut old = 0;
+    let mut state = series.state();
     let mut minutes = minutes.range(from..until).peekable();
     while let Some((&first, _)) = minutes.peek() {
         let start = window.start(first);
@@ -358,29 +427,20 @@ fn remake(
             });
         }
         let bar = bar.expect("a window with a minute");
-        let (next, indicators) = state.step(&history, bar.hlc());
-        while old.next_if(|e| e.start < start).is_some() {}
-        let before = old.next_if(|e| e.start == start);
-        let version = match &before {
-            Some(e) if e.bar == bar && e.indicators == indicators => e.version,
-            Some(e) => e.version + 1,
-            None => 1,
-        };
-        let entry = Entry {
-            start,
-            bar,
-            state: next.clone(),
-            indicators,
-            version,
-        };
-        if before.is_none_or(|e| e.version != version) {
-            emit(&entry);
+        let (next, indicators) = state.step(&series.hlc, bar.hlc());
+        while old < old_starts.len() && old_starts[old] < start {
+            old += 1;
         }
-        series.push(entry);
-        history.push(bar.hlc());
-        if history.len() > 20 {
-            history.remove(0);
+        let sum = sum(&bar, &indicators);
+        let version = match old_starts.get(old) {
+            Some(s) if *s == start && old_sums[old] == sum => old_versions[old],
+            Some(s) if *s == start => old_versions[old] + 1,
+            _ => 1,
+        };
+        if old_starts.get(old) != Some(&start) || old_versions[old] != version {
+            emit(start, &bar, &indicators, version);
         }
+        series.push(start, bar.hlc(), version, sum, &next);
         state = next;
     }
 }

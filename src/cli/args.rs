@@ -224,6 +224,18 @@ pub enum BenchCommand {
         #[arg(long)]
         quick: bool,
     },
+    /// Aggregation: one-minute bars of 14 symbols into the 7 default timeframes with
+    /// the 6 indicators on one core, the engine alone and the daemon's whole round.
+    Aggregate {
+        #[arg(long, default_value = "target/bench")]
+        dir: PathBuf,
+        /// Minutes per symbol.
+        #[arg(long, default_value_t = 100_000)]
+        minutes: usize,
+        /// 10,000 minutes per symbol, to check the suite works.
+        #[arg(long)]
+        quick: bool,
+    },
     /// The gap scan: a coverage index of 14 forex symbols over `--years` of minutes (a
     /// gap and a source hole a day each), scanned by `tickvault gaps`'s code, against
     /// the same scan a minute at a time.

@@ -131,6 +131,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             WalCommand::Load(spec) => runtime()?.block_on(super::load::run(spec)),
         },
         Command::Bench { command } => match command {
+            BenchCommand::Aggregate { dir, minutes, quick } => {
+                super::bench_aggregate::run(&dir, if quick { 10_000 } else { minutes })
+            }
             BenchCommand::Gaps { dir, years, quick } => {
                 runtime()?.block_on(super::bench_gaps::run(&dir, if quick { 1 } else { years }))
             }

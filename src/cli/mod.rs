@@ -4,6 +4,7 @@ mod aggregate;
 mod args;
 mod backfill;
 mod bench;
+mod bench_aggregate;
 mod bench_capture;
 mod bench_gaps;
 mod bench_sinks;
