@@ -287,6 +287,11 @@ impl Collector for Sources {
                 ("tickvault_backfill_pages", "REST pages appended.", &b.pages),
                 ("tickvault_backfill_retries", "REST requests retried.", &b.retries),
                 (
+                    "tickvault_backfill_repairs",
+                    "Gaps of the coverage index fetched by the daemon.",
+                    &b.repairs,
+                ),
+                (
                     "tickvault_backfill_rate_limited",
                     "REST answers 429 (rate limited).",
                     &b.rate_limited,

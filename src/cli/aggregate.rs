@@ -62,8 +62,23 @@ fn describe(bytes: &[u8]) -> String {
     }
 }
 
-pub fn run(spec: &AggregateSpec) -> anyhow::Result<ExitCode> {
-    let config = super::run::load_config(&spec.config, spec.data_dir.clone())?;
+/// What [`check`] found.
+pub struct Checked {
+    pub rounds: u64,
+    pub records: u64,
+    pub revised: u64,
+    difference: Option<Difference>,
+}
+
+impl Checked {
+    pub fn identical(&self) -> bool {
+        self.difference.is_none()
+    }
+}
+
+/// Makes the derived lane of the log at `config.log.data_dir` again from the journal
+/// and compares it with the log's, record for record.
+pub fn check(config: &crate::config::Config) -> anyhow::Result<Checked> {
     let reader = Wal::open_read_only(&config.log.data_dir)?;
     let journal = aggregate::journal(&reader)?;
     for lane in [Lane::Live, Lane::Backfill, Lane::Derived] {
@@ -114,12 +129,28 @@ pub fn run(spec: &AggregateSpec) -> anyhow::Result<ExitCode> {
             });
         }
     }
+    Ok(Checked {
+        rounds: last.number,
+        records,
+        revised,
+        difference,
+    })
+}
+
+pub fn run(spec: &AggregateSpec) -> anyhow::Result<ExitCode> {
+    let config = super::run::load_config(&spec.config, spec.data_dir.clone())?;
+    let Checked {
+        rounds,
+        records,
+        revised,
+        difference,
+    } = check(&config)?;
     if spec.json {
         let diff = difference
             .as_ref()
             .map(|d| json!({"seq": d.seq, "log": d.log, "rebuilt": d.rebuilt}));
         let out = json!({
-            "rounds": last.number,
+            "rounds": rounds,
             "records": records,
             "revised": revised,
             "identical": difference.is_none(),
@@ -129,8 +160,7 @@ pub fn run(spec: &AggregateSpec) -> anyhow::Result<ExitCode> {
     } else {
         match &difference {
             None => println!(
-                "derived lane: {records} records ({revised} revisions) from {} rounds; rebuilt from the journal: identical",
-                last.number
+                "derived lane: {records} records ({revised} revisions) from {rounds} rounds; rebuilt from the journal: identical"
             ),
             Some(d) => {
                 println!("derived lane: DIFFERS from its rebuild at seq {}", d.seq);

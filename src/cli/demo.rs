@@ -201,6 +201,23 @@ pub async fn run(
             ));
             last_bars = bars;
         }
+        if let Some(a) = &running.aggregate {
+            let (new, revised) = (
+                a.bars_new.load(Ordering::Relaxed),
+                a.bars_revised.load(Ordering::Relaxed),
+            );
+            line.push_str(&format!(
+                " | derived {} bars ({} revised)",
+                thousands(new + revised),
+                thousands(revised)
+            ));
+        }
+        if let Some(b) = &running.backfill {
+            let repairs = b.repairs.load(Ordering::Relaxed);
+            if repairs > 0 {
+                line.push_str(&format!(" | {repairs} gaps repaired"));
+            }
+        }
         println!("{line}");
         if !running.sinks.is_empty() {
             println!("{}", sink_line(&running, &mut last_sink_rows));
@@ -496,6 +513,24 @@ fn summary(
         sum(&|s| s.gaps.len() as u64),
         thousands(sum(&|s| s.gap_minutes()))
     );
+    if let Some(b) = backfill {
+        println!(
+            "  gaps fetched by the daemon (after disconnects and every `gaps.interval`): {}",
+            b.repairs.load(Ordering::Relaxed)
+        );
+    }
+    if config.aggregate.enabled {
+        let checked = super::aggregate::check(config)?;
+        println!(
+            "  derived lane: {} bars in {} timeframes with their indicators ({} revised by late data), {} rounds; \
+             made again from its journal (`tickvault aggregate --check`): {}",
+            thousands(checked.records),
+            config.aggregate.timeframes.len(),
+            thousands(checked.revised),
+            thousands(checked.rounds),
+            if checked.identical() { "identical" } else { "DIFFERS" }
+        );
+    }
     let check = reader.check()?;
     println!(
         "  check: {} records verified, {} corrupt, {} quarantined{}",

@@ -163,9 +163,10 @@ impl Screen {
         }
         let seen = running.priority.budget();
         let heads = format!(
-            "log heads: live {}, backfill {}",
+            "log heads: live {}, backfill {}, derived {}",
             super::demo::thousands(running.wal.head(Lane::Live)),
-            super::demo::thousands(running.wal.head(Lane::Backfill))
+            super::demo::thousands(running.wal.head(Lane::Backfill)),
+            super::demo::thousands(running.wal.head(Lane::Derived))
         );
         self.live_first.set_message(fit(if running.sinks.is_empty() {
             format!("  live first: the backfill's appends give way to live | {heads}")
