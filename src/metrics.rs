@@ -156,7 +156,7 @@ impl Collector for Sources {
         // Capture.
         let mut captured = Vec::new();
         for (feed, stats) in &self.live {
-            for kind in EventKind::ALL {
+            for kind in EventKind::CAPTURED {
                 let n = load(&stats.captured_by_kind[kind.index()]);
                 captured.push((
                     labels(&[("lane", "live"), ("feed", feed.name()), ("kind", kind.name())]),
@@ -276,6 +276,19 @@ impl Collector for Sources {
                 &mut enc,
                 "tickvault_aggregate_bars",
                 "Derived bars appended: new, or revised by late data (a higher version).",
+                None,
+                &rows,
+            )?;
+            let mut rows = Vec::new();
+            for lane in [Lane::Live, Lane::Backfill] {
+                let taken = self.wal.reader().cursor(crate::aggregate::CURSOR, lane).unwrap_or(0);
+                let behind = self.wal.head(lane).saturating_sub(taken);
+                rows.push((labels(&[("lane", lane.name())]), behind as f64));
+            }
+            gauges(
+                &mut enc,
+                "tickvault_aggregate_backlog_records",
+                "Records of a lane the aggregator has not taken yet.",
                 None,
                 &rows,
             )?;

@@ -18,15 +18,19 @@ import os
 import re
 import sys
 
+INDICATORS = ["sma20", "ema20", "rsi14", "macd", "macd_signal", "macd_hist", "bb_upper", "bb_middle", "bb_lower", "atr14"]
 COLUMNS = {
     "quote": ["lane", "seq", "feed", "symbol", "ts", "uid", "bid", "ask", "bid_size", "ask_size", "exchange", "captured_at"],
     "trade": ["lane", "seq", "feed", "symbol", "ts", "uid", "price", "size", "exchange", "trade_id", "conditions", "captured_at"],
     "bar": ["lane", "seq", "feed", "symbol", "timeframe", "start", "open", "high", "low", "close", "volume", "vwap", "trades", "captured_at"],
+    "derived": ["lane", "seq", "feed", "symbol", "timeframe", "start", "open", "high", "low", "close", "volume", "version"]
+    + INDICATORS
+    + ["captured_at"],
 }
 MILLIS = {"ts", "start"}
 NANOS = {"captured_at"}
 TEXT = {"lane", "feed", "symbol", "timeframe", "trade_id"}
-INTS = {"seq", "uid", "exchange", "trades"}
+INTS = {"seq", "uid", "exchange", "trades", "version"}
 UNITS = {"second": "s", "minute": "m", "hour": "h", "day": "d"}
 
 
@@ -42,8 +46,20 @@ def expected_row(line):
         return None
     (kind, body), = event["body"].items()
     capture = event["capture"]
+    derived = body if kind == "derived" else None
+    if derived:
+        body = derived["bar"]
     row = {"lane": line["lane"], "seq": line["seq"], "feed": capture["feed"], "symbol": body["symbol"]}
-    if kind == "bar":
+    if derived:
+        tf = body["timeframe"]
+        row["timeframe"] = "%d%s" % (tf["multiplier"], UNITS[tf["unit"]])
+        row["start"] = body["start_ms"]
+        for f in ["open", "high", "low", "close", "volume"]:
+            row[f] = body.get(f)
+        row["version"] = derived["version"]
+        for f in INDICATORS:
+            row[f] = derived["indicators"].get(f)
+    elif kind == "bar":
         tf = body["timeframe"]
         row["timeframe"] = "%d%s" % (tf["multiplier"], UNITS[tf["unit"]])
         row["start"] = body["start_ms"]
@@ -101,7 +117,7 @@ def read_parquet(path, kind):
     if table.column_names != COLUMNS[kind]:
         fail("%s: columns %s, expected %s" % (path, table.column_names, COLUMNS[kind]))
     types = {
-        "seq": pa.int64(), "uid": pa.uint64(), "trades": pa.uint64(), "exchange": pa.int32(),
+        "seq": pa.int64(), "uid": pa.uint64(), "trades": pa.uint64(), "exchange": pa.int32(), "version": pa.uint64(),
         "ts": pa.timestamp("ms", tz="UTC"), "start": pa.timestamp("ms", tz="UTC"),
         "captured_at": pa.timestamp("ns", tz="UTC"), "conditions": pa.list_(pa.int32()),
     }

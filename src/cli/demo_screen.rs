@@ -163,13 +163,13 @@ impl Screen {
         }
         let seen = running.priority.budget();
         let heads = format!(
-            "log heads: live {}, backfill {}, derived {}",
+            "heads: live {}, backfill {}, derived {}",
             super::demo::thousands(running.wal.head(Lane::Live)),
             super::demo::thousands(running.wal.head(Lane::Backfill)),
             super::demo::thousands(running.wal.head(Lane::Derived))
         );
         self.live_first.set_message(fit(if running.sinks.is_empty() {
-            format!("  live first: the backfill's appends give way to live | {heads}")
+            format!("  live first: backfill appends yield to live | {heads}")
         } else {
             format!(
                 "  live first: budget {} ms, over it in {} of {} half-seconds | backfill at {:.0}% of its duties | {heads}",

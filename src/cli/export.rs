@@ -55,7 +55,7 @@ pub struct ExportSpec {
     #[arg(long)]
     pub symbol: Option<String>,
     /// One kind of event.
-    #[arg(long, value_parser = ["quote", "trade", "bar"])]
+    #[arg(long, value_parser = ["quote", "trade", "bar", "derived"])]
     pub kind: Option<String>,
     /// Events at or after this market time (`2025-03-01` in UTC, or RFC 3339).
     #[arg(long, value_parser = parse_instant)]
@@ -650,7 +650,7 @@ pub fn run(spec: &ExportSpec) -> anyhow::Result<ExitCode> {
 
     // Written under a temporary name and renamed when complete: a file of the final name
     // is never a cut-short export.
-    let mut outputs: Vec<Option<Output>> = (0..3).map(|_| None).collect();
+    let mut outputs: Vec<Option<Output>> = (0..EventKind::ALL.len()).map(|_| None).collect();
     let open_output = |kind: EventKind| -> anyhow::Result<Output> {
         let path = spec.out.join(format!("{}.{}", kind.name(), spec.format.extension()));
         let partial = spec

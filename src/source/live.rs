@@ -58,7 +58,7 @@ impl LiveSpec {
 pub struct LiveStats {
     pub frames: AtomicU64,
     pub events: AtomicU64,
-    /// Events durable in the log per kind, in [`EventKind::ALL`]'s order (their sum:
+    /// Events durable in the log per kind, in [`EventKind::CAPTURED`]'s order (their sum:
     /// [`LiveStats::captured`]).
     pub captured_by_kind: [AtomicU64; 3],
     /// When the last events were made durable, Unix ms (0: none yet): the feed's
