@@ -399,9 +399,10 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
     let aggregate = config.aggregate.enabled.then(|| {
         let stats = Arc::new(crate::aggregate::AggregateStats::default());
         let (wal, config, shutdown, out) = (wal.clone(), config.aggregate.clone(), shutdown.clone(), stats.clone());
+        let room = room.clone();
         parts.tasks.spawn_on(
             async move {
-                crate::aggregate::run(wal, config, out, shutdown).await?;
+                crate::aggregate::run(wal, config, out, room, shutdown).await?;
                 Ok("aggregator")
             },
             &background.handle(),

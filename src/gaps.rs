@@ -71,6 +71,10 @@ pub struct Watched {
     pub symbol: String,
     /// A backfill symbol: every minute of the lookback. Live only: from its first bar.
     pub backfilled: bool,
+    /// Its minute aggregates are captured live too. A backfill symbol that is not is
+    /// checked up to where its backfill has downloaded: the minutes after are the
+    /// backfill's next pass's, not gaps.
+    pub live: bool,
 }
 
 /// The live channels that carry one-minute aggregates.
@@ -93,6 +97,7 @@ pub fn watched(config: &crate::config::Config) -> Vec<Watched> {
                         feed,
                         symbol,
                         backfilled: true,
+                        live: false,
                     });
                 }
             }
@@ -107,12 +112,14 @@ pub fn watched(config: &crate::config::Config) -> Vec<Watched> {
             let Some(symbol) = crate::polygon::symbol::canonical(feed, s) else {
                 continue;
             };
-            if !out.iter().any(|w| w.feed == feed && w.symbol == symbol) {
-                out.push(Watched {
+            match out.iter_mut().find(|w| w.feed == feed && w.symbol == symbol) {
+                Some(w) => w.live = true,
+                None => out.push(Watched {
                     feed,
                     symbol,
                     backfilled: false,
-                });
+                    live: true,
+                }),
             }
         }
     }
@@ -128,6 +135,55 @@ pub struct OpenGap {
     pub minutes: u64,
     /// Why it is suspected: the disconnect it falls in, or none known.
     pub why: String,
+    /// What is being done about it (see [`GapState`]).
+    pub state: GapState,
+}
+
+/// What is being done about an open gap, from the downloader's records in the log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GapState {
+    /// A repair of the daemon is fetching minutes of it now (or was, when it stopped).
+    BeingFetched,
+    /// It lies in a backfill period not downloaded yet: the backfill will fetch it.
+    WaitingForBackfill,
+    /// The daemon's next repair (every `gaps.interval`, and after a reconnect) will.
+    Waiting,
+}
+
+impl GapState {
+    pub fn says(self) -> &'static str {
+        match self {
+            GapState::BeingFetched => "being fetched",
+            GapState::WaitingForBackfill => "waiting for the backfill",
+            GapState::Waiting => "waiting for the next repair",
+        }
+    }
+}
+
+/// Sets each open gap's state from the backfill's periods and the daemon's repairs.
+pub fn set_states(reader: &tickvault_wal::LogReader, found: &mut [SymbolGaps]) -> anyhow::Result<()> {
+    use crate::source::backfill::{periods, repairs, PeriodState};
+    let (tracked, repairing) = (periods(reader)?, repairs(reader)?);
+    for s in found {
+        for gap in &mut s.gaps {
+            let overlaps = |p: &&crate::source::backfill::Period| {
+                p.feed == s.feed
+                    && p.symbol == s.symbol
+                    && p.state == PeriodState::Pending
+                    && p.resume_from_ms < gap.to_ms
+                    && p.end_ms > gap.from_ms
+            };
+            gap.state = if repairing.iter().any(|p| overlaps(&p)) {
+                GapState::BeingFetched
+            } else if tracked.iter().any(|p| overlaps(&p)) {
+                GapState::WaitingForBackfill
+            } else {
+                GapState::Waiting
+            };
+        }
+    }
+    Ok(())
 }
 
 /// One symbol's minutes over the range checked.
@@ -172,7 +228,21 @@ pub fn scan(
     let mut out = Vec::new();
     let from_ms = from_ms.div_euclid(MINUTE_MS) * MINUTE_MS;
     let to_ms = to_ms.div_euclid(MINUTE_MS) * MINUTE_MS;
+    let tracked = crate::source::backfill::periods(reader)?;
     for w in watched {
+        // A backfill-only symbol: up to where its backfill has downloaded.
+        let to_ms = match w.backfilled && !w.live {
+            false => to_ms,
+            true => {
+                let frontier = tracked
+                    .iter()
+                    .filter(|p| p.feed == w.feed && p.symbol == w.symbol)
+                    .map(|p| p.resume_from_ms.div_euclid(MINUTE_MS) * MINUTE_MS)
+                    .max()
+                    .unwrap_or(from_ms);
+                to_ms.min(frontier).max(from_ms)
+            }
+        };
         let (first_day, last_day) = (from_ms.div_euclid(DAY_MS), (to_ms - 1).div_euclid(DAY_MS));
         let bars = Coverage::read(reader, Mark::Bar, w.feed, &w.symbol, first_day, last_day)?;
         let holes = Coverage::read(reader, Mark::Hole, w.feed, &w.symbol, first_day, last_day)?;
@@ -213,6 +283,7 @@ pub fn scan(
                     to_ms: end,
                     minutes: ((end - from) / MINUTE_MS) as u64,
                     why,
+                    state: GapState::Waiting,
                 });
             }
         };

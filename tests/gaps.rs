@@ -102,6 +102,8 @@ fn minutes_the_backfill_never_fetched_are_open_gaps_and_exit_1() {
     let minutes = gaps[0]["minutes"].as_u64().unwrap();
     assert!((2 * 1440 - 5..=2 * 1440 + 5).contains(&minutes), "{s:#}");
     assert_eq!(gaps[0]["why"], "no bar");
+    // No backfill period covers it: the daemon's next repair would fetch it.
+    assert_eq!(gaps[0]["state"], "waiting", "{s:#}");
     // The text form says so too.
     let out = common::tickvault()
         .args([
@@ -117,7 +119,10 @@ fn minutes_the_backfill_never_fetched_are_open_gaps_and_exit_1() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(1));
     assert!(
-        text.contains("forex   EUR/USD    1m:") && text.contains("1 open gaps") && text.contains("open gaps: exit 1"),
+        text.contains("forex   EUR/USD    1m:")
+            && text.contains("1 open gaps")
+            && text.contains("no bar; waiting for the next repair")
+            && text.contains("open gaps: exit 1"),
         "{text}"
     );
 }
@@ -194,10 +199,36 @@ fn a_live_feed_cut_for_over_a_minute_is_repaired_by_the_daemon_itself() {
     common::sinks::wait_for("the first minute aggregate", Duration::from_secs(90), || {
         first_bar_seen(&log)
     });
+    let cut_ms = jiff::Timestamp::now().as_millisecond();
     relay.cut();
     std::thread::sleep(Duration::from_secs(75));
     relay.restore();
+    let restored = std::time::Instant::now();
     let restored_ms = jiff::Timestamp::now().as_millisecond();
+    // Every minute that closed while the feed was down is fetched right after the
+    // reconnect, the last one too (not once it is older than the 65 s `gaps` leaves).
+    let missed = (cut_ms / 60_000 * 60_000..restored_ms / 60_000 * 60_000).step_by(60_000);
+    let all_in = || {
+        let Ok(reader) = tickvault_wal::Wal::open_read_only(&log) else {
+            return false;
+        };
+        let (first, last) = (cut_ms / 86_400_000, restored_ms / 86_400_000);
+        let bars = tickvault::coverage::Coverage::read(
+            &reader,
+            tickvault::coverage::Mark::Bar,
+            tickvault::event::Feed::Crypto,
+            "BTC-USD",
+            first,
+            last,
+        );
+        bars.is_ok_and(|bars| missed.clone().all(|m| bars.has(m)))
+    };
+    common::sinks::wait_for("the missed minutes in the log", Duration::from_secs(30), all_in);
+    eprintln!(
+        "figure: the cut's {} minutes in the log {:.2} s after the relay was restored (the reconnect included)",
+        missed.clone().count(),
+        restored.elapsed().as_secs_f64()
+    );
     // Repaired within the interval once the cut's minutes have closed (`gaps` and the
     // repair both leave the last 65 s alone).
     common::sinks::wait_for("no open gap over the cut", Duration::from_secs(180), || {
@@ -229,4 +260,128 @@ fn first_bar_seen(log: &Path) -> bool {
         !seen
     });
     seen
+}
+
+/// The issue's repair drill: the simulator with source holes and disconnects, a live
+/// feed cut for 150 s behind a relay while the daemon runs, then the daemon SIGKILLed
+/// for 70 s. At the end `gaps` exits 0, every hole of the source is marked as one and
+/// none was fetched twice, the derived lane equals its rebuild, and `verify` finds
+/// every sink holding every event of the log.
+#[test]
+fn holes_disconnects_a_cut_and_a_long_sigkill_are_all_repaired() {
+    use common::proxy::Proxy;
+    use common::sinks::{caught_up, verify, write_config, Target};
+    const NATS: u16 = 4222;
+    let target = Target::new("repair_drill");
+    let dir = tempfile::tempdir().unwrap();
+    let (_sim, addr) = common::simulator(&["--always-open", "--faults", "holes=13,disconnect=45s"]);
+    let port: u16 = addr.rsplit(':').next().unwrap().parse().unwrap();
+    let relay = Proxy::start(port);
+    let config = write_config(
+        &dir.path().join("c.toml"),
+        "[live]\nreconnect_min = \"100ms\"\nreconnect_max = \"1s\"\nstale_after = \"5s\"\n\
+         [live.crypto]\nsymbols = [\"BTC-USD\"]\nchannels = [\"XT\", \"XA\"]\n\
+         [backfill]\nforex = [\"EUR/USD\"]\nlookback = \"1day\"\nchunk = \"1day\"\n\
+         [calendar]\nforex = \"always\"\n[gaps]\ninterval = \"2s\"\nlookback = \"1day\"\n[aggregate]\ninterval = \"500ms\"\n",
+        &target,
+        NATS,
+    );
+    let log = dir.path().join("log");
+    let stderr = dir.path().join("daemon.stderr");
+    let start = || {
+        let mut command = common::run_command(&config, &log, &addr, "k");
+        command
+            .env("TICKVAULT_POLYGON_WS_URL", format!("ws://127.0.0.1:{}", relay.port))
+            .env("TICKVAULT_POSTGRES_PASSWORD", common::sinks::PG_PASSWORD)
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&stderr)
+                    .unwrap(),
+            );
+        common::Child(command.spawn().unwrap())
+    };
+    let mut daemon = start();
+    common::sinks::wait_for("the first minute aggregate", Duration::from_secs(90), || {
+        first_bar_seen(&log)
+    });
+    relay.cut();
+    std::thread::sleep(Duration::from_secs(150));
+    relay.restore();
+    std::thread::sleep(Duration::from_secs(10));
+    // SIGKILL, and nothing runs for 70 s: the minutes of that time are missed too.
+    let pid = daemon.0.id().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-KILL", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let _ = daemon.0.wait();
+    std::thread::sleep(Duration::from_secs(70));
+    let restarted_ms = jiff::Timestamp::now().as_millisecond();
+    daemon = start();
+    let mut last = serde_json::Value::Null;
+    let repaired = common::sinks::waited_for(Duration::from_secs(240), || {
+        let (code, r, _) = gaps(&config, &log, &[]);
+        let done = code == Some(0) && symbol(&r, "BTC-USD")["to_ms"].as_i64().unwrap_or(0) >= restarted_ms;
+        last = r;
+        done
+    });
+    assert!(
+        repaired,
+        "gaps still open 240 s after the restart: {last:#}\n{}",
+        std::fs::read_to_string(&stderr).unwrap_or_default()
+    );
+    common::sinks::wait_for("the sinks to catch up", Duration::from_secs(120), || caught_up(&log));
+    daemon.0.kill().unwrap();
+    let _ = daemon.0.wait();
+
+    let (_, report, _) = gaps(&config, &log, &[]);
+    let sim = tickvault::sim::Market::new(1, 120, 13);
+    for name in ["EUR/USD", "BTC-USD"] {
+        let s = symbol(&report, name);
+        let (from, to) = (s["from_ms"].as_i64().unwrap(), s["to_ms"].as_i64().unwrap());
+        let expected = (from..to).step_by(60_000).filter(|m| sim.is_hole(name, *m)).count() as u64;
+        assert_eq!(s["source_holes"].as_u64().unwrap(), expected, "{name}: {s:#}");
+        assert_eq!(
+            s["covered"].as_u64().unwrap() + expected,
+            s["market_minutes"].as_u64().unwrap(),
+            "{s:#}"
+        );
+    }
+    // No minute fetched twice: the daemon's repairs never overlap.
+    let said = std::fs::read_to_string(&stderr).unwrap();
+    let mut fetched: Vec<(String, i64, i64)> = said
+        .lines()
+        .filter(|l| l.contains("fetching a gap"))
+        .map(|l| {
+            let field = |name: &str| -> String {
+                let at = l.find(&format!("{name}=")).unwrap_or_else(|| panic!("{name} in {l}")) + name.len() + 1;
+                l[at..].split_whitespace().next().unwrap().trim_matches('"').to_owned()
+            };
+            (
+                field("symbol"),
+                field("from_ms").parse().unwrap(),
+                field("to_ms").parse().unwrap(),
+            )
+        })
+        .collect();
+    assert!(!fetched.is_empty(), "the daemon fetched the cut: {said}");
+    fetched.sort();
+    for pair in fetched.windows(2) {
+        let ((a, _, a_to), (b, b_from, _)) = (&pair[0], &pair[1]);
+        assert!(a != b || a_to <= b_from, "fetched twice: {pair:?}");
+    }
+    // The derived lane is its journal's, and every sink holds every event of the log.
+    let out = common::tickvault()
+        .args(["aggregate", "--check", "--config"])
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(&log)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stdout));
+    let (code, verified) = verify(&config, &log);
+    assert_eq!(code, 0, "{verified:#}");
 }

@@ -204,6 +204,7 @@ pub async fn run(
     wal: Wal,
     config: AggregateConfig,
     stats: Arc<AggregateStats>,
+    room: watch::Receiver<crate::disk::Room>,
     mut shutdown: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let reader = wal.reader().clone();
@@ -229,6 +230,11 @@ pub async fn run(
         }
         if *shutdown.borrow() {
             return Ok(());
+        }
+        // Short of disk the derived lane waits with the backfill (it is made again from
+        // the other lanes; a later round takes what it left).
+        if room.borrow().backfill_paused {
+            continue;
         }
         let round = Round {
             number: last.number + 1,

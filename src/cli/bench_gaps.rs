@@ -66,6 +66,9 @@ pub async fn run(dir: &Path, years: u32) -> anyhow::Result<ExitCode> {
             feed: Feed::Forex,
             symbol: s.to_string(),
             backfilled: true,
+            // Checked to the end of the range, as a symbol captured live too: the index
+            // is made without a backfill tracker.
+            live: true,
         })
         .collect();
     let started = Instant::now();

@@ -70,7 +70,8 @@ pub fn run(spec: &GapsSpec) -> anyhow::Result<ExitCode> {
     let from_ms = spec.since.unwrap_or(lookback_from);
     let reader = Wal::open_read_only(data_dir)?;
     let started = std::time::Instant::now();
-    let found = gaps::scan(&reader, &calendar, &watched, from_ms, to_ms)?;
+    let mut found = gaps::scan(&reader, &calendar, &watched, from_ms, to_ms)?;
+    gaps::set_states(&reader, &mut found)?;
     let scan_ms = started.elapsed().as_secs_f64() * 1000.0;
     let open: u64 = found.iter().map(|s| s.gaps.len() as u64).sum();
 
@@ -108,11 +109,12 @@ pub fn run(spec: &GapsSpec) -> anyhow::Result<ExitCode> {
             for g in s.gaps.iter().take(SHOWN) {
                 writeln!(
                     out,
-                    "          gap {} .. {} ({} minutes): {}",
+                    "          gap {} .. {} ({} minutes): {}; {}",
                     date_time(g.from_ms),
                     date_time(g.to_ms),
                     g.minutes,
-                    g.why
+                    g.why,
+                    g.state.says()
                 )?;
             }
             if s.gaps.len() > SHOWN {

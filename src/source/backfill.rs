@@ -195,9 +195,18 @@ fn period_key(feed: Feed, symbol: &str, start_ms: i64) -> Vec<u8> {
 }
 
 /// Every period the tracker holds.
-pub fn periods(reader: &tickvault_wal::LogReader) -> anyhow::Result<Vec<Period>> {
+pub fn periods(reader: &tickvault_wal::LogReader) -> Result<Vec<Period>, tickvault_wal::ReadError> {
     Ok(reader
         .scan_state(Space::State, PERIOD_PREFIX.as_bytes())?
+        .into_iter()
+        .filter_map(|(_, v)| serde_json::from_slice(&v).ok())
+        .collect())
+}
+
+/// The daemon's gap repairs, as recorded (pending ones were cut short).
+pub fn repairs(reader: &tickvault_wal::LogReader) -> Result<Vec<Period>, tickvault_wal::ReadError> {
+    Ok(reader
+        .scan_state(Space::State, REPAIR_PREFIX.as_bytes())?
         .into_iter()
         .filter_map(|(_, v)| serde_json::from_slice(&v).ok())
         .collect())
@@ -359,9 +368,15 @@ impl Downloader {
     }
 
     /// Fetches the gaps found now. Returns the ranges fetched.
-    pub async fn repair_gaps(&self, shutdown: &watch::Receiver<bool>) -> anyhow::Result<u64> {
+    pub async fn repair_gaps(&self, shutdown: &watch::Receiver<bool>, reconnected: bool) -> anyhow::Result<u64> {
         let Some(repair) = &self.repair else { return Ok(0) };
-        let (from_ms, to_ms) = crate::gaps::window(repair.lookback);
+        let (from_ms, mut to_ms) = crate::gaps::window(repair.lookback);
+        if reconnected {
+            // The minutes that closed while a feed was down will never come from it:
+            // fetched now, not once they are older than the settling time.
+            let now_ms = jiff::Timestamp::now().as_millisecond();
+            to_ms = to_ms.max(now_ms.div_euclid(60_000) * 60_000);
+        }
         let (found, known) = {
             let reader = self.wal.reader();
             let found = crate::gaps::scan(reader, &self.spec.calendar, &repair.watched, from_ms, to_ms)?;
@@ -420,7 +435,8 @@ impl Downloader {
         let mut seen = connects();
         let mut next_repair = Instant::now() + repair.interval;
         loop {
-            let wake = until.min(next_repair).min(Instant::now() + Duration::from_millis(500));
+            // A reconnect is looked for every 100 ms: its missed minutes are fetched at once.
+            let wake = until.min(next_repair).min(Instant::now() + Duration::from_millis(100));
             tokio::select! {
                 _ = tokio::time::sleep_until(wake) => {}
                 _ = shutdown.changed() => {}
@@ -433,8 +449,9 @@ impl Downloader {
             }
             let now_connects = connects();
             if now_connects > seen || Instant::now() >= next_repair {
+                let reconnected = now_connects > seen;
                 seen = now_connects;
-                if let Err(e) = self.repair_gaps(shutdown).await {
+                if let Err(e) = self.repair_gaps(shutdown, reconnected).await {
                     tracing::warn!(error = %format!("{e:#}"), "gap repair failed; tried again at the next interval");
                 }
                 next_repair = Instant::now() + repair.interval;
@@ -462,7 +479,7 @@ impl Downloader {
                 self.stats.periods_failed.load(Ordering::Relaxed) + self.stats.periods_ahead.load(Ordering::Relaxed);
             tracing::info!(periods_left = again, next_in = ?every, "backfill pass done");
             // After each pass (and so at start-up): what the pass leaves missing.
-            if let Err(e) = self.repair_gaps(&shutdown).await {
+            if let Err(e) = self.repair_gaps(&shutdown, false).await {
                 tracing::warn!(error = %format!("{e:#}"), "gap repair failed; tried again at the next interval");
             }
             if !self.wait_repairing(every, &mut shutdown).await? {
