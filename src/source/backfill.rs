@@ -357,12 +357,24 @@ impl Downloader {
         if !w.backfilled {
             return vec![(from, to)];
         }
-        let mut out: Vec<(i64, i64)> = known
+        let own: Vec<&Period> = known
             .iter()
             .filter(|p| p.feed == w.feed && p.symbol == w.symbol)
+            .collect();
+        let mut out: Vec<(i64, i64)> = own
+            .iter()
             .map(|p| (from.max(p.from_ms()), to.min(p.resume_from_ms)))
             .filter(|(a, b)| a < b)
             .collect();
+        // Captured live too: what a live disconnect left missing after the backfill's
+        // frontier is fetched now, not at the next pass (which then skips it, see
+        // `period`).
+        if w.live {
+            let frontier = own.iter().map(|p| p.resume_from_ms).max().unwrap_or(i64::MAX);
+            if from.max(frontier) < to {
+                out.push((from.max(frontier), to));
+            }
+        }
         out.sort();
         out
     }
@@ -568,6 +580,17 @@ impl Downloader {
             .covered_ms
             .fetch_add((period.resume_from_ms - span.from_ms).max(0) as u64, Ordering::Relaxed);
         period.state = PeriodState::Pending;
+        // A tracker period leaves out the minutes a finished repair already appended
+        // (a live symbol's gap past the backfill's frontier): no bar twice in the lane.
+        let repaired: Vec<(i64, i64)> = match period.repair {
+            true => Vec::new(),
+            false => repairs(self.wal.reader())?
+                .into_iter()
+                .filter(|r| r.feed == period.feed && r.symbol == period.symbol && r.state != PeriodState::Pending)
+                .map(|r| (r.from_ms(), r.resume_from_ms))
+                .filter(|(a, b)| *a < until && *b > period.resume_from_ms)
+                .collect(),
+        };
         let base = self.spec.rest_url.trim_end_matches('/');
         // `to` is inclusive at Polygon: stop one millisecond before the span's end.
         let mut url = format!(
@@ -657,6 +680,9 @@ impl Downloader {
                     if let Some(problem) = event.problem() {
                         self.stats.malformed.fetch_add(1, Ordering::Relaxed);
                         tracing::warn!(%ticker, t = bar.t, problem, "malformed bar skipped");
+                        continue;
+                    }
+                    if repaired.iter().any(|(a, b)| (*a..*b).contains(&bar.t)) {
                         continue;
                     }
                     batch.push(EVENT_KIND, &event.to_payload()?)?;
