@@ -234,12 +234,8 @@ pub fn scan(
         let to_ms = match w.backfilled && !w.live {
             false => to_ms,
             true => {
-                let frontier = tracked
-                    .iter()
-                    .filter(|p| p.feed == w.feed && p.symbol == w.symbol)
-                    .map(|p| p.resume_from_ms.div_euclid(MINUTE_MS) * MINUTE_MS)
-                    .max()
-                    .unwrap_or(from_ms);
+                let frontier = crate::source::backfill::frontier(&tracked, w.feed, &w.symbol)
+                    .map_or(from_ms, |f| f.div_euclid(MINUTE_MS) * MINUTE_MS);
                 to_ms.min(frontier).max(from_ms)
             }
         };

@@ -161,7 +161,7 @@ pub struct Calendar {
 
 /// New York's time zone: from the system's tz database, or the copy jiff bundles
 /// (a box without tzdata would otherwise put forex's weekend at the wrong hour).
-fn new_york() -> TimeZone {
+pub fn new_york() -> TimeZone {
     TimeZone::get("America/New_York").expect("America/New_York in the system's or jiff's bundled tz database")
 }
 

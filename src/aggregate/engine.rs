@@ -282,7 +282,7 @@ impl Engine {
         Engine {
             spec,
             symbols: BTreeMap::new(),
-            new_york: jiff::tz::TimeZone::get("America/New_York").expect("bundled tz database"),
+            new_york: tickvault_core::calendar::new_york(),
         }
     }
 
@@ -328,12 +328,12 @@ impl Engine {
             if symbol.series.len() != self.spec.timeframes.len() {
                 symbol.series = vec![Series::default(); self.spec.timeframes.len()];
             }
+            let day = if feed == Feed::Forex {
+                self.spec.forex_day
+            } else {
+                DayStart::Utc
+            };
             for (i, &timeframe) in self.spec.timeframes.iter().enumerate() {
-                let day = if feed == Feed::Forex {
-                    self.spec.forex_day
-                } else {
-                    DayStart::Utc
-                };
                 let window = Window {
                     timeframe,
                     day,
@@ -462,7 +462,7 @@ impl Window<'_> {
         if self.is_day() && self.day == DayStart::NewYork17 {
             return self.new_york_day(t);
         }
-        let width = if self.is_day() { DAY_MS } else { self.timeframe.millis() };
+        let width = self.timeframe.millis();
         t.div_euclid(width) * width
     }
 
@@ -471,7 +471,7 @@ impl Window<'_> {
             // The next 17:00 in New York: 23, 24 or 25 hours later.
             return self.new_york_day(start + 26 * 3_600_000);
         }
-        start + if self.is_day() { DAY_MS } else { self.timeframe.millis() }
+        start + self.timeframe.millis()
     }
 
     /// The last 17:00 New York time at or before `t`.
@@ -489,13 +489,4 @@ impl Window<'_> {
             .map(|z| z.timestamp().as_millisecond())
             .unwrap_or(t)
     }
-}
-
-/// The symbols with minutes, sorted (for reports).
-pub fn symbols(engine: &Engine) -> BTreeSet<(Feed, String)> {
-    engine
-        .symbols
-        .iter()
-        .flat_map(|(feed, f)| f.keys().map(|s| (*feed, s.clone())))
-        .collect()
 }

@@ -22,7 +22,6 @@ pub mod engine;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use tickvault_wal::{Batch, Lane, LogReader, ReadError, Space, Wal};
 use tokio::sync::watch;
@@ -105,55 +104,56 @@ pub fn inputs(reader: &LogReader, before: &Round, round: &Round) -> Result<(Vec<
         (Lane::Backfill, before.backfill_to, round.backfill_to, Rank::Backfill),
         (Lane::Live, before.live_to, round.live_to, Rank::Live),
     ] {
-        let mut position = after;
-        while position < to {
-            let batch = reader.read(lane, position, ROUND_RECORDS)?;
-            if batch.last_seq <= position {
-                break;
-            }
-            for record in batch.records.iter().filter(|r| r.seq <= to && r.kind == EVENT_KIND) {
-                let Ok(event) = Event::from_payload(&record.payload) else {
-                    continue;
-                };
-                let (feed, at) = (event.capture.feed, event.capture.captured_at_ns);
-                if lane == Lane::Live && event.ts_ms() > at / 1_000_000 + AHEAD_MS {
-                    continue;
-                }
-                let tick = |symbol, ts_ms, price, size, rank| {
-                    Input::Tick(Tick {
-                        feed,
-                        symbol,
-                        ts_ms,
-                        price,
-                        size,
-                        rank,
-                    })
-                };
-                let input = match event.body {
-                    Body::Bar(bar) if bar.timeframe == Timeframe::MINUTE => Input::Minute(Minute {
-                        feed,
-                        symbol: bar.symbol,
-                        start_ms: bar.start_ms,
-                        rank,
-                        bar: Ohlcv {
-                            open: bar.open,
-                            high: bar.high,
-                            low: bar.low,
-                            close: bar.close,
-                            volume: bar.volume,
-                        },
-                    }),
-                    Body::Trade(t) => tick(t.symbol, t.ts_ms, t.price, t.size, Rank::Trades),
-                    Body::Quote(q) if q.bid > 0.0 && q.ask >= q.bid => {
-                        tick(q.symbol, q.ts_ms, (q.bid + q.ask) / 2.0, 0.0, Rank::Quotes)
-                    }
-                    _ => continue,
-                };
-                captured = captured.max(at);
-                inputs.push(input);
-            }
-            position = batch.last_seq;
+        if to <= after {
+            continue;
         }
+        reader.scan(lane, after + 1, to, |_, record| {
+            // Corrupt records are the log's to report; drill records are not events.
+            let Ok(record) = record else { return true };
+            if record.kind != EVENT_KIND {
+                return true;
+            }
+            let Ok(event) = Event::from_payload(record.payload) else {
+                return true;
+            };
+            let (feed, at) = (event.capture.feed, event.capture.captured_at_ns);
+            if lane == Lane::Live && event.ts_ms() > at / 1_000_000 + AHEAD_MS {
+                return true;
+            }
+            let tick = |symbol, ts_ms, price, size, rank| {
+                Input::Tick(Tick {
+                    feed,
+                    symbol,
+                    ts_ms,
+                    price,
+                    size,
+                    rank,
+                })
+            };
+            let input = match event.body {
+                Body::Bar(bar) if bar.timeframe == Timeframe::MINUTE => Input::Minute(Minute {
+                    feed,
+                    symbol: bar.symbol,
+                    start_ms: bar.start_ms,
+                    rank,
+                    bar: Ohlcv {
+                        open: bar.open,
+                        high: bar.high,
+                        low: bar.low,
+                        close: bar.close,
+                        volume: bar.volume,
+                    },
+                }),
+                Body::Trade(t) => tick(t.symbol, t.ts_ms, t.price, t.size, Rank::Trades),
+                Body::Quote(q) if q.bid > 0.0 && q.ask >= q.bid => {
+                    tick(q.symbol, q.ts_ms, (q.bid + q.ask) / 2.0, 0.0, Rank::Quotes)
+                }
+                _ => return true,
+            };
+            captured = captured.max(at);
+            inputs.push(input);
+            true
+        })?;
     }
     Ok((inputs, captured))
 }
@@ -177,13 +177,13 @@ pub fn events(out: Vec<Out>, captured_at_ns: i64) -> Vec<Event> {
 pub fn replay(
     reader: &LogReader,
     spec: Spec,
-    mut each: impl FnMut(&Round, Vec<Event>) -> anyhow::Result<()>,
+    mut each: impl FnMut(Vec<Event>) -> anyhow::Result<()>,
 ) -> anyhow::Result<(Engine, Round)> {
     let mut engine = Engine::new(spec);
     let mut last = Round::default();
     for round in journal(reader)? {
         let (minutes, captured) = inputs(reader, &last, &round)?;
-        each(&round, events(engine.round(minutes), captured))?;
+        each(events(engine.round(minutes), captured))?;
         last = round;
     }
     Ok((engine, last))
@@ -210,7 +210,7 @@ pub async fn run(
     let reader = wal.reader().clone();
     let spec = Spec::from_config(&config);
     let started = std::time::Instant::now();
-    let (mut engine, mut last) = tokio::task::spawn_blocking(move || replay(&reader, spec, |_, _| Ok(()))).await??;
+    let (mut engine, mut last) = tokio::task::spawn_blocking(move || replay(&reader, spec, |_| Ok(()))).await??;
     tracing::info!(
         rounds = last.number,
         minutes = engine.minutes(),
@@ -218,9 +218,7 @@ pub async fn run(
         "aggregator resumed from its journal"
     );
     // Hold truncation from the first start: a cursor at the last round's positions.
-    for (lane, at) in [(Lane::Live, last.live_to), (Lane::Backfill, last.backfill_to)] {
-        wal.move_cursor(CURSOR, lane, at).await?;
-    }
+    hold(&wal, &last).await?;
     let mut tick = tokio::time::interval(config.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -246,41 +244,41 @@ pub async fn run(
         }
         let reader = wal.reader().clone();
         let before = last;
-        let (back, events, n) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+        // Reading, the engine and the encoding off the runtime's threads.
+        let (back, batch, n, made, revised) = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
             let (minutes, captured) = inputs(&reader, &before, &round)?;
             let n = minutes.len() as u64;
             let events = events(engine.round(minutes), captured);
-            Ok((engine, events, n))
+            let revised = events.iter().filter(|e| is_revision(e)).count() as u64;
+            let mut batch = Batch::with_capacity(events.len(), events.len() * 160);
+            for event in &events {
+                batch.push(EVENT_KIND, &event.to_payload()?)?;
+            }
+            Ok((engine, batch, n, events.len() as u64, revised))
         })
         .await??;
         engine = back;
-        let mut batch = Batch::with_capacity(events.len(), events.len() * 160);
-        for event in &events {
-            batch.push(EVENT_KIND, &event.to_payload()?)?;
-        }
         wal.append_with_state(Lane::Derived, batch, Space::State, round.key(), round.value())
             .await?;
-        for (lane, at) in [(Lane::Live, round.live_to), (Lane::Backfill, round.backfill_to)] {
-            wal.move_cursor(CURSOR, lane, at).await?;
-        }
-        let revised = events
-            .iter()
-            .filter(|e| matches!(&e.body, Body::Derived(d) if d.version > 1))
-            .count() as u64;
+        hold(&wal, &round).await?;
         stats.rounds.fetch_add(1, Ordering::Relaxed);
         stats.minutes_in.fetch_add(n, Ordering::Relaxed);
         stats.bars_revised.fetch_add(revised, Ordering::Relaxed);
-        stats
-            .bars_new
-            .fetch_add(events.len() as u64 - revised, Ordering::Relaxed);
+        stats.bars_new.fetch_add(made - revised, Ordering::Relaxed);
         last = round;
     }
 }
 
-/// Waits `d` or until shutdown; whether to go on.
-pub async fn pause(d: Duration, shutdown: &mut watch::Receiver<bool>) -> bool {
-    tokio::select! {
-        _ = tokio::time::sleep(d) => !*shutdown.borrow(),
-        _ = shutdown.changed() => false,
-    }
+/// Whether a derived event is a bar emitted again (a version after the first).
+pub fn is_revision(event: &Event) -> bool {
+    matches!(&event.body, Body::Derived(d) if d.version > 1)
+}
+
+/// Moves the aggregator's cursors to what `round` took, both in one group commit.
+async fn hold(wal: &Wal, round: &Round) -> Result<(), tickvault_wal::WriteError> {
+    let (live, backfill) = tokio::join!(
+        wal.move_cursor(CURSOR, Lane::Live, round.live_to),
+        wal.move_cursor(CURSOR, Lane::Backfill, round.backfill_to)
+    );
+    live.and(backfill)
 }

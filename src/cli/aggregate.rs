@@ -76,11 +76,10 @@ impl Checked {
     }
 }
 
-/// Makes the derived lane of the log at `config.log.data_dir` again from the journal
-/// and compares it with the log's, record for record.
-pub fn check(config: &crate::config::Config) -> anyhow::Result<Checked> {
-    let reader = Wal::open_read_only(&config.log.data_dir)?;
-    let journal = aggregate::journal(&reader)?;
+/// Makes the derived lane of the log `reader` reads again from the journal (with
+/// `config`'s timeframes) and compares it with the log's, record for record.
+pub fn check(reader: &LogReader, config: &crate::config::AggregateConfig) -> anyhow::Result<Checked> {
+    let journal = aggregate::journal(reader)?;
     for lane in [Lane::Live, Lane::Backfill, Lane::Derived] {
         if !journal.is_empty() && reader.first_retained(lane)? > 1 {
             return Err(super::BadInput(format!(
@@ -90,14 +89,14 @@ pub fn check(config: &crate::config::Config) -> anyhow::Result<Checked> {
         }
     }
     let mut log = Follow {
-        reader: &reader,
+        reader,
         lane: Lane::Derived,
         position: 0,
         buffered: VecDeque::new(),
     };
     let (mut records, mut revised, mut seq) = (0u64, 0u64, 0u64);
     let mut difference: Option<Difference> = None;
-    let (_, last) = aggregate::replay(&reader, Spec::from_config(&config.aggregate), |_, events| {
+    let (_, last) = aggregate::replay(reader, Spec::from_config(config), |events| {
         for event in events {
             if difference.is_some() {
                 return Ok(());
@@ -106,7 +105,7 @@ pub fn check(config: &crate::config::Config) -> anyhow::Result<Checked> {
             let ours = log.next()?;
             seq += 1;
             records += 1;
-            revised += u64::from(matches!(&event.body, crate::event::Body::Derived(d) if d.version > 1));
+            revised += u64::from(aggregate::is_revision(&event));
             match ours {
                 Some(r) if r.seq == seq && r.payload == rebuilt => {}
                 other => {
@@ -144,7 +143,7 @@ pub fn run(spec: &AggregateSpec) -> anyhow::Result<ExitCode> {
         records,
         revised,
         difference,
-    } = check(&config)?;
+    } = check(&Wal::open_read_only(&config.log.data_dir)?, &config.aggregate)?;
     if spec.json {
         let diff = difference
             .as_ref()

@@ -520,7 +520,7 @@ fn summary(
         );
     }
     if config.aggregate.enabled {
-        let checked = super::aggregate::check(config)?;
+        let checked = super::aggregate::check(&reader, &config.aggregate)?;
         println!(
             "  derived lane: {} bars in {} timeframes with their indicators ({} revised by late data), {} rounds; \
              made again from its journal (`tickvault aggregate --check`): {}",

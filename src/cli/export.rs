@@ -274,34 +274,32 @@ fn cells<'a>(lane: Lane, seq: u64, event: &'a Event, row: &mut [Cell<'a>; MAX_CO
             t.trade_id.as_deref().map_or(Null, Text),
             Ints(&t.conditions),
         ]),
-        Body::Bar(b) => out.extend([
-            Frame(b.timeframe),
-            Int(b.start_ms),
-            Float(b.open),
-            Float(b.high),
-            Float(b.low),
-            Float(b.close),
-            Float(b.volume),
-            opt_f(b.vwap),
-            b.trades.map_or(Null, UInt),
-        ]),
+        Body::Bar(b) => {
+            out.extend(bar_cells(b));
+            out.extend([opt_f(b.vwap), b.trades.map_or(Null, UInt)]);
+        }
         Body::Derived(d) => {
-            let b = &d.bar;
-            out.extend([
-                Frame(b.timeframe),
-                Int(b.start_ms),
-                Float(b.open),
-                Float(b.high),
-                Float(b.low),
-                Float(b.close),
-                Float(b.volume),
-                UInt(d.version.into()),
-            ]);
+            out.extend(bar_cells(&d.bar));
+            out.push(UInt(d.version.into()));
             out.extend(d.indicators.fields().map(|(_, v)| opt_f(v)));
         }
     }
     out.push(Int(event.capture.captured_at_ns));
     out.len
+}
+
+/// The cells a captured and a derived bar share: timeframe, start, prices, volume.
+fn bar_cells(b: &crate::event::Bar) -> [Cell<'_>; 7] {
+    use Cell::*;
+    [
+        Frame(b.timeframe),
+        Int(b.start_ms),
+        Float(b.open),
+        Float(b.high),
+        Float(b.low),
+        Float(b.close),
+        Float(b.volume),
+    ]
 }
 
 /// Fills a row's cells in order.

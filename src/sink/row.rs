@@ -6,7 +6,7 @@ use std::borrow::Cow;
 use serde::{Deserialize, Serialize};
 use tickvault_wal::{Lane, Record};
 
-use crate::event::{Body, Event, Timeframe, EVENT_KIND};
+use crate::event::{Bar, Body, Event, Timeframe, EVENT_KIND};
 
 /// One event as the sinks store it: PostgreSQL's columns, in order (ClickHouse keeps a
 /// table per kind, with that kind's columns). The names a row shares with every other
@@ -118,30 +118,23 @@ impl Row {
                 row.trade_id = t.trade_id;
                 row.conditions = t.conditions;
             }
-            Body::Bar(b) => {
-                row.symbol = b.symbol;
-                row.timeframe = timeframe_name(b.timeframe);
-                row.open = Some(b.open);
-                row.high = Some(b.high);
-                row.low = Some(b.low);
-                row.close = Some(b.close);
-                row.volume = Some(b.volume);
-                row.vwap = b.vwap;
-                row.trades = b.trades;
-            }
+            Body::Bar(b) => row.set_bar(b),
             // Not forwarded yet (the daemon forwards the live and backfill lanes).
-            Body::Derived(d) => {
-                let b = d.bar;
-                row.symbol = b.symbol;
-                row.timeframe = timeframe_name(b.timeframe);
-                row.open = Some(b.open);
-                row.high = Some(b.high);
-                row.low = Some(b.low);
-                row.close = Some(b.close);
-                row.volume = Some(b.volume);
-            }
+            Body::Derived(d) => row.set_bar(d.bar),
         }
         row
+    }
+
+    fn set_bar(&mut self, b: Bar) {
+        self.symbol = b.symbol;
+        self.timeframe = timeframe_name(b.timeframe);
+        self.open = Some(b.open);
+        self.high = Some(b.high);
+        self.low = Some(b.low);
+        self.close = Some(b.close);
+        self.volume = Some(b.volume);
+        self.vwap = b.vwap;
+        self.trades = b.trades;
     }
 
     /// The natural key as one string (`forex:EUR/USD:bar:1m:1700000000000:0`), the same

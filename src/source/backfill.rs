@@ -196,8 +196,22 @@ fn period_key(feed: Feed, symbol: &str, start_ms: i64) -> Vec<u8> {
 
 /// Every period the tracker holds.
 pub fn periods(reader: &tickvault_wal::LogReader) -> Result<Vec<Period>, tickvault_wal::ReadError> {
+    recorded(reader, PERIOD_PREFIX)
+}
+
+/// How far the backfill of `symbol` has downloaded: the furthest point of its periods
+/// (`None` before its first).
+pub fn frontier(periods: &[Period], feed: Feed, symbol: &str) -> Option<i64> {
+    periods
+        .iter()
+        .filter(|p| p.feed == feed && p.symbol == symbol)
+        .map(|p| p.resume_from_ms)
+        .max()
+}
+
+fn recorded(reader: &tickvault_wal::LogReader, prefix: &str) -> Result<Vec<Period>, tickvault_wal::ReadError> {
     Ok(reader
-        .scan_state(Space::State, PERIOD_PREFIX.as_bytes())?
+        .scan_state(Space::State, prefix.as_bytes())?
         .into_iter()
         .filter_map(|(_, v)| serde_json::from_slice(&v).ok())
         .collect())
@@ -205,11 +219,7 @@ pub fn periods(reader: &tickvault_wal::LogReader) -> Result<Vec<Period>, tickvau
 
 /// The daemon's gap repairs, as recorded (pending ones were cut short).
 pub fn repairs(reader: &tickvault_wal::LogReader) -> Result<Vec<Period>, tickvault_wal::ReadError> {
-    Ok(reader
-        .scan_state(Space::State, REPAIR_PREFIX.as_bytes())?
-        .into_iter()
-        .filter_map(|(_, v)| serde_json::from_slice(&v).ok())
-        .collect())
+    recorded(reader, REPAIR_PREFIX)
 }
 
 /// A job's part of one chunk.
@@ -370,7 +380,7 @@ impl Downloader {
         // frontier is fetched now, not at the next pass (which then skips it, see
         // `period`).
         if w.live {
-            let frontier = own.iter().map(|p| p.resume_from_ms).max().unwrap_or(i64::MAX);
+            let frontier = frontier(known, w.feed, &w.symbol).unwrap_or(i64::MAX);
             if from.max(frontier) < to {
                 out.push((from.max(frontier), to));
             }
