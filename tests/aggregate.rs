@@ -81,6 +81,11 @@ fn minute(symbol: &str, (t, bar): (i64, Ohlcv), rank: Rank) -> Input {
     })
 }
 
+/// Every minute of a series, at one rank.
+fn all(series: &Series, rank: Rank) -> impl Iterator<Item = Input> + '_ {
+    series.minutes.iter().map(move |m| minute(&series.symbol, *m, rank))
+}
+
 fn tick(ts_ms: i64, price: f64, size: f64, rank: Rank) -> Input {
     Input::Tick(Tick {
         feed: Feed::Crypto,
@@ -157,14 +162,7 @@ fn bars_and_indicators_equal_talibs_fed_at_once() {
     for series in fixtures() {
         let mut engine = engine();
         let mut latest = Latest::default();
-        latest.take(
-            engine.round(
-                series
-                    .minutes
-                    .iter()
-                    .map(|m| minute(&series.symbol, *m, Rank::Backfill)),
-            ),
-        );
+        latest.take(engine.round(all(&series, Rank::Backfill)));
         let n = check(&series, &latest);
         assert!(n > 500, "{n} bars compared");
         assert!(latest.0.values().all(|o| o.derived.version == 1));
@@ -230,14 +228,7 @@ fn the_backfills_minute_replaces_the_live_one() {
         };
         minute(&series.symbol, (t, off), Rank::Live)
     })));
-    latest.take(
-        engine.round(
-            series
-                .minutes
-                .iter()
-                .map(|m| minute(&series.symbol, *m, Rank::Backfill)),
-        ),
-    );
+    latest.take(engine.round(all(series, Rank::Backfill)));
     check(series, &latest);
     // A live copy after the backfill's changes nothing.
     let again = engine.round(series.minutes.iter().take(100).map(|&(t, b)| {

@@ -18,16 +18,13 @@ fn derived_records(log: &Path) -> u64 {
 }
 
 fn check(config: &Path, log: &Path) -> (Option<i32>, serde_json::Value, String) {
-    let out = common::tickvault()
-        .args(["aggregate", "--check", "--json", "--config"])
-        .arg(config)
-        .arg("--data-dir")
-        .arg(log)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    let json = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{stderr}"));
-    (out.status.code(), json, stderr)
+    common::json_output(
+        common::tickvault()
+            .args(["aggregate", "--check", "--json", "--config"])
+            .arg(config)
+            .arg("--data-dir")
+            .arg(log),
+    )
 }
 
 #[test]

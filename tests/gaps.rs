@@ -26,21 +26,18 @@ fn config(dir: &Path, lookback: &str) -> std::path::PathBuf {
 }
 
 fn gaps(config: &Path, log: &Path, more: &[&str]) -> (Option<i32>, serde_json::Value, String) {
-    let out = common::tickvault()
-        .args([
-            "gaps",
-            "--json",
-            "--config",
-            config.to_str().unwrap(),
-            "--data-dir",
-            log.to_str().unwrap(),
-        ])
-        .args(more)
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    let json = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{stderr}"));
-    (out.status.code(), json, stderr)
+    common::json_output(
+        common::tickvault()
+            .args([
+                "gaps",
+                "--json",
+                "--config",
+                config.to_str().unwrap(),
+                "--data-dir",
+                log.to_str().unwrap(),
+            ])
+            .args(more),
+    )
 }
 
 fn symbol<'a>(report: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {

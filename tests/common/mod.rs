@@ -18,6 +18,15 @@ pub fn tickvault() -> Command {
     Command::new(env!("CARGO_BIN_EXE_tickvault"))
 }
 
+/// Runs a `tickvault` command that prints one JSON object: its exit code, the object
+/// and its stderr (a panic with the stderr when stdout is not JSON).
+pub fn json_output(command: &mut Command) -> (Option<i32>, serde_json::Value, String) {
+    let out = command.output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let json = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{stderr}"));
+    (out.status.code(), json, stderr)
+}
+
 /// `tickvault run` on `log` with `config`, against the simulator at `sim_addr` (its
 /// WebSocket and REST both) with API key `key`; its output to nowhere until the caller
 /// says otherwise.
