@@ -135,7 +135,7 @@ pub fn backfill_spec(config: &Config) -> anyhow::Result<BackfillSpec> {
 }
 
 /// The lanes sinks forward, each with its own runner per sink.
-pub const FORWARDED_LANES: [Lane; 2] = [Lane::Live, Lane::Backfill];
+pub const FORWARDED_LANES: [Lane; 3] = [Lane::Live, Lane::Backfill, Lane::Derived];
 
 fn runner_spec(sinks: &SinksConfig, batching: Batching, lane: Lane, priority: &Arc<Priority>) -> RunnerSpec {
     let (batch_rows, flush_interval) = match lane {

@@ -22,4 +22,4 @@ pub mod source;
 pub mod synthetic;
 pub mod verify;
 
-pub use tickvault_core::{calendar, config, event, polygon};
+pub use tickvault_core::{calendar, config, event, indicators, polygon};

@@ -22,7 +22,15 @@
 //! - the live lane, once truncated: the days that begin before the first retained live
 //!   event was captured (plus an hour for clocks): a live event is captured after it
 //!   happens, so a truncated one cannot belong to a later day;
-//! - the backfill lane, once truncated: every day of bars (history has no such order).
+//! - the backfill lane, once truncated: every day of bars (history has no such order);
+//! - the derived lane, once truncated: every day of derived bars (late data revises old
+//!   ones).
+//!
+//! Derived bars have versions: a key of the derived lane is its natural key and
+//! version (the `uid` the reports show is the version). JetStream keeps every version
+//! (a message each), and must hold each the cursor passed; ClickHouse and PostgreSQL
+//! keep one row per natural key, and must hold the highest version the log has, once
+//! the cursor passed it (an older one in its place is that version missing).
 //!
 //! Memory stays with one key and one group and day at a time; scratch disk in `$TMPDIR`
 //! takes about 20 bytes per event in the log and row in the sinks while it runs.
@@ -39,12 +47,12 @@ use tickvault_wal::{Lane, Wal};
 
 use crate::config::Config;
 use crate::daemon::FORWARDED_LANES;
-use crate::event::{Event, EventKind, EVENT_KIND};
+use crate::event::{Body, Event, EventKind, EVENT_KIND};
 use crate::sink::clickhouse::ClickHouseSink;
 use crate::sink::nats::NatsSink;
 use crate::sink::postgres::PostgresSink;
 use crate::sink::SinkKey;
-use index::{From, GroupDayId, GroupNames, KeyIndex, MAX_SINKS};
+use index::{From, GroupDayId, GroupNames, KeyIndex, NaturalKeyEntries, LANES, MAX_SINKS};
 
 const DAY_MS: i64 = 86_400_000;
 
@@ -84,6 +92,7 @@ impl GroupDay {
 #[derive(Clone, Debug, Serialize)]
 pub struct KeyExample {
     pub ts_ms: i64,
+    /// A derived bar's version.
     pub uid: u64,
     /// `missing` (passed by the cursor, not in the sink), `refused` (not in the sink,
     /// which refused it for its content: set aside), `extra` (in the sink, not in the
@@ -235,13 +244,14 @@ pub async fn scan_sink(
         _ => {
             NatsSink::new(&config.sinks.nats)
                 .scan(|row| {
+                    let uid = row.verify_uid();
                     visit(SinkKey {
                         feed: row.feed.into_owned(),
                         symbol: row.symbol,
                         kind: row.kind.into_owned(),
                         timeframe: row.timeframe.into_owned(),
                         ts_ms: row.ts_ms,
-                        uid: row.uid,
+                        uid,
                     })
                 })
                 .await
@@ -254,7 +264,7 @@ pub async fn scan_sink(
 #[derive(Clone, Debug)]
 pub struct Replayed {
     pub sink: &'static str,
-    pub sent_up_to: [u64; 2],
+    pub sent_up_to: [u64; LANES],
     pub from_ms: i64,
     pub to_ms: i64,
 }
@@ -295,7 +305,7 @@ async fn compare_with_sinks(
         let reader = Wal::open_read_only(data_dir)?;
         let mut cursors = Vec::new();
         for sink in &sinks {
-            let mut per_lane = [0u64; 2];
+            let mut per_lane = [0u64; LANES];
             for lane in FORWARDED_LANES {
                 per_lane[lane_index(lane)] = reader.cursor(sink, lane)?;
             }
@@ -350,8 +360,8 @@ async fn compare_with_sinks(
     let mut log_events = 0u64;
     let mut first_live_capture_ns = i64::MAX;
     // Per sink and lane, when the first event past the cursor was captured.
-    let mut first_unsent_ns: Vec<[Option<i64>; 2]> = vec![[None; 2]; sinks.len()];
-    let mut heads = [0u64; 2];
+    let mut first_unsent_ns: Vec<[Option<i64>; LANES]> = vec![[None; LANES]; sinks.len()];
+    let mut heads = [0u64; LANES];
     for lane in FORWARDED_LANES {
         let l = lane_index(lane);
         let last = reader.last_seq(lane)?.unwrap_or(0);
@@ -385,7 +395,11 @@ async fn compare_with_sinks(
                 key.kind.name(),
                 key.timeframe.as_str(),
             );
-            index.add(names, key.ts_ms, key.uid, From::Log { lane: l as u8, seq })
+            let uid = match &event.body {
+                Body::Derived(d) => u64::from(d.version),
+                _ => key.uid,
+            };
+            index.add(names, key.ts_ms, uid, From::Log { lane: l as u8, seq })
         })?;
     }
     let mut first_retained = BTreeMap::new();
@@ -396,6 +410,7 @@ async fn compare_with_sinks(
     let partial = Partial {
         live_from_ms: (first_retained[Lane::Live.name()] > 1).then_some(first_live_capture_ns / 1_000_000),
         backfill: first_retained[Lane::Backfill.name()] > 1,
+        derived: first_retained[Lane::Derived.name()] > 1,
     };
 
     let mut reports: Vec<SinkReport> = sinks
@@ -459,9 +474,13 @@ async fn compare_with_sinks(
             }
         }
     };
+    // Sinks that keep one row per natural key: of a derived bar's versions, the highest.
+    let latest_only: Vec<bool> = sinks.iter().map(|s| *s != "nats").collect();
+    let derived_groups: Vec<bool> = names.iter().map(|g| g.2 == EventKind::Derived.name()).collect();
     let mut log_keys = 0u64;
     let mut current: Option<(GroupDayId, Vec<Tally>)> = None;
-    index.walk(|id, entries| {
+    // `superseded`: a derived bar's version below the highest the log holds.
+    let mut count = |id: GroupDayId, entries: &NaturalKeyEntries, superseded: bool| {
         if current.as_ref().is_some_and(|(at, _)| *at != id) {
             if let Some((at, tallies)) = current.take() {
                 finish(at, tallies);
@@ -469,17 +488,22 @@ async fn compare_with_sinks(
         }
         let (_, tallies) = current.get_or_insert_with(|| (id, (0..cursors.len()).map(|_| Tally::default()).collect()));
         let in_log = entries.in_log > 0;
-        log_keys += u64::from(in_log);
+        log_keys += u64::from(in_log && !superseded);
         let (ts_ms, uid) = (entries.ts_ms, entries.uid);
         for (n, (c, t)) in cursors.iter().zip(tallies.iter_mut()).enumerate() {
             let rows = entries.rows[n];
+            if superseded && latest_only[n] {
+                // Its row may stand until the newer one comes; never missing, never extra.
+                t.in_sink += u64::from(rows > 0);
+                continue;
+            }
             if in_log {
                 t.log_keys += 1;
-                if entries.first[0] <= c[0] || entries.first[1] <= c[1] {
+                if (0..LANES).any(|l| entries.first[l] <= c[l]) {
                     t.passed += 1;
                     let set_aside =
                         |l: usize| entries.first[l] != u64::MAX && refused_at[n].contains(&(l, entries.first[l]));
-                    if rows == 0 && (set_aside(0) || set_aside(1)) {
+                    if rows == 0 && (0..LANES).any(set_aside) {
                         t.refused += 1;
                         t.example(ts_ms, uid, "refused");
                     } else if rows == 0 {
@@ -501,7 +525,38 @@ async fn compare_with_sinks(
                 t.example(ts_ms, uid, "duplicate");
             }
         }
+    };
+    // A derived bar's versions (one key each, in version order) are held until the
+    // next key, to know which is the highest the log holds.
+    let mut versions: Vec<NaturalKeyEntries> = Vec::new();
+    let mut versions_of: Option<GroupDayId> = None;
+    fn flush(
+        id: GroupDayId,
+        versions: &mut Vec<NaturalKeyEntries>,
+        count: &mut impl FnMut(GroupDayId, &NaturalKeyEntries, bool),
+    ) {
+        let highest = versions.iter().rev().find(|e| e.in_log > 0).map(|e| e.uid);
+        for e in versions.drain(..) {
+            count(id, &e, e.in_log > 0 && highest.is_some_and(|h| e.uid < h));
+        }
+    }
+    index.walk(|id, entries| {
+        if let Some(at) = versions_of {
+            if at != id || versions.first().is_some_and(|v| v.ts_ms != entries.ts_ms) {
+                flush(at, &mut versions, &mut count);
+                versions_of = None;
+            }
+        }
+        if derived_groups[id.group as usize] {
+            versions_of = Some(id);
+            versions.push(*entries);
+        } else {
+            count(id, entries, false);
+        }
     })?;
+    if let Some(at) = versions_of {
+        flush(at, &mut versions, &mut count);
+    }
     if let Some((at, tallies)) = current.take() {
         finish(at, tallies);
     }
@@ -556,6 +611,8 @@ struct Partial {
     live_from_ms: Option<i64>,
     /// The backfill lane was truncated.
     backfill: bool,
+    /// The derived lane was truncated.
+    derived: bool,
 }
 
 impl Partial {
@@ -567,6 +624,7 @@ impl Partial {
             .live_from_ms
             .is_some_and(|from| group.day * DAY_MS < from.saturating_add(Self::CLOCKS_MS));
         live || (self.backfill && group.kind == EventKind::Bar.name())
+            || (self.derived && group.kind == EventKind::Derived.name())
     }
 }
 
@@ -589,6 +647,7 @@ mod tests {
         let p = Partial {
             live_from_ms: None,
             backfill: false,
+            derived: false,
         };
         assert!(!p.holds_in_part(&group("quote", 0)));
         assert!(!p.holds_in_part(&group("bar", 20_000)));
@@ -601,6 +660,7 @@ mod tests {
         let p = Partial {
             live_from_ms: Some(from),
             backfill: false,
+            derived: false,
         };
         assert!(p.holds_in_part(&group("quote", 19_000)));
         assert!(p.holds_in_part(&group("trade", 20_000)));
@@ -609,6 +669,7 @@ mod tests {
         let late = Partial {
             live_from_ms: Some(20_001 * DAY_MS - 60_000),
             backfill: false,
+            derived: false,
         };
         assert!(late.holds_in_part(&group("quote", 20_001)));
         assert!(!late.holds_in_part(&group("quote", 20_002)));
@@ -621,6 +682,7 @@ mod tests {
         let p = Partial {
             live_from_ms: None,
             backfill: true,
+            derived: false,
         };
         assert!(p.holds_in_part(&group("bar", 1)));
         assert!(p.holds_in_part(&group("bar", 30_000)));

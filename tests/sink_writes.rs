@@ -60,6 +60,8 @@ fn events(from: u64, to: u64) -> Batch {
                 exchange: (kind != "bar").then_some(4),
                 trade_id: (kind == "trade").then(|| format!("t{i}")),
                 conditions: if kind == "trade" { vec![1, 2] } else { vec![] },
+                version: None,
+                indicators: None,
             }
         })
         .collect();
@@ -131,6 +133,144 @@ fn batches_sent_again_or_overlapping_leave_each_key_once_in_every_sink() {
         send(&mut NatsSink::new(&config.sinks.nats), &overlapping()).await;
     });
     assert_each_key_once(&target);
+}
+
+/// Derived bars of ETH-USD 5m at log positions `seqs`, bar `i` of them at `version`:
+/// its close and RSI tell the versions apart.
+fn derived(seqs: std::ops::Range<u64>, bars: std::ops::Range<i64>, version: u32) -> Batch {
+    let rows = seqs
+        .zip(bars)
+        .map(|(seq, i)| Row {
+            feed: "crypto".into(),
+            symbol: "ETH-USD".into(),
+            kind: "derived".into(),
+            timeframe: "5m".into(),
+            ts_ms: 1_700_000_100_000 + i * 300_000,
+            uid: 0,
+            seq,
+            lane: "derived".into(),
+            captured_at_ns: 1,
+            bid: None,
+            ask: None,
+            bid_size: None,
+            ask_size: None,
+            price: None,
+            size: None,
+            open: Some(10.0),
+            high: Some(12.0),
+            low: Some(9.0),
+            close: Some(f64::from(version)),
+            volume: Some(5.0),
+            vwap: None,
+            trades: Some(7),
+            exchange: None,
+            trade_id: None,
+            conditions: vec![],
+            version: Some(version),
+            indicators: Some(Box::new(tickvault::indicators::Indicators {
+                rsi14: Some(50.0 + f64::from(version)),
+                sma20: (version > 1).then_some(11.0),
+                ..Default::default()
+            })),
+        })
+        .collect();
+    Batch {
+        lane: Lane::Derived,
+        last_seq: 0,
+        rows,
+    }
+}
+
+/// Versions of derived bars sent in any order, again, and several in one batch: every
+/// ClickHouse and PostgreSQL row is the highest version sent (an older one sent after it
+/// changes nothing), with that version's values; JetStream keeps each version once.
+#[test]
+fn derived_bars_keep_their_highest_version_in_every_sink() {
+    let target = Target::new("sink_writes_derived");
+    let config = config(&target);
+    let mut batches = vec![
+        derived(1..101, 0..100, 1),
+        derived(101..151, 0..50, 2),
+        // The first batch again (a replay, or a retry after a lost acknowledgement).
+        derived(1..101, 0..100, 1),
+    ];
+    // Versions 3 and 4 of bars 0..10 in one batch, the older after the newer.
+    let mut both = derived(151..161, 0..10, 4);
+    both.rows.extend(derived(161..171, 0..10, 3).rows);
+    batches.push(both);
+    for batch in &mut batches {
+        batch.last_seq = batch.rows.iter().map(|r| r.seq).max().unwrap();
+    }
+    let version_of = |i: i64| match i {
+        0..10 => 4,
+        10..50 => 2,
+        _ => 1,
+    };
+    rt().block_on(async {
+        let mut ch = ClickHouseSink::new(&config.sinks.clickhouse);
+        send(&mut ch, &batches).await;
+        let mut pg = PostgresSink::new(&config.sinks.postgres, "test-log");
+        send(&mut pg, &batches).await;
+        assert_eq!(pg.holds(Lane::Derived).await.unwrap(), Holds::UpTo(170));
+        // What verify reads: one key per bar, its version in the uid's place.
+        for (sink, keys) in [("clickhouse", keys!(ch)), ("postgres", keys!(pg))] {
+            let mut held: Vec<(i64, u64)> = keys.iter().map(|k| (k.ts_ms, k.uid)).collect();
+            held.sort_unstable();
+            let expected: Vec<(i64, u64)> = (0..100)
+                .map(|i| (1_700_000_100_000 + i * 300_000, version_of(i)))
+                .collect();
+            assert_eq!(held, expected, "{sink}");
+        }
+        send(&mut NatsSink::new(&config.sinks.nats), &batches).await;
+        // The values stand with their version.
+        #[derive(serde::Deserialize, clickhouse::Row)]
+        struct Values {
+            version: u32,
+            close: f64,
+            rsi14: Option<f64>,
+            sma20: Option<f64>,
+        }
+        let rows: Vec<_> = clickhouse()
+            .query(&format!(
+                "SELECT version, close, rsi14, sma20 FROM {}.events_derived FINAL ORDER BY ts_ms",
+                target.name
+            ))
+            .fetch_all::<Values>()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| (r.version, r.close, r.rsi14, r.sma20))
+            .collect();
+        let pg_rows: Vec<(i32, f64, Option<f64>, Option<f64>)> = postgres(&target.name)
+            .await
+            .query(
+                "SELECT version, close, rsi14, sma20 FROM events_derived ORDER BY ts_ms",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+            .collect();
+        assert_eq!(rows.len(), 100);
+        for (i, (ch_row, pg_row)) in rows.iter().zip(&pg_rows).enumerate() {
+            let v = version_of(i as i64) as u32;
+            let want = (v, f64::from(v), Some(50.0 + f64::from(v)), (v > 1).then_some(11.0));
+            assert_eq!(*ch_row, want, "clickhouse bar {i}");
+            assert_eq!(
+                (pg_row.0 as u32, pg_row.1, pg_row.2, pg_row.3),
+                want,
+                "postgres bar {i}"
+            );
+        }
+    });
+    // JetStream: every version once (100 + 50 + 10 + 10 messages).
+    let mut nats = target.nats_derived_keys(4222);
+    assert_eq!(nats.len(), 170);
+    nats.sort();
+    nats.dedup();
+    assert_eq!(nats.len(), 170, "each version once");
+    assert!(nats.contains(&"crypto:ETH-USD:derived:5m:1700000100000:0:v4".to_owned()));
 }
 
 /// A batch whose write broke off half way is resent from its first unacknowledged

@@ -243,7 +243,7 @@ pub async fn run(
     let backfill_stats = running.backfill.clone();
     let sink_stats = running.sinks.clone();
     let priority = running.priority.clone();
-    let heads = [running.wal.head(Lane::Live), running.wal.head(Lane::Backfill)];
+    let heads = crate::daemon::FORWARDED_LANES.map(|lane| (lane, running.wal.head(lane)));
     let result = running.shutdown().await;
     simulator.stop().await?;
     if let Some(e) = failure {
@@ -260,7 +260,10 @@ pub async fn run(
     }
     println!("  forwarded (rows acknowledged by each sink; cursor against the log's head):");
     for s in &sink_stats {
-        let head = heads[usize::from(s.lane != Lane::Live)];
+        let head = heads
+            .iter()
+            .find(|(lane, _)| *lane == s.lane)
+            .map_or(0, |(_, head)| *head);
         let acked = s.acked_seq.load(Ordering::Relaxed);
         println!(
             "    {:<10} {:<9} {:>10} rows in {:>6} batches  {}  capture-to-commit {}  breaker {}, {} failed attempts{}{}",

@@ -674,8 +674,13 @@ async fn check(
             if let Ok(record) = record {
                 if record.kind == EVENT_KIND {
                     if let Ok(event) = Event::from_payload(record.payload) {
+                        // A derived bar's versions share its natural key: each is kept once.
+                        let version = match &event.body {
+                            crate::event::Body::Derived(d) => format!(":v{}", d.version),
+                            _ => String::new(),
+                        };
                         *in_log
-                            .entry(format!("{} {}", lane.name(), event.natural_key()))
+                            .entry(format!("{} {}{version}", lane.name(), event.natural_key()))
                             .or_default() += 1;
                     }
                 }

@@ -88,7 +88,7 @@ pub async fn run(spec: &ReplaySpec) -> anyhow::Result<ExitCode> {
         None => FORWARDED_LANES.to_vec(),
         Some(lane) if FORWARDED_LANES.contains(&lane) => vec![lane],
         Some(lane) => {
-            return Err(super::BadInput(format!("--lane {lane}: only live and backfill are forwarded")).into())
+            return Err(super::BadInput(format!("--lane {lane}: only live, backfill and derived are forwarded")).into())
         }
     };
     let data_dir = config.log.data_dir.clone();
@@ -110,7 +110,7 @@ pub async fn run(spec: &ReplaySpec) -> anyhow::Result<ExitCode> {
     let elapsed = started.elapsed().as_secs_f64();
 
     let mut out = std::io::stdout().lock();
-    let mut sent_up_to = [0u64; 2];
+    let mut sent_up_to = [0u64; FORWARDED_LANES.len()];
     let mut rows = 0;
     for (lane, s) in range.lanes.iter().zip(&sent) {
         sent_up_to[FORWARDED_LANES.iter().position(|l| l == lane).unwrap_or(0)] = s.up_to;

@@ -1,7 +1,8 @@
 //! ClickHouse: one ReplacingMergeTree table per kind of event (`<table>_quotes`,
-//! `<table>_trades`, `<table>_bars`), each ordered by the natural key with the capture
-//! sequence as its version, so a replayed or redundant row collapses into one at merge
-//! time (and at once for readers who query with `FINAL`). Inserts are RowBinary over
+//! `<table>_trades`, `<table>_bars`, `<table>_derived`), each ordered by the natural key
+//! with the capture sequence as its version (a derived bar's own version in
+//! `<table>_derived`, so its highest stands), so a replayed or redundant row collapses
+//! into one at merge time (and at once for readers who query with `FINAL`). Inserts are RowBinary over
 //! HTTP (the `clickhouse` crate), one insert per kind present in a batch, so a retry
 //! resends identical blocks.
 //!
@@ -34,8 +35,8 @@ pub struct ClickHouseSink {
     prepared: bool,
     /// The tables the cursor's rows went to (see [`Tables`]).
     tables: WentTo,
-    /// The tables as last found.
-    found: Option<String>,
+    /// Each table's identity as last found, in [`KINDS`]' order.
+    found: Option<Vec<String>>,
     /// Whether the server's `system.tables` has a `uuid` column (asked once).
     has_uuid: Option<bool>,
 }
@@ -91,6 +92,16 @@ impl ClickHouseSink {
                    seq UInt64, lane String, captured_at_ns Int64";
         let order = SORTING_KEY.join(", ");
         let mut ddl = vec![format!("CREATE DATABASE IF NOT EXISTS {}", self.database)];
+        let indicators: Vec<String> = crate::indicators::Indicators::default()
+            .fields()
+            .iter()
+            .map(|(name, _)| format!("{name} Nullable(Float64)"))
+            .collect();
+        let derived = format!(
+            "version UInt32, open Float64, high Float64, low Float64, close Float64, volume Float64, \
+             vwap Nullable(Float64), trades Nullable(UInt64), {}",
+            indicators.join(", ")
+        );
         for (kind, columns) in [
             (
                 Kind::Quote,
@@ -107,13 +118,15 @@ impl ClickHouseSink {
                 "open Float64, high Float64, low Float64, close Float64, volume Float64, \
                  vwap Nullable(Float64), trades Nullable(UInt64)",
             ),
+            (Kind::Derived, derived.as_str()),
         ] {
             ddl.push(format!(
                 "CREATE TABLE IF NOT EXISTS {} ({key}, {columns})
-                 ENGINE = ReplacingMergeTree(seq)
+                 ENGINE = ReplacingMergeTree({})
                  PARTITION BY toYYYYMM(toDate(toDateTime(intDiv(ts_ms, 1000))))
                  ORDER BY ({order})",
-                self.qualified(kind)
+                self.qualified(kind),
+                version_column(kind)
             ));
         }
         for sql in ddl {
@@ -175,17 +188,31 @@ impl ClickHouseSink {
                     "table",
                     format!(
                         "{}.{name} was there already and {problem}: each event would not be kept once; \
-                         tickvault makes a ReplacingMergeTree(seq) ordered by ({}). Rename or drop that table, \
+                         tickvault makes a ReplacingMergeTree({}) ordered by ({}). Rename or drop that table, \
                          or set sinks.clickhouse.table to another prefix",
                         self.database,
+                        version_column(kind),
                         SORTING_KEY.join(", ")
                     ),
                 ));
             }
             made.push(shape.identity());
         }
-        self.found = Some(Tables::describe(&self.database, &self.table, &made));
+        self.found = Some(made);
         Ok(())
+    }
+
+    /// The tables `lane`'s rows go to, described (see [`Tables`]): a derived bar's table
+    /// for the derived lane, the captured kinds' for the others.
+    fn found_for(&self, lane: Lane) -> Option<String> {
+        let found = self.found.as_ref()?;
+        let of_lane: Vec<String> = KINDS
+            .iter()
+            .zip(found)
+            .filter(|(kind, _)| (**kind == Kind::Derived) == (lane == Lane::Derived))
+            .map(|(_, identity)| identity.clone())
+            .collect();
+        Some(Tables::describe(&self.database, &self.table, &of_lane))
     }
 
     /// Drops the database and everything in it (benchmarks and tests start from nothing).
@@ -211,8 +238,13 @@ impl ClickHouseSink {
         self.prepare().await?;
         let mut seen = 0;
         for kind in KINDS {
+            // A derived bar's version stands in its uid's place (see `Row::verify_uid`).
+            let uid = match kind {
+                Kind::Derived => "toUInt64(version)",
+                _ => "uid",
+            };
             let sql = format!(
-                "SELECT feed, symbol, '{}' AS kind, timeframe, ts_ms, uid FROM {} FINAL",
+                "SELECT feed, symbol, '{}' AS kind, timeframe, ts_ms, {uid} AS uid FROM {} FINAL",
                 kind.name(),
                 self.qualified(kind)
             );
@@ -244,12 +276,13 @@ impl ClickHouseSink {
 
     /// A batch: an insert per kind in it, at the same time.
     async fn write_rows(&self, rows: &[Row]) -> Result<(), SinkError> {
-        let (quotes, trades, bars) = tokio::join!(
+        let (quotes, trades, bars, derived) = tokio::join!(
             self.insert::<QuoteRow>(rows),
             self.insert::<TradeRow>(rows),
             self.insert::<BarRow>(rows),
+            self.insert::<DerivedRow>(rows),
         );
-        quotes.and(trades).and(bars)
+        quotes.and(trades).and(bars).and(derived)
     }
 }
 
@@ -312,7 +345,15 @@ impl TableShape {
 }
 
 /// The kinds of event, a table each.
-const KINDS: [Kind; 3] = [Kind::Quote, Kind::Trade, Kind::Bar];
+const KINDS: [Kind; 4] = [Kind::Quote, Kind::Trade, Kind::Bar, Kind::Derived];
+
+/// The column that decides which row of a natural key stands.
+fn version_column(kind: Kind) -> &'static str {
+    match kind {
+        Kind::Derived => "version",
+        _ => "seq",
+    }
+}
 
 /// A kind's table, after the prefix.
 fn table(kind: Kind) -> &'static str {
@@ -451,6 +492,72 @@ impl<'a> KindRow<'a> for BarRow<'a> {
     }
 }
 
+/// A derived bar as `<table>_derived` stores it.
+#[derive(Serialize, clickhouse::Row)]
+struct DerivedRow<'a> {
+    feed: &'a str,
+    symbol: &'a str,
+    timeframe: &'a str,
+    ts_ms: i64,
+    uid: u64,
+    seq: u64,
+    lane: &'a str,
+    captured_at_ns: i64,
+    version: u32,
+    open: f64,
+    high: f64,
+    low: f64,
+    close: f64,
+    volume: f64,
+    vwap: Option<f64>,
+    trades: Option<u64>,
+    sma20: Option<f64>,
+    ema20: Option<f64>,
+    rsi14: Option<f64>,
+    macd: Option<f64>,
+    macd_signal: Option<f64>,
+    macd_hist: Option<f64>,
+    bb_upper: Option<f64>,
+    bb_middle: Option<f64>,
+    bb_lower: Option<f64>,
+    atr14: Option<f64>,
+}
+
+impl<'a> KindRow<'a> for DerivedRow<'a> {
+    const KIND: Kind = Kind::Derived;
+    fn from_row(r: &'a Row) -> DerivedRow<'a> {
+        let i = r.indicators.as_deref().copied().unwrap_or_default();
+        DerivedRow {
+            feed: &r.feed,
+            symbol: &r.symbol,
+            timeframe: &r.timeframe,
+            ts_ms: r.ts_ms,
+            uid: r.uid,
+            seq: r.seq,
+            lane: &r.lane,
+            captured_at_ns: r.captured_at_ns,
+            version: r.version.unwrap_or(0),
+            open: r.open.unwrap_or(f64::NAN),
+            high: r.high.unwrap_or(f64::NAN),
+            low: r.low.unwrap_or(f64::NAN),
+            close: r.close.unwrap_or(f64::NAN),
+            volume: r.volume.unwrap_or(f64::NAN),
+            vwap: r.vwap,
+            trades: r.trades,
+            sma20: i.sma20,
+            ema20: i.ema20,
+            rsi14: i.rsi14,
+            macd: i.macd,
+            macd_signal: i.macd_signal,
+            macd_hist: i.macd_hist,
+            bb_upper: i.bb_upper,
+            bb_middle: i.bb_middle,
+            bb_lower: i.bb_lower,
+            atr14: i.atr14,
+        }
+    }
+}
+
 impl Sink for ClickHouseSink {
     fn name(&self) -> &'static str {
         NAME
@@ -461,15 +568,15 @@ impl Sink for ClickHouseSink {
     /// (another database or prefix), they hold none of them, and from now on the
     /// tables found are the cursor's. Without a note (a log's first start, or one from
     /// before notes were kept) the tables found are taken as the cursor's.
-    async fn holds(&mut self, _lane: Lane) -> Result<Holds, SinkError> {
+    async fn holds(&mut self, lane: Lane) -> Result<Holds, SinkError> {
         // A recheck while running looks at the tables; if one is gone, they are made
         // again (as a write would), so that a runner with nothing to write finds out too.
         if self.prepared && self.check_tables().await.is_err() {
             self.prepared = false;
         }
         self.prepare().await?;
-        Ok(match &self.found {
-            Some(found) => self.tables.found(found),
+        Ok(match self.found_for(lane) {
+            Some(found) => self.tables.found(&found),
             None => Holds::Unknown,
         })
     }

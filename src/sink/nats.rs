@@ -1,6 +1,8 @@
 //! NATS JetStream: one message per event on `<prefix>.<lane>.<symbol>.<timeframe>`, the
 //! natural key as `Nats-Msg-Id` so the stream drops a replayed or redundant copy within
-//! its duplicate window, and every publish awaited until its PubAck (the stream has it on
+//! its duplicate window (a derived bar's id ends in its version, `:v2`: each version is
+//! a message of its own on `<prefix>.derived.<symbol>.<timeframe>`, and readers keep the
+//! highest), and every publish awaited until its PubAck (the stream has it on
 //! disk). Publishes are pipelined, a bounded window of acknowledgements outstanding. The
 //! retry of a batch that broke off starts at its first unacknowledged message, and skips
 //! the messages the stream stored although their PubAcks never came.
@@ -762,6 +764,10 @@ struct Message<'a> {
     trade_id: Option<&'a str>,
     #[serde(skip_serializing_if = "<[i32]>::is_empty")]
     conditions: &'a [i32],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    version: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    indicators: Option<&'a crate::indicators::Indicators>,
 }
 
 impl<'a> From<&'a Row> for Message<'a> {
@@ -792,6 +798,8 @@ impl<'a> From<&'a Row> for Message<'a> {
             exchange: r.exchange,
             trade_id: r.trade_id.as_deref(),
             conditions: &r.conditions,
+            version: r.version,
+            indicators: r.indicators.as_deref(),
         }
     }
 }

@@ -7,6 +7,11 @@
 //! and the log's own cursor move, behind it when the database lost what it was sent
 //! (restored from a backup, emptied, or a new one), so the log sends it again.
 //!
+//! Derived bars (the derived lane) go to a table of their own, `<table>_derived`, one
+//! row per natural key: always through a staging table, whose rows replace those of the
+//! table only when their version is higher (`ON CONFLICT ... DO UPDATE ... WHERE`), so
+//! that a replayed older version never overwrites a newer one.
+//!
 //! With the timescaledb extension available the events table becomes a hypertable on
 //! `ts` (and gets a retention policy when one is configured); without it, it is a plain
 //! table whose primary key is the natural key. Gap detection never reads this table, so
@@ -65,6 +70,43 @@ const EVENT_TYPES: [Type; 26] = [
 ];
 const STAGING_TYPES: usize = 25;
 
+/// The derived table's columns, in COPY order (the table adds `ts`, computed from `ts_ms`).
+const DERIVED_COLUMNS: &str = "feed, symbol, timeframe, ts_ms, version, seq, lane, captured_at_ns, \
+     open, high, low, close, volume, vwap, trades, \
+     sma20, ema20, rsi14, macd, macd_signal, macd_hist, bb_upper, bb_middle, bb_lower, atr14";
+
+const DERIVED_TYPES: [Type; 25] = [
+    Type::TEXT,
+    Type::TEXT,
+    Type::TEXT,
+    Type::INT8,
+    Type::INT4,
+    Type::INT8,
+    Type::TEXT,
+    Type::INT8,
+    Type::FLOAT8,
+    Type::FLOAT8,
+    Type::FLOAT8,
+    Type::FLOAT8,
+    Type::FLOAT8,
+    Type::FLOAT8,
+    Type::INT8,
+    Type::FLOAT8,
+    Type::FLOAT8,
+    Type::FLOAT8,
+    Type::FLOAT8,
+    Type::FLOAT8,
+    Type::FLOAT8,
+    Type::FLOAT8,
+    Type::FLOAT8,
+    Type::FLOAT8,
+    Type::FLOAT8,
+];
+
+/// The derived table's unique key: the natural key of a bar (its kind and uid are
+/// always `derived` and 0), and `ts`.
+const DERIVED_KEY: &str = "feed, symbol, timeframe, ts_ms, ts";
+
 pub struct PostgresSink {
     config: PostgresConfig,
     /// The log's identity: this sink's cursor rows are keyed by it, so appliances sharing
@@ -83,8 +125,9 @@ pub struct PostgresSink {
     written: Written,
     /// Sessions (connections) opened so far.
     sessions: u64,
-    /// The events table the cursor's rows went to: `<database>.<table> oid <oid>`. A
-    /// table dropped and made again has another oid.
+    /// The table the cursor's rows went to (the events table, or the derived table for
+    /// the derived lane): `<database>.<table> oid <oid>`. A table dropped and made again
+    /// has another oid.
     table_id: WentTo,
 }
 
@@ -98,13 +141,15 @@ pub struct Written {
 }
 
 /// One connection and the statements of every batch, prepared on it: the two COPYs
-/// (into the events table, into the staging table), staging -> events, and the cursor
-/// upsert.
+/// (into the events table, into the staging table), staging -> events, the derived
+/// bars' COPY and upsert, and the cursor upsert.
 struct Session {
     client: Client,
     copy_direct: Statement,
     copy_staging: Statement,
     insert: Statement,
+    copy_derived: Statement,
+    upsert_derived: Statement,
     cursor: Statement,
 }
 
@@ -159,16 +204,25 @@ impl PostgresSink {
         Ok(client)
     }
 
-    /// The events table's oid (`None` if it is gone) and this log's cursor row for
+    /// The table `lane`'s rows go to: the derived lane's own, or the events table.
+    fn table_of(&self, lane: Lane) -> String {
+        match lane {
+            Lane::Derived => format!("{}_derived", self.config.table),
+            _ => self.config.table.clone(),
+        }
+    }
+
+    /// The oid of `lane`'s table (`None` if it is gone) and this log's cursor row for
     /// `lane`, in one query.
     async fn look(&mut self, lane: Lane) -> Result<(Option<u32>, Option<i64>), SinkError> {
-        let (table, log_id) = (self.config.table.clone(), self.log_id.clone());
+        let (table, log_id) = (self.table_of(lane), self.log_id.clone());
+        let cursors = format!("{}_cursors", self.config.table);
         let client = &self.session().await?.client;
         let row = client
             .query_one(
                 &format!(
                     "SELECT to_regclass($1)::oid,
-                            (SELECT seq FROM {table}_cursors WHERE log_id = $2 AND lane = $3
+                            (SELECT seq FROM {cursors} WHERE log_id = $2 AND lane = $3
                                AND (events_oid IS NULL OR events_oid = to_regclass($1)::oid))"
                 ),
                 &[&table, &log_id, &lane.name()],
@@ -211,10 +265,37 @@ impl PostgresSink {
                 ))
                 .await
                 .map_err(classify)?;
+            let derived_update: Vec<String> = DERIVED_COLUMNS
+                .split(", ")
+                .map(str::trim)
+                .filter(|c| !DERIVED_KEY.split(", ").any(|k| k == *c))
+                .map(|c| format!("{c} = EXCLUDED.{c}"))
+                .collect();
+            // One row per key from the batch (its highest version), and it replaces the
+            // table's only when newer: a replay of older versions changes nothing.
+            let upsert_derived = client
+                .prepare(&format!(
+                    "INSERT INTO {table}_derived ({DERIVED_COLUMNS}, ts)
+                     SELECT DISTINCT ON (feed, symbol, timeframe, ts_ms)
+                            {DERIVED_COLUMNS}, to_timestamp(ts_ms / 1000.0)
+                     FROM tickvault_staging_derived
+                     ORDER BY feed, symbol, timeframe, ts_ms, version DESC
+                     ON CONFLICT ({DERIVED_KEY}) DO UPDATE SET {}
+                     WHERE {table}_derived.version < EXCLUDED.version",
+                    derived_update.join(", ")
+                ))
+                .await
+                .map_err(classify)?;
+            let copy_derived = client
+                .prepare(&format!(
+                    "COPY tickvault_staging_derived ({DERIVED_COLUMNS}) FROM STDIN BINARY"
+                ))
+                .await
+                .map_err(classify)?;
             let cursor = client
                 .prepare(&format!(
                     "INSERT INTO {table}_cursors (log_id, lane, seq, updated_at, events_oid)
-                     VALUES ($1, $2, $3, now(), to_regclass('{table}')::oid)
+                     VALUES ($1, $2, $3, now(), to_regclass($4)::oid)
                      ON CONFLICT (log_id, lane) DO UPDATE
                      SET seq = CASE
                              WHEN {table}_cursors.events_oid IS NULL
@@ -238,6 +319,8 @@ impl PostgresSink {
                 copy_direct,
                 copy_staging,
                 insert,
+                copy_derived,
+                upsert_derived,
                 cursor,
             });
             self.sessions += 1;
@@ -286,7 +369,12 @@ impl PostgresSink {
         use futures_util::TryStreamExt as _;
         let table = self.config.table.clone();
         let client = &self.session().await?.client;
-        let sql = format!("SELECT feed, symbol, kind, timeframe, ts_ms, uid FROM {table}");
+        // A derived bar's version stands in its uid's place (see `Row::verify_uid`).
+        let sql = format!(
+            "SELECT feed, symbol, kind, timeframe, ts_ms, uid FROM {table}
+             UNION ALL
+             SELECT feed, symbol, 'derived', timeframe, ts_ms, version::bigint FROM {table}_derived"
+        );
         let rows = client
             .query_raw(sql.as_str(), std::iter::empty::<&(dyn ToSql + Sync)>())
             .await
@@ -315,6 +403,11 @@ impl PostgresSink {
     /// with a unique violation: nothing of it was written, and the batch is merged instead,
     /// as are the next few, before the direct way is tried again.
     async fn write_batch(&mut self, batch: &Batch) -> Result<(), SinkError> {
+        if batch.lane == Lane::Derived {
+            self.write_rows(batch, Way::Derived).await.map_err(Failed::into_sink)?;
+            self.written.merged += 1;
+            return Ok(());
+        }
         if self.merge_next > 0 {
             self.merge_next -= 1;
         } else {
@@ -340,9 +433,9 @@ impl PostgresSink {
         Ok(())
     }
 
-    /// Which events table this is: its database, name and oid.
-    fn identity(&self, oid: u32) -> String {
-        format!("{}.{} oid {oid}", self.config.database, self.config.table)
+    /// Which of `lane`'s tables this is: its database, name and oid.
+    fn identity(&self, lane: Lane, oid: u32) -> String {
+        format!("{}.{} oid {oid}", self.config.database, self.table_of(lane))
     }
 
     /// Before a write on a new session (the server ended the last one: a restart, a
@@ -357,7 +450,7 @@ impl PostgresSink {
             return Ok(());
         };
         let now = match self.look(lane).await? {
-            (Some(oid), _) => self.identity(oid),
+            (Some(oid), _) => self.identity(lane, oid),
             (None, _) => "gone".to_owned(),
         };
         if now == went_to {
@@ -384,6 +477,7 @@ impl PostgresSink {
 
     async fn write_rows(&mut self, batch: &Batch, way: Way) -> Result<(), Failed> {
         let log_id = self.log_id.clone();
+        let lane_table = self.table_of(batch.lane);
         let lane = batch.lane.name();
         let record_position = self.record_position;
         let session = self.session().await.map_err(Failed::Sink)?;
@@ -391,6 +485,7 @@ impl PostgresSink {
         let (copy, types) = match way {
             Way::Direct => (&session.copy_direct, &EVENT_TYPES[..]),
             Way::Merge => (&session.copy_staging, &EVENT_TYPES[..STAGING_TYPES]),
+            Way::Derived => (&session.copy_derived, &DERIVED_TYPES[..]),
         };
         // Pipelined: BEGIN and the COPY's start go together, one round trip (a write on
         // a busy host pays a wake-up of the server's backend and of this task for each).
@@ -407,6 +502,39 @@ impl PostgresSink {
                 i64::try_from(r.seq).unwrap_or(i64::MAX),
             );
             let trades = r.trades.map(|t| i64::try_from(t).unwrap_or(i64::MAX));
+            if let Way::Derived = way {
+                let version = r.version.map_or(0, |v| i32::try_from(v).unwrap_or(i32::MAX));
+                let i = r.indicators.as_deref().copied().unwrap_or_default();
+                let values: [&(dyn ToSql + Sync); 25] = [
+                    &r.feed,
+                    &r.symbol,
+                    &r.timeframe,
+                    &r.ts_ms,
+                    &version,
+                    &seq,
+                    &r.lane,
+                    &r.captured_at_ns,
+                    &r.open,
+                    &r.high,
+                    &r.low,
+                    &r.close,
+                    &r.volume,
+                    &r.vwap,
+                    &trades,
+                    &i.sma20,
+                    &i.ema20,
+                    &i.rsi14,
+                    &i.macd,
+                    &i.macd_signal,
+                    &i.macd_hist,
+                    &i.bb_upper,
+                    &i.bb_middle,
+                    &i.bb_lower,
+                    &i.atr14,
+                ];
+                writer.as_mut().write(&values).await?;
+                continue;
+            }
             let ts = timestamp(r.ts_ms);
             let values: [&(dyn ToSql + Sync); 26] = [
                 &r.feed,
@@ -443,7 +571,7 @@ impl PostgresSink {
         // and COMMIT ends the transaction as a ROLLBACK, and the first error is what
         // this returns.
         let seq = i64::try_from(batch.last_seq).unwrap_or(i64::MAX);
-        let position: [&(dyn ToSql + Sync); 3] = [&log_id, &lane, &seq];
+        let position: [&(dyn ToSql + Sync); 4] = [&log_id, &lane, &seq, &lane_table];
         let cursor = async {
             match record_position {
                 true => client.execute(&session.cursor, &position).await,
@@ -454,10 +582,14 @@ impl PostgresSink {
             Way::Direct => {
                 tokio::try_join!(writer.as_mut().finish(), cursor, client.batch_execute("COMMIT"))?;
             }
-            Way::Merge => {
+            Way::Merge | Way::Derived => {
+                let merge = match way {
+                    Way::Derived => &session.upsert_derived,
+                    _ => &session.insert,
+                };
                 tokio::try_join!(
                     writer.as_mut().finish(),
-                    client.execute(&session.insert, &[]),
+                    client.execute(merge, &[]),
                     cursor,
                     client.batch_execute("COMMIT")
                 )?;
@@ -472,6 +604,8 @@ impl PostgresSink {
 enum Way {
     Direct,
     Merge,
+    /// Derived bars: staged, then upserted by version.
+    Derived,
 }
 
 /// Batches merged after the direct way met a key already there, before trying it again.
@@ -559,6 +693,19 @@ async fn prepare(client: &Client, config: &PostgresConfig) -> Result<(), SinkErr
                 log_id text NOT NULL, lane text NOT NULL, seq bigint NOT NULL,
                 updated_at timestamptz NOT NULL, events_oid oid, PRIMARY KEY (log_id, lane)
             );
+            CREATE TABLE IF NOT EXISTS {table}_derived (
+                feed text NOT NULL, symbol text NOT NULL, timeframe text NOT NULL,
+                ts_ms bigint NOT NULL, ts timestamptz NOT NULL, version integer NOT NULL,
+                seq bigint NOT NULL, lane text NOT NULL, captured_at_ns bigint NOT NULL,
+                open double precision NOT NULL, high double precision NOT NULL,
+                low double precision NOT NULL, close double precision NOT NULL,
+                volume double precision NOT NULL, vwap double precision, trades bigint,
+                sma20 double precision, ema20 double precision, rsi14 double precision,
+                macd double precision, macd_signal double precision, macd_hist double precision,
+                bb_upper double precision, bb_middle double precision, bb_lower double precision,
+                atr14 double precision,
+                PRIMARY KEY ({DERIVED_KEY})
+            );
             -- The events table a cursor row speaks for: one dropped and made again (or
             -- restored alone) has another oid, and the row then says nothing of it.
             -- Rows written before this column: NULL, taken as the table there now.
@@ -573,29 +720,36 @@ async fn prepare(client: &Client, config: &PostgresConfig) -> Result<(), SinkErr
                 open double precision, high double precision, low double precision,
                 close double precision, volume double precision, vwap double precision,
                 trades bigint, exchange integer, trade_id text, conditions integer[]
-            ) ON COMMIT DELETE ROWS;"
+            ) ON COMMIT DELETE ROWS;
+            CREATE TEMP TABLE IF NOT EXISTS tickvault_staging_derived
+                (LIKE {table}_derived INCLUDING DEFAULTS) ON COMMIT DELETE ROWS;
+            ALTER TABLE tickvault_staging_derived ALTER COLUMN ts DROP NOT NULL;"
         ))
         .await
         .map_err(classify)?;
-    check_unique_key(client, table).await?;
+    check_unique_key(client, table, UNIQUE_KEY).await?;
+    let derived = format!("{table}_derived");
+    check_unique_key(client, &derived, DERIVED_KEY).await?;
     if timescale {
-        client
-            .batch_execute(&format!(
-                "BEGIN;
-                SELECT pg_advisory_xact_lock(hashtext('tickvault-ddl'));
-                SELECT create_hypertable('{table}', 'ts', if_not_exists => TRUE, migrate_data => TRUE);
-                COMMIT;"
-            ))
-            .await
-            .map_err(classify)?;
-        if let Some(retention) = config.retention {
+        for table in [table, &derived] {
             client
                 .batch_execute(&format!(
-                    "SELECT add_retention_policy('{table}', INTERVAL '{} seconds', if_not_exists => TRUE)",
-                    retention.as_secs()
+                    "BEGIN;
+                    SELECT pg_advisory_xact_lock(hashtext('tickvault-ddl'));
+                    SELECT create_hypertable('{table}', 'ts', if_not_exists => TRUE, migrate_data => TRUE);
+                    COMMIT;"
                 ))
                 .await
                 .map_err(classify)?;
+            if let Some(retention) = config.retention {
+                client
+                    .batch_execute(&format!(
+                        "SELECT add_retention_policy('{table}', INTERVAL '{} seconds', if_not_exists => TRUE)",
+                        retention.as_secs()
+                    ))
+                    .await
+                    .map_err(classify)?;
+            }
         }
     }
     Ok(())
@@ -605,13 +759,13 @@ async fn prepare(client: &Client, config: &PostgresConfig) -> Result<(), SinkErr
 /// primary key, the merge's `ON CONFLICT` target, and what [`check_unique_key`] looks for.
 const UNIQUE_KEY: &str = "feed, symbol, kind, timeframe, ts_ms, uid, ts";
 
-/// Refuses an events table that was there before without a unique index on exactly
-/// the natural key (`CREATE TABLE IF NOT EXISTS` leaves it as it is): the direct COPY
-/// relies on it to fail on a key that is there, and the merge names it in its
+/// Refuses a table that was there before without a unique index on exactly `unique`, the
+/// natural key (`CREATE TABLE IF NOT EXISTS` leaves it as it is): the direct COPY
+/// relies on it to fail on a key that is there, and the merges name it in their
 /// `ON CONFLICT`, so without it every replayed copy would be kept.
-async fn check_unique_key(client: &Client, table: &str) -> Result<(), SinkError> {
+async fn check_unique_key(client: &Client, table: &str, unique: &str) -> Result<(), SinkError> {
     // Sorted, as the query sorts the index's columns.
-    let mut key: Vec<&str> = UNIQUE_KEY.split(", ").collect();
+    let mut key: Vec<&str> = unique.split(", ").collect();
     key.sort_unstable();
     let found: bool = client
         .query_one(
@@ -633,7 +787,7 @@ async fn check_unique_key(client: &Client, table: &str) -> Result<(), SinkError>
         NAME,
         "table",
         format!(
-            "table {table} was there already without a unique key on ({UNIQUE_KEY}): each event would \
+            "table {table} was there already without a unique key on ({unique}): each event would \
              not be kept once; tickvault makes it with that primary key. Add it, rename or drop that \
              table, or set sinks.postgres.table to another name"
         ),
@@ -666,7 +820,7 @@ impl Sink for PostgresSink {
                 }
             }
         };
-        let found = self.identity(oid);
+        let found = self.identity(lane, oid);
         if let nothing @ Holds::Nothing(_) = self.table_id.found(&found) {
             return Ok(nothing);
         }

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use tickvault_wal::{Lane, Record};
 
 use crate::event::{Bar, Body, Event, Timeframe, EVENT_KIND};
+use crate::indicators::Indicators;
 
 /// One event as the sinks store it: PostgreSQL's columns, in order (ClickHouse keeps a
 /// table per kind, with that kind's columns). The names a row shares with every other
@@ -44,6 +45,10 @@ pub struct Row {
     /// Absent in a JetStream message when empty.
     #[serde(default)]
     pub conditions: Vec<i32>,
+    /// A derived bar's version: of the rows of one natural key, sinks keep the highest.
+    pub version: Option<u32>,
+    /// A derived bar's indicators (boxed: most rows have none).
+    pub indicators: Option<Box<Indicators>>,
 }
 
 /// The natural key of one row (or message) a sink holds, for `verify`.
@@ -97,6 +102,8 @@ impl Row {
             exchange: None,
             trade_id: None,
             conditions: Vec::new(),
+            version: None,
+            indicators: None,
         };
         // The same fields as `Event::natural_key`, moved out of the event.
         match event.body {
@@ -119,8 +126,12 @@ impl Row {
                 row.conditions = t.conditions;
             }
             Body::Bar(b) => row.set_bar(b),
-            // Not forwarded yet (the daemon forwards the live and backfill lanes).
-            Body::Derived(d) => row.set_bar(d.bar),
+            Body::Derived(d) => {
+                let d = *d;
+                row.set_bar(d.bar);
+                row.version = Some(d.version);
+                row.indicators = Some(Box::new(d.indicators));
+            }
         }
         row
     }
@@ -138,12 +149,23 @@ impl Row {
     }
 
     /// The natural key as one string (`forex:EUR/USD:bar:1m:1700000000000:0`), the same
-    /// as [`crate::event::NaturalKey`]'s: JetStream's `Nats-Msg-Id`.
+    /// as [`crate::event::NaturalKey`]'s, and for a derived bar its version after it
+    /// (`...:0:v2`): JetStream's `Nats-Msg-Id`, so that each version is stored once.
     pub fn key_string(&self) -> String {
-        format!(
+        let key = format!(
             "{}:{}:{}:{}:{}:{}",
             self.feed, self.symbol, self.kind, self.timeframe, self.ts_ms, self.uid
-        )
+        );
+        match self.version {
+            Some(version) => format!("{key}:v{version}"),
+            None => key,
+        }
+    }
+
+    /// The `uid` `verify` compares: a derived bar's version (each version is a key of
+    /// its own there), else the natural key's.
+    pub fn verify_uid(&self) -> u64 {
+        self.version.map_or(self.uid, u64::from)
     }
 }
 

@@ -26,6 +26,9 @@ use super::DAY_MS;
 /// Sinks an index can hold entries of (the log's are apart from them).
 pub const MAX_SINKS: usize = 3;
 
+/// The log's lanes an index tells apart (`FORWARDED_LANES`).
+pub const LANES: usize = crate::daemon::FORWARDED_LANES.len();
+
 /// Where an entry came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum From {
@@ -243,7 +246,7 @@ pub struct NaturalKeyEntries {
     pub ts_ms: i64,
     pub uid: u64,
     /// Per log lane (by index), the key's lowest sequence there; `u64::MAX`: none.
-    pub first: [u64; 2],
+    pub first: [u64; LANES],
     /// The log's entries of this key.
     pub in_log: u64,
     /// Per sink (by number), its rows or messages with this key.
@@ -255,7 +258,7 @@ impl Default for NaturalKeyEntries {
         NaturalKeyEntries {
             ts_ms: 0,
             uid: 0,
-            first: [u64::MAX; 2],
+            first: [u64::MAX; LANES],
             in_log: 0,
             rows: [0; MAX_SINKS],
         }
@@ -342,18 +345,18 @@ mod tests {
         assert_eq!(
             seen,
             vec![
-                (gd(eur, 19_000), e(1_641_600_000_000, [none, 41], 1, [0, 0, 0])),
-                (gd(eur, 19_000), e(1_641_600_060_000, [none, 40], 1, [0, 0, 0])),
-                (gd(btc, -3), e(-3 * DAY_MS, [1, none], 1, [0, 0, 0])),
-                (gd(btc, 20_000), e(1_728_000_000_500, [3, 12], 3, [1, 0, 2])),
+                (gd(eur, 19_000), e(1_641_600_000_000, [none, 41, none], 1, [0, 0, 0])),
+                (gd(eur, 19_000), e(1_641_600_060_000, [none, 40, none], 1, [0, 0, 0])),
+                (gd(btc, -3), e(-3 * DAY_MS, [1, none, none], 1, [0, 0, 0])),
+                (gd(btc, 20_000), e(1_728_000_000_500, [3, 12, none], 3, [1, 0, 2])),
                 (
                     gd(btc, 20_000),
                     NaturalKeyEntries {
                         uid: 1,
-                        ..e(1_728_000_000_500, [7, none], 1, [0, 0, 0])
+                        ..e(1_728_000_000_500, [7, none, none], 1, [0, 0, 0])
                     }
                 ),
-                (gd(btc, 20_000), e(1_728_000_000_600, [none, none], 0, [0, 1, 0])),
+                (gd(btc, 20_000), e(1_728_000_000_600, [none, none, none], 0, [0, 1, 0])),
             ]
         );
         assert_eq!(index.groups()[btc as usize].1, "BTC-USD");

@@ -125,7 +125,8 @@ impl Target {
         )
     }
 
-    /// Every natural key in each sink, as a list (duplicates kept), keyed by sink.
+    /// Every natural key of captured events (not derived bars: `verify` holds those to
+    /// their versions) in each sink, as a list (duplicates kept), keyed by sink.
     /// ClickHouse is read with `FINAL` (what a reader sees); the raw row count is separate.
     pub fn keys(&self, nats_port: u16) -> BTreeMap<&'static str, Vec<String>> {
         rt().block_on(async {
@@ -146,15 +147,27 @@ impl Target {
             }
             out.insert("clickhouse", ch);
             out.insert("postgres", self.postgres_keys().await);
-            out.insert("nats", self.nats_keys_async(nats_port).await);
+            let nats = self.nats_keys_async(nats_port).await;
+            out.insert("nats", nats.into_iter().filter(|k| !k.contains(":derived:")).collect());
             out
         })
     }
 
-    /// Every natural key in the target's JetStream stream, in stream order (duplicates
-    /// kept).
+    /// Every natural key of a captured event in the target's JetStream stream, in stream
+    /// order (duplicates kept).
     pub fn nats_keys(&self, nats_port: u16) -> Vec<String> {
         rt().block_on(self.nats_keys_async(nats_port))
+            .into_iter()
+            .filter(|k| !k.contains(":derived:"))
+            .collect()
+    }
+
+    /// Every message id of a derived bar in the target's stream (natural key and version).
+    pub fn nats_derived_keys(&self, nats_port: u16) -> Vec<String> {
+        rt().block_on(self.nats_keys_async(nats_port))
+            .into_iter()
+            .filter(|k| k.contains(":derived:"))
+            .collect()
     }
 
     async fn nats_keys_async(&self, nats_port: u16) -> Vec<String> {
