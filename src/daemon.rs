@@ -35,6 +35,8 @@ pub struct Running {
     pub live: Vec<(Feed, Arc<LiveStats>)>,
     pub backfill: Option<Arc<BackfillStats>>,
     pub aggregate: Option<Arc<crate::aggregate::AggregateStats>>,
+    /// The check of the backfill's periods against the sinks (when any is enabled).
+    pub verifier: Option<Arc<crate::verify::periods::VerifierStats>>,
     /// One per sink runner: (sink, lane).
     pub sinks: Vec<Arc<RunnerStats>>,
     /// How the backfill gives way to live (its share of the duties under the budget).
@@ -409,6 +411,23 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
         );
         stats
     });
+    // Backfill periods checked against the sinks, at the backfill's priority.
+    let verifier_stats = Arc::new(crate::verify::periods::VerifierStats::default());
+    let log_id = wal.reader().log_id()?;
+    let verifier = match crate::verify::periods::Verifier::new(config, wal.clone(), &log_id, verifier_stats.clone()) {
+        Some(verifier) => {
+            let (every, recheck, shutdown) = (config.gaps.interval, config.gaps.recheck, shutdown.clone());
+            parts.tasks.spawn_on(
+                async move {
+                    verifier.run(every, recheck, shutdown).await;
+                    Ok("period verifier")
+                },
+                &background.handle(),
+            );
+            Some(verifier_stats)
+        }
+        None => None,
+    };
     {
         let (wal, mut shutdown) = (wal.clone(), shutdown.clone());
         let (every, retention) = (config.log.truncate_every, config.log.retention);
@@ -440,6 +459,7 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
             live: live_stats.clone(),
             backfill: backfill.clone(),
             aggregate: aggregate.clone(),
+            verifier: verifier.clone(),
             sinks: sinks.clone(),
             priority: priority.clone(),
             calendar: tickvault_core::calendar::Calendar::new(&config.calendar),
@@ -470,6 +490,7 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
         live: live_stats,
         backfill,
         aggregate,
+        verifier,
         sinks,
         priority,
         metrics_addr,

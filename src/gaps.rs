@@ -161,11 +161,22 @@ impl GapState {
     }
 }
 
-/// Sets each open gap's state from the backfill's periods and the daemon's repairs.
+/// A minute as `YYYY-MM-DD HH:MM` (UTC).
+pub fn minute_text(ms: i64) -> String {
+    jiff::Timestamp::from_millisecond(ms)
+        .map(|t| t.strftime("%Y-%m-%d %H:%M").to_string())
+        .unwrap_or_else(|_| ms.to_string())
+}
+
+/// Sets each open gap's state from the backfill's periods and the daemon's repairs, and
+/// counts each symbol's periods per state.
 pub fn set_states(reader: &tickvault_wal::LogReader, found: &mut [SymbolGaps]) -> anyhow::Result<()> {
-    use crate::source::backfill::{periods, repairs, PeriodState};
-    let (tracked, repairing) = (periods(reader)?, repairs(reader)?);
+    use crate::source::backfill::{periods_as_they_stand, repairs, PeriodState};
+    let (tracked, repairing) = (periods_as_they_stand(reader)?, repairs(reader)?);
     for s in found {
+        for p in tracked.iter().filter(|p| p.feed == s.feed && p.symbol == s.symbol) {
+            s.periods.add(p.state);
+        }
         for gap in &mut s.gaps {
             let overlaps = |p: &&crate::source::backfill::Period| {
                 p.feed == s.feed
@@ -201,6 +212,34 @@ pub struct SymbolGaps {
     /// Of those, marked as having no data at the source.
     pub source_holes: u64,
     pub gaps: Vec<OpenGap>,
+    /// The backfill's periods of the symbol (all of them, not only those in the range).
+    pub periods: PeriodCounts,
+}
+
+/// Periods of the backfill's tracker per state.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct PeriodCounts {
+    /// Being downloaded (cut short, resumed by the next pass).
+    pub pending: u64,
+    /// In the log, not yet found whole in every enabled sink.
+    pub downloaded: u64,
+    /// In the log, and every enabled sink held every key of it when last checked.
+    pub verified: u64,
+}
+
+impl PeriodCounts {
+    pub fn add(&mut self, state: crate::source::backfill::PeriodState) {
+        use crate::source::backfill::PeriodState;
+        *match state {
+            PeriodState::Pending => &mut self.pending,
+            PeriodState::Downloaded => &mut self.downloaded,
+            PeriodState::Verified => &mut self.verified,
+        } += 1;
+    }
+
+    pub fn total(&self) -> u64 {
+        self.pending + self.downloaded + self.verified
+    }
 }
 
 impl SymbolGaps {
@@ -261,6 +300,7 @@ pub fn scan(
             covered: 0,
             source_holes: 0,
             gaps: Vec::new(),
+            periods: PeriodCounts::default(),
         };
         let mut open: Option<i64> = None;
         let close = |open: &mut Option<i64>, end: i64, report: &mut SymbolGaps| {

@@ -40,6 +40,7 @@ pub struct Sources {
     pub live: Vec<(Feed, Arc<LiveStats>)>,
     pub backfill: Option<Arc<BackfillStats>>,
     pub aggregate: Option<Arc<crate::aggregate::AggregateStats>>,
+    pub verifier: Option<Arc<crate::verify::periods::VerifierStats>>,
     pub sinks: Vec<Arc<RunnerStats>>,
     pub priority: Arc<Priority>,
     /// Market hours, as `[calendar]` sets them.
@@ -289,6 +290,42 @@ impl Collector for Sources {
                 &mut enc,
                 "tickvault_aggregate_backlog_records",
                 "Records of a lane the aggregator has not taken yet.",
+                None,
+                &rows,
+            )?;
+        }
+
+        if let Some(v) = &self.verifier {
+            for (name, help, value) in [
+                (
+                    "tickvault_backfill_periods_verified",
+                    "Backfill periods found whole in every enabled sink (each key the log holds).",
+                    &v.verified,
+                ),
+                (
+                    "tickvault_backfill_periods_unverified",
+                    "Verified backfill periods found short in a sink since, and verified no more.",
+                    &v.unverified,
+                ),
+            ] {
+                counters(&mut enc, name, help, None, &[(Vec::new(), load(value))])?;
+            }
+        }
+        if self.backfill.is_some() {
+            let counts = crate::verify::periods::counts(self.wal.reader()).unwrap_or_default();
+            let rows: Vec<_> = crate::source::backfill::PeriodState::ALL
+                .iter()
+                .map(|state| {
+                    (
+                        labels(&[("state", state.name())]),
+                        counts.get(state).copied().unwrap_or(0) as f64,
+                    )
+                })
+                .collect();
+            gauges(
+                &mut enc,
+                "tickvault_backfill_tracker_periods",
+                "The tracker's periods per state: pending, downloaded, verified (every enabled sink holds it whole).",
                 None,
                 &rows,
             )?;

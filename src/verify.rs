@@ -36,6 +36,7 @@
 //! takes about 20 bytes per event in the log and row in the sinks while it runs.
 
 mod index;
+pub mod periods;
 
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -397,3 +397,71 @@ fn holes_disconnects_a_cut_and_a_long_sigkill_are_all_repaired() {
     let (code, verified) = verify(&config, &log);
     assert_eq!(code, 0, "{verified:#}");
 }
+
+/// A backfill period becomes verified once every sink holds every key of it; a row lost
+/// by one sink later un-verifies it (a warning names the sink), and the row sent again
+/// by `tickvault replay` makes it verified again.
+#[test]
+fn periods_are_verified_only_while_every_sink_holds_every_key_of_them() {
+    use common::sinks::{postgres, rt, write_config, Target, PG_PASSWORD};
+    let target = Target::new("verified_periods");
+    let dir = tempfile::tempdir().unwrap();
+    let (_sim, addr) = common::simulator(&["--always-open", "--faults", "holes=13"]);
+    let config = write_config(
+        &dir.path().join("c.toml"),
+        "[live]\nenabled = false\n[backfill]\ncrypto = [\"BTC-USD\"]\nlookback = \"2days\"\nchunk = \"1day\"\n\
+         [gaps]\nlookback = \"2days\"\ninterval = \"1s\"\nrecheck = \"2s\"\n",
+        &target,
+        4222,
+    );
+    let log = dir.path().join("log");
+    let daemon = Daemon::start(&config, &log, &addr, &dir.path().join("daemon.stderr"));
+    let periods = || {
+        let (code, report, stderr) = gaps(&config, &log, &[]);
+        assert_eq!(code, Some(0), "{report:#} {stderr}");
+        let p = &report["periods"];
+        [&p["pending"], &p["downloaded"], &p["verified"]].map(|n| n.as_u64().unwrap())
+    };
+    common::sinks::wait_for("every period verified", Duration::from_secs(120), || {
+        let [pending, downloaded, verified] = periods();
+        daemon.backfill_finished() && pending + downloaded == 0 && verified >= 2
+    });
+    let [_, _, total] = periods();
+
+    // PostgreSQL loses one bar of the backfill.
+    rt().block_on(async {
+        let lost = postgres(&target.name)
+            .await
+            .execute(
+                "DELETE FROM events WHERE ctid = (SELECT ctid FROM events WHERE kind = 'bar' ORDER BY ts_ms LIMIT 1)",
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!(lost, 1);
+    });
+    common::sinks::wait_for("the period un-verified", Duration::from_secs(30), || {
+        periods() == [0, 1, total - 1]
+    });
+    let said = daemon.log();
+    assert!(
+        said.lines()
+            .any(|l| l.contains("a verified backfill period is short in a sink") && l.contains("postgres")),
+        "{said}"
+    );
+
+    // Sent again from the log: verified again.
+    let out = common::tickvault()
+        .args(["replay", "--sink", "postgres", "--lane", "backfill", "--config"])
+        .arg(&config)
+        .arg("--data-dir")
+        .arg(&log)
+        .env("TICKVAULT_POSTGRES_PASSWORD", PG_PASSWORD)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    common::sinks::wait_for("the period verified again", Duration::from_secs(30), || {
+        periods() == [0, 0, total]
+    });
+    daemon.stop();
+}

@@ -132,6 +132,9 @@ fn metrics_parse_and_agree_with_the_log_and_the_sinks() {
         ("tickvault_aggregate_backlog_records", "gauge"),
         ("tickvault_backfill_rate_limited", "counter"),
         ("tickvault_backfill_periods", "gauge"),
+        ("tickvault_backfill_tracker_periods", "gauge"),
+        ("tickvault_backfill_periods_verified", "counter"),
+        ("tickvault_backfill_periods_unverified", "counter"),
         ("tickvault_log_head_sequence", "gauge"),
         ("tickvault_log_disk_bytes", "gauge"),
         ("tickvault_log_filesystem_free_bytes", "gauge"),
@@ -168,13 +171,24 @@ fn metrics_parse_and_agree_with_the_log_and_the_sinks() {
             Wal::open_read_only(&log).unwrap().last_seq(lane).unwrap().unwrap()
         );
     }
+    // The captured lanes (the derived lane grows as long as the aggregator runs).
     let keys = target.keys(4222);
+    let captured_lanes = |name: &str, sink: &str, more: &[(&str, &str)]| -> f64 {
+        ["live", "backfill"]
+            .iter()
+            .map(|lane| {
+                let mut with = vec![("sink", sink), ("lane", *lane)];
+                with.extend_from_slice(more);
+                sum(&m, name, &with)
+            })
+            .sum()
+    };
     for sink in SINKS {
-        let written = sum(&m, "tickvault_sink_rows_written_total", &[("sink", sink)]) as u64;
+        let written = captured_lanes("tickvault_sink_rows_written_total", sink, &[]) as u64;
         assert_eq!(written, keys[sink].len() as u64, "{sink}");
         assert_eq!(written, live + backfill, "{sink}");
         assert_eq!(
-            sum(&m, "tickvault_sink_backlog_records", &[("sink", sink)]),
+            captured_lanes("tickvault_sink_backlog_records", sink, &[]),
             0.0,
             "{sink}"
         );
@@ -184,15 +198,15 @@ fn metrics_parse_and_agree_with_the_log_and_the_sinks() {
                 "tickvault_sink_breaker_state",
                 &[("sink", sink), ("state", "closed")]
             ),
-            2.0,
-            "{sink}: both lanes' breakers closed"
+            3.0,
+            "{sink}: every lane's breaker closed"
         );
-        let commits = sum(&m, "tickvault_sink_capture_to_commit_seconds_count", &[("sink", sink)]) as u64;
+        let commits = captured_lanes("tickvault_sink_capture_to_commit_seconds_count", sink, &[]) as u64;
         assert_eq!(commits, written, "{sink}: one latency per row");
-        let le_inf = sum(
-            &m,
+        let le_inf = captured_lanes(
             "tickvault_sink_capture_to_commit_seconds_bucket",
-            &[("sink", sink), ("le", "+Inf")],
+            sink,
+            &[("le", "+Inf")],
         ) as u64;
         assert_eq!(le_inf, commits, "{sink}");
     }

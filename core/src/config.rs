@@ -119,9 +119,14 @@ pub struct GapsConfig {
     #[serde(with = "humantime_serde")]
     pub lookback: Duration,
     /// How often the daemon looks for gaps and fetches them (also at start-up and right
-    /// after a live feed reconnects). Default 60s.
+    /// after a live feed reconnects), and checks the backfill's downloaded periods
+    /// against every enabled sink. Default 60s.
     #[serde(with = "humantime_serde")]
     pub interval: Duration,
+    /// How often the verified periods are checked against the sinks again (one found
+    /// short is verified no more). Default 1h.
+    #[serde(with = "humantime_serde")]
+    pub recheck: Duration,
 }
 
 impl Default for GapsConfig {
@@ -129,6 +134,7 @@ impl Default for GapsConfig {
         GapsConfig {
             lookback: Duration::from_secs(30 * 86_400),
             interval: Duration::from_secs(60),
+            recheck: Duration::from_secs(3_600),
         }
     }
 }
@@ -484,6 +490,9 @@ impl Config {
         if self.gaps.interval < Duration::from_secs(1) {
             return Err(ConfigError::field(file, "gaps.interval", "must be at least 1s"));
         }
+        if self.gaps.recheck < Duration::from_secs(1) {
+            return Err(ConfigError::field(file, "gaps.recheck", "must be at least 1s"));
+        }
         if log.truncate_every < Duration::from_secs(1) {
             return Err(ConfigError::field(file, "log.truncate_every", "must be at least 1s"));
         }
@@ -507,6 +516,7 @@ impl Config {
             ("backfill.chunk", self.backfill.chunk, days(3_650), "10 years"),
             ("gaps.lookback", self.gaps.lookback, days(50 * 365), "50 years"),
             ("gaps.interval", self.gaps.interval, days(1), "1 day"),
+            ("gaps.recheck", self.gaps.recheck, days(30), "30 days"),
         ] {
             if value > max {
                 return Err(ConfigError::field(file, field, format!("must be at most {says}")));

@@ -62,6 +62,7 @@ async fn scraped(
         live: vec![(Feed::Crypto, stats.clone())],
         backfill: None,
         aggregate: None,
+        verifier: None,
         sinks: Vec::new(),
         priority: Arc::new(crate::sink::priority::Priority::new(0, 1.0, Duration::ZERO)),
         calendar: crate::calendar::Calendar::default(),

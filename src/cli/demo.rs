@@ -489,14 +489,21 @@ fn summary(
             b.rate_limited.load(Ordering::Relaxed),
             b.paused_ms.load(Ordering::Relaxed) as f64 / 1000.0
         );
-        let tracked = backfill::periods(&reader)?;
-        let done = tracked
-            .iter()
-            .filter(|p| p.state != backfill::PeriodState::Pending)
-            .count();
+        let mut periods = gaps::PeriodCounts::default();
+        for p in backfill::periods_as_they_stand(&reader)? {
+            periods.add(p.state);
+        }
         println!(
-            "  period tracker: {done} of {} periods marked downloaded",
-            tracked.len()
+            "  period tracker: {} periods: {} verified (every sink held every key), {} downloaded, {} pending{}",
+            periods.total(),
+            periods.verified,
+            periods.downloaded,
+            periods.pending,
+            if config.sinks.enabled().is_empty() {
+                " (no sink enabled: none to verify against)"
+            } else {
+                ""
+            }
         );
     }
     let suspected = gaps::suspected(&reader)?;

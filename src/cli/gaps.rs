@@ -38,12 +38,6 @@ pub struct GapsSpec {
     pub rebuild: bool,
 }
 
-fn date_time(ms: i64) -> String {
-    jiff::Timestamp::from_millisecond(ms)
-        .map(|t| t.strftime("%Y-%m-%d %H:%M").to_string())
-        .unwrap_or_else(|_| ms.to_string())
-}
-
 pub fn run(spec: &GapsSpec) -> anyhow::Result<ExitCode> {
     let config = super::run::load_config(&spec.config, spec.data_dir.clone())?;
     let mut watched = gaps::watched(&config);
@@ -74,6 +68,12 @@ pub fn run(spec: &GapsSpec) -> anyhow::Result<ExitCode> {
     gaps::set_states(&reader, &mut found)?;
     let scan_ms = started.elapsed().as_secs_f64() * 1000.0;
     let open: u64 = found.iter().map(|s| s.gaps.len() as u64).sum();
+    let mut periods = gaps::PeriodCounts::default();
+    for s in &found {
+        periods.pending += s.periods.pending;
+        periods.downloaded += s.periods.downloaded;
+        periods.verified += s.periods.verified;
+    }
 
     let mut out = std::io::stdout().lock();
     if spec.json {
@@ -81,6 +81,7 @@ pub fn run(spec: &GapsSpec) -> anyhow::Result<ExitCode> {
             "from_ms": from_ms,
             "to_ms": to_ms,
             "open_gaps": open,
+            "periods": periods,
             "symbols": found,
         });
         writeln!(out, "{value}")?;
@@ -88,8 +89,8 @@ pub fn run(spec: &GapsSpec) -> anyhow::Result<ExitCode> {
         writeln!(
             out,
             "minutes in market hours from {} to {} UTC (the coverage index of {}, read in {scan_ms:.0} ms)",
-            date_time(from_ms),
-            date_time(to_ms),
+            gaps::minute_text(from_ms),
+            gaps::minute_text(to_ms),
             data_dir.display()
         )?;
         for s in &found {
@@ -110,8 +111,8 @@ pub fn run(spec: &GapsSpec) -> anyhow::Result<ExitCode> {
                 writeln!(
                     out,
                     "          gap {} .. {} ({} minutes): {}; {}",
-                    date_time(g.from_ms),
-                    date_time(g.to_ms),
+                    gaps::minute_text(g.from_ms),
+                    gaps::minute_text(g.to_ms),
                     g.minutes,
                     g.why,
                     g.state.says()
@@ -129,6 +130,21 @@ pub fn run(spec: &GapsSpec) -> anyhow::Result<ExitCode> {
             writeln!(
                 out,
                 "the config captures no minute bars (no backfill symbol, no CA/XA/AM subscription)"
+            )?;
+        }
+        if periods.total() > 0 {
+            let sinks = config.sinks.enabled();
+            writeln!(
+                out,
+                "backfill periods: {} verified (every enabled sink held every key), {} downloaded, {} pending{}",
+                periods.verified,
+                periods.downloaded,
+                periods.pending,
+                if sinks.is_empty() {
+                    "; no sink is enabled, so none is verified"
+                } else {
+                    ""
+                }
             )?;
         }
         writeln!(out, "{}", if open == 0 { "no open gap" } else { "open gaps: exit 1" })?;

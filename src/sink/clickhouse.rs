@@ -257,6 +257,31 @@ impl ClickHouseSink {
         Ok(seen)
     }
 
+    /// The minutes in `from_ms..to_ms` the bars table holds a one-minute bar of `symbol`
+    /// for (a minute twice while a merge is due).
+    pub async fn bar_minutes(
+        &mut self,
+        feed: &str,
+        symbol: &str,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Vec<i64>, SinkError> {
+        self.prepare().await?;
+        let sql = format!(
+            "SELECT ts_ms FROM {} WHERE feed = ? AND symbol = ? AND timeframe = '1m' AND ts_ms >= ? AND ts_ms < ?",
+            self.qualified(Kind::Bar)
+        );
+        self.client
+            .query(&sql)
+            .bind(feed)
+            .bind(symbol)
+            .bind(from_ms)
+            .bind(to_ms)
+            .fetch_all::<i64>()
+            .await
+            .map_err(classify)
+    }
+
     /// Inserts the rows of one kind, each made as it is sent (a batch of 100,000 rows is
     /// not copied into a vector of its kind first).
     async fn insert<'r, T: KindRow<'r>>(&self, rows: &'r [Row]) -> Result<(), SinkError> {

@@ -211,18 +211,34 @@ impl NatsSink {
 
     /// The subject of a row: tokens may not hold `.`, `*`, `>` or whitespace.
     pub fn subject(prefix: &str, row: &Row) -> String {
-        let token = |s: &str| -> String {
-            s.chars()
-                .map(|c| {
-                    if c == '.' || c == '*' || c == '>' || c.is_whitespace() {
-                        '_'
-                    } else {
-                        c
-                    }
-                })
-                .collect()
-        };
         format!("{prefix}.{}.{}.{}", row.lane, token(&row.symbol), token(&row.timeframe))
+    }
+
+    /// The minutes in `from_ms..to_ms` the stream holds a one-minute bar of `symbol`
+    /// for, on any lane's subject (the stream keeps a key once, on the subject of the
+    /// copy published first). Reads the symbol's minute-bar subjects' headers.
+    pub async fn bar_minutes(
+        &mut self,
+        feed: &str,
+        symbol: &str,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Vec<i64>, SinkError> {
+        let filter = format!("{}.*.{}.1m", self.config.subject_prefix, token(symbol));
+        let prefix = format!("{feed}:{symbol}:bar:1m:");
+        let mut minutes = Vec::new();
+        self.visit_ids_on(&filter, 0, usize::MAX, |id| {
+            let ts = id.as_deref().and_then(|id| id.strip_prefix(&prefix)).and_then(|rest| {
+                let (ts, uid) = rest.split_once(':')?;
+                (uid == "0").then(|| ts.parse::<i64>().ok()).flatten()
+            });
+            if let Some(ts) = ts.filter(|ts| (from_ms..to_ms).contains(ts)) {
+                minutes.push(ts);
+            }
+            true
+        })
+        .await?;
+        Ok(minutes)
     }
 
     /// A new connection's JetStream context.
@@ -597,6 +613,18 @@ impl NatsSink {
         lane: Lane,
         after_seq: u64,
         max: usize,
+        visit: impl FnMut(Option<String>) -> bool,
+    ) -> Result<usize, SinkError> {
+        let filter = self.lane_subjects(lane);
+        self.visit_ids_on(&filter, after_seq, max, visit).await
+    }
+
+    /// As [`NatsSink::visit_ids_up_to`], for the messages on the subjects `filter` matches.
+    async fn visit_ids_on(
+        &mut self,
+        filter: &str,
+        after_seq: u64,
+        max: usize,
         mut visit: impl FnMut(Option<String>) -> bool,
     ) -> Result<usize, SinkError> {
         let context = self.connected().await?;
@@ -609,7 +637,7 @@ impl NatsSink {
         let Some(mut messages) = ordered(
             &stream,
             jetstream::consumer::pull::OrderedConfig {
-                filter_subject: self.lane_subjects(lane),
+                filter_subject: filter.to_owned(),
                 deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence {
                     start_sequence: after_seq + 1,
                 },
@@ -802,6 +830,19 @@ impl<'a> From<&'a Row> for Message<'a> {
             indicators: r.indicators.as_deref(),
         }
     }
+}
+
+/// A subject token: `.`, `*`, `>` and whitespace, which a token may not hold, become `_`.
+fn token(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c == '.' || c == '*' || c == '>' || c.is_whitespace() {
+                '_'
+            } else {
+                c
+            }
+        })
+        .collect()
 }
 
 /// The messages of an ordered (ephemeral, in stream order) consumer on `stream`; `None`

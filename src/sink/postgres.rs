@@ -396,6 +396,30 @@ impl PostgresSink {
         Ok(seen)
     }
 
+    /// The minutes in `from_ms..to_ms` the events table holds a one-minute bar of
+    /// `symbol` for.
+    pub async fn bar_minutes(
+        &mut self,
+        feed: &str,
+        symbol: &str,
+        from_ms: i64,
+        to_ms: i64,
+    ) -> Result<Vec<i64>, SinkError> {
+        let table = self.config.table.clone();
+        let client = &self.session().await?.client;
+        let rows = client
+            .query(
+                &format!(
+                    "SELECT ts_ms FROM {table} WHERE feed = $1 AND symbol = $2 AND kind = 'bar' \
+                     AND timeframe = '1m' AND ts_ms >= $3 AND ts_ms < $4"
+                ),
+                &[&feed, &symbol, &from_ms, &to_ms],
+            )
+            .await
+            .map_err(classify)?;
+        Ok(rows.iter().map(|r| r.get(0)).collect())
+    }
+
     /// One batch, one transaction. The direct way COPYs the rows into the events table
     /// itself: when none of their keys is there yet (the usual case) that is all the
     /// merge does, at about half its cost. A key already there (a redundant appliance, or

@@ -171,14 +171,80 @@ impl Period {
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum PeriodState {
     /// A chain of requests was interrupted at `resume_from_ms`.
     Pending,
     /// Everything from `from_ms` to `resume_from_ms` is in the log.
     Downloaded,
+    /// Downloaded, and every enabled sink held every key of it when last checked
+    /// ([`crate::verify::periods`]). Never stored in a period: told by its
+    /// [`Verification`] (see [`periods_as_they_stand`]).
     Verified,
+}
+
+impl PeriodState {
+    pub const ALL: [PeriodState; 3] = [PeriodState::Pending, PeriodState::Downloaded, PeriodState::Verified];
+
+    /// As stored and reported: `pending`, `downloaded`, `verified`.
+    pub fn name(self) -> &'static str {
+        match self {
+            PeriodState::Pending => "pending",
+            PeriodState::Downloaded => "downloaded",
+            PeriodState::Verified => "verified",
+        }
+    }
+}
+
+/// What the period verifier found of one period: every enabled sink held every key of
+/// its downloaded range `[from_ms, resume_from_ms)` at `at_ms`. Kept apart from the
+/// period (the downloader rewrites that as it goes; two writers of one key would race),
+/// and speaking only for that range: a period downloaded further since is not verified.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Verification {
+    pub from_ms: i64,
+    pub resume_from_ms: i64,
+    pub at_ms: i64,
+}
+
+const VERIFIED_PREFIX: &str = "backfill/verified/";
+
+/// The key of a period's [`Verification`].
+pub fn verification_key(period: &Period) -> Vec<u8> {
+    let mut key = format!("{VERIFIED_PREFIX}{}/{}/", period.feed, period.symbol).into_bytes();
+    key.extend_from_slice(&period.start_ms.to_be_bytes());
+    key
+}
+
+/// Every [`Verification`], by its key.
+pub fn verifications(
+    reader: &tickvault_wal::LogReader,
+) -> Result<std::collections::HashMap<Vec<u8>, Verification>, tickvault_wal::ReadError> {
+    Ok(reader
+        .scan_state(Space::State, VERIFIED_PREFIX.as_bytes())?
+        .into_iter()
+        .filter_map(|(k, v)| Some((k, serde_json::from_slice(&v).ok()?)))
+        .collect())
+}
+
+/// Whether `verification` speaks for `period` as it is now.
+pub fn verifies(verification: Option<&Verification>, period: &Period) -> bool {
+    period.state == PeriodState::Downloaded
+        && verification.is_some_and(|v| v.from_ms == period.from_ms() && v.resume_from_ms == period.resume_from_ms)
+}
+
+/// Every period the tracker holds, [`PeriodState::Verified`] where its verification
+/// speaks for it.
+pub fn periods_as_they_stand(reader: &tickvault_wal::LogReader) -> Result<Vec<Period>, tickvault_wal::ReadError> {
+    let checked = verifications(reader)?;
+    let mut tracked = periods(reader)?;
+    for p in &mut tracked {
+        if verifies(checked.get(&verification_key(p)), p) {
+            p.state = PeriodState::Verified;
+        }
+    }
+    Ok(tracked)
 }
 
 /// Bars per append to the log: as many as a group commit that carries a live append

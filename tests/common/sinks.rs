@@ -312,8 +312,8 @@ pub fn log_keys(log: &Path) -> HashSet<String> {
     keys
 }
 
-/// Only the sinks: forwards what the log holds and captures nothing new.
-const DRAIN: &str = "[live]\nenabled = false\n[backfill]\nenabled = false\n";
+/// Only the sinks: forwards what the log holds and captures (and derives) nothing new.
+const DRAIN: &str = "[live]\nenabled = false\n[backfill]\nenabled = false\n[aggregate]\nenabled = false\n";
 
 /// Runs the daemon without sources until every sink has every record of the log. A
 /// stopped daemon leaves in the backfill lane what was captured after a runner's last
@@ -323,12 +323,13 @@ pub fn drain(dir: &Path, log: &Path, target: &Target, sim: &str, nats_port: u16)
     let config = write_config(&dir.join("drain.toml"), DRAIN, target, nats_port);
     let daemon = Daemon::start(&config, log, sim, &dir.join("drain.stderr"));
     wait_for("the sinks to catch up with the log", Duration::from_secs(120), || {
-        caught_up(log)
+        caught_up_in(log, &[Lane::Live, Lane::Backfill, Lane::Derived])
     });
     daemon.stop();
 }
 
-/// Whether every sink's cursor in both lanes has reached the lane's last record.
+/// Whether every sink's cursor in the live and backfill lanes has reached the lane's
+/// last record (the derived lane is appended to as long as the aggregator runs).
 pub fn caught_up(log: &Path) -> bool {
     caught_up_in(log, &[Lane::Live, Lane::Backfill])
 }
