@@ -94,13 +94,13 @@ fn minutes_the_backfill_never_fetched_are_open_gaps_and_exit_1() {
     assert_eq!(code, Some(1), "{report:#}");
     let s = symbol(&report, "EUR/USD");
     assert_eq!(report["symbols"].as_array().unwrap().len(), 1);
-    let gaps = s["gaps"].as_array().unwrap();
-    assert_eq!(gaps.len(), 1, "{s:#}");
-    let minutes = gaps[0]["minutes"].as_u64().unwrap();
+    let open = s["gaps"].as_array().unwrap();
+    assert_eq!(open.len(), 1, "{s:#}");
+    let minutes = open[0]["minutes"].as_u64().unwrap();
     assert!((2 * 1440 - 5..=2 * 1440 + 5).contains(&minutes), "{s:#}");
-    assert_eq!(gaps[0]["why"], "no bar");
-    // No backfill period covers it: the daemon's next repair would fetch it.
-    assert_eq!(gaps[0]["state"], "waiting", "{s:#}");
+    assert_eq!(open[0]["why"], "no bar");
+    // No backfill period covers it: the daemon's next repair fetches it.
+    assert_eq!(open[0]["state"], "waiting", "{s:#}");
     // The text form says so too.
     let out = common::tickvault()
         .args([
@@ -122,6 +122,34 @@ fn minutes_the_backfill_never_fetched_are_open_gaps_and_exit_1() {
             && text.contains("open gaps: exit 1"),
         "{text}"
     );
+
+    // With `gaps.lookback` four days, the daemon fetches the two days before the
+    // backfill's first period by itself.
+    let (_sim, addr) = common::simulator(&["--always-open", "--faults", &format!("holes={HOLE_EVERY}")]);
+    let longer = dir.path().join("longer.toml");
+    std::fs::write(
+        &longer,
+        std::fs::read_to_string(&config)
+            .unwrap()
+            .replace("[gaps]\nlookback = \"2days\"", "[gaps]\nlookback = \"4days\"\ninterval = \"1s\""),
+    )
+    .unwrap();
+    let daemon = Daemon::start(&longer, &log, &addr, &dir.path().join("daemon.stderr"));
+    common::sinks::wait_for("the older days repaired", Duration::from_secs(120), || {
+        gaps(&longer, &log, &[]).0 == Some(0)
+    });
+    daemon.stop();
+    let (_, report, _) = gaps(&longer, &log, &[]);
+    for name in ["EUR/USD", "BTC-USD"] {
+        let s = symbol(&report, name);
+        let market = s["market_minutes"].as_u64().unwrap();
+        assert!(market > 4 * 1440 - 10, "{s:#}");
+        assert_eq!(
+            s["covered"].as_u64().unwrap() + s["source_holes"].as_u64().unwrap(),
+            market,
+            "{s:#}"
+        );
+    }
 }
 
 #[test]

@@ -578,15 +578,22 @@ async fn drop_clickhouse_database_and_stream(target: &Target) {
 fn assert_every_runner_sends_again(daemon: &Daemon, within: Duration) {
     let started = std::time::Instant::now();
     // Not `wait_for`: on a timeout the assertions below name the runner that did not.
-    common::sinks::waited_for(within, || daemon.log().matches(SENT_AGAIN).count() >= 6);
+    let said_by = |said: &str, sink: &str, lane: &str| {
+        said.lines()
+            .filter(|l| l.contains(SENT_AGAIN) && l.contains(&format!("sink=\"{sink}\" lane={lane} ")))
+            .count()
+    };
+    common::sinks::waited_for(within, || {
+        let said = daemon.log();
+        ["clickhouse", "postgres", "nats"]
+            .iter()
+            .all(|sink| ["live", "backfill"].iter().all(|lane| said_by(&said, sink, lane) > 0))
+    });
     eprintln!("waited {:.1?} for the runners to send again", started.elapsed());
     let said = daemon.log();
     for sink in ["clickhouse", "postgres", "nats"] {
         for lane in ["live", "backfill"] {
-            let times = said
-                .lines()
-                .filter(|l| l.contains(SENT_AGAIN) && l.contains(&format!("sink=\"{sink}\" lane={lane} ")))
-                .count();
+            let times = said_by(&said, sink, lane);
             assert_eq!(times, 1, "{sink} {lane}, after {:?}: {said}", started.elapsed());
         }
     }
@@ -638,14 +645,14 @@ fn what_a_sink_lost_after_it_was_sent_is_sent_again_from_the_log_at_the_next_sta
     // The next start sends it again, and each sink holds every event once.
     let forward = write_config(
         &dir.join("forward.toml"),
-        "[live]\nenabled = false\n[backfill]\nenabled = false\n",
+        "[live]\nenabled = false\n[backfill]\nenabled = false\n[aggregate]\nenabled = false\n",
         &target,
         NATS,
     );
     let daemon = Daemon::start(&forward, log, &c.addr, &dir.join("forward.stderr"));
     assert_every_runner_sends_again(&daemon, Duration::from_secs(60));
     wait_for("the sinks to catch up with the log", Duration::from_secs(120), || {
-        caught_up_in(log, &[Lane::Live, Lane::Backfill])
+        caught_up_in(log, &[Lane::Live, Lane::Backfill, Lane::Derived])
     });
     daemon.stop();
     target.assert_exactly(NATS, &keys);

@@ -237,6 +237,15 @@ pub async fn run(
         while Instant::now() < until && !caught_up(&running) {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        // The backfill's periods checked against the sinks now, not at the daemon's next
+        // round (every `gaps.interval`), for the summary.
+        let log_id = running.wal.reader().log_id()?;
+        let stats = Default::default();
+        if let Some(mut verifier) = crate::verify::periods::Verifier::new(&config, running.wal.clone(), &log_id, stats) {
+            if let Err(e) = verifier.round(true).await {
+                eprintln!("could not check the backfill's periods against the sinks: {e:#}");
+            }
+        }
     }
     let elapsed = started.elapsed();
     let data_dir = config.log.data_dir.clone();

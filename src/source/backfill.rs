@@ -427,8 +427,10 @@ impl Downloader {
 
     /// The ranges of a gap of `symbol` that are safe to fetch: none that a later pass
     /// will fetch too (which would put its bars in the log twice). For a backfill symbol,
-    /// what a tracker period has downloaded already (`[from_ms, resume_from_ms)`); for a
-    /// live-only one, all of it.
+    /// what a tracker period has downloaded already (`[from_ms, resume_from_ms)`), and
+    /// what lies before its first period (older than `backfill.lookback` reached when
+    /// the backfill began, within `gaps.lookback`: no pass goes there); for a live-only
+    /// one, all of it.
     fn repairable(known: &[Period], w: &crate::gaps::Watched, from: i64, to: i64) -> Vec<(i64, i64)> {
         if !w.backfilled {
             return vec![(from, to)];
@@ -442,6 +444,11 @@ impl Downloader {
             .map(|p| (from.max(p.from_ms()), to.min(p.resume_from_ms)))
             .filter(|(a, b)| a < b)
             .collect();
+        if let Some(first) = own.iter().map(|p| p.from_ms()).min() {
+            if from < first.min(to) {
+                out.push((from, first.min(to)));
+            }
+        }
         // Captured live too: what a live disconnect left missing after the backfill's
         // frontier is fetched now, not at the next pass (which then skips it, see
         // `period`).
@@ -1042,6 +1049,48 @@ mod tests {
         };
         let jobs = merged(&[job("EUR/USD", 10, 20), job("C:EURUSD", 5, 15), job("GBP/USD", 1, 2)]);
         assert_eq!(jobs, vec![job("EUR/USD", 5, 20), job("GBP/USD", 1, 2)]);
+    }
+
+    #[test]
+    fn a_gap_is_repaired_where_no_pass_will_fetch_it() {
+        let period = |start_ms, resume_from_ms, state| Period {
+            feed: Feed::Crypto,
+            symbol: "BTC-USD".into(),
+            start_ms,
+            end_ms: start_ms + 100,
+            state,
+            from_ms: Some(start_ms),
+            resume_from_ms,
+            bars: 0,
+            repair: false,
+        };
+        let known = [
+            period(100, 200, PeriodState::Downloaded),
+            period(200, 250, PeriodState::Pending),
+        ];
+        let watched = |live| crate::gaps::Watched {
+            feed: Feed::Crypto,
+            symbol: "BTC-USD".into(),
+            backfilled: true,
+            live,
+        };
+        // Before the first period (older than the backfill reached), and what the
+        // periods downloaded; not what the pending period's next pass fetches.
+        assert_eq!(
+            Downloader::repairable(&known, &watched(false), 50, 280),
+            [(50, 100), (100, 200), (200, 250)]
+        );
+        // Captured live too: past the frontier as well.
+        assert_eq!(
+            Downloader::repairable(&known, &watched(true), 50, 280),
+            [(50, 100), (100, 200), (200, 250), (250, 280)]
+        );
+        // A live-only symbol: all of it.
+        let live_only = crate::gaps::Watched {
+            backfilled: false,
+            ..watched(true)
+        };
+        assert_eq!(Downloader::repairable(&known, &live_only, 50, 280), [(50, 280)]);
     }
 
     #[test]
