@@ -11,9 +11,9 @@ use tickvault_wal::{Lane, Wal};
 
 mod common;
 
-use common::proxy::Proxy;
 use common::simulator;
 use common::sinks::{http_get as get, metrics_addr, postgres, rt, wait_for, Daemon, Ports, Target};
+use tickvault::sim::relay::Relay as Proxy;
 
 /// A tmpfs of `size`, unmounted when dropped.
 struct Mount(std::path::PathBuf);
@@ -86,7 +86,7 @@ fn a_full_disk_pauses_capture_then_resumes_by_itself_and_a_restart_opens_the_log
     let log = fs.join("log");
     let (_sim, sim_addr) = simulator(&["--always-open"]);
     // PostgreSQL through a relay, cut: its cursor holds every record in the log.
-    let relay = Proxy::start(Ports::SHARED.postgres);
+    let relay = Proxy::start(Ports::SHARED.postgres).unwrap();
     relay.cut();
     let config = dir.path().join("c.toml");
     std::fs::write(

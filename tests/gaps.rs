@@ -200,11 +200,11 @@ fn bad_arguments_exit_2() {
 /// exits 0 while the daemon still runs.
 #[test]
 fn a_live_feed_cut_for_over_a_minute_is_repaired_by_the_daemon_itself() {
-    use common::proxy::Proxy;
+    use tickvault::sim::relay::Relay as Proxy;
     let dir = tempfile::tempdir().unwrap();
     let (_sim, addr) = common::simulator(&["--always-open"]);
     let port: u16 = addr.rsplit(':').next().unwrap().parse().unwrap();
-    let relay = Proxy::start(port);
+    let relay = Proxy::start(port).unwrap();
     let config = dir.path().join("c.toml");
     std::fs::write(
         &config,
@@ -295,14 +295,14 @@ fn first_bar_seen(log: &Path) -> bool {
 /// every sink holding every event of the log.
 #[test]
 fn holes_disconnects_a_cut_and_a_long_sigkill_are_all_repaired() {
-    use common::proxy::Proxy;
     use common::sinks::{caught_up, verify, write_config, Target};
+    use tickvault::sim::relay::Relay as Proxy;
     const NATS: u16 = 4222;
     let target = Target::new("repair_drill");
     let dir = tempfile::tempdir().unwrap();
     let (_sim, addr) = common::simulator(&["--always-open", "--faults", "holes=13,disconnect=45s"]);
     let port: u16 = addr.rsplit(':').next().unwrap().parse().unwrap();
-    let relay = Proxy::start(port);
+    let relay = Proxy::start(port).unwrap();
     let config = write_config(
         &dir.path().join("c.toml"),
         "[live]\nreconnect_min = \"100ms\"\nreconnect_max = \"1s\"\nstale_after = \"5s\"\n\

@@ -11,9 +11,9 @@ use tickvault_wal::{Lane, Wal};
 
 mod common;
 
-use common::proxy::Proxy;
 use common::simulator;
 use common::sinks::{caught_up, http_get as get, metrics_addr, wait_for, write_config, Daemon, Ports, Target, SINKS};
+use tickvault::sim::relay::Relay as Proxy;
 
 /// One sample: its name (with `_total`, `_bucket`...), labels and value.
 #[derive(Debug, serde::Deserialize)]
@@ -243,7 +243,7 @@ fn a_sink_cut_off_shows_in_its_breaker_its_backlog_and_readyz() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("log");
     let (_sim, sim_addr) = simulator(&[]);
-    let relay = Proxy::start(Ports::SHARED.clickhouse);
+    let relay = Proxy::start(Ports::SHARED.clickhouse).unwrap();
     relay.cut();
     let ports = Ports {
         clickhouse: relay.port,

@@ -7,8 +7,8 @@ use std::path::Path;
 use std::process::Output;
 use std::time::Duration;
 
-use common::proxy::Proxy;
 use common::sinks::{caught_up, wait_for, write_config, write_config_at, Daemon, Ports, Target, PG_PASSWORD};
+use tickvault::sim::relay::Relay as Proxy;
 
 const BODY: &str = r#"
 [live]
@@ -135,7 +135,7 @@ fn a_replay_into_a_sink_that_is_down_fails_naming_it_and_succeeds_when_run_again
     daemon.wait_for_backfill(Duration::from_secs(60));
     daemon.stop();
 
-    let relay = Proxy::start(Ports::SHARED.postgres);
+    let relay = Proxy::start(Ports::SHARED.postgres).unwrap();
     let ports = Ports {
         postgres: relay.port,
         ..Ports::SHARED

@@ -13,11 +13,11 @@ use tickvault_wal::{Lane, Wal};
 
 mod common;
 
-use common::proxy::Proxy;
 use common::sinks::{
     caught_up, drain, log_keys, nats_server, verify, wait_for, write_config_at, Daemon, Ports, Target, SINKS,
 };
 use common::{simulator, Child};
+use tickvault::sim::relay::Relay as Proxy;
 
 /// One outage at a time: each drives a daemon, and they share the simulator's CPU.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -74,8 +74,8 @@ impl Outage {
                 let server = Some(nats_server(port, &store, None));
                 Outage::Nats { port, store, server }
             }
-            "postgres" => Outage::Relay(Proxy::start(Ports::SHARED.postgres)),
-            "clickhouse" => Outage::Relay(Proxy::start(Ports::SHARED.clickhouse)),
+            "postgres" => Outage::Relay(Proxy::start(Ports::SHARED.postgres).unwrap()),
+            "clickhouse" => Outage::Relay(Proxy::start(Ports::SHARED.clickhouse).unwrap()),
             other => panic!("no sink {other}"),
         }
     }

@@ -15,8 +15,8 @@ use tickvault_wal::Lane;
 
 mod common;
 
-use common::proxy::Proxy;
 use common::sinks::{clickhouse, postgres, rt, Target, PG_PASSWORD};
+use tickvault::sim::relay::Relay as Proxy;
 
 /// The natural keys a sink holds, a row each (what `verify` reads).
 macro_rules! keys {
@@ -279,7 +279,7 @@ fn derived_bars_keep_their_highest_version_in_every_sink() {
 #[test]
 fn nats_resends_a_failed_batch_from_its_first_unacknowledged_message_and_skips_those_stored() {
     let target = Target::new("nats_resume");
-    let relay = Proxy::start(4222);
+    let relay = Proxy::start(4222).unwrap();
     let mut nats = config(&target).sinks.nats;
     nats.url = format!("nats://127.0.0.1:{}", relay.port);
     nats.duplicate_window = Duration::from_secs(2);

@@ -248,6 +248,15 @@ pub enum BenchCommand {
         #[arg(long)]
         quick: bool,
     },
+    /// Gap repair: the time from a live feed's reconnect to the minute it missed being
+    /// in the log, the feed cut for 8 s across a minute's close behind a relay, against
+    /// the simulator (a run a minute).
+    Repair {
+        #[arg(long, default_value = "target/bench")]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 3)]
+        runs: u32,
+    },
     /// Durable appends (1 and 4 producers) and replay reads against naive synced single
     /// puts and against NATS JetStream as the buffer, in alternating rounds; live append
     /// latency beside a backfill.

@@ -69,12 +69,13 @@ async fn reset(config: &Config) -> anyhow::Result<()> {
 }
 
 /// The config of one window: its own log, and its own databases (`tv_bench_<window>`) and
-/// stream (`TV_BENCH_<WINDOW>`).
+/// stream (`TV_BENCH_<WINDOW>`). Without the aggregator: the captured lanes' forwarding
+/// alone, as measured before it came (its own cost: `bench aggregate`).
 fn base_config(log: &Path, sim: &str, window: &str) -> anyhow::Result<Config> {
     let mut config = Config::parse(
         "(bench sinks)",
         "[live.crypto]\nsymbols = [\"BTC-USD\", \"ETH-USD\"]\nchannels = [\"XQ\", \"XT\"]\n\
-         [backfill]\nenabled = false\n",
+         [backfill]\nenabled = false\n[aggregate]\nenabled = false\n",
     )?;
     config.log.data_dir = log.to_owned();
     config.polygon.ws_url = format!("ws://{sim}");

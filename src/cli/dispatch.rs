@@ -137,6 +137,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             BenchCommand::Gaps { dir, years, quick } => {
                 runtime()?.block_on(super::bench_gaps::run(&dir, if quick { 1 } else { years }))
             }
+            BenchCommand::Repair { dir, runs } => runtime()?.block_on(super::bench_repair::run(&dir, runs.max(1))),
             BenchCommand::Capture {
                 dir,
                 seconds,

@@ -7,6 +7,7 @@ mod bench;
 mod bench_aggregate;
 mod bench_capture;
 mod bench_gaps;
+mod bench_repair;
 mod bench_sinks;
 mod demo;
 mod demo_screen;

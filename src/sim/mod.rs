@@ -3,6 +3,7 @@
 
 mod market;
 mod options;
+pub mod relay;
 mod rest;
 mod server;
 mod ws;

@@ -84,5 +84,4 @@ fn simulator_with(mut command: Command, extra: &[&str]) -> (Child, String) {
     panic!("the simulator did not start on {addr}");
 }
 
-pub mod proxy;
 pub mod sinks;
