@@ -165,6 +165,26 @@ pub struct SinkReport {
     pub lag_exceeded: Option<String>,
     /// Set when the sink could not be read; the sink then does not match.
     pub error: Option<String>,
+    /// Backfill periods verified before that this sink now lacks keys of (each is a
+    /// difference too).
+    pub verified_periods_short: Vec<ShortPeriod>,
+    /// Per (feed, symbol), the minutes of one-minute bars passed and missing here.
+    #[serde(skip)]
+    missing_minutes: BTreeMap<(String, String), Vec<i64>>,
+}
+
+/// A verified backfill period a sink lacks keys of.
+#[derive(Clone, Debug, Serialize)]
+pub struct ShortPeriod {
+    pub feed: String,
+    pub symbol: String,
+    pub from_ms: i64,
+    pub to_ms: i64,
+    /// Its minute bars the log holds and the sink lacks.
+    pub missing: u64,
+    /// Whether `verify` took its verification away (it can when no daemon holds the
+    /// log; else the daemon does at its next check, every `gaps.recheck`).
+    pub unverified: bool,
 }
 
 impl SinkReport {
@@ -179,6 +199,8 @@ pub struct Report {
     pub log_keys: u64,
     /// Per forwarded lane, the lowest sequence truncation kept (1: never truncated).
     pub first_retained: BTreeMap<String, u64>,
+    /// The backfill's periods per state, as they stood when the log was read.
+    pub periods: crate::gaps::PeriodCounts,
     pub sinks: Vec<SinkReport>,
 }
 
@@ -217,6 +239,8 @@ struct Tally {
     extra: u64,
     duplicates: u64,
     examples: Vec<KeyExample>,
+    /// Of a one-minute bar group, the minutes passed and missing.
+    missing_minutes: Vec<i64>,
 }
 
 impl Tally {
@@ -461,6 +485,8 @@ async fn compare_with_sinks(
                 refused_records: refused.into_iter().take(REFUSED_LISTED).collect(),
                 lag_exceeded,
                 error,
+                verified_periods_short: Vec::new(),
+                missing_minutes: BTreeMap::new(),
             }
         })
         .collect();
@@ -478,6 +504,10 @@ async fn compare_with_sinks(
     // Sinks that keep one row per natural key: of a derived bar's versions, the highest.
     let latest_only: Vec<bool> = sinks.iter().map(|s| *s != "nats").collect();
     let derived_groups: Vec<bool> = names.iter().map(|g| g.2 == EventKind::Derived.name()).collect();
+    let minute_bars: Vec<bool> = names
+        .iter()
+        .map(|g| g.2 == EventKind::Bar.name() && g.3 == "1m")
+        .collect();
     let mut log_keys = 0u64;
     let mut current: Option<(GroupDayId, Vec<Tally>)> = None;
     // `superseded`: a derived bar's version below the highest the log holds.
@@ -510,6 +540,9 @@ async fn compare_with_sinks(
                     } else if rows == 0 {
                         t.missing += 1;
                         t.example(ts_ms, uid, "missing");
+                    }
+                    if rows == 0 && minute_bars[id.group as usize] {
+                        t.missing_minutes.push(ts_ms);
                     }
                 } else {
                     t.pending += 1;
@@ -564,12 +597,67 @@ async fn compare_with_sinks(
     for report in &mut reports {
         report.differences.sort_by(|a, b| a.group.cmp(&b.group));
     }
+    let periods = short_periods(data_dir, &mut reports).await?;
     Ok(Report {
         log_events,
         log_keys,
         first_retained,
+        periods,
         sinks: reports,
     })
+}
+
+/// The verified periods each sink lacks keys of (from the minutes the walk found
+/// missing), un-verified here when no daemon holds the log; the periods per state.
+async fn short_periods(data_dir: &Path, reports: &mut [SinkReport]) -> anyhow::Result<crate::gaps::PeriodCounts> {
+    use crate::source::backfill::{periods_as_they_stand, verification_key, PeriodState};
+    let tracked = periods_as_they_stand(&Wal::open_read_only(data_dir)?)?;
+    let mut counts = crate::gaps::PeriodCounts::default();
+    let mut short = Vec::new();
+    for p in &tracked {
+        counts.add(p.state);
+        if p.state != PeriodState::Verified {
+            continue;
+        }
+        for report in reports.iter_mut() {
+            let Some(minutes) = report
+                .missing_minutes
+                .get(&(p.feed.name().to_owned(), p.symbol.clone()))
+            else {
+                continue;
+            };
+            let missing = minutes
+                .iter()
+                .filter(|m| (p.from_ms()..p.resume_from_ms).contains(m))
+                .count() as u64;
+            if missing > 0 {
+                report.verified_periods_short.push(ShortPeriod {
+                    feed: p.feed.name().to_owned(),
+                    symbol: p.symbol.clone(),
+                    from_ms: p.from_ms(),
+                    to_ms: p.resume_from_ms,
+                    missing,
+                    unverified: false,
+                });
+                short.push(verification_key(p));
+            }
+        }
+    }
+    // Writable only when no daemon runs on it (it holds the log's lock).
+    if !short.is_empty() {
+        if let Ok(wal) = Wal::open(data_dir) {
+            for key in short {
+                wal.put_state(tickvault_wal::Space::State, key, None).await?;
+            }
+            wal.shutdown().await?;
+            for r in reports.iter_mut() {
+                for s in &mut r.verified_periods_short {
+                    s.unverified = true;
+                }
+            }
+        }
+    }
+    Ok(counts)
 }
 
 /// One group and day of one sink.
@@ -583,6 +671,13 @@ fn compare(report: &mut SinkReport, group: &GroupDay, partial: &Partial, mut t: 
     report.groups_checked += 1;
     report.passed += t.passed;
     report.in_sink += t.in_sink;
+    if !t.missing_minutes.is_empty() {
+        report
+            .missing_minutes
+            .entry((group.feed.clone(), group.symbol.clone()))
+            .or_default()
+            .append(&mut t.missing_minutes);
+    }
     if t.extra > 0 && in_part {
         report.beyond_retention += t.extra;
         t.extra = 0;

@@ -497,4 +497,32 @@ fn periods_are_verified_only_while_every_sink_holds_every_key_of_them() {
         periods() == [0, 0, total]
     });
     daemon.stop();
+
+    // With the daemon stopped, `verify` finds the next loss itself and un-verifies.
+    rt().block_on(async {
+        let lost = postgres(&target.name)
+            .await
+            .execute(
+                "DELETE FROM events WHERE ctid = (SELECT ctid FROM events WHERE kind = 'bar' ORDER BY ts_ms DESC LIMIT 1)",
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!(lost, 1);
+    });
+    let (code, report) = common::sinks::verify(&config, &log);
+    assert_eq!(code, 1, "{report:#}");
+    let postgres_report = report["sinks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["sink"] == "postgres")
+        .unwrap();
+    let short = postgres_report["verified_periods_short"].as_array().unwrap();
+    assert_eq!(short.len(), 1, "{postgres_report:#}");
+    assert_eq!(
+        (&short[0]["missing"], &short[0]["unverified"]),
+        (&1.into(), &true.into())
+    );
+    assert_eq!(periods(), [0, 1, total - 1]);
 }

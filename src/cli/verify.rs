@@ -72,6 +72,21 @@ pub async fn run(
             if let Some(e) = &s.error {
                 println!("           cannot read the sink: {e}");
             }
+            for p in &s.verified_periods_short {
+                println!(
+                    "           the verified backfill period {} {} {} .. {} lacks {} of its minute bars here: {}",
+                    p.feed,
+                    p.symbol,
+                    crate::gaps::minute_text(p.from_ms),
+                    crate::gaps::minute_text(p.to_ms),
+                    p.missing,
+                    if p.unverified {
+                        "verified no more"
+                    } else {
+                        "the daemon verifies it no more at its next check (every gaps.recheck)"
+                    }
+                );
+            }
             const SHOWN: usize = 20;
             if s.differences.len() > SHOWN {
                 println!(
