@@ -429,15 +429,31 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
         None => None,
     };
     {
-        let (wal, mut shutdown) = (wal.clone(), shutdown.clone());
+        let (wal, mut shutdown, room) = (wal.clone(), shutdown.clone(), room.clone());
         let (every, retention) = (config.log.truncate_every, config.log.retention);
         parts.tasks.spawn(async move {
             let mut tick = tokio::time::interval(every);
             tick.tick().await;
+            let mut ignoring = false;
             loop {
                 tokio::select! {
                     _ = tick.tick() => {
-                        match wal.truncate(retention).await {
+                        // Live capture stopped for the disk: the aggregator (waiting for
+                        // room too) must not keep the log from giving space back, or
+                        // capture would never resume. What it had not taken is lost to
+                        // the derived lane, not to the log's sinks.
+                        let ignored: &[&str] = match room.borrow().capture_stopped {
+                            true => &[crate::aggregate::CURSOR],
+                            false => &[],
+                        };
+                        if ignoring == ignored.is_empty() {
+                            ignoring = !ignored.is_empty();
+                            match ignoring {
+                                true => tracing::warn!("live capture is stopped for the disk: truncation no longer waits for the aggregator"),
+                                false => tracing::info!("truncation waits for the aggregator again"),
+                            }
+                        }
+                        match wal.truncate_ignoring(retention, ignored).await {
                             Ok(out) => {
                                 let removed: u64 = out.iter().map(|t| t.removed).sum();
                                 if removed > 0 {

@@ -316,7 +316,24 @@ impl Wal {
     /// Removes what every cursor passed and what is older than `retention` (its disk
     /// space is reclaimed behind the writer, see invariant 4).
     pub async fn truncate(&self, retention: Duration) -> Result<Vec<LaneTruncation>, WriteError> {
-        self.call(|reply| Command::Truncate { retention, reply }).await
+        self.truncate_ignoring(retention, &[]).await
+    }
+
+    /// As [`Wal::truncate`], but the cursors named in `ignored` hold nothing back (a
+    /// consumer whose input matters less than the log's room, such as the aggregator's
+    /// while capture is stopped for a full disk).
+    pub async fn truncate_ignoring(
+        &self,
+        retention: Duration,
+        ignored: &[&str],
+    ) -> Result<Vec<LaneTruncation>, WriteError> {
+        let ignored: Vec<String> = ignored.iter().map(|s| (*s).to_owned()).collect();
+        self.call(|reply| Command::Truncate {
+            retention,
+            ignored,
+            reply,
+        })
+        .await
     }
 
     /// Writes (or with `None` deletes) one key of a state space, durably.

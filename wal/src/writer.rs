@@ -133,6 +133,8 @@ pub(crate) enum Command {
     },
     Truncate {
         retention: Duration,
+        /// Cursors that hold nothing back.
+        ignored: Vec<String>,
         reply: Reply<Vec<LaneTruncation>>,
     },
     PutState {
@@ -555,14 +557,16 @@ impl Writer {
                     next.cursors.remove(&(lane, sink));
                     done.push(Done::Unit(reply));
                 }
-                Command::Truncate { retention, reply } => {
-                    match self.plan_truncation(&mut next, &mut batch, retention) {
-                        Ok(outcome) => done.push(Done::Truncate(reply, outcome)),
-                        Err(e) => {
-                            let _ = reply.send(Err(e));
-                        }
+                Command::Truncate {
+                    retention,
+                    ignored,
+                    reply,
+                } => match self.plan_truncation(&mut next, &mut batch, retention, &ignored) {
+                    Ok(outcome) => done.push(Done::Truncate(reply, outcome)),
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
                     }
-                }
+                },
                 Command::PutState {
                     space,
                     key,
@@ -789,6 +793,7 @@ impl Writer {
         next: &mut State,
         batch: &mut WriteBatch,
         retention: Duration,
+        ignored: &[String],
     ) -> Result<Vec<LaneTruncation>, WriteError> {
         fail::fail_point!("wal::truncate", |_| Ok(Vec::new()));
         let now_ms = self.clock.now_ms();
@@ -805,7 +810,7 @@ impl Writer {
             let passed = next
                 .cursors
                 .iter()
-                .filter(|((l, _), _)| *l == lane)
+                .filter(|((l, sink), _)| *l == lane && !ignored.contains(sink))
                 .map(|(_, seq)| *seq)
                 .min()
                 .unwrap_or(next.head[i]);
