@@ -240,6 +240,31 @@ impl PeriodCounts {
     pub fn total(&self) -> u64 {
         self.pending + self.downloaded + self.verified
     }
+
+    pub fn get(&self, state: crate::source::backfill::PeriodState) -> u64 {
+        use crate::source::backfill::PeriodState;
+        match state {
+            PeriodState::Pending => self.pending,
+            PeriodState::Downloaded => self.downloaded,
+            PeriodState::Verified => self.verified,
+        }
+    }
+
+    /// Those of `other` added.
+    pub fn merge(&mut self, other: &PeriodCounts) {
+        self.pending += other.pending;
+        self.downloaded += other.downloaded;
+        self.verified += other.verified;
+    }
+
+    /// The tracker's periods, as they stand (see `backfill::periods_as_they_stand`).
+    pub fn read(reader: &tickvault_wal::LogReader) -> Result<PeriodCounts, tickvault_wal::ReadError> {
+        let mut counts = PeriodCounts::default();
+        for p in crate::source::backfill::periods_as_they_stand(reader)? {
+            counts.add(p.state);
+        }
+        Ok(counts)
+    }
 }
 
 impl SymbolGaps {

@@ -312,15 +312,10 @@ impl Collector for Sources {
             }
         }
         if self.backfill.is_some() {
-            let counts = crate::verify::periods::counts(self.wal.reader()).unwrap_or_default();
+            let counts = crate::gaps::PeriodCounts::read(self.wal.reader()).unwrap_or_default();
             let rows: Vec<_> = crate::source::backfill::PeriodState::ALL
                 .iter()
-                .map(|state| {
-                    (
-                        labels(&[("state", state.name())]),
-                        counts.get(state).copied().unwrap_or(0) as f64,
-                    )
-                })
+                .map(|state| (labels(&[("state", state.name())]), counts.get(*state) as f64))
                 .collect();
             gauges(
                 &mut enc,

@@ -499,10 +499,7 @@ fn summary(
             b.rate_limited.load(Ordering::Relaxed),
             b.paused_ms.load(Ordering::Relaxed) as f64 / 1000.0
         );
-        let mut periods = gaps::PeriodCounts::default();
-        for p in backfill::periods_as_they_stand(&reader)? {
-            periods.add(p.state);
-        }
+        let periods = gaps::PeriodCounts::read(&reader)?;
         if config.sinks.enabled().is_empty() {
             println!(
                 "  period tracker: {} periods: {} downloaded, {} pending (none verified: no sink enabled)",

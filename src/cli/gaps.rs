@@ -70,9 +70,7 @@ pub fn run(spec: &GapsSpec) -> anyhow::Result<ExitCode> {
     let open: u64 = found.iter().map(|s| s.gaps.len() as u64).sum();
     let mut periods = gaps::PeriodCounts::default();
     for s in &found {
-        periods.pending += s.periods.pending;
-        periods.downloaded += s.periods.downloaded;
-        periods.verified += s.periods.verified;
+        periods.merge(&s.periods);
     }
 
     let mut out = std::io::stdout().lock();

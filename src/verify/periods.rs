@@ -13,7 +13,7 @@
 //! A period whose rows a sink has not been sent yet is simply not verified yet. Minutes
 //! a sink's own retention has removed (`sinks.postgres.retention`) are not asked of it.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -248,14 +248,4 @@ impl Verifier {
 fn minutes(period: &Period) -> impl Iterator<Item = i64> {
     let from = period.from_ms().div_euclid(60_000) * 60_000;
     (from..period.resume_from_ms).step_by(60_000)
-}
-
-/// The tracker's periods counted per state (pending, downloaded, verified), as they
-/// stand.
-pub fn counts(reader: &tickvault_wal::LogReader) -> anyhow::Result<HashMap<PeriodState, u64>> {
-    let mut out = HashMap::new();
-    for p in backfill::periods_as_they_stand(reader)? {
-        *out.entry(p.state).or_default() += 1;
-    }
-    Ok(out)
 }
