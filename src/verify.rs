@@ -183,7 +183,7 @@ pub struct ShortPeriod {
     /// Its minute bars the log holds and the sink lacks.
     pub missing: u64,
     /// Whether `verify` took its verification away (it can when no daemon holds the
-    /// log; else the daemon does at its next check, every `gaps.recheck`).
+    /// log; else the daemon does when it checks it again, within `gaps.recheck`).
     pub unverified: bool,
 }
 

@@ -123,8 +123,8 @@ pub struct GapsConfig {
     /// against every enabled sink. Default 60s.
     #[serde(with = "humantime_serde")]
     pub interval: Duration,
-    /// How often the verified periods are checked against the sinks again (one found
-    /// short is verified no more). Default 1h.
+    /// How often each verified period is checked against the sinks again, spread over
+    /// the rounds (one found short is verified no more). Default 1h.
     #[serde(with = "humantime_serde")]
     pub recheck: Duration,
 }

@@ -243,7 +243,7 @@ pub async fn run(
         let stats = Default::default();
         if let Some(mut verifier) = crate::verify::periods::Verifier::new(&config, running.wal.clone(), &log_id, stats)
         {
-            if let Err(e) = verifier.round(true).await {
+            if let Err(e) = verifier.round(1.0).await {
                 eprintln!("could not check the backfill's periods against the sinks: {e:#}");
             }
         }

@@ -83,7 +83,7 @@ pub async fn run(
                     if p.unverified {
                         "verified no more"
                     } else {
-                        "the daemon verifies it no more at its next check (every gaps.recheck)"
+                        "the daemon verifies it no more when it checks it again (within gaps.recheck)"
                     }
                 );
             }

@@ -1,22 +1,24 @@
 //! Verified periods: the daemon's check that every enabled sink holds every key of a
 //! period the backfill downloaded. Every `gaps.interval` it takes the periods marked
-//! downloaded and not yet verified, and every `gaps.recheck` the verified ones too; for
-//! each it asks every enabled sink for the minute bars it holds of the period's symbol
-//! in the period's downloaded range, and compares them with the minutes the log's
+//! downloaded and not yet verified, and a share of the verified ones, those found whole
+//! longest ago first, so that each is checked again about every `gaps.recheck` (spread
+//! over the rounds: a ten-year backfill's thousands of periods are not all asked of the
+//! sinks at once). For each it asks every enabled sink for the minute bars it holds of
+//! the period's symbol in the period's downloaded range, and compares them with the minutes the log's
 //! coverage index marks there (the bars the log holds, from either lane): each one
 //! must be in each sink, 100%, never a ratio. A period all sinks hold whole gets a
 //! [`Verification`]; a verified one found short in a sink loses it, with a warning
 //! naming the sink and how many keys it lacks.
 //!
-//! A sink's answer is read once per symbol and round (one ranged query, or one read of
-//! the symbol's minute-bar subjects in JetStream), whatever the number of periods.
+//! A sink is asked once per run of neighbouring periods of a symbol in a round (one
+//! ranged query; JetStream: one read of the symbol's minute-bar subjects per round).
 //! A period whose rows a sink has not been sent yet is simply not verified yet. Minutes
 //! a sink's own retention has removed (`sinks.postgres.retention`) are not asked of it.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tickvault_wal::{Space, Wal};
 use tokio::sync::watch;
@@ -58,6 +60,12 @@ impl Asked {
             Asked::Postgres(_) => "postgres",
             Asked::Nats(_) => "nats",
         }
+    }
+
+    /// Whether it answers for a range at the cost of that range (JetStream reads the
+    /// symbol's subjects whole, whatever the range).
+    fn ranged(&self) -> bool {
+        !matches!(self, Asked::Nats(_))
     }
 
     async fn bar_minutes(&mut self, feed: Feed, symbol: &str, range: (i64, i64)) -> Result<Vec<i64>, SinkError> {
@@ -113,9 +121,10 @@ impl Verifier {
         })
     }
 
-    /// Rounds every `every` (the verified periods again every `recheck`) until shutdown.
+    /// Rounds every `every` until shutdown, each rechecking its share of the verified
+    /// periods so that each is checked again about every `recheck`.
     pub async fn run(mut self, every: Duration, recheck: Duration, mut shutdown: watch::Receiver<bool>) {
-        let mut last_full: Option<Instant> = None;
+        let share = recheck_share(every, recheck);
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -126,12 +135,8 @@ impl Verifier {
             if *shutdown.borrow() {
                 return;
             }
-            let full = last_full.is_none_or(|at| at.elapsed() >= recheck);
-            match self.round(full).await {
+            match self.round(share).await {
                 Ok(round) => {
-                    if full {
-                        last_full = Some(Instant::now());
-                    }
                     if round.verified + round.unverified > 0 {
                         tracing::info!(
                             checked = round.checked,
@@ -149,36 +154,34 @@ impl Verifier {
         }
     }
 
-    /// One round: the downloaded periods not verified yet, and with `full` the verified
-    /// ones too.
-    pub async fn round(&mut self, full: bool) -> anyhow::Result<Round> {
+    /// One round: the downloaded periods not verified yet, and `recheck` (a share, 1.0:
+    /// all) of the verified ones, those found whole longest ago first. A recheck that
+    /// finds a period whole again records when, so the next rounds take others.
+    pub async fn round(&mut self, recheck: f64) -> anyhow::Result<Round> {
         let reader = self.wal.reader();
         let checked = backfill::verifications(reader)?;
-        let mut due: Vec<(Period, bool)> = backfill::periods(reader)?
-            .into_iter()
-            .filter(|p| p.state == PeriodState::Downloaded && p.resume_from_ms > p.from_ms())
-            .map(|p| {
-                let verified = backfill::verifies(checked.get(&backfill::verification_key(&p)), &p);
-                (p, verified)
-            })
-            .filter(|(_, verified)| full || !verified)
-            .collect();
-        due.sort_by(|a, b| (a.0.feed, &a.0.symbol, a.0.start_ms).cmp(&(b.0.feed, &b.0.symbol, b.0.start_ms)));
+        let mut tracked = backfill::periods(reader)?;
+        tracked.sort_by(|a, b| (a.feed, &a.symbol, a.start_ms).cmp(&(b.feed, &b.symbol, b.start_ms)));
+        let due = due(&tracked, &checked, recheck);
         let mut round = Round::default();
         let now_ms = jiff::Timestamp::now().as_millisecond();
         let mut start = 0;
         while start < due.len() {
-            // One symbol's periods at a time: each sink is asked once for all of them.
-            let (feed, symbol) = (due[start].0.feed, due[start].0.symbol.clone());
+            // One symbol's periods at a time: each sink is asked once per run of
+            // neighbouring periods (JetStream, which reads the symbol's subjects whole,
+            // once for all of them).
+            let first = &tracked[due[start].0];
+            let (feed, symbol) = (first.feed, first.symbol.clone());
             let end = start
                 + due[start..]
                     .iter()
-                    .take_while(|(p, _)| p.feed == feed && p.symbol == symbol)
+                    .take_while(|&&(place, _)| tracked[place].feed == feed && tracked[place].symbol == symbol)
                     .count();
-            let periods = &due[start..end];
+            let group = &due[start..end];
             start = end;
-            let from = periods.iter().map(|(p, _)| p.from_ms()).min().unwrap_or(0);
-            let to = periods.iter().map(|(p, _)| p.resume_from_ms).max().unwrap_or(0);
+            let runs = runs(&tracked, group);
+            let from = runs.iter().map(|r| r.0).min().unwrap_or(0);
+            let to = runs.iter().map(|r| r.1).max().unwrap_or(0);
             let marked = Coverage::read(
                 reader,
                 Mark::Bar,
@@ -189,12 +192,19 @@ impl Verifier {
             )?;
             let mut held: Vec<HashSet<i64>> = Vec::new();
             for sink in &mut self.sinks {
-                let minutes = sink
-                    .bar_minutes(feed, &symbol, (from, to))
-                    .await
-                    .map_err(|e| anyhow::anyhow!("{}: {e}", sink.name()))?;
-                held.push(minutes.into_iter().collect());
+                let asked = if sink.ranged() { runs.clone() } else { vec![(from, to)] };
+                let mut minutes = HashSet::new();
+                for range in asked {
+                    minutes.extend(
+                        sink.bar_minutes(feed, &symbol, range)
+                            .await
+                            .map_err(|e| anyhow::anyhow!("{}: {e}", sink.name()))?,
+                    );
+                }
+                held.push(minutes);
             }
+            let periods = group.iter().map(|&(place, verified)| (&tracked[place], verified));
+            let mut writes = Vec::new();
             for (period, verified) in periods {
                 round.checked += 1;
                 // Per sink, the period's keys it lacks (minutes its retention removed aside).
@@ -209,43 +219,171 @@ impl Verifier {
                     }
                 }
                 let key = backfill::verification_key(period);
-                match (short.is_empty(), *verified) {
-                    (true, false) => {
-                        let v = Verification {
-                            from_ms: period.from_ms(),
-                            resume_from_ms: period.resume_from_ms,
-                            at_ms: now_ms,
-                        };
-                        self.wal
-                            .put_state(Space::State, key, Some(serde_json::to_vec(&v)?))
-                            .await?;
+                if short.is_empty() {
+                    let v = Verification {
+                        from_ms: period.from_ms(),
+                        resume_from_ms: period.resume_from_ms,
+                        at_ms: now_ms,
+                    };
+                    writes.push((key, Some(serde_json::to_vec(&v)?)));
+                    if !verified {
                         round.verified += 1;
                         self.stats.verified.fetch_add(1, Ordering::Relaxed);
                     }
-                    (false, true) => {
-                        self.wal.put_state(Space::State, key, None).await?;
-                        round.unverified += 1;
-                        self.stats.unverified.fetch_add(1, Ordering::Relaxed);
-                        tracing::warn!(
-                            feed = %period.feed,
-                            symbol = %period.symbol,
-                            from = %crate::gaps::minute_text(period.from_ms()),
-                            to = %crate::gaps::minute_text(period.resume_from_ms),
-                            short = ?short,
-                            "a verified backfill period is short in a sink (keys the log holds are missing there); no longer verified"
-                        );
-                    }
-                    _ => {}
+                } else if verified {
+                    writes.push((key, None));
+                    round.unverified += 1;
+                    self.stats.unverified.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        feed = %period.feed,
+                        symbol = %period.symbol,
+                        from = %crate::gaps::minute_text(period.from_ms()),
+                        to = %crate::gaps::minute_text(period.resume_from_ms),
+                        short = ?short,
+                        "a verified backfill period is short in a sink (keys the log holds are missing there); no longer verified"
+                    );
                 }
             }
+            // Written side by side: the log's writer commits them together.
+            let wal = &self.wal;
+            futures_util::future::try_join_all(
+                writes
+                    .into_iter()
+                    .map(|(key, value)| wal.put_state(Space::State, key, value)),
+            )
+            .await?;
         }
         self.stats.rounds.fetch_add(1, Ordering::Relaxed);
         Ok(round)
     }
 }
 
+/// The periods a round checks, by their place in `tracked` (sorted by feed, symbol and
+/// start), each with whether it is verified: every downloaded one not verified, and
+/// `recheck` (a share) of the verified ones, those found whole longest ago first.
+fn due(tracked: &[Period], checked: &HashMap<Vec<u8>, Verification>, recheck: f64) -> Vec<(usize, bool)> {
+    let mut due = Vec::new();
+    // The verified ones, by when last found whole.
+    let mut verified: Vec<(i64, usize)> = Vec::new();
+    for (place, p) in tracked.iter().enumerate() {
+        if p.state != PeriodState::Downloaded || p.resume_from_ms <= p.from_ms() {
+            continue;
+        }
+        match checked.get(&backfill::verification_key(p)) {
+            Some(v) if backfill::verifies(Some(v), p) => verified.push((v.at_ms, place)),
+            _ => due.push((place, false)),
+        }
+    }
+    let take = (verified.len() as f64 * recheck.clamp(0.0, 1.0)).ceil() as usize;
+    verified.sort_unstable();
+    due.extend(verified.into_iter().take(take).map(|(_, place)| (place, true)));
+    due.sort_unstable();
+    due
+}
+
+/// The ranges of one symbol's due periods (`group`, from [`due`]), neighbours in
+/// `tracked` joined into one.
+fn runs(tracked: &[Period], group: &[(usize, bool)]) -> Vec<(i64, i64)> {
+    let mut runs: Vec<(i64, i64)> = Vec::new();
+    for (n, &(place, _)) in group.iter().enumerate() {
+        let p = &tracked[place];
+        match runs.last_mut() {
+            Some(run) if n > 0 && group[n - 1].0 + 1 == place => {
+                run.0 = run.0.min(p.from_ms());
+                run.1 = run.1.max(p.resume_from_ms);
+            }
+            _ => runs.push((p.from_ms(), p.resume_from_ms)),
+        }
+    }
+    runs
+}
+
+/// The share of the verified periods a round checks again: rounds every `every`, each
+/// period again every `recheck`.
+fn recheck_share(every: Duration, recheck: Duration) -> f64 {
+    (every.as_secs_f64() / recheck.as_secs_f64().max(f64::MIN_POSITIVE)).min(1.0)
+}
+
 /// The minutes of a period's downloaded range.
 fn minutes(period: &Period) -> impl Iterator<Item = i64> {
     let from = period.from_ms().div_euclid(60_000) * 60_000;
     (from..period.resume_from_ms).step_by(60_000)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CHUNK: i64 = DAY_MS;
+
+    fn period(symbol: &str, day: i64, state: PeriodState) -> Period {
+        Period {
+            feed: Feed::Crypto,
+            symbol: symbol.into(),
+            start_ms: day * CHUNK,
+            end_ms: (day + 1) * CHUNK,
+            state,
+            from_ms: None,
+            resume_from_ms: (day + 1) * CHUNK,
+            bars: 1,
+            repair: false,
+        }
+    }
+
+    fn found_whole(checked: &mut HashMap<Vec<u8>, Verification>, p: &Period, at_ms: i64) {
+        let v = Verification {
+            from_ms: p.from_ms(),
+            resume_from_ms: p.resume_from_ms,
+            at_ms,
+        };
+        checked.insert(backfill::verification_key(p), v);
+    }
+
+    #[test]
+    fn a_round_takes_every_unverified_period_and_the_longest_unchecked_share_of_the_verified() {
+        // A: days 0-9 verified (day 7 longest ago, then the rest at 100), day 10 pending,
+        // day 11 downloaded; B: days 0-1 verified at 50.
+        let mut tracked: Vec<Period> = (0..10).map(|d| period("A", d, PeriodState::Downloaded)).collect();
+        tracked.push(period("A", 10, PeriodState::Pending));
+        tracked.push(period("A", 11, PeriodState::Downloaded));
+        tracked.extend((0..2).map(|d| period("B", d, PeriodState::Downloaded)));
+        let mut checked = HashMap::new();
+        for (n, p) in tracked.iter().enumerate() {
+            match (p.symbol.as_str(), n) {
+                ("A", 7) => found_whole(&mut checked, p, 10),
+                ("A", 0..=9) => found_whole(&mut checked, p, 100),
+                ("B", _) => found_whole(&mut checked, p, 50),
+                _ => {}
+            }
+        }
+        // 12 verified: a quarter is 3, the oldest: A day 7, then B's two.
+        assert_eq!(
+            due(&tracked, &checked, 0.25),
+            [(7, true), (11, false), (12, true), (13, true)]
+        );
+        // None of them: the unverified still; all of them: every downloaded one.
+        assert_eq!(due(&tracked, &checked, 0.0), [(11, false)]);
+        assert_eq!(due(&tracked, &checked, 1.0).len(), 13);
+        // A period downloaded further since its check is not verified.
+        tracked[3].resume_from_ms += 60_000;
+        assert!(due(&tracked, &checked, 0.0).contains(&(3, false)));
+
+        // Neighbours are asked of the sinks as one range; the pending day 10 parts them.
+        let a: Vec<(usize, bool)> = [5, 6, 7, 9, 11].map(|place| (place, true)).to_vec();
+        assert_eq!(
+            runs(&tracked, &a),
+            [
+                (5 * CHUNK, 8 * CHUNK),
+                (9 * CHUNK, 10 * CHUNK),
+                (11 * CHUNK, 12 * CHUNK)
+            ]
+        );
+    }
+
+    #[test]
+    fn each_verified_period_is_checked_again_about_every_recheck() {
+        let share = recheck_share(Duration::from_secs(60), Duration::from_secs(3600));
+        assert!((share - 1.0 / 60.0).abs() < 1e-12);
+        assert_eq!(recheck_share(Duration::from_secs(60), Duration::from_secs(1)), 1.0);
+    }
 }
