@@ -830,13 +830,18 @@ impl Downloader {
                     }
                 },
                 None if finished => {
-                    self.stats.periods_done.fetch_add(1, Ordering::Relaxed);
+                    // A repair is not one of the pass's periods (it has its own count).
+                    if !period.repair {
+                        self.stats.periods_done.fetch_add(1, Ordering::Relaxed);
+                    }
                     return Ok(());
                 }
                 None => {
                     // The rest is not at the source yet (the present, or a delayed
                     // plan's last minutes): fetched by a later pass, from here.
-                    self.stats.periods_ahead.fetch_add(1, Ordering::Relaxed);
+                    if !period.repair {
+                        self.stats.periods_ahead.fetch_add(1, Ordering::Relaxed);
+                    }
                     tracing::info!(%ticker, start_ms = period.start_ms, downloaded_to_ms = period.resume_from_ms, status = %page.status, "backfill period downloaded as far as the source has it");
                     return Ok(());
                 }
