@@ -137,6 +137,49 @@ fn demo_runs_for_its_duration_and_summarises_what_it_captured() {
     assert!(!stdout.contains('\x1b'), "{stdout}");
 }
 
+/// The demo cuts its live feeds across a minute's close (a relay between the daemon and
+/// its simulator), and the daemon finds and fetches the minute it missed by itself: at
+/// the end `tickvault gaps` finds no open gap.
+#[test]
+fn the_demo_stages_an_outage_and_the_daemon_repairs_what_it_missed() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    // 71 s: the shortest run that holds a minute's close to cut across, whatever the start.
+    let out = tickvault()
+        .args(["demo", "--duration", "71", "--data-dir", log.to_str().unwrap()])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    for said in [
+        "outage: ahead: the feeds are cut at ",
+        "outage: NOW: the feeds are cut until ",
+        "missed; repaired by the daemon ",
+    ] {
+        assert!(stdout.contains(said), "no {said:?} in:\n{stdout}");
+    }
+    let fetched: u64 = stdout
+        .lines()
+        .find_map(|l| l.split_once("gaps fetched by the daemon (after disconnects and every `gaps.interval`): "))
+        .and_then(|(_, n)| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no count of gaps fetched in:\n{stdout}"));
+    assert!(fetched >= 1, "{stdout}");
+    assert!(stdout.contains(" 0 open gaps (0 minutes)"), "{stdout}");
+    let gaps = tickvault()
+        .args([
+            "gaps",
+            "--config",
+            "config/demo.toml",
+            "--data-dir",
+            log.to_str().unwrap(),
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    assert_eq!(gaps.status.code(), Some(0), "{}", String::from_utf8_lossy(&gaps.stdout));
+}
+
 /// The demo under tmux at `width` columns: (the screen mid-run, row by row as shown,
 /// the whole pane at the end with wrapped lines joined, the exit code).
 fn demo_on_a_terminal(width: u16, ctrl_c: bool) -> (String, String, String) {

@@ -8,6 +8,8 @@ use std::process::ExitCode;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
+
 use tickvault_wal::{Lane, Wal};
 
 use super::run::stop_signal;
@@ -65,7 +67,15 @@ pub async fn run(
         ..SimOptions::default()
     };
     let simulator = sim::spawn("127.0.0.1:0".parse()?, sim_options.clone()).await?;
-    config.polygon.ws_url = simulator.ws_url();
+    // The live feeds go through a relay the demo cuts once (see `demo_outage`).
+    let sim_port: u16 = simulator
+        .ws_url()
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.parse().ok())
+        .context("the simulator's port")?;
+    let mut outage = super::demo_outage::Outage::relay_to(sim_port)?;
+    config.polygon.ws_url = format!("ws://127.0.0.1:{}", outage.port());
     config.polygon.rest_url = simulator.rest_url();
     config.polygon.api_key = Some(Secret::new("demo"));
     config.validate("demo")?;
@@ -115,6 +125,7 @@ pub async fn run(
         }
         None => {}
     }
+    say!("  outage      the demo cuts the live feeds once, across a minute's close");
     match duration {
         Some(secs) => say!("  running for {secs} s (Ctrl-C stops early)\n"),
         None => say!("  running until Ctrl-C\n"),
@@ -122,6 +133,12 @@ pub async fn run(
     let mut screen = super::demo_screen::wanted(plain).then(|| super::demo_screen::Screen::new(&running));
     let started = Instant::now();
     let deadline = duration.map(|s| started + Duration::from_secs(s));
+    let start_ms = jiff::Timestamp::now().as_millisecond();
+    let backfill = running.backfill.clone();
+    outage.plan(start_ms, duration.map(|s| start_ms + s as i64 * 1000), move || {
+        backfill.as_ref().map_or(0, |b| b.repairs.load(Ordering::Relaxed))
+    });
+    let mut outage_said = None;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.tick().await;
     let signal = stop_signal();
@@ -145,7 +162,14 @@ pub async fn run(
         }
         let elapsed = started.elapsed();
         if let Some(screen) = &mut screen {
-            screen.draw(&running, &market, elapsed, duration, &config.log.data_dir);
+            screen.draw(
+                &running,
+                &market,
+                elapsed,
+                duration,
+                &config.log.data_dir,
+                outage.stage().line(),
+            );
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 break;
             }
@@ -219,6 +243,14 @@ pub async fn run(
             }
         }
         println!("{line}");
+        // The outage's news, on a line of its own when it changes.
+        let said = outage.stage().line();
+        if said != outage_said {
+            if let Some(said) = &said {
+                println!("      outage: {said}");
+            }
+            outage_said = said;
+        }
         if !running.sinks.is_empty() {
             println!("{}", sink_line(&running, &mut last_sink_rows));
         }
@@ -229,6 +261,10 @@ pub async fn run(
     }
     if let Some(screen) = screen.take() {
         screen.finish(interrupted);
+    }
+    if failure.is_none() && !interrupted {
+        // The repair of what the cut missed, for the summary.
+        outage.wait_for_repair(Duration::from_secs(15)).await;
     }
     if failure.is_none() && !running.sinks.is_empty() {
         // Give the sinks a moment to forward what was captured, so the summary and the
@@ -260,7 +296,14 @@ pub async fn run(
         return Err(e);
     }
     result?;
-    summary(&config, elapsed, backfill_stats.as_deref())?;
+    let outage_line = match outage.stage().line() {
+        Some(line) => line,
+        None => format!(
+            "none staged: the run was too short to cut the feeds across a minute's close (always long enough: {} s)",
+            super::demo_outage::DURATION_FOR_A_CUT
+        ),
+    };
+    summary(&config, elapsed, backfill_stats.as_deref(), &outage_line)?;
     if sink_stats.is_empty() {
         println!(
             "  forwarded to: nowhere (no sinks enabled; `scripts/services.sh up` and \
@@ -437,6 +480,7 @@ fn summary(
     config: &crate::config::Config,
     elapsed: Duration,
     backfill: Option<&backfill::BackfillStats>,
+    outage: &str,
 ) -> anyhow::Result<()> {
     let data_dir = &config.log.data_dir;
     let reader = Wal::open_read_only(data_dir)?;
@@ -518,6 +562,7 @@ fn summary(
         }
     }
     let suspected = gaps::suspected(&reader)?;
+    println!("  outage: {outage}");
     println!("  suspected gaps (live disconnects): {}", suspected.len());
     // As `tickvault gaps` reports them, from the coverage index.
     let (from_ms, to_ms) = gaps::window(config.gaps.lookback);

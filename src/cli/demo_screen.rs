@@ -28,6 +28,7 @@ pub struct Screen {
     backfill: Option<ProgressBar>,
     sinks: Vec<ProgressBar>,
     live_first: ProgressBar,
+    outage: ProgressBar,
     last_live: Vec<u64>,
     last_bars: u64,
     last_rows: Vec<u64>,
@@ -51,6 +52,7 @@ impl Screen {
         let backfill = running.backfill.as_ref().map(|_| row(&multi, "{msg}"));
         let sinks = running.sinks.iter().map(|_| row(&multi, "{msg}")).collect();
         let live_first = row(&multi, "{msg}");
+        let outage = row(&multi, "{msg}");
         Screen {
             multi,
             header,
@@ -60,6 +62,7 @@ impl Screen {
             last_rows: vec![0; running.sinks.len()],
             sinks,
             live_first,
+            outage,
             last_bars: 0,
         }
     }
@@ -72,6 +75,7 @@ impl Screen {
         elapsed: Duration,
         duration: Option<u64>,
         log_dir: &std::path::Path,
+        outage: Option<String>,
     ) {
         let width = usize::from(console::Term::stdout().size().1).saturating_sub(1).max(20);
         let fit = |line: String| console::truncate_str(&line, width, "…").into_owned();
@@ -179,6 +183,12 @@ impl Screen {
                 seen.share * 100.0
             )
         }));
+        let outage = outage.unwrap_or_else(|| "none: the run is too short to cut across a minute's close".into());
+        self.outage.set_message(fit(if outage.starts_with("NOW") {
+            format!("  {YELLOW}outage    {outage}{RESET}")
+        } else {
+            format!("  outage    {outage}")
+        }));
     }
 
     /// Leaves the last state on the screen as plain lines, for the summary to follow
@@ -190,7 +200,7 @@ impl Screen {
             .chain(&self.feeds)
             .chain(self.backfill.as_ref())
             .chain(&self.sinks)
-            .chain([&self.live_first])
+            .chain([&self.live_first, &self.outage])
             .collect();
         let last: Vec<String> = rows.iter().map(|bar| bar.message()).collect();
         let _ = self.multi.clear();

@@ -10,6 +10,7 @@ mod bench_gaps;
 mod bench_repair;
 mod bench_sinks;
 mod demo;
+mod demo_outage;
 mod demo_screen;
 mod dispatch;
 mod drill;
