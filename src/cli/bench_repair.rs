@@ -9,8 +9,6 @@ use std::process::ExitCode;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
-
 use crate::config::{Config, Secret};
 use crate::coverage::{Coverage, Mark};
 use crate::event::Feed;
@@ -50,13 +48,7 @@ pub async fn run(dir: &std::path::Path, runs: u32) -> anyhow::Result<ExitCode> {
         ..SimOptions::default()
     };
     let sim = crate::sim::spawn("127.0.0.1:0".parse()?, options).await?;
-    let sim_port: u16 = sim
-        .ws_url()
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .context("the simulator's port")?;
-    let relay = Relay::start(sim_port)?;
+    let relay = Relay::start(sim.addr.port())?;
     let text = format!(
         "[log]\ndata_dir = {:?}\n[polygon]\nws_url = \"ws://127.0.0.1:{}\"\nrest_url = \"{}\"\n\
          [live]\nreconnect_min = \"100ms\"\nreconnect_max = \"1s\"\nstale_after = \"5s\"\n\

@@ -8,8 +8,6 @@ use std::process::ExitCode;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
-
 use tickvault_wal::{Lane, Wal};
 
 use super::run::stop_signal;
@@ -68,13 +66,7 @@ pub async fn run(
     };
     let simulator = sim::spawn("127.0.0.1:0".parse()?, sim_options.clone()).await?;
     // The live feeds go through a relay the demo cuts once (see `demo_outage`).
-    let sim_port: u16 = simulator
-        .ws_url()
-        .rsplit(':')
-        .next()
-        .and_then(|p| p.parse().ok())
-        .context("the simulator's port")?;
-    let mut outage = super::demo_outage::Outage::relay_to(sim_port)?;
+    let mut outage = super::demo_outage::Outage::relay_to(simulator.addr.port())?;
     config.polygon.ws_url = format!("ws://127.0.0.1:{}", outage.port());
     config.polygon.rest_url = simulator.rest_url();
     config.polygon.api_key = Some(Secret::new("demo"));
