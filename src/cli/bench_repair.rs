@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use crate::config::{Config, Secret};
 use crate::coverage::{Coverage, Mark};
 use crate::event::Feed;
-use crate::sim::relay::Relay;
+use crate::sim::relay::{until_ms, Relay};
 use crate::sim::SimOptions;
 
 const MINUTE_MS: i64 = 60_000;
@@ -32,12 +32,6 @@ async fn wait(what: &str, timeout: Duration, mut done: impl FnMut() -> bool) -> 
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     Ok(())
-}
-
-/// Sleeps until the wall clock reads `at_ms`.
-async fn until(at_ms: i64) {
-    let now = jiff::Timestamp::now().as_millisecond();
-    tokio::time::sleep(Duration::from_millis(u64::try_from(at_ms - now).unwrap_or(0))).await;
 }
 
 pub async fn run(dir: &std::path::Path, runs: u32) -> anyhow::Result<ExitCode> {
@@ -85,10 +79,10 @@ pub async fn run(dir: &std::path::Path, runs: u32) -> anyhow::Result<ExitCode> {
             boundary += MINUTE_MS;
         }
         let missed = boundary - MINUTE_MS;
-        until(boundary - 5_000).await;
+        until_ms(boundary - 5_000).await;
         let before = repairs();
         relay.cut();
-        until(boundary + 3_000).await;
+        until_ms(boundary + 3_000).await;
         relay.restore();
         let restored = Instant::now();
         wait("the missed minute in the log", Duration::from_secs(60), || {

@@ -160,7 +160,7 @@ pub async fn run(
                 elapsed,
                 duration,
                 &config.log.data_dir,
-                outage.stage().line(),
+                &outage.stage(),
             );
             if deadline.is_some_and(|d| Instant::now() >= d) {
                 break;
@@ -236,7 +236,8 @@ pub async fn run(
         }
         println!("{line}");
         // The outage's news, on a line of its own when it changes.
-        let said = outage.stage().line();
+        let stage = outage.stage();
+        let said = (!matches!(stage, super::demo_outage::Stage::None)).then(|| stage.line());
         if said != outage_said {
             if let Some(said) = &said {
                 println!("      outage: {said}");
@@ -288,14 +289,7 @@ pub async fn run(
         return Err(e);
     }
     result?;
-    let outage_line = match outage.stage().line() {
-        Some(line) => line,
-        None => format!(
-            "none staged: the run was too short to cut the feeds across a minute's close (always long enough: {} s)",
-            super::demo_outage::DURATION_FOR_A_CUT
-        ),
-    };
-    summary(&config, elapsed, backfill_stats.as_deref(), &outage_line)?;
+    summary(&config, elapsed, backfill_stats.as_deref(), &outage.stage().line())?;
     if sink_stats.is_empty() {
         println!(
             "  forwarded to: nowhere (no sinks enabled; `scripts/services.sh up` and \

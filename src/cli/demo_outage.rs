@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::sim::relay::Relay;
+use crate::sim::relay::{until_ms, Relay};
 
 const MINUTE_MS: i64 = 60_000;
 /// The cut begins this long before the minute's close and ends as long after it.
@@ -18,7 +18,7 @@ const SETTLE_MS: i64 = 3_000;
 /// Left after the restore for the repair, before the run's end (the summary waits too).
 const REPAIR_MS: i64 = 2_000;
 /// The shortest run that always holds a cut: any start leaves a minute's close in it.
-pub const DURATION_FOR_A_CUT: u64 = ((SETTLE_MS + 2 * AROUND_MS + REPAIR_MS + MINUTE_MS) / 1000) as u64;
+const DURATION_FOR_A_CUT: u64 = ((SETTLE_MS + 2 * AROUND_MS + REPAIR_MS + MINUTE_MS) / 1000) as u64;
 
 /// The minute close the run from `start_ms` to `end_ms` cuts its feeds across: the
 /// first one the daemon is settled before and whose repair the run still shows.
@@ -32,9 +32,16 @@ pub struct Outage {
     relay: Arc<Relay>,
     /// The minute close the feeds are cut across (`None`: the run is too short).
     close_ms: Option<i64>,
-    /// When the cut began and ended, and when the daemon's repairs first grew after
-    /// it began: ms since the epoch (0: not yet).
-    times: Arc<[AtomicI64; 3]>,
+    times: Arc<Times>,
+}
+
+/// When the cut began and ended, and when the daemon's repairs first grew after it
+/// began: ms since the epoch (0: not yet).
+#[derive(Default)]
+struct Times {
+    cut_ms: AtomicI64,
+    restored_ms: AtomicI64,
+    repaired_ms: AtomicI64,
 }
 
 /// Where the outage stands, for the screen and the summary.
@@ -81,19 +88,19 @@ impl Outage {
         let Some(close) = self.close_ms else { return };
         let (relay, times) = (self.relay.clone(), self.times.clone());
         tokio::spawn(async move {
-            until(close - AROUND_MS).await;
+            until_ms(close - AROUND_MS).await;
             let before = repairs();
-            times[0].store(now_ms(), Ordering::SeqCst);
+            times.cut_ms.store(now_ms(), Ordering::SeqCst);
             // `cut` waits for the relay's listener to close: not on the runtime's threads.
             let cutting = relay.clone();
             let _ = tokio::task::spawn_blocking(move || cutting.cut()).await;
-            until(close + AROUND_MS).await;
+            until_ms(close + AROUND_MS).await;
             relay.restore();
             let restored = now_ms();
-            times[1].store(restored, Ordering::SeqCst);
+            times.restored_ms.store(restored, Ordering::SeqCst);
             while now_ms() < restored + WATCH_MS {
                 if repairs() > before {
-                    times[2].store(now_ms(), Ordering::SeqCst);
+                    times.repaired_ms.store(now_ms(), Ordering::SeqCst);
                     return;
                 }
                 tokio::time::sleep(Duration::from_millis(10)).await;
@@ -106,7 +113,9 @@ impl Outage {
         let Some(close_ms) = self.close_ms else {
             return Stage::None;
         };
-        let [cut_ms, restored_ms, repaired_ms] = [0, 1, 2].map(|i| self.times[i].load(Ordering::SeqCst));
+        let t = &self.times;
+        let [cut_ms, restored_ms, repaired_ms] =
+            [&t.cut_ms, &t.restored_ms, &t.repaired_ms].map(|at| at.load(Ordering::SeqCst));
         match (cut_ms, restored_ms) {
             (0, _) => Stage::Planned { close_ms },
             (_, 0) => Stage::Cut {
@@ -140,14 +149,16 @@ impl Outage {
 }
 
 impl Stage {
-    /// The outage as it stands, in a line; `None` without one.
-    pub fn line(&self) -> Option<String> {
+    /// The outage as it stands, in a line.
+    pub fn line(&self) -> String {
         let clock = |ms: i64, format: &str| {
             jiff::Timestamp::from_millisecond(ms).map_or_else(|_| ms.to_string(), |t| t.strftime(format).to_string())
         };
         let minute = |close_ms: i64| clock(close_ms - MINUTE_MS, "%H:%M");
-        Some(match *self {
-            Stage::None => return None,
+        match *self {
+            Stage::None => format!(
+                "none: the run is too short to cut the feeds across a minute's close ({DURATION_FOR_A_CUT} s always is)"
+            ),
             Stage::Planned { close_ms } => format!(
                 "ahead: the feeds are cut at {} UTC, across the close of minute {}",
                 clock(close_ms - AROUND_MS, "%H:%M:%S"),
@@ -176,17 +187,12 @@ impl Stage {
                     None => "the daemon is repairing it".to_owned(),
                 }
             ),
-        })
+        }
     }
 }
 
 fn now_ms() -> i64 {
     jiff::Timestamp::now().as_millisecond()
-}
-
-/// Sleeps until the wall clock reads `at_ms`.
-async fn until(at_ms: i64) {
-    tokio::time::sleep(Duration::from_millis(u64::try_from(at_ms - now_ms()).unwrap_or(0))).await;
 }
 
 #[cfg(test)]

@@ -75,7 +75,7 @@ impl Screen {
         elapsed: Duration,
         duration: Option<u64>,
         log_dir: &std::path::Path,
-        outage: Option<String>,
+        outage: &super::demo_outage::Stage,
     ) {
         let width = usize::from(console::Term::stdout().size().1).saturating_sub(1).max(20);
         let fit = |line: String| console::truncate_str(&line, width, "…").into_owned();
@@ -183,11 +183,10 @@ impl Screen {
                 seen.share * 100.0
             )
         }));
-        let outage = outage.unwrap_or_else(|| "none: the run is too short to cut across a minute's close".into());
-        self.outage.set_message(fit(if outage.starts_with("NOW") {
-            format!("  {YELLOW}outage    {outage}{RESET}")
-        } else {
-            format!("  outage    {outage}")
+        let line = outage.line();
+        self.outage.set_message(fit(match outage {
+            super::demo_outage::Stage::Cut { .. } => format!("  {YELLOW}outage    {line}{RESET}"),
+            _ => format!("  outage    {line}"),
         }));
     }
 

@@ -1,5 +1,5 @@
 //! A TCP relay in front of a server that can be cut off and restored: a network outage
-//! between the appliance and Polygon (or a sink), for the tests and `bench repair`.
+//! between the appliance and Polygon (or a sink), for the tests, the demo and `bench repair`.
 //! Down, it closes its listening socket (new connections are refused, as by a stopped
 //! server) and shuts every relayed connection both ways (a write in flight breaks off
 //! half way). It can also drop what the server sends while still passing on what the
@@ -77,6 +77,13 @@ impl Relay {
     fn connections(&self) -> std::sync::MutexGuard<'_, Vec<TcpStream>> {
         self.shared.connections.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// Sleeps until the wall clock reads `at_ms`: an outage is staged at set times (across
+/// a minute's close).
+pub async fn until_ms(at_ms: i64) {
+    let now = jiff::Timestamp::now().as_millisecond();
+    tokio::time::sleep(Duration::from_millis(u64::try_from(at_ms - now).unwrap_or(0))).await;
 }
 
 impl Drop for Relay {
