@@ -156,13 +156,7 @@ fn revised_bars(log: &Path) -> [i64; 3] {
 
 /// The differences `verify` reports for `sink`, as (kind, missing, extra, example uids).
 fn differences(report: &serde_json::Value, sink: &str) -> Vec<(String, u64, u64, Vec<u64>)> {
-    let sink = report["sinks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["sink"] == sink)
-        .unwrap();
-    sink["differences"]
+    common::sinks::sink_report(report, sink)["differences"]
         .as_array()
         .unwrap()
         .iter()

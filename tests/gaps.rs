@@ -499,12 +499,7 @@ fn periods_are_verified_only_while_every_sink_holds_every_key_of_them() {
     lose_one("DESC");
     let (code, report) = common::sinks::verify(&config, &log);
     assert_eq!(code, 1, "{report:#}");
-    let postgres_report = report["sinks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["sink"] == "postgres")
-        .unwrap();
+    let postgres_report = common::sinks::sink_report(&report, "postgres");
     let short = postgres_report["verified_periods_short"].as_array().unwrap();
     assert_eq!(short.len(), 1, "{postgres_report:#}");
     assert_eq!(

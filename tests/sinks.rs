@@ -12,7 +12,8 @@ use rand::Rng;
 mod common;
 
 use common::sinks::{
-    caught_up_in, drain, log_keys, rt, verify, verify_with, wait_for, write_config, Daemon, Target, PG_PASSWORD,
+    caught_up_in, drain, log_keys, rt, sink_report, verify, verify_with, wait_for, write_config, Daemon, Target,
+    PG_PASSWORD,
 };
 use common::{simulator, tickvault};
 use tickvault_wal::{Lane, Wal};
@@ -93,12 +94,7 @@ fn every_captured_event_reaches_each_sink_exactly_once() {
     let moved = target.swap_two_postgres_rows_between_days();
     let (code, report) = verify(&config, &log);
     assert_eq!(code, 1, "{report:#}");
-    let pg = report["sinks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["sink"] == "postgres")
-        .unwrap();
+    let pg = sink_report(&report, "postgres");
     let sum = |field: &str| -> u64 {
         pg["differences"]
             .as_array()
@@ -129,15 +125,7 @@ fn every_captured_event_reaches_each_sink_exactly_once() {
         wal.move_cursor("clickhouse", Lane::Live, head / 2).await.unwrap();
         wal.shutdown().await.unwrap();
     });
-    let ch = |report: &serde_json::Value| -> serde_json::Value {
-        report["sinks"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|s| s["sink"] == "clickhouse")
-            .unwrap()
-            .clone()
-    };
+    let ch = |report: &serde_json::Value| -> serde_json::Value { sink_report(report, "clickhouse").clone() };
     let (_, report) = verify(&config, &log);
     let stuck = ch(&report);
     assert!(stuck["differences"].as_array().unwrap().is_empty(), "{stuck:#}");
@@ -159,12 +147,7 @@ fn every_captured_event_reaches_each_sink_exactly_once() {
         "{stuck:#}"
     );
     // A sink with nothing unsent never lags.
-    let nats = report["sinks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["sink"] == "nats")
-        .unwrap();
+    let nats = sink_report(&report, "nats");
     assert!(nats["lag_exceeded"].is_null(), "{nats:#}");
 }
 

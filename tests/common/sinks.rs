@@ -552,6 +552,16 @@ pub fn waited_for(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
 }
 
 /// `tickvault verify --json` on a log; returns (exit code, report).
+/// The part of `verify`'s JSON report about `sink`.
+pub fn sink_report<'a>(report: &'a serde_json::Value, sink: &str) -> &'a serde_json::Value {
+    report["sinks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["sink"] == sink)
+        .unwrap_or_else(|| panic!("no {sink} in {report:#}"))
+}
+
 pub fn verify(config: &Path, log: &Path) -> (i32, serde_json::Value) {
     verify_with(config, log, &[])
 }
