@@ -222,9 +222,7 @@ fn a_live_feed_cut_for_over_a_minute_is_repaired_by_the_daemon_itself() {
     let _daemon = common::Child(command.spawn().unwrap());
     let report = || gaps(&config, &log, &[]);
     // The first minute aggregate marks where the symbol's minutes begin.
-    common::sinks::wait_for("the first minute aggregate", Duration::from_secs(90), || {
-        first_bar_seen(&log)
-    });
+    wait_for_first_bar(&log, &stderr);
     let cut_ms = jiff::Timestamp::now().as_millisecond();
     relay.cut();
     std::thread::sleep(Duration::from_secs(75));
@@ -269,6 +267,20 @@ fn a_live_feed_cut_for_over_a_minute_is_repaired_by_the_daemon_itself() {
     // The repaired bars are in the backfill lane.
     let reader = tickvault_wal::Wal::open_read_only(&log).unwrap();
     assert!(reader.last_seq(tickvault_wal::Lane::Backfill).unwrap().unwrap_or(0) >= 1);
+}
+
+/// Waits for the live lane's first minute bar, which marks where a live-only symbol's
+/// minutes begin. Up to three minute closes: one may bring none (a source hole, or a
+/// disconnect across the close), and CI saw a 90 s wait run out that way.
+fn wait_for_first_bar(log: &Path, stderr: &Path) {
+    let started = std::time::Instant::now();
+    let seen = common::sinks::waited_for(Duration::from_secs(200), || first_bar_seen(log));
+    assert!(
+        seen,
+        "no minute aggregate in the log after 200 s; the daemon said:\n{}",
+        std::fs::read_to_string(stderr).unwrap_or_default()
+    );
+    eprintln!("waited {:.1?} for the first minute aggregate", started.elapsed());
 }
 
 /// Whether the live lane holds a minute bar yet.
@@ -329,9 +341,7 @@ fn holes_disconnects_a_cut_and_a_long_sigkill_are_all_repaired() {
         common::Child(command.spawn().unwrap())
     };
     let mut daemon = start();
-    common::sinks::wait_for("the first minute aggregate", Duration::from_secs(90), || {
-        first_bar_seen(&log)
-    });
+    wait_for_first_bar(&log, &stderr);
     relay.cut();
     std::thread::sleep(Duration::from_secs(150));
     relay.restore();
