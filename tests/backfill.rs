@@ -604,23 +604,28 @@ async fn a_range_into_the_future_is_downloaded_up_to_the_present_and_later_minut
     let sim = sim::spawn(any_port(), SimOptions::default()).await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let wal = Wal::open(dir.path()).unwrap();
-    let job = recent_job(2, DAY);
+    // Three days ahead in 2-day chunks: at least one chunk lies wholly in the future,
+    // whatever the day.
+    let job = recent_job(2, 3 * DAY);
     let mut s = spec(&sim, 50_000);
     s.chunk = Duration::from_secs(2 * 86_400);
+    let asked_at = jiff::Timestamp::now().as_millisecond();
     let stats = download(&wal, s.clone(), std::slice::from_ref(&job)).await;
-    let period = backfill::periods(wal.reader())
-        .unwrap()
-        .into_iter()
-        .find(|p| p.start_ms < job.to_ms && job.to_ms <= p.end_ms)
-        .unwrap();
-    // The period is not done: only up to the present minute was there to download.
     let now = jiff::Timestamp::now().as_millisecond();
+    let periods = backfill::periods(wal.reader()).unwrap();
+    // No period claims a minute past the present, and a chunk wholly ahead of it is not
+    // in the tracker at all.
+    for p in &periods {
+        assert!(p.resume_from_ms <= now, "claimed past the present {now}: {p:?}");
+        assert!(p.start_ms <= now, "a period of the future: {p:?}");
+    }
+    // The period holding the present is not done: only up to the present minute was
+    // there to download.
+    let period = periods
+        .iter()
+        .find(|p| p.start_ms <= asked_at && asked_at < p.end_ms)
+        .unwrap_or_else(|| panic!("no period holds the present {asked_at}: {periods:?}"));
     assert_ne!(period.state, PeriodState::Downloaded, "{period:?}");
-    assert!(
-        period.resume_from_ms <= now,
-        "claimed {} past the present {now}",
-        period.resume_from_ms
-    );
     assert!(stats.periods_ahead.load(Ordering::Relaxed) >= 1, "{stats:?}");
     // A later pass asks again from there (and finds the minutes that ended meanwhile).
     let before = stats.requests.load(Ordering::Relaxed);
