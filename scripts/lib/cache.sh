@@ -6,3 +6,19 @@
 if [ -z "${RUSTC_WRAPPER+set}" ] && command -v sccache >/dev/null 2>&1; then
     export RUSTC_WRAPPER=sccache
 fi
+# sccache's server starts with the first compile and exits after 10 idle minutes; a
+# compile that meets it exiting fails ("Timed out waiting for server startup", seen
+# here). So each script wakes it before building, a few times if need be (which also
+# gives the build 10 minutes of a live server), and builds without the cache rather
+# than not at all.
+if [ "${RUSTC_WRAPPER:-}" = sccache ]; then
+    for attempt in 1 2 3 4; do
+        sccache --show-stats >/dev/null 2>&1 && break
+        if [ "$attempt" = 4 ]; then
+            echo "warning: sccache's server does not answer: building without the compiler cache" >&2
+            export RUSTC_WRAPPER=
+        else
+            sleep 3
+        fi
+    done
+fi
