@@ -105,19 +105,7 @@ fn the_api_key_is_in_no_line_of_a_run_at_trace() {
 #[test]
 fn demo_runs_for_its_duration_and_summarises_what_it_captured() {
     let dir = tempfile::tempdir().unwrap();
-    let out = tickvault()
-        .args([
-            "demo",
-            "--duration",
-            "4",
-            "--data-dir",
-            dir.path().join("log").to_str().unwrap(),
-        ])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = demo("4", &dir.path().join("log"));
     for expected in [
         "live",
         "backfill",
@@ -137,6 +125,19 @@ fn demo_runs_for_its_duration_and_summarises_what_it_captured() {
     assert!(!stdout.contains('\x1b'), "{stdout}");
 }
 
+/// `tickvault demo --duration SECS --data-dir LOG` from the repository's root (where its
+/// config/ is): what it printed, once it has exited 0.
+fn demo(secs: &str, log: &std::path::Path) -> String {
+    let out = tickvault()
+        .args(["demo", "--duration", secs, "--data-dir", log.to_str().unwrap()])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    stdout
+}
+
 /// The demo cuts its live feeds across a minute's close (a relay between the daemon and
 /// its simulator), and the daemon finds and fetches the minute it missed by itself: at
 /// the end `tickvault gaps` finds no open gap.
@@ -145,13 +146,7 @@ fn the_demo_stages_an_outage_and_the_daemon_repairs_what_it_missed() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("log");
     // 71 s: the shortest run that holds a minute's close to cut across, whatever the start.
-    let out = tickvault()
-        .args(["demo", "--duration", "71", "--data-dir", log.to_str().unwrap()])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = demo("71", &log);
     for said in [
         "outage: ahead: the feeds are cut at ",
         "outage: NOW: the feeds are cut until ",

@@ -529,11 +529,15 @@ pub fn nats_server(port: u16, store: &Path, tls: Option<(&Path, &Path)>) -> Chil
 
 /// Polls `done` every 200 ms until it holds, or fails after `timeout` naming `what`.
 pub fn wait_for(what: &str, timeout: Duration, done: impl FnMut() -> bool) {
+    wait_for_showing(what, timeout, done, String::new);
+}
+
+/// As [`wait_for`]; a failure also shows what `show` then says (a daemon's log, say).
+pub fn wait_for_showing(what: &str, timeout: Duration, done: impl FnMut() -> bool, show: impl FnOnce() -> String) {
     let started = Instant::now();
-    assert!(
-        waited_for(timeout, done),
-        "timed out after {timeout:?} waiting for {what}"
-    );
+    if !waited_for(timeout, done) {
+        panic!("timed out after {timeout:?} waiting for {what}\n{}", show());
+    }
     // Shown with a failure of the test (or with --nocapture): where its time went.
     eprintln!("waited {:.1?} for {what}", started.elapsed());
 }
@@ -551,7 +555,6 @@ pub fn waited_for(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
     true
 }
 
-/// `tickvault verify --json` on a log; returns (exit code, report).
 /// The part of `verify`'s JSON report about `sink`.
 pub fn sink_report<'a>(report: &'a serde_json::Value, sink: &str) -> &'a serde_json::Value {
     report["sinks"]
@@ -562,6 +565,7 @@ pub fn sink_report<'a>(report: &'a serde_json::Value, sink: &str) -> &'a serde_j
         .unwrap_or_else(|| panic!("no {sink} in {report:#}"))
 }
 
+/// `tickvault verify --json` on a log; returns (exit code, report).
 pub fn verify(config: &Path, log: &Path) -> (i32, serde_json::Value) {
     verify_with(config, log, &[])
 }
