@@ -12,7 +12,7 @@ use tickvault_wal::{Lane, Wal};
 mod common;
 
 use common::simulator;
-use common::sinks::{http_get as get, metrics_addr, postgres, rt, wait_for, Daemon, Ports, Target};
+use common::sinks::{http_get as get, metrics_addr, postgres, rt, wait_for, wait_for_showing, Daemon, Ports, Target};
 use tickvault::sim::relay::Relay as Proxy;
 
 /// A tmpfs of `size`, unmounted when dropped.
@@ -153,10 +153,17 @@ fn a_full_disk_pauses_capture_then_resumes_by_itself_and_a_restart_opens_the_log
     // The sink comes back: it takes the log, truncation frees the log's space, and live
     // capture resumes without a restart.
     relay.restore();
-    wait_for("live capture to resume", Duration::from_secs(300), || {
-        metric(&addr, "tickvault_capture_paused_for_disk{lane=\"live\"}") == Some(0.0)
-            && metric(&addr, "tickvault_live_connected{feed=\"crypto\"}") == Some(1.0)
-    });
+    // Once seen timing out (2026-12-06) where it passed in 10 s before and after: the
+    // daemon's log then tells why.
+    wait_for_showing(
+        "live capture to resume",
+        Duration::from_secs(300),
+        || {
+            metric(&addr, "tickvault_capture_paused_for_disk{lane=\"live\"}") == Some(0.0)
+                && metric(&addr, "tickvault_live_connected{feed=\"crypto\"}") == Some(1.0)
+        },
+        || daemon.this_run(),
+    );
     assert!(daemon.this_run().contains("live capture resumes"));
     // The aggregator (a round an hour: it took nothing since the start) did not keep
     // the log from giving its space back.
