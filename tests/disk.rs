@@ -66,6 +66,13 @@ fn fill_to(path: &Path, free_bytes: u64) {
     }
 }
 
+/// The bytes of the files in the log's directory.
+fn log_bytes(log: &Path) -> u64 {
+    std::fs::read_dir(log)
+        .map(|d| d.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum())
+        .unwrap_or(0)
+}
+
 /// A metric's value from `/metrics`, by a line's start (`name{labels}`).
 fn metric(addr: &str, line_start: &str) -> Option<f64> {
     let (_, text) = get(addr, "/metrics");
@@ -82,7 +89,10 @@ fn a_full_disk_pauses_capture_then_resumes_by_itself_and_a_restart_opens_the_log
     let target = Target::new("disk");
     let dir = tempfile::tempdir().unwrap();
     let fs = dir.path().join("fs");
-    let _mount = Mount::tmpfs(&fs, "800m");
+    // Room for a log of about 360 MiB at the backfill's pause (past the ballast and twice
+    // the reserve), some 80 MiB once flushed and compacted: what truncation gives back
+    // must clear the filler's part of the reserve and the resume margin.
+    let _mount = Mount::tmpfs(&fs, "1000m");
     let log = fs.join("log");
     let (_sim, sim_addr) = simulator(&["--always-open"]);
     // PostgreSQL through a relay, cut: its cursor holds every record in the log. The
@@ -122,14 +132,26 @@ fn a_full_disk_pauses_capture_then_resumes_by_itself_and_a_restart_opens_the_log
     assert!(tickvault::disk::ballast_path(&log).exists(), "no ballast was made");
 
     // Something else takes the rest down past the reserve: live capture stops, said at
-    // error, and the feeds disconnect.
-    // Just under the reserve: what truncation gives back once the sink has the log is
-    // then enough to resume (a tenth of the reserve above it).
-    // Topped up while the log gives space back (a pause flushes its memtables).
+    // error, and the feeds disconnect. Just under the reserve: what truncation gives
+    // back once the sink has the log is then enough to resume (a tenth of the reserve
+    // above it).
+    let filler = fs.join("filler-1");
     wait_for("live capture to stop for the disk", Duration::from_secs(30), || {
-        fill_to(&fs.join("filler-1"), RESERVE - (32 << 20));
+        fill_to(&filler, RESERVE - (8 << 20));
         metric(&addr, "tickvault_capture_paused_for_disk{lane=\"live\"}") == Some(1.0)
             && metric(&addr, "tickvault_live_connected{feed=\"crypto\"}") == Some(0.0)
+    });
+    // The pause flushes the log's memtables and compactions follow, shrinking it by half
+    // or more: topped up until it settles, so that what is left for truncation to free
+    // is the log's settled size (filled once, it was once too little by 1 MiB).
+    let mut last = log_bytes(&log);
+    wait_for("the log to settle", Duration::from_secs(120), || {
+        for _ in 0..6 {
+            fill_to(&filler, RESERVE - (8 << 20));
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        let now = log_bytes(&log);
+        std::mem::replace(&mut last, now).abs_diff(now) < 2 << 20
     });
     assert!(daemon.this_run().contains("ERROR") && daemon.this_run().contains("live capture stopped"));
     let (status, body) = get(&addr, "/readyz");
@@ -153,8 +175,6 @@ fn a_full_disk_pauses_capture_then_resumes_by_itself_and_a_restart_opens_the_log
     // The sink comes back: it takes the log, truncation frees the log's space, and live
     // capture resumes without a restart.
     relay.restore();
-    // Once seen timing out (2026-12-06) where it passed in 10 s before and after: the
-    // daemon's log then tells why.
     wait_for_showing(
         "live capture to resume",
         Duration::from_secs(300),
@@ -162,7 +182,15 @@ fn a_full_disk_pauses_capture_then_resumes_by_itself_and_a_restart_opens_the_log
             metric(&addr, "tickvault_capture_paused_for_disk{lane=\"live\"}") == Some(0.0)
                 && metric(&addr, "tickvault_live_connected{feed=\"crypto\"}") == Some(1.0)
         },
-        || daemon.this_run(),
+        || {
+            format!(
+                "{} bytes free (resumes at {}), the log {} bytes\n{}",
+                free(&fs),
+                RESERVE + RESERVE / 10,
+                log_bytes(&log),
+                daemon.this_run()
+            )
+        },
     );
     assert!(daemon.this_run().contains("live capture resumes"));
     // The aggregator (a round an hour: it took nothing since the start) did not keep
