@@ -14,10 +14,8 @@ use std::collections::BTreeMap;
 
 use tickvault_wal::{Batch, LogReader, ReadError, Space};
 
-use crate::event::{Body, Event, Feed, Timeframe};
+use crate::event::{Body, Event, Feed, Timeframe, DAY_MS, MINUTE_MS};
 
-const DAY_MS: i64 = 86_400_000;
-const MINUTE_MS: i64 = 60_000;
 /// Bytes of one day's bitmap.
 pub const DAY_BYTES: usize = 1440 / 8;
 

@@ -365,7 +365,7 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
     let s = &config.sinks;
     let priority = Arc::new(Priority::new(s.backfill_writes, s.backfill_duty, s.live_latency_budget));
     let sinks = start_sinks(config, &wal, &priority, &mut parts).await?;
-    let jobs = backfill_jobs(config, jiff::Timestamp::now().as_millisecond());
+    let jobs = backfill_jobs(config, crate::event::now_ms());
     // The downloader fetches the backfill's periods and, between its passes, the gaps of
     // every symbol whose minute bars are captured (live-only ones too).
     let watched = crate::gaps::watched(config);
@@ -387,7 +387,7 @@ pub async fn start(config: &Config) -> anyhow::Result<Running> {
         parts.tasks.spawn_on(
             async move {
                 // A fault in backfill never stops live capture or forwarding.
-                let jobs = || backfill_jobs(&config, jiff::Timestamp::now().as_millisecond());
+                let jobs = || backfill_jobs(&config, crate::event::now_ms());
                 if let Err(e) = downloader.run_every(jobs, BACKFILL_PASS_EVERY, shutdown).await {
                     tracing::error!(error = %format!("{e:#}"), "backfill stopped; live capture and forwarding go on");
                 }

@@ -6,7 +6,7 @@
 use serde::{Deserialize, Serialize};
 use tickvault_wal::{Space, Wal, WriteError};
 
-use crate::event::Feed;
+use crate::event::{Feed, DAY_MS, MINUTE_MS};
 
 /// A suspected gap: events of `symbols` with timestamps in `from_ms..=to_ms` may be
 /// missing, because the feed was disconnected in between.
@@ -58,7 +58,7 @@ pub const SETTLE_MS: i64 = 65_000;
 
 /// The minutes looked at now: `lookback` back from now, up to [`SETTLE_MS`] ago.
 pub fn window(lookback: std::time::Duration) -> (i64, i64) {
-    let now_ms = jiff::Timestamp::now().as_millisecond();
+    let now_ms = crate::event::now_ms();
     let lookback = i64::try_from(lookback.as_millis()).unwrap_or(i64::MAX);
     (now_ms.saturating_sub(lookback), now_ms - SETTLE_MS)
 }
@@ -272,9 +272,6 @@ impl SymbolGaps {
         self.gaps.iter().map(|g| g.minutes).sum()
     }
 }
-
-const DAY_MS: i64 = 86_400_000;
-const MINUTE_MS: i64 = 60_000;
 
 /// The gaps of `watched` in `from_ms..to_ms` (whole minutes), from the coverage index
 /// and the calendar; a day's market mask is computed once for all symbols keeping the

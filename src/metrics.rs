@@ -215,7 +215,7 @@ impl Collector for Sources {
             None,
             &per_feed(&|s| load(&s.gaps)),
         )?;
-        let now_ms = jiff::Timestamp::now().as_millisecond();
+        let now_ms = crate::event::now_ms();
         gauges(
             &mut enc,
             "tickvault_live_market_open",

@@ -48,14 +48,12 @@ use tickvault_wal::{Lane, Wal};
 
 use crate::config::Config;
 use crate::daemon::FORWARDED_LANES;
-use crate::event::{Body, Event, EventKind, EVENT_KIND};
+use crate::event::{Body, Event, EventKind, DAY_MS, EVENT_KIND};
 use crate::sink::clickhouse::ClickHouseSink;
 use crate::sink::nats::NatsSink;
 use crate::sink::postgres::PostgresSink;
 use crate::sink::SinkKey;
 use index::{From, GroupDayId, GroupNames, KeyIndex, NaturalKeyEntries, LANES, MAX_SINKS};
-
-const DAY_MS: i64 = 86_400_000;
 
 /// One group and day.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]

@@ -8,8 +8,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tickvault::config::Secret;
+use tickvault::event::MINUTE_MS;
 use tickvault::event::{Body, Event, Feed};
-use tickvault::sim::{self, Faults, Market, SimOptions, MINUTE_MS};
+use tickvault::sim::{self, Faults, Market, SimOptions};
 use tickvault::source::backfill::{self, BackfillSpec, BackfillStats, Downloader, Job, PeriodState};
 use tickvault::source::live::{self, LiveSpec, LiveStats};
 use tickvault_wal::{Lane, Wal};
@@ -590,7 +591,7 @@ async fn the_simulators_rest_answers_match_polygons_shapes() {
 
 /// A job over the last `hours` up to `ahead_ms` past the present.
 fn recent_job(hours: i64, ahead_ms: i64) -> Job {
-    let now = jiff::Timestamp::now().as_millisecond();
+    let now = tickvault::event::now_ms();
     Job {
         feed: Feed::Crypto,
         symbol: "BTC-USD".into(),
@@ -609,9 +610,9 @@ async fn a_range_into_the_future_is_downloaded_up_to_the_present_and_later_minut
     let job = recent_job(2, 3 * DAY);
     let mut s = spec(&sim, 50_000);
     s.chunk = Duration::from_secs(2 * 86_400);
-    let asked_at = jiff::Timestamp::now().as_millisecond();
+    let asked_at = tickvault::event::now_ms();
     let stats = download(&wal, s.clone(), std::slice::from_ref(&job)).await;
-    let now = jiff::Timestamp::now().as_millisecond();
+    let now = tickvault::event::now_ms();
     let periods = backfill::periods(wal.reader()).unwrap();
     // No period claims a minute past the present, and a chunk wholly ahead of it is not
     // in the tracker at all.
@@ -654,7 +655,7 @@ async fn a_delayed_answer_marks_downloaded_only_up_to_its_last_bar() {
     let dir = tempfile::tempdir().unwrap();
     let wal = Wal::open(dir.path()).unwrap();
     // Up to the present minute: the plan serves all but its last 15 minutes.
-    let now = jiff::Timestamp::now().as_millisecond();
+    let now = tickvault::event::now_ms();
     let job = Job {
         to_ms: now.div_euclid(MINUTE_MS) * MINUTE_MS,
         ..recent_job(2, 0)

@@ -21,6 +21,15 @@ pub const SYNTHETIC_KIND: RecordKind = RecordKind(200);
 /// wider than any market data, far narrower than what overflows a sink's timestamp.
 pub const SANE_TS_MS: std::ops::Range<i64> = 946_684_800_000..4_102_444_800_000;
 
+/// A minute and a day in ms: the steps of bars, of the coverage index and of days.
+pub const MINUTE_MS: i64 = 60_000;
+pub const DAY_MS: i64 = 86_400_000;
+
+/// Now, in ms since the epoch: the clock market timestamps are compared with.
+pub fn now_ms() -> i64 {
+    jiff::Timestamp::now().as_millisecond()
+}
+
 /// Now, in nanoseconds since the epoch, as [`Capture::captured_at_ns`] records it.
 pub fn now_ns() -> i64 {
     i64::try_from(jiff::Timestamp::now().as_nanosecond()).unwrap_or(i64::MAX)

@@ -19,10 +19,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use tickvault_core::indicators::{Hlc, Indicators, State};
 
 pub use crate::config::DayStart;
-use crate::event::{Bar, Derived, Feed, TimeUnit, Timeframe};
-
-const MINUTE_MS: i64 = 60_000;
-const DAY_MS: i64 = 86_400_000;
+use crate::event::{Bar, Derived, Feed, TimeUnit, Timeframe, DAY_MS, MINUTE_MS};
 
 /// Which source a minute's bar came from; the higher wins.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]

@@ -11,14 +11,13 @@ use tickvault_wal::{Batch, Lane, Wal};
 
 use crate::calendar::{Calendar, Hours};
 use crate::coverage::{Coverage, Mark, Marks};
-use crate::event::Feed;
+use crate::event::{Feed, DAY_MS};
 use crate::gaps::{self, Watched};
 
 const SYMBOLS: [&str; 14] = [
     "EUR/USD", "GBP/USD", "USD/JPY", "AUD/USD", "USD/CAD", "USD/CHF", "NZD/USD", "EUR/GBP", "EUR/JPY", "GBP/JPY",
     "EUR/CHF", "AUD/JPY", "EUR/AUD", "CHF/JPY",
 ];
-const DAY_MS: i64 = 86_400_000;
 
 pub async fn run(dir: &Path, years: u32) -> anyhow::Result<ExitCode> {
     std::fs::create_dir_all(dir)?;
@@ -26,7 +25,7 @@ pub async fn run(dir: &Path, years: u32) -> anyhow::Result<ExitCode> {
     let log = work.path().join("log");
     let calendar = Calendar::default();
     let days = i64::from(years) * 365;
-    let last_day = jiff::Timestamp::now().as_millisecond().div_euclid(DAY_MS) - 1;
+    let last_day = crate::event::now_ms().div_euclid(DAY_MS) - 1;
     let first_day = last_day - days + 1;
     let (from_ms, to_ms) = (first_day * DAY_MS, (last_day + 1) * DAY_MS);
 

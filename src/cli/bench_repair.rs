@@ -11,12 +11,9 @@ use std::time::{Duration, Instant};
 
 use crate::config::{Config, Secret};
 use crate::coverage::{Coverage, Mark};
-use crate::event::Feed;
+use crate::event::{Feed, DAY_MS, MINUTE_MS};
 use crate::sim::relay::{until_ms, Relay};
 use crate::sim::SimOptions;
-
-const MINUTE_MS: i64 = 60_000;
-const DAY_MS: i64 = 86_400_000;
 
 /// Whether the log holds BTC-USD's bar for `minute_ms`.
 fn in_log(running: &crate::daemon::Running, minute_ms: i64) -> bool {
@@ -66,14 +63,14 @@ pub async fn run(dir: &std::path::Path, runs: u32) -> anyhow::Result<ExitCode> {
     println!("| run | minute missed (UTC) | restore to its bar in the log | repaired, not received |");
     println!("|---:|---|---:|---|");
     // The symbol's first minute aggregate: its minutes are watched from there on.
-    let first = jiff::Timestamp::now().as_millisecond().div_euclid(MINUTE_MS) * MINUTE_MS;
+    let first = crate::event::now_ms().div_euclid(MINUTE_MS) * MINUTE_MS;
     wait("the first minute aggregate", Duration::from_secs(130), || {
         in_log(&running, first) || in_log(&running, first + MINUTE_MS)
     })
     .await?;
     let mut seconds = Vec::new();
     for run in 1..=runs {
-        let now = jiff::Timestamp::now().as_millisecond();
+        let now = crate::event::now_ms();
         let mut boundary = (now.div_euclid(MINUTE_MS) + 1) * MINUTE_MS;
         if boundary - now < 6_000 {
             boundary += MINUTE_MS;

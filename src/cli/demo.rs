@@ -99,7 +99,7 @@ pub async fn run(
             spec.channels.join(",")
         );
     }
-    let jobs = daemon::backfill_jobs(&config, jiff::Timestamp::now().as_millisecond());
+    let jobs = daemon::backfill_jobs(&config, crate::event::now_ms());
     if !jobs.is_empty() {
         let symbols: Vec<String> = jobs.iter().map(|j| format!("{} {}", j.feed, j.symbol)).collect();
         say!(
@@ -125,7 +125,7 @@ pub async fn run(
     let mut screen = super::demo_screen::wanted(plain).then(|| super::demo_screen::Screen::new(&running));
     let started = Instant::now();
     let deadline = duration.map(|s| started + Duration::from_secs(s));
-    let start_ms = jiff::Timestamp::now().as_millisecond();
+    let start_ms = crate::event::now_ms();
     let backfill = running.backfill.clone();
     outage.plan(start_ms, duration.map(|s| start_ms + s as i64 * 1000), move || {
         backfill.as_ref().map_or(0, |b| b.repairs.load(Ordering::Relaxed))
@@ -167,7 +167,7 @@ pub async fn run(
             }
             continue;
         }
-        let now_ms = jiff::Timestamp::now().as_millisecond();
+        let now_ms = crate::event::now_ms();
         let mut line = format!("{:>4}s", elapsed.as_secs());
         let captured: u64 = running.live.iter().map(|(_, s)| s.captured()).sum();
         let (mut p50, mut p99, mut reconnects, mut up, mut evicted) = (0.0f64, 0.0f64, 0, 0, 0);

@@ -8,9 +8,9 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::event::{now_ms, MINUTE_MS};
 use crate::sim::relay::{until_ms, Relay};
 
-const MINUTE_MS: i64 = 60_000;
 /// The cut begins this long before the minute's close and ends as long after it.
 const AROUND_MS: i64 = 3_000;
 /// The daemon is connected and subscribed this long after its start (loopback).
@@ -189,10 +189,6 @@ impl Stage {
             ),
         }
     }
-}
-
-fn now_ms() -> i64 {
-    jiff::Timestamp::now().as_millisecond()
 }
 
 #[cfg(test)]

@@ -79,7 +79,7 @@ impl Screen {
     ) {
         let width = usize::from(console::Term::stdout().size().1).saturating_sub(1).max(20);
         let fit = |line: String| console::truncate_str(&line, width, "…").into_owned();
-        let now_ms = jiff::Timestamp::now().as_millisecond();
+        let now_ms = crate::event::now_ms();
         let of = duration.map_or(String::new(), |d| format!(" / {d}s"));
         let log_mb = crate::metrics::dir_bytes(log_dir) as f64 / 1e6;
         self.header.set_message(fit(format!(

@@ -31,9 +31,10 @@ use tickvault_wal::{Lane, Wal};
 
 use crate::config::Config;
 use crate::event::identity::Uids;
+use crate::event::MINUTE_MS;
 use crate::event::{Capture, Event, EVENT_KIND};
 use crate::polygon::wire::{parse_frame, WireItem};
-use crate::sim::{Market, SimOptions, MINUTE_MS};
+use crate::sim::{Market, SimOptions};
 
 /// A live event sent this long before a SIGKILL may not have reached the daemon.
 pub const IN_FLIGHT: Duration = Duration::from_millis(500);
@@ -232,7 +233,7 @@ pub async fn run(spec: &DrillSpec) -> anyhow::Result<ExitCode> {
         ..Default::default()
     };
     let http = reqwest::Client::builder().timeout(Duration::from_secs(2)).build()?;
-    let started_ms = jiff::Timestamp::now().as_millisecond();
+    let started_ms = crate::event::now_ms();
     // When each connection the daemon had may have stopped reading: each SIGKILL, and
     // the final stop.
     let mut ends_ms = Vec::new();
@@ -254,7 +255,7 @@ pub async fn run(spec: &DrillSpec) -> anyhow::Result<ExitCode> {
             wait_until_settled(&http, &child, &daemon_log, drill_config.backfill.enabled).await?;
             // A last stretch of live capture that no kill follows.
             tokio::time::sleep(Duration::from_secs(2)).await;
-            ends_ms.push(jiff::Timestamp::now().as_millisecond());
+            ends_ms.push(crate::event::now_ms());
             signal(&child.process, libc::SIGTERM);
             let status = child.process.wait()?;
             anyhow::ensure!(
@@ -272,7 +273,7 @@ pub async fn run(spec: &DrillSpec) -> anyhow::Result<ExitCode> {
         let phase = open[rng.random_range(0..open.len())];
         let aimed = aim(&http, &child, phase, started, &mut rng).await;
         backfill_done = !drill_config.backfill.enabled || backfill_finished(scrape(&http, &child).await.as_deref());
-        ends_ms.push(jiff::Timestamp::now().as_millisecond());
+        ends_ms.push(crate::event::now_ms());
         signal(&child.process, libc::SIGKILL);
         killed_at = Some(Instant::now());
         child.process.wait()?;
@@ -645,7 +646,7 @@ async fn check(
     if config.backfill.enabled {
         let lookback = config.backfill.lookback.as_millis() as i64;
         let edge = EDGE.as_millis() as i64;
-        let now_ms = jiff::Timestamp::now().as_millisecond();
+        let now_ms = crate::event::now_ms();
         let from = (now_ms - lookback + edge).div_euclid(MINUTE_MS) * MINUTE_MS;
         let to = (started_ms - edge).div_euclid(MINUTE_MS) * MINUTE_MS;
         for job in crate::daemon::backfill_jobs(config, now_ms) {

@@ -10,11 +10,8 @@
 
 use tickvault_core::calendar::Calendar;
 
-use crate::event::Feed;
+use crate::event::{Feed, MINUTE_MS};
 use crate::synthetic::splitmix;
-
-/// Milliseconds in a minute.
-pub const MINUTE_MS: i64 = 60_000;
 
 fn hash_str(s: &str) -> u64 {
     s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {

@@ -8,7 +8,7 @@ mod rest;
 mod server;
 mod ws;
 
-pub use market::{Market, SimBar, SimQuote, MINUTE_MS};
+pub use market::{Market, SimBar, SimQuote};
 pub use options::{Faults, SimOptions};
 pub use rest::MAX_LIMIT;
 pub use server::{spawn, SentFrame, SimHandle};

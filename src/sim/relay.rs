@@ -82,7 +82,7 @@ impl Relay {
 /// Sleeps until the wall clock reads `at_ms`: an outage is staged at set times (across
 /// a minute's close).
 pub async fn until_ms(at_ms: i64) {
-    let now = jiff::Timestamp::now().as_millisecond();
+    let now = crate::event::now_ms();
     tokio::time::sleep(Duration::from_millis(u64::try_from(at_ms - now).unwrap_or(0))).await;
 }
 

@@ -11,9 +11,8 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use serde::Serialize;
 
-use super::market::MINUTE_MS;
 use super::server::Sim;
-use crate::event::Feed;
+use crate::event::{now_ms, Feed, MINUTE_MS};
 use crate::polygon::symbol;
 
 /// The largest `limit` Polygon accepts.
@@ -131,7 +130,7 @@ pub(crate) async fn aggregates(
             &request_id,
         );
         let value = if sim.options.faults.retry_after_date {
-            let at = jiff::Timestamp::from_millisecond(super::server::now_ms() + retry_after as i64 * 1000)
+            let at = jiff::Timestamp::from_millisecond(now_ms() + retry_after as i64 * 1000)
                 .unwrap_or(jiff::Timestamp::UNIX_EPOCH);
             jiff::fmt::rfc2822::DateTimePrinter::new()
                 .timestamp_to_rfc9110_string(&at)
@@ -215,7 +214,7 @@ pub(crate) async fn aggregates(
         .faults
         .delayed
         .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
-    let available = super::server::now_ms().saturating_sub(delay).div_euclid(bucket) * bucket - bucket;
+    let available = now_ms().saturating_sub(delay).div_euclid(bucket) * bucket - bucket;
     let last = (to_ms.div_euclid(bucket) * bucket).min(available);
     let (results, next) = collect(&sim, feed, &symbol, bucket, first, last, limit, descending);
 

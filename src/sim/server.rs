@@ -12,6 +12,7 @@ use tokio::sync::{oneshot, watch};
 
 use super::market::Market;
 use super::options::SimOptions;
+use crate::event::now_ms;
 use crate::event::Feed;
 
 /// Per-key request counts in the current minute window.
@@ -49,10 +50,6 @@ pub struct SentFrame {
     /// When it was handed over, Unix milliseconds.
     pub at_ms: i64,
     pub text: String,
-}
-
-pub(crate) fn now_ms() -> i64 {
-    jiff::Timestamp::now().as_millisecond()
 }
 
 impl Sim {

@@ -14,9 +14,10 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use tokio::sync::{mpsc, oneshot};
 
-use super::market::{Market, SimQuote, MINUTE_MS};
-use super::server::{now_ms, Sim};
+use super::market::{Market, SimQuote};
+use super::server::Sim;
 use crate::event::Feed;
+use crate::event::{now_ms, MINUTE_MS};
 use crate::polygon::symbol;
 
 /// What `PREFIX.*` covers in the simulator.

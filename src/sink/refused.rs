@@ -52,7 +52,7 @@ pub async fn set_aside(wal: &Wal, sink: &str, lane: Lane, seq: u64, error: &Sink
         seq,
         code: error.code.to_owned(),
         reason: error.message.clone(),
-        at_ms: jiff::Timestamp::now().as_millisecond(),
+        at_ms: crate::event::now_ms(),
         payload,
     };
     wal.put_state(Space::State, key(sink, lane, seq), Some(serde_json::to_vec(&refused)?))

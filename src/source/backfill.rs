@@ -469,7 +469,7 @@ impl Downloader {
         if reconnected {
             // The minutes that closed while a feed was down will never come from it:
             // fetched now, not once they are older than the settling time.
-            let now_ms = jiff::Timestamp::now().as_millisecond();
+            let now_ms = crate::event::now_ms();
             to_ms = to_ms.max(now_ms.div_euclid(60_000) * 60_000);
         }
         let (found, known) = {
@@ -643,7 +643,7 @@ impl Downloader {
     /// the pages before) and not in `page`.
     fn source_holes(&self, period: &Period, until: i64, page: &AggsPage) -> anyhow::Result<Marks> {
         let in_page: std::collections::HashSet<i64> = page.results.iter().map(|b| b.t).collect();
-        let now_ms = jiff::Timestamp::now().as_millisecond();
+        let now_ms = crate::event::now_ms();
         let (holes, _) = crate::coverage::source_holes(
             self.wal.reader(),
             &self.spec.calendar,
@@ -715,13 +715,7 @@ impl Downloader {
             let resumed_at = period.resume_from_ms;
             // Where the page leaves the period: what the answer covered, and no further.
             let last_t = page.results.iter().map(|bar| bar.t).max();
-            let page_end = covered_until(
-                &page,
-                last_t,
-                resumed_at,
-                until,
-                jiff::Timestamp::now().as_millisecond(),
-            );
+            let page_end = covered_until(&page, last_t, resumed_at, until, crate::event::now_ms());
             let finished = page.next_url.is_none() && page_end >= until;
             // One page's appends at a time, and while live flows a pause after them.
             let mut seen = self.live.lock().await;

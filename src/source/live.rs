@@ -20,7 +20,7 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::backoff::Backoff;
 use crate::disk::Room;
 use crate::event::identity::Uids;
-use crate::event::{now_ns, Body, Capture, Event, Feed, EVENT_KIND};
+use crate::event::{now_ms, now_ns, Body, Capture, Event, Feed, EVENT_KIND};
 use crate::gaps::{self, SuspectedGap};
 use crate::polygon::wire::{self, WireItem};
 use crate::settings::Secret;
@@ -251,10 +251,6 @@ pub async fn run_guarded(
     drop(tx);
     appender.await.context("live appender")??;
     Ok(())
-}
-
-fn now_ms() -> i64 {
-    jiff::Timestamp::now().as_millisecond()
 }
 
 async fn record_gap(wal: &Wal, stats: &LiveStats, spec: &LiveSpec, from_ms: i64, to_ms: i64, cause: String) {

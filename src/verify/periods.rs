@@ -25,14 +25,12 @@ use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::coverage::{Coverage, Mark};
-use crate::event::Feed;
+use crate::event::{Feed, DAY_MS};
 use crate::sink::clickhouse::ClickHouseSink;
 use crate::sink::nats::NatsSink;
 use crate::sink::postgres::PostgresSink;
 use crate::sink::SinkError;
 use crate::source::backfill::{self, Period, PeriodState, Verification};
-
-const DAY_MS: i64 = 86_400_000;
 
 /// What the verifier did, for the metrics and the demo.
 #[derive(Debug, Default)]
@@ -164,7 +162,7 @@ impl Verifier {
         tracked.sort_by(|a, b| (a.feed, &a.symbol, a.start_ms).cmp(&(b.feed, &b.symbol, b.start_ms)));
         let due = due(&tracked, &checked, recheck);
         let mut round = Round::default();
-        let now_ms = jiff::Timestamp::now().as_millisecond();
+        let now_ms = crate::event::now_ms();
         let mut start = 0;
         while start < due.len() {
             // One symbol's periods at a time: each sink is asked once per run of
