@@ -40,13 +40,9 @@ fn gaps(config: &Path, log: &Path, more: &[&str]) -> (Option<i32>, serde_json::V
     )
 }
 
+/// The part of `gaps --json`'s report about symbol `name`.
 fn symbol<'a>(report: &'a serde_json::Value, name: &str) -> &'a serde_json::Value {
-    report["symbols"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["symbol"] == name)
-        .unwrap_or_else(|| panic!("{name} in {report:#}"))
+    common::sinks::entry(report, "symbols", "symbol", name)
 }
 
 /// A log with two days of EUR/USD and BTC-USD bars from a simulator with holes.
@@ -223,12 +219,12 @@ fn a_live_feed_cut_for_over_a_minute_is_repaired_by_the_daemon_itself() {
     let report = || gaps(&config, &log, &[]);
     // The first minute aggregate marks where the symbol's minutes begin.
     wait_for_first_bar(&log, &stderr);
-    let cut_ms = jiff::Timestamp::now().as_millisecond();
+    let cut_ms = tickvault::event::now_ms();
     relay.cut();
     std::thread::sleep(Duration::from_secs(75));
     relay.restore();
     let restored = std::time::Instant::now();
-    let restored_ms = jiff::Timestamp::now().as_millisecond();
+    let restored_ms = tickvault::event::now_ms();
     // Every minute that closed while the feed was down is fetched right after the
     // reconnect, the last one too (not once it is older than the 65 s `gaps` leaves).
     let missed = (cut_ms / 60_000 * 60_000..restored_ms / 60_000 * 60_000).step_by(60_000);
@@ -358,7 +354,7 @@ fn holes_disconnects_a_cut_and_a_long_sigkill_are_all_repaired() {
         .success());
     let _ = daemon.0.wait();
     std::thread::sleep(Duration::from_secs(70));
-    let restarted_ms = jiff::Timestamp::now().as_millisecond();
+    let restarted_ms = tickvault::event::now_ms();
     daemon = start();
     let mut last = serde_json::Value::Null;
     let repaired = common::sinks::waited_for(Duration::from_secs(240), || {

@@ -14,7 +14,8 @@ use tickvault_wal::{Lane, Wal};
 mod common;
 
 use common::sinks::{
-    caught_up, drain, log_keys, nats_server, verify, wait_for, write_config_at, Daemon, Ports, Target, SINKS,
+    caught_up, drain, log_keys, nats_server, verify, wait_for, wait_for_showing, write_config_at, Daemon, Ports,
+    Target, SINKS,
 };
 use common::{simulator, Child};
 use tickvault::sim::relay::Relay as Proxy;
@@ -199,10 +200,24 @@ fn outage(sink: &str) {
     }
 
     outage.up();
-    wait_for(
+    // Live rows flow all along, so the backfill's writes get at most half the time, and
+    // as little as a 32nd while live batches are over their latency budget (a loaded
+    // host): 60 s on an idle machine here, over 90 s once in a full test run.
+    wait_for_showing(
         &format!("{sink} to catch up after its return"),
-        Duration::from_secs(90),
+        Duration::from_secs(300),
         || caught_up(&log),
+        || {
+            let now = positions(&log);
+            format!(
+                "cursors of {SINKS:?}: live {:?} (head {}), backfill {:?} (head {})\n{}",
+                now.live,
+                now.live_head,
+                now.backfill,
+                now.backfill_head,
+                daemon.this_run()
+            )
+        },
     );
     let stderr = daemon.stop();
 

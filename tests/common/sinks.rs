@@ -555,14 +555,19 @@ pub fn waited_for(timeout: Duration, mut done: impl FnMut() -> bool) -> bool {
     true
 }
 
+/// The entry of a JSON report's array `list` whose field `key` is `name`.
+pub fn entry<'a>(report: &'a serde_json::Value, list: &str, key: &str, name: &str) -> &'a serde_json::Value {
+    report[list]
+        .as_array()
+        .unwrap_or_else(|| panic!("no {list} in {report:#}"))
+        .iter()
+        .find(|s| s[key] == name)
+        .unwrap_or_else(|| panic!("no {name} in {list} of {report:#}"))
+}
+
 /// The part of `verify`'s JSON report about `sink`.
 pub fn sink_report<'a>(report: &'a serde_json::Value, sink: &str) -> &'a serde_json::Value {
-    report["sinks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|s| s["sink"] == sink)
-        .unwrap_or_else(|| panic!("no {sink} in {report:#}"))
+    entry(report, "sinks", "sink", sink)
 }
 
 /// `tickvault verify --json` on a log; returns (exit code, report).
