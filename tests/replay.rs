@@ -69,7 +69,7 @@ fn a_copied_log_replayed_into_emptied_sinks_matches_and_a_second_replay_adds_not
     let daemon = Daemon::start(&config, &log, &addr, &dir.path().join("daemon.stderr"));
     daemon.wait_for_backfill(Duration::from_secs(60));
     wait_for("live events", Duration::from_secs(60), || live_records(&log) > 300);
-    wait_for("the sinks to catch up", Duration::from_secs(60), || caught_up(&log));
+    wait_for("the sinks to catch up", Duration::from_secs(180), || caught_up(&log));
     daemon.stop();
 
     // A copy of the log, as taken to another box; the sinks emptied.
