@@ -43,6 +43,12 @@ const BACKFILL_ACK_WINDOW: usize = 512;
 /// window. A bound on messages rather than on time: the servers' timestamps are not
 /// compared with our clock.
 const LOOK_MAX: usize = 1_000_000;
+/// How long a sink waits before making again a stream it had and finds gone:
+/// nats-server (2.9.10 here) takes a deleted stream out of its account before it
+/// removes the stream's files, and a stream of the same name made in between loses its
+/// files with them (every publish then fails, "error opening msg block file", until the
+/// stream is deleted again). Seen once in a full test run, remade 9 ms after the delete.
+const REMAKE_AFTER: Duration = Duration::from_secs(1);
 
 pub struct NatsSink {
     config: NatsConfig,
@@ -280,6 +286,9 @@ impl NatsSink {
         }
         if !self.stream_ready {
             let context = self.context.as_ref().expect("connected above");
+            if self.found.is_some() && context.get_stream(&self.config.stream).await.is_err() {
+                tokio::time::sleep(REMAKE_AFTER).await;
+            }
             let stream = context
                 .get_or_create_stream(stream::Config {
                     name: self.config.stream.clone(),
