@@ -286,36 +286,45 @@ impl NatsSink {
         }
         if !self.stream_ready {
             let context = self.context.as_ref().expect("connected above");
-            if self.found.is_some() && context.get_stream(&self.config.stream).await.is_err() {
+            // A stream this sink had is looked up (one request, as `get_or_create_stream`
+            // would make); found gone, it is made again after REMAKE_AFTER.
+            let had = match self.found {
+                Some(_) => context.get_stream(&self.config.stream).await.ok(),
+                None => None,
+            };
+            if self.found.is_some() && had.is_none() {
                 tokio::time::sleep(REMAKE_AFTER).await;
             }
-            let stream = context
-                .get_or_create_stream(stream::Config {
-                    name: self.config.stream.clone(),
-                    subjects: vec![self.subjects()],
-                    storage: stream::StorageType::File,
-                    duplicate_window: self.config.duplicate_window,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| {
-                    let text = e.to_string();
-                    if text.contains("overlap") {
-                        // Another stream takes these subjects: no retry mends that.
-                        SinkError::fatal(
-                            NAME,
-                            "stream",
-                            format!(
-                                "{text}: another stream than {} takes subjects {}; delete it, or set \
+            let stream = match had {
+                Some(stream) => stream,
+                None => context
+                    .get_or_create_stream(stream::Config {
+                        name: self.config.stream.clone(),
+                        subjects: vec![self.subjects()],
+                        storage: stream::StorageType::File,
+                        duplicate_window: self.config.duplicate_window,
+                        ..Default::default()
+                    })
+                    .await
+                    .map_err(|e| {
+                        let text = e.to_string();
+                        if text.contains("overlap") {
+                            // Another stream takes these subjects: no retry mends that.
+                            SinkError::fatal(
+                                NAME,
+                                "stream",
+                                format!(
+                                    "{text}: another stream than {} takes subjects {}; delete it, or set \
                                  sinks.nats.subject_prefix for this one",
-                                self.config.stream,
-                                self.subjects()
-                            ),
-                        )
-                    } else {
-                        SinkError::retriable(NAME, "stream", text)
-                    }
-                })?;
+                                    self.config.stream,
+                                    self.subjects()
+                                ),
+                            )
+                        } else {
+                            SinkError::retriable(NAME, "stream", text)
+                        }
+                    })?,
+            };
             let info = stream.cached_info();
             self.check_stream(&info.config)?;
             let created_ns = info.created.unix_timestamp_nanos();
