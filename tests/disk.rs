@@ -66,13 +66,6 @@ fn fill_to(path: &Path, free_bytes: u64) {
     }
 }
 
-/// The bytes of the files in the log's directory.
-fn log_bytes(log: &Path) -> u64 {
-    std::fs::read_dir(log)
-        .map(|d| d.flatten().filter_map(|e| e.metadata().ok()).map(|m| m.len()).sum())
-        .unwrap_or(0)
-}
-
 /// A metric's value from `/metrics`, by a line's start (`name{labels}`).
 fn metric(addr: &str, line_start: &str) -> Option<f64> {
     let (_, text) = get(addr, "/metrics");
@@ -135,22 +128,22 @@ fn a_full_disk_pauses_capture_then_resumes_by_itself_and_a_restart_opens_the_log
     // error, and the feeds disconnect. Just under the reserve: what truncation gives
     // back once the sink has the log is then enough to resume (a tenth of the reserve
     // above it).
-    let filler = fs.join("filler-1");
+    let (filler, leave_free) = (fs.join("filler-1"), RESERVE - (8 << 20));
     wait_for("live capture to stop for the disk", Duration::from_secs(30), || {
-        fill_to(&filler, RESERVE - (8 << 20));
+        fill_to(&filler, leave_free);
         metric(&addr, "tickvault_capture_paused_for_disk{lane=\"live\"}") == Some(1.0)
             && metric(&addr, "tickvault_live_connected{feed=\"crypto\"}") == Some(0.0)
     });
     // The pause flushes the log's memtables and compactions follow, shrinking it by half
     // or more: topped up until it settles, so that what is left for truncation to free
     // is the log's settled size (filled once, it was once too little by 1 MiB).
-    let mut last = log_bytes(&log);
+    let mut last = tickvault::metrics::dir_bytes(&log);
     wait_for("the log to settle", Duration::from_secs(120), || {
         for _ in 0..6 {
-            fill_to(&filler, RESERVE - (8 << 20));
+            fill_to(&filler, leave_free);
             std::thread::sleep(Duration::from_secs(1));
         }
-        let now = log_bytes(&log);
+        let now = tickvault::metrics::dir_bytes(&log);
         std::mem::replace(&mut last, now).abs_diff(now) < 2 << 20
     });
     assert!(daemon.this_run().contains("ERROR") && daemon.this_run().contains("live capture stopped"));
@@ -187,7 +180,7 @@ fn a_full_disk_pauses_capture_then_resumes_by_itself_and_a_restart_opens_the_log
                 "{} bytes free (resumes at {}), the log {} bytes\n{}",
                 free(&fs),
                 RESERVE + RESERVE / 10,
-                log_bytes(&log),
+                tickvault::metrics::dir_bytes(&log),
                 daemon.this_run()
             )
         },
