@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::config::Config;
-use crate::event::Feed;
+use crate::event::{Feed, MINUTE_MS};
 use crate::polygon::symbol;
 use crate::sink::clickhouse::ClickHouseSink;
 use crate::sink::nats::NatsSink;
@@ -97,7 +97,7 @@ pub fn backfill_jobs(config: &Config, now_ms: i64) -> Vec<Job> {
         return Vec::new();
     }
     // Whole minutes: the minute in progress is live's.
-    let to_ms = now_ms.div_euclid(60_000) * 60_000;
+    let to_ms = now_ms.div_euclid(MINUTE_MS) * MINUTE_MS;
     let from_ms = to_ms - i64::try_from(b.lookback.as_millis()).unwrap_or(i64::MAX);
     let mut jobs = Vec::new();
     for (feed, symbols) in [

@@ -11,7 +11,7 @@ use tickvault_wal::{Batch, Lane, Wal};
 
 use crate::calendar::{Calendar, Hours};
 use crate::coverage::{Coverage, Mark, Marks};
-use crate::event::{Feed, DAY_MS};
+use crate::event::{Feed, DAY_MS, MINUTE_MS};
 use crate::gaps::{self, Watched};
 
 const SYMBOLS: [&str; 14] = [
@@ -41,7 +41,7 @@ pub async fn run(dir: &Path, years: u32) -> anyhow::Result<ExitCode> {
             // A gap of five minutes at the first open minute, a hole at the last.
             let last = *open.last().expect("not empty");
             for &m in &open {
-                let at = day * DAY_MS + m as i64 * 60_000;
+                let at = day * DAY_MS + m as i64 * MINUTE_MS;
                 if m >= first + 5 && m != last {
                     marks.add(Mark::Bar, Feed::Forex, symbol, at);
                 } else if m == last {
@@ -92,7 +92,7 @@ pub async fn run(dir: &Path, years: u32) -> anyhow::Result<ExitCode> {
             let missing = calendar.is_open(w.feed, &w.symbol, minute) && !bars.has(minute) && !holes.has(minute);
             naive_gaps += u64::from(missing && !in_gap);
             in_gap = missing;
-            minute += 60_000;
+            minute += MINUTE_MS;
         }
     }
     let naive_s = started.elapsed().as_secs_f64();

@@ -31,8 +31,7 @@ use tickvault_wal::{Lane, Wal};
 
 use crate::config::Config;
 use crate::event::identity::Uids;
-use crate::event::MINUTE_MS;
-use crate::event::{Capture, Event, EVENT_KIND};
+use crate::event::{Capture, Event, EVENT_KIND, MINUTE_MS};
 use crate::polygon::wire::{parse_frame, WireItem};
 use crate::sim::{Market, SimOptions};
 

@@ -12,8 +12,7 @@ use tokio::sync::{oneshot, watch};
 
 use super::market::Market;
 use super::options::SimOptions;
-use crate::event::now_ms;
-use crate::event::Feed;
+use crate::event::{now_ms, Feed, MINUTE_MS};
 
 /// Per-key request counts in the current minute window.
 #[derive(Default)]
@@ -74,14 +73,14 @@ impl Sim {
     pub(crate) fn rate_limited(&self, key: &str) -> Option<u64> {
         let now = now_ms();
         let mut quota = self.quota.lock().unwrap_or_else(|p| p.into_inner());
-        let window = now - now.rem_euclid(60_000);
+        let window = now - now.rem_euclid(MINUTE_MS);
         if quota.window_start_ms != window {
             quota.window_start_ms = window;
             quota.counts.clear();
         }
         let count = quota.counts.entry(key.to_owned()).or_insert(0);
         *count += 1;
-        let retry_after = ((window + 60_000 - now) as u64).div_ceil(1000).max(1);
+        let retry_after = ((window + MINUTE_MS - now) as u64).div_ceil(1000).max(1);
         let burst = self.options.faults.burst_429;
         if burst > 0 && *count <= burst {
             return Some(retry_after.min(2));

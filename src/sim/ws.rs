@@ -16,8 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::market::{Market, SimQuote};
 use super::server::Sim;
-use crate::event::Feed;
-use crate::event::{now_ms, MINUTE_MS};
+use crate::event::{now_ms, Feed, MINUTE_MS};
 use crate::polygon::symbol;
 
 /// What `PREFIX.*` covers in the simulator.

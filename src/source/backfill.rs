@@ -30,7 +30,7 @@ use tokio::time::Instant;
 
 use crate::backoff::Backoff;
 use crate::coverage::Marks;
-use crate::event::{Body, Capture, Event, Feed, EVENT_KIND};
+use crate::event::{Body, Capture, Event, Feed, EVENT_KIND, MINUTE_MS};
 use crate::polygon::rest::AggsPage;
 use crate::polygon::symbol;
 use crate::settings::Secret;
@@ -302,7 +302,7 @@ pub struct Span {
 /// the epoch, so that any range yields the same chunks (and a later run, whose lookback
 /// has moved on, finds them again).
 pub fn split(job: &Job, chunk: Duration) -> Vec<Span> {
-    let chunk = i64::try_from(chunk.as_millis()).unwrap_or(i64::MAX).max(60_000);
+    let chunk = i64::try_from(chunk.as_millis()).unwrap_or(i64::MAX).max(MINUTE_MS);
     let mut out = Vec::new();
     let mut start = job.from_ms.div_euclid(chunk) * chunk;
     while start < job.to_ms {
@@ -470,7 +470,7 @@ impl Downloader {
             // The minutes that closed while a feed was down will never come from it:
             // fetched now, not once they are older than the settling time.
             let now_ms = crate::event::now_ms();
-            to_ms = to_ms.max(now_ms.div_euclid(60_000) * 60_000);
+            to_ms = to_ms.max(now_ms.div_euclid(MINUTE_MS) * MINUTE_MS);
         }
         let (found, known) = {
             let reader = self.wal.reader();
@@ -983,12 +983,12 @@ fn without_url(e: &reqwest::Error) -> String {
 /// there); on the last page of a `DELAYED` answer (a plan that serves recent data late),
 /// up to the end of its last bar. Never before `resumed_at`.
 fn covered_until(page: &AggsPage, last_t: Option<i64>, resumed_at: i64, until: i64, now_ms: i64) -> i64 {
-    let after_last_bar = last_t.map(|t| t.saturating_add(60_000));
+    let after_last_bar = last_t.map(|t| t.saturating_add(MINUTE_MS));
     let claim = match &page.next_url {
         Some(next) => next_from(next).or(after_last_bar).unwrap_or(until),
         None if page.status == "DELAYED" => after_last_bar.unwrap_or(resumed_at),
         None => {
-            let present = now_ms.div_euclid(60_000) * 60_000;
+            let present = now_ms.div_euclid(MINUTE_MS) * MINUTE_MS;
             until.min(present.max(after_last_bar.unwrap_or(i64::MIN)))
         }
     };

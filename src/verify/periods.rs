@@ -25,7 +25,7 @@ use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::coverage::{Coverage, Mark};
-use crate::event::{Feed, DAY_MS};
+use crate::event::{Feed, DAY_MS, MINUTE_MS};
 use crate::sink::clickhouse::ClickHouseSink;
 use crate::sink::nats::NatsSink;
 use crate::sink::postgres::PostgresSink;
@@ -304,8 +304,8 @@ fn recheck_share(every: Duration, recheck: Duration) -> f64 {
 
 /// The minutes of a period's downloaded range.
 fn minutes(period: &Period) -> impl Iterator<Item = i64> {
-    let from = period.from_ms().div_euclid(60_000) * 60_000;
-    (from..period.resume_from_ms).step_by(60_000)
+    let from = period.from_ms().div_euclid(MINUTE_MS) * MINUTE_MS;
+    (from..period.resume_from_ms).step_by(MINUTE_MS as usize)
 }
 
 #[cfg(test)]
